@@ -1,0 +1,246 @@
+//! The per-queue request pipeline shared by every transport: validate, resolve guest buffers, submit to the
+//! engine, and hand back completions with the transport's cookie and a [`Status`].
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+use crate::engine::{Completion, EngineError, IoEngine, IoOp};
+use crate::geometry::Geometry;
+use crate::request::{Request, RequestError, RequestKind, Status, ID_BYTES};
+
+/// A request the queue is done with.
+#[derive(Debug)]
+pub struct Finished<C> {
+    /// The transport's cookie, as given to [`BlockQueue::submit`].
+    pub cookie: C,
+    /// What to tell the guest.
+    pub status: Status,
+    /// Bytes written into guest memory (reads and get-id), for transports that report it.
+    pub bytes_to_guest: u32,
+    /// Why it failed, for logs and stats.
+    pub error: Option<RequestError>,
+}
+
+#[derive(Debug)]
+struct Slot<C> {
+    cookie: Option<C>,
+    iovecs: Vec<libc::iovec>,
+    expected: u64,
+    kind: RequestKind,
+}
+
+// SAFETY: the raw pointers in `iovecs` are only addresses of guest buffers that the owning queue hands to its
+// engine; they are never dereferenced outside the engine's contract, so moving the slot between threads is sound.
+unsafe impl<C: Send> Send for Slot<C> {}
+
+/// One queue's pipeline over an [`IoEngine`]: a slab of in-flight slots indexed by the engine token, with no
+/// allocation per request once warm, and backpressure through [`has_room`](BlockQueue::has_room).
+pub struct BlockQueue<C> {
+    geometry: Geometry,
+    serial: [u8; ID_BYTES],
+    engine: Box<dyn IoEngine>,
+    slots: Vec<Slot<C>>,
+    free: Vec<u32>,
+    ready: VecDeque<Finished<C>>,
+    unsubmitted: bool,
+}
+
+impl<C> std::fmt::Debug for BlockQueue<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockQueue")
+            .field("engine", &self.engine.name())
+            .field("slots", &self.slots.len())
+            .field("free", &self.free.len())
+            .finish()
+    }
+}
+
+impl<C> BlockQueue<C> {
+    /// A queue for a disk of `geometry`, answering GET_ID with `serial`, doing I/O through `engine`.
+    pub fn new(geometry: Geometry, serial: [u8; ID_BYTES], engine: Box<dyn IoEngine>) -> Self {
+        let depth = engine.capacity();
+        let slots = (0..depth)
+            .map(|_| Slot { cookie: None, iovecs: Vec::with_capacity(16), expected: 0, kind: RequestKind::Flush })
+            .collect();
+        let free = (0..u32::try_from(depth).unwrap_or(u32::MAX)).rev().collect();
+        BlockQueue { geometry, serial, engine, slots, free, ready: VecDeque::with_capacity(depth), unsubmitted: false }
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Whether another request can be submitted now.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Requests submitted and not yet drained.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.ready.len()
+    }
+
+    /// The engine's completion eventfd, for the queue's event loop.
+    pub fn completion_fd(&self) -> RawFd {
+        self.engine.completion_fd()
+    }
+
+    /// The engine's name.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Validate `request` and start it. Requests that fail validation (or need no I/O, like GET_ID) finish at
+    /// once and come out of the next [`drain`](BlockQueue::drain). Returns the cookie back if no slot is free.
+    ///
+    /// # Safety
+    /// The guest memory that `request`'s segments name in `mem` must stay mapped, and must not be unmapped or
+    /// reused, until this request's cookie has come out of [`drain`](BlockQueue::drain). Transports keep a
+    /// reference to the mapping (vhost-user: the memory snapshot; Xen: the grant mapping) in the cookie or slot.
+    pub unsafe fn submit<M: GuestMemoryBackend>(&mut self, request: &Request, mem: &M, cookie: C) -> Result<(), C> {
+        let Some(&index) = self.free.last() else {
+            return Err(cookie);
+        };
+        let range = match request.validate(&self.geometry) {
+            Ok(range) => range,
+            Err(error) => {
+                self.finish_now(cookie, Err(error));
+                return Ok(());
+            }
+        };
+        if request.kind == RequestKind::GetId {
+            let result = self.write_serial(request, mem);
+            self.finish_now(cookie, result);
+            return Ok(());
+        }
+        let slot_index = index as usize;
+        let slot = &mut self.slots[slot_index];
+        slot.iovecs.clear();
+        if request.kind.has_data() {
+            if let Err(error) = resolve_segments(request, mem, &self.geometry, &mut slot.iovecs) {
+                self.finish_now(cookie, Err(error));
+                return Ok(());
+            }
+        }
+        let op = match request.kind {
+            RequestKind::Read => IoOp::Read { offset: range.offset, iovecs: &slot.iovecs },
+            RequestKind::Write => IoOp::Write { offset: range.offset, iovecs: &slot.iovecs },
+            RequestKind::Flush => IoOp::Flush,
+            RequestKind::Discard { secure } => IoOp::Discard { offset: range.offset, len: range.len, secure },
+            RequestKind::WriteZeroes { unmap } => IoOp::WriteZeroes { offset: range.offset, len: range.len, unmap },
+            RequestKind::GetId => return Err(cookie), // handled above
+        };
+        // SAFETY: the iovecs point into `mem`, which the caller keeps mapped until the cookie is drained; the
+        // iovec array lives in the slot, untouched until the slot is freed in `drain`.
+        match unsafe { self.engine.enqueue(op, u64::from(index)) } {
+            Ok(()) => {
+                let slot = &mut self.slots[slot_index];
+                slot.cookie = Some(cookie);
+                slot.expected = if request.kind.has_data() { range.len } else { 0 };
+                slot.kind = request.kind;
+                self.free.pop();
+                self.unsubmitted = true;
+                Ok(())
+            }
+            Err(EngineError::Full(_)) => Err(cookie),
+            Err(error) => {
+                tracing::warn!(%error, "engine refused a request");
+                self.finish_now(cookie, Err(RequestError::Io { errno: libc::EIO }));
+                Ok(())
+            }
+        }
+    }
+
+    /// Submit everything started since the last kick to the kernel, in one batch.
+    pub fn kick(&mut self) -> Result<(), EngineError> {
+        if self.unsubmitted {
+            self.unsubmitted = false;
+            self.engine.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Hand every finished request to `on_finished`: immediate ones first, then the engine's completions.
+    pub fn drain(&mut self, mut on_finished: impl FnMut(Finished<C>)) {
+        while let Some(f) = self.ready.pop_front() {
+            on_finished(f);
+        }
+        let slots = &mut self.slots;
+        let free = &mut self.free;
+        self.engine.reap(&mut |Completion { token, result }| {
+            let Some(slot) = usize::try_from(token).ok().and_then(|i| slots.get_mut(i)) else {
+                tracing::error!(token, "engine returned an unknown token");
+                return;
+            };
+            let Some(cookie) = slot.cookie.take() else {
+                tracing::error!(token, "engine completed a free slot");
+                return;
+            };
+            let outcome = match result {
+                Ok(done) if done >= slot.expected => Ok(slot.expected),
+                Ok(done) => Err(RequestError::ShortTransfer { done, wanted: slot.expected }),
+                Err(errno) => Err(RequestError::Io { errno }),
+            };
+            let to_guest = if slot.kind == RequestKind::Read { slot.expected } else { 0 };
+            // `token` came from a u32 slot index.
+            free.push(u32::try_from(token).unwrap_or(0));
+            on_finished(finished(cookie, outcome.map(|_| to_guest)));
+        });
+    }
+
+    fn finish_now(&mut self, cookie: C, result: Result<u64, RequestError>) {
+        self.ready.push_back(finished(cookie, result));
+    }
+
+    fn write_serial<M: GuestMemoryBackend>(&self, request: &Request, mem: &M) -> Result<u64, RequestError> {
+        let mut written = 0usize;
+        for seg in &request.segments {
+            if written == ID_BYTES {
+                break;
+            }
+            let n = (seg.len as usize).min(ID_BYTES - written);
+            mem.write_slice(&self.serial[written..written + n], seg.addr)
+                .map_err(|_| RequestError::GuestMemory { addr: seg.addr.0, len: n as u64 })?;
+            written += n;
+        }
+        Ok(written as u64)
+    }
+}
+
+fn finished<C>(cookie: C, result: Result<u64, RequestError>) -> Finished<C> {
+    match result {
+        Ok(bytes) => Finished {
+            cookie,
+            status: Status::Ok,
+            bytes_to_guest: u32::try_from(bytes).unwrap_or(u32::MAX),
+            error: None,
+        },
+        Err(error) => Finished { cookie, status: error.status(), bytes_to_guest: 0, error: Some(error) },
+    }
+}
+
+/// Turn a request's guest segments into host iovecs, splitting at memory-region boundaries, and check O_DIRECT
+/// buffer alignment.
+fn resolve_segments<M: GuestMemoryBackend>(
+    request: &Request,
+    mem: &M,
+    geometry: &Geometry,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), RequestError> {
+    let align = if geometry.direct_io { geometry.logical_block_size.bytes() as usize } else { 1 };
+    for seg in &request.segments {
+        let bad = || RequestError::GuestMemory { addr: seg.addr.0, len: u64::from(seg.len) };
+        for slice in mem.get_slices(seg.addr, seg.len as usize) {
+            let slice = slice.map_err(|_| bad())?;
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            if (ptr as usize) % align != 0 {
+                return Err(RequestError::Misaligned { what: "guest buffer address", value: ptr as u64, align: align as u32 });
+            }
+            out.push(libc::iovec { iov_base: ptr.cast(), iov_len: slice.len() });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Xen blkif backend transport for `device-blk`.
+//!
+//! Xen services (xenstore, event channels, grant tables) sit behind traits with real (`/dev/xen`) and emulated
+//! implementations; the blkif shared ring and the xenbus backend state machine are built on those traits.
