@@ -13,6 +13,8 @@ pub mod geometry;
 pub mod queue;
 pub mod request;
 pub mod units;
+pub mod vhost_user;
+pub mod virtio;
 
 pub use disk::{Disk, DiskError, DiskKind, DiskOptions};
 pub use engine::{Completion, EngineError, EngineKind, IoEngine, IoOp};

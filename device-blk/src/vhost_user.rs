@@ -1,0 +1,1 @@
+//! The `VhostUserBackend` implementation serving a `Disk` over vhost-user-blk.

@@ -1,0 +1,1 @@
+//! virtio-blk: request parsing from descriptor chains, config space, features.
