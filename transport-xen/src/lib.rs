@@ -1,4 +1,7 @@
 //! Xen blkif backend transport for `device-blk`.
 //!
-//! Xen services (xenstore, event channels, grant tables) sit behind traits with real (`/dev/xen`) and emulated
-//! implementations; the blkif shared ring and the xenbus backend state machine are built on those traits.
+//! Xen services (xenstore, event channels, grant tables) sit behind the traits of [`services`], with real
+//! (`/dev/xen`) and [`emulated`] implementations; the blkif shared ring and the xenbus backend state machine are
+//! built on those traits and on `device-blk`'s `BlockQueue`.
+
+pub mod services;
