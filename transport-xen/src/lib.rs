@@ -4,4 +4,5 @@
 //! (`/dev/xen`) and [`emulated`] implementations; the blkif shared ring and the xenbus backend state machine are
 //! built on those traits and on `device-blk`'s `BlockQueue`.
 
+pub mod connect;
 pub mod services;
