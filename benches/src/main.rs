@@ -1,1 +1,201 @@
-fn main() {}
+//! `blkback-bench`: side-by-side benchmarks of blkbackd against the backends it replaces.
+//!
+//! `blkback-bench vhost-user` serves one file with qemu-storage-daemon and with blkbackd, alternating, drives
+//! both with the same vhost-user-blk client and prints IOPS, p50/p99 latency, server CPU per I/O and the ratio
+//! to qsd. Figures are only comparable inside one run.
+
+// Measurement arithmetic converts between counts, floats and sizes that are small by construction.
+#![allow(clippy::cast_possible_truncation)]
+
+mod client;
+mod histogram;
+mod servers;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use client::Workload;
+use servers::{Running, Server};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Side-by-side benchmarks of blkbackd against its peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// blkbackd vs qemu-storage-daemon over vhost-user-blk, same file, same client.
+    VhostUser(VhostUserArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VhostUserArgs {
+    /// The blkbackd binary to measure.
+    #[arg(long, default_value = "target/release/blkbackd")]
+    blkbackd: PathBuf,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds (each round runs every server once per workload, alternating the order).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Disk file size in MiB (filled with data before the first run).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Directory for the disk file and sockets (must support O_DIRECT for a fair comparison).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Queue counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    queues: Vec<usize>,
+    /// Extra blkbackd configurations to measure as well, e.g. `--variant="--poll-us 50"`.
+    #[arg(long)]
+    variant: Vec<String>,
+    /// Append the Markdown table to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload { name: "randread 4k QD1", read: true, random: true, block_size: 4096, queue_depth: 1 },
+    Workload { name: "randread 4k QD32", read: true, random: true, block_size: 4096, queue_depth: 32 },
+    Workload { name: "randwrite 4k QD32", read: false, random: true, block_size: 4096, queue_depth: 32 },
+    Workload { name: "seqread 128k QD8", read: true, random: false, block_size: 128 * 1024, queue_depth: 8 },
+];
+
+struct Row {
+    workload: &'static str,
+    queues: usize,
+    server: String,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_io: f64,
+    errors: u64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::VhostUser(args) => vhost_user(args),
+    }
+}
+
+fn vhost_user(args: VhostUserArgs) -> Result<()> {
+    let disk = args.dir.join(format!("blkback-bench-{}.img", std::process::id()));
+    let disk_bytes = args.size_mib * 1024 * 1024;
+    fill_disk(&disk, disk_bytes).with_context(|| format!("creating {}", disk.display()))?;
+    let _cleanup = RemoveOnDrop(disk.clone());
+    let mut servers = vec![Server::Qsd, Server::Blkbackd { binary: args.blkbackd.clone(), extra: vec![] }];
+    for v in &args.variant {
+        servers.push(Server::Blkbackd {
+            binary: args.blkbackd.clone(),
+            extra: v.split_whitespace().map(str::to_string).collect(),
+        });
+    }
+    let duration = Duration::from_secs(args.seconds);
+    let mut rows: Vec<Row> = Vec::new();
+    for &queues in &args.queues {
+        for workload in WORKLOADS {
+            let mut per_server: Vec<Vec<(client::Measured, Duration)>> = vec![Vec::new(); servers.len()];
+            for round in 0..args.rounds {
+                // Alternate the order so neither server always runs on a warmer cache.
+                let order: Vec<usize> =
+                    if round % 2 == 0 { (0..servers.len()).collect() } else { (0..servers.len()).rev().collect() };
+                for i in order {
+                    let running = Running::start(&servers[i], &disk, &args.dir, queues)?;
+                    let cpu0 = running.cpu_time()?;
+                    let socket = running.socket().to_string_lossy().into_owned();
+                    let m = client::run(&socket, queues, workload, duration, disk_bytes)
+                        .with_context(|| format!("{} {}", servers[i].label(), workload.name))?;
+                    let cpu = running.cpu_time()?.saturating_sub(cpu0);
+                    eprintln!(
+                        "  {:<28} {:<20} q{} round {}: {:>9.0} IOPS",
+                        servers[i].label(),
+                        workload.name,
+                        queues,
+                        round + 1,
+                        m.iops()
+                    );
+                    per_server[i].push((m, cpu));
+                }
+            }
+            for (i, runs) in per_server.iter().enumerate() {
+                let mut merged = client::Measured::default();
+                let mut cpu = Duration::ZERO;
+                for (m, c) in runs {
+                    merged.ios += m.ios;
+                    merged.errors += m.errors;
+                    merged.elapsed += m.elapsed;
+                    merged.latency.merge(&m.latency);
+                    cpu += *c;
+                }
+                rows.push(Row {
+                    workload: workload.name,
+                    queues,
+                    server: servers[i].label(),
+                    iops: merged.iops(),
+                    p50_us: merged.latency.quantile(0.50).as_secs_f64() * 1e6,
+                    p99_us: merged.latency.quantile(0.99).as_secs_f64() * 1e6,
+                    cpu_us_per_io: cpu.as_secs_f64() * 1e6 / merged.ios.max(1) as f64,
+                    errors: merged.errors,
+                });
+            }
+        }
+    }
+    let table = render(&rows);
+    println!("{table}");
+    if let Some(path) = args.markdown {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{table}")?;
+    }
+    Ok(())
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| workload | queues | server | IOPS | ×qsd | p50 µs | p99 µs | server CPU µs/IO | CPU ×qsd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let base =
+            rows.iter().find(|b| b.workload == r.workload && b.queues == r.queues && b.server.starts_with("qemu"));
+        let (ratio, cpu_ratio) = match base {
+            Some(b) => (r.iops / b.iops.max(1e-9), r.cpu_us_per_io / b.cpu_us_per_io.max(1e-9)),
+            None => (f64::NAN, f64::NAN),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            r.workload, r.queues, r.server, r.iops, ratio, r.p50_us, r.p99_us, r.cpu_us_per_io, cpu_ratio, r.errors
+        ));
+    }
+    out
+}
+
+/// Write real data over the whole file so reads hit allocated blocks (a sparse file would flatter everyone).
+fn fill_disk(path: &std::path::Path, bytes: u64) -> Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let chunk: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
