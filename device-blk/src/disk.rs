@@ -140,6 +140,7 @@ pub struct Disk {
     path: PathBuf,
     kind: DiskKind,
     geometry: Geometry,
+    buffer_alignment: usize,
 }
 
 impl Disk {
@@ -151,7 +152,8 @@ impl Disk {
     pub fn open(path: impl AsRef<Path>, options: &DiskOptions) -> Result<Disk, DiskError> {
         let path = path.as_ref().to_path_buf();
         let (file, direct) = open_file(&path, options)?;
-        let meta = file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
+        let meta =
+            file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
         let file_type = meta.file_type();
         let (kind, mut geometry) = if file_type.is_block_device() {
             let rdev = meta.rdev();
@@ -190,7 +192,17 @@ impl Disk {
             path = %path.display(), ?kind, sectors = geometry.capacity.0, direct, read_only = geometry.read_only,
             "disk opened"
         );
-        Ok(Disk { file, path, kind, geometry })
+        let buffer_alignment = if direct { direct_io_memory_alignment(&file, kind, &geometry) } else { 1 };
+        Ok(Disk { file, path, kind, geometry, buffer_alignment })
+    }
+
+    /// The alignment in bytes that host memory buffers need for I/O on this disk: the direct-I/O memory alignment
+    /// the kernel reports (statx `stx_dio_mem_align`, or the device's DMA alignment), 1 without O_DIRECT.
+    ///
+    /// It may be smaller than the logical block size (a 4096-byte-sector disk usually takes 512-byte aligned
+    /// buffers), which is why it is separate from the offset and length alignment in [`Geometry`].
+    pub fn buffer_alignment(&self) -> usize {
+        self.buffer_alignment
     }
 
     /// The geometry the guest sees.
@@ -263,15 +275,30 @@ fn statx_dio_align(file: &File) -> Option<(u32, u32)> {
     // SAFETY: statx is plain old data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor, empty path with AT_EMPTY_PATH, and a properly sized out-buffer.
-    let rc = unsafe {
-        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
-    };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     (rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0).then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// The memory alignment O_DIRECT needs on `file`: statx where the kernel reports it (files on most file systems,
+/// block devices since 6.11), else the device's DMA alignment from sysfs, else the logical block size.
+fn direct_io_memory_alignment(file: &File, kind: DiskKind, geometry: &Geometry) -> usize {
+    let reported = statx_dio_align(file).map(|(mem, _)| mem).filter(|mem| *mem > 0);
+    let from_sysfs = || match kind {
+        DiskKind::BlockDevice { major, minor, .. } => {
+            let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/queue/dma_alignment")).ok()?;
+            text.trim().parse::<u32>().ok()?.checked_add(1)
+        }
+        DiskKind::File => None,
+    };
+    let align = reported.or_else(from_sysfs).unwrap_or(geometry.logical_block_size.bytes());
+    let align = if align.is_power_of_two() { align } else { geometry.logical_block_size.bytes() };
+    usize::try_from(align).unwrap_or(4096)
 }
 
 fn file_geometry(file: &File, meta: &std::fs::Metadata, direct: bool) -> Geometry {
     let dio_align = if direct { statx_dio_align(file).map(|(_, off)| off).unwrap_or(512) } else { 512 };
-    let logical = u32::try_from(dio_align).ok().and_then(BlockSize::new).unwrap_or(BlockSize::SECTOR);
+    let logical = BlockSize::new(dio_align).unwrap_or(BlockSize::SECTOR);
     let fs_block = u32::try_from(meta.blksize()).ok().and_then(BlockSize::new).unwrap_or(BlockSize::PAGE);
     Geometry {
         capacity: Sector::from_bytes_floor(meta.len()),
@@ -322,7 +349,8 @@ fn block_device_geometry(file: &File, path: &Path, major: u32, minor: u32) -> Re
         read_only: ro != 0,
         direct_io: false,
         discard,
-        // BLKZEROOUT falls back to writing zero pages where the device has no write-zeroes command.
+        // fallocate(ZERO_RANGE) on a block device (BLKZEROOUT semantics) writes zero pages where the device has no
+        // write-zeroes command.
         write_zeroes: true,
         discard_granularity: granularity.unwrap_or(logical.bytes()),
     })

@@ -7,17 +7,23 @@ use crate::units::{BlockSize, Sector};
 pub struct Geometry {
     /// Size in 512-byte sectors (rounded down: a trailing partial sector is never exposed).
     pub capacity: Sector,
-    /// Smallest unit the disk can address (what O_DIRECT alignment is checked against).
+    /// Smallest unit the disk can address: disk offsets and lengths must be multiples of it (block devices:
+    /// `BLKSSZGET`; files with O_DIRECT: statx `stx_dio_offset_align`; else 512). Host buffer addresses have their
+    /// own, often smaller, alignment: [`Disk::buffer_alignment`](crate::Disk::buffer_alignment).
     pub logical_block_size: BlockSize,
-    /// The disk's physical block size (a hint for the guest's I/O sizes).
+    /// The disk's physical block size, a hint for the guest's I/O sizes (block devices: `BLKPBSZGET`; files: the
+    /// file system's block size), never smaller than the logical block size.
     pub physical_block_size: BlockSize,
     /// Writes, discards and write-zeroes are refused.
     pub read_only: bool,
-    /// Buffers, offsets and lengths must be aligned to `logical_block_size` (the disk was opened with O_DIRECT).
+    /// The disk was opened with O_DIRECT: offsets and lengths must be aligned to `logical_block_size`, buffers to
+    /// the disk's buffer alignment.
     pub direct_io: bool,
-    /// The disk can discard (BLKDISCARD on a block device, punch-hole on a file).
+    /// The disk can discard (block devices whose queue has `discard_max_bytes > 0`: `BLKDISCARD` or
+    /// `BLOCK_URING_CMD_DISCARD`; files: punch-hole, always offered).
     pub discard: bool,
-    /// The disk can write zeroes efficiently (fallocate ZERO_RANGE / BLKZEROOUT).
+    /// The disk can write zeroes (`fallocate` ZERO_RANGE or PUNCH_HOLE; on block devices the kernel writes zero
+    /// pages where the device has no write-zeroes command, so it is always offered).
     pub write_zeroes: bool,
     /// Granularity of discards in bytes (the device's discard granularity, or the file system block size).
     pub discard_granularity: u32,

@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use crate::engine::{Completion, EngineError, IoEngine, IoOp};
+use crate::engine::{Completion, EngineError, IoEngine, IoOp, IOV_MAX};
 use crate::geometry::Geometry;
 use crate::request::{Request, RequestError, RequestKind, Status, ID_BYTES};
 
@@ -45,6 +45,8 @@ pub struct BlockQueue<C> {
     free: Vec<u32>,
     ready: VecDeque<Finished<C>>,
     unsubmitted: bool,
+    /// Alignment host buffers need (the engine's, from the disk's direct-I/O memory alignment).
+    buffer_alignment: usize,
 }
 
 impl<C> std::fmt::Debug for BlockQueue<C> {
@@ -65,7 +67,17 @@ impl<C> BlockQueue<C> {
             .map(|_| Slot { cookie: None, iovecs: Vec::with_capacity(16), expected: 0, kind: RequestKind::Flush })
             .collect();
         let free = (0..u32::try_from(depth).unwrap_or(u32::MAX)).rev().collect();
-        BlockQueue { geometry, serial, engine, slots, free, ready: VecDeque::with_capacity(depth), unsubmitted: false }
+        let buffer_alignment = engine.buffer_alignment().max(1);
+        BlockQueue {
+            geometry,
+            serial,
+            engine,
+            slots,
+            free,
+            ready: VecDeque::with_capacity(depth),
+            unsubmitted: false,
+            buffer_alignment,
+        }
     }
 
     /// The disk's geometry.
@@ -120,7 +132,7 @@ impl<C> BlockQueue<C> {
         let slot = &mut self.slots[slot_index];
         slot.iovecs.clear();
         if request.kind.has_data() {
-            if let Err(error) = resolve_segments(request, mem, &self.geometry, &mut slot.iovecs) {
+            if let Err(error) = resolve_segments(request, mem, self.buffer_alignment, &mut slot.iovecs) {
                 self.finish_now(cookie, Err(error));
                 return Ok(());
             }
@@ -222,22 +234,28 @@ fn finished<C>(cookie: C, result: Result<u64, RequestError>) -> Finished<C> {
     }
 }
 
-/// Turn a request's guest segments into host iovecs, splitting at memory-region boundaries, and check O_DIRECT
-/// buffer alignment.
+/// Turn a request's guest segments into host iovecs, splitting at memory-region boundaries, and check the buffer
+/// alignment direct I/O needs (`align`) and the system-call limit of [`IOV_MAX`] iovecs.
 fn resolve_segments<M: GuestMemoryBackend>(
     request: &Request,
     mem: &M,
-    geometry: &Geometry,
+    align: usize,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), RequestError> {
-    let align = if geometry.direct_io { geometry.logical_block_size.bytes() as usize } else { 1 };
     for seg in &request.segments {
         let bad = || RequestError::GuestMemory { addr: seg.addr.0, len: u64::from(seg.len) };
+        let mut guest_addr = seg.addr.0;
         for slice in mem.get_slices(seg.addr, seg.len as usize) {
             let slice = slice.map_err(|_| bad())?;
             let ptr = slice.ptr_guard_mut().as_ptr();
             if (ptr as usize) % align != 0 {
-                return Err(RequestError::Misaligned { what: "guest buffer address", value: ptr as u64, align: align as u32 });
+                let align = u32::try_from(align).unwrap_or(u32::MAX);
+                // Name the guest's address (the host address means nothing to whoever reads the log).
+                return Err(RequestError::Misaligned { what: "guest buffer address", value: guest_addr, align });
+            }
+            guest_addr = guest_addr.wrapping_add(slice.len() as u64);
+            if out.len() == IOV_MAX {
+                return Err(RequestError::TooManySegments { count: IOV_MAX + 1, max: IOV_MAX });
             }
             out.push(libc::iovec { iov_base: ptr.cast(), iov_len: slice.len() });
         }

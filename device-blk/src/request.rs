@@ -151,12 +151,20 @@ impl Request {
                         return Err(RequestError::ZeroLength);
                     }
                     if u64::from(seg.len) % SECTOR_SIZE != 0 {
-                        return Err(RequestError::Misaligned { what: "segment length", value: u64::from(seg.len), align: 512 });
+                        return Err(RequestError::Misaligned {
+                            what: "segment length",
+                            value: u64::from(seg.len),
+                            align: 512,
+                        });
                     }
                     if geometry.direct_io {
                         let align = geometry.logical_block_size;
                         if !align.divides(u64::from(seg.len)) {
-                            return Err(RequestError::Misaligned { what: "segment length", value: u64::from(seg.len), align: align.bytes() });
+                            return Err(RequestError::Misaligned {
+                                what: "segment length",
+                                value: u64::from(seg.len),
+                                align: align.bytes(),
+                            });
                         }
                     }
                     bytes = bytes.saturating_add(u64::from(seg.len));

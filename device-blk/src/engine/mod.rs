@@ -3,16 +3,37 @@
 //! An engine takes operations on host buffers (`iovec`s the [`BlockQueue`](crate::BlockQueue) resolved from guest
 //! memory), submits them in batches, and reports completions by token. Its completion eventfd becomes readable
 //! when completions are waiting, so the queue's event loop can poll it next to the guest's kick.
+//!
+//! # Semantics (identical in both engines)
+//! Both engines carry out an [`IoOp`] by the same step logic (module `op`), so they differ only in *when* the
+//! system calls happen, never in what a request does or how it ends:
+//! - Read/write: `preadv`/`pwritev` (io_uring `READV`/`WRITEV` on a registered file). A short transfer is continued
+//!   for the remainder; a transfer of 0 bytes (end of file, e.g. the image shrank) completes with the bytes done so
+//!   far, which the queue reports as [`RequestError::ShortTransfer`](crate::RequestError::ShortTransfer). An error
+//!   after partial progress fails the operation with that errno. More than [`IOV_MAX`] iovecs fail with `EINVAL`.
+//! - Flush: `fdatasync`.
+//! - Discard: on a file, `fallocate(PUNCH_HOLE | KEEP_SIZE)`; on a block device `BLKDISCARD`
+//!   (io_uring: `BLOCK_URING_CMD_DISCARD`, falling back to the ioctl where the kernel lacks it), secure discard
+//!   `BLKSECDISCARD`.
+//! - Write-zeroes with unmap: `fallocate(PUNCH_HOLE | KEEP_SIZE)` (on a block device the kernel zeroes with
+//!   unmap; where the device cannot, it falls back to write-zeroes without unmap).
+//! - Write-zeroes without unmap: `fallocate(ZERO_RANGE | KEEP_SIZE)` (block devices: `BLKZEROOUT` semantics);
+//!   where a file system refuses it (tmpfs), punch a hole and allocate the range again.
+//! - A step failing with `EAGAIN` is retried up to 4 times (io_uring: forced into the kernel's blocking worker
+//!   with `IOSQE_ASYNC`), `EINTR` always; then the errno is the result.
+//! - Completions of flush, discard and write-zeroes carry `Ok(0)`; reads and writes the bytes transferred.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::disk::{Disk, DiskKind};
+use crate::disk::Disk;
 
+mod op;
 mod sync;
 mod uring;
 
+pub use op::IOV_MAX;
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
@@ -136,54 +157,10 @@ pub trait IoEngine: Send {
     /// Operations enqueued and not yet reaped.
     fn in_flight(&self) -> usize;
 
+    /// The alignment in bytes that host buffers of reads and writes need (the disk's direct-I/O memory
+    /// alignment; 1 for buffered I/O). Queues refuse guest buffers that are not aligned to it.
+    fn buffer_alignment(&self) -> usize;
+
     /// A short name for logs and stats.
     fn name(&self) -> &'static str;
-}
-
-/// Run a discard or write-zeroes synchronously on `disk`; the engines share this for operations the kernel
-/// offers no asynchronous form of (BLKDISCARD/BLKZEROOUT) and for the sync engine.
-pub(crate) fn blocking_range_op(disk: &Disk, op: &IoOp<'_>) -> Result<u64, i32> {
-    use std::os::fd::AsRawFd;
-    let fd = disk.file().as_raw_fd();
-    let (offset, len) = match *op {
-        IoOp::Discard { offset, len, .. } | IoOp::WriteZeroes { offset, len, .. } => (offset, len),
-        _ => return Err(libc::EINVAL),
-    };
-    let rc = match (disk.kind(), op) {
-        (DiskKind::BlockDevice { .. }, IoOp::Discard { secure, .. }) => {
-            let range = [offset, len];
-            let request = if *secure { crate::disk::BLKSECDISCARD } else { crate::disk::BLKDISCARD };
-            // SAFETY: BLKDISCARD/BLKSECDISCARD read a u64[2] through the pointer.
-            unsafe { libc::ioctl(fd, request, range.as_ptr()) }
-        }
-        (DiskKind::BlockDevice { .. }, _) => {
-            let range = [offset, len];
-            // SAFETY: BLKZEROOUT reads a u64[2] through the pointer.
-            unsafe { libc::ioctl(fd, crate::disk::BLKZEROOUT, range.as_ptr()) }
-        }
-        (DiskKind::File, _) => {
-            let mode = file_range_mode(op);
-            let (Ok(off), Ok(l)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
-                return Err(libc::EINVAL);
-            };
-            // SAFETY: fallocate on a valid descriptor with plain integer arguments.
-            unsafe { libc::fallocate64(fd, mode, off, l) }
-        }
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
-    } else {
-        Ok(len)
-    }
-}
-
-/// The `fallocate` mode for a discard or write-zeroes on a regular file.
-pub(crate) fn file_range_mode(op: &IoOp<'_>) -> libc::c_int {
-    match op {
-        // A punched hole reads back as zeroes, so it serves discard and unmapping write-zeroes alike.
-        IoOp::Discard { .. } | IoOp::WriteZeroes { unmap: true, .. } => {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        }
-        _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-    }
 }

@@ -1,5 +1,9 @@
-//! The synchronous engine: `preadv`/`pwritev` at enqueue time. The reference the io_uring engine is tested
-//! against, and the fallback where io_uring is disabled.
+//! The synchronous engine: every operation runs to completion with blocking system calls at enqueue time. The
+//! reference the io_uring engine is tested against, and the fallback where io_uring is unavailable.
+//!
+//! It runs the very same step logic as the io_uring engine ([`OpState`]), so short transfers, fallbacks and
+//! `EAGAIN` retries behave alike; the one difference is that a block-device discard always uses the `BLKDISCARD`
+//! ioctl (the io_uring engine prefers the asynchronous `BLOCK_URING_CMD_DISCARD` and falls back to the ioctl).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -7,7 +11,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{blocking_range_op, Completion, EngineError, IoEngine, IoOp};
+use super::op::{run_blocking, OpState, Progress};
+use super::{Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
 
 /// Does each operation as it is enqueued; completions wait in a queue until reaped.
@@ -27,75 +32,21 @@ impl SyncEngine {
         Ok(SyncEngine { disk, done: VecDeque::with_capacity(capacity), capacity, eventfd })
     }
 
-    fn run(&self, op: &IoOp<'_>) -> Result<u64, i32> {
+    /// Run `op` to completion.
+    ///
+    /// # Safety
+    /// The buffers `op` names must be valid for the access for the duration of the call.
+    unsafe fn run(&self, op: &IoOp<'_>) -> Result<u64, i32> {
         let fd = self.disk.file().as_raw_fd();
-        match *op {
-            IoOp::Read { offset, iovecs } | IoOp::Write { offset, iovecs } => {
-                let mut done: u64 = 0;
-                let want: u64 = iovecs.iter().map(|v| v.iov_len as u64).sum();
-                // Loop on short transfers, advancing through the iovecs.
-                let mut scratch: [libc::iovec; 16] =
-                    [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 16];
-                while done < want {
-                    let n = fill_remaining(iovecs, done, &mut scratch);
-                    let off = libc::off64_t::try_from(offset + done).map_err(|_| libc::EINVAL)?;
-                    let cnt = libc::c_int::try_from(n).map_err(|_| libc::EINVAL)?;
-                    // SAFETY: `scratch[..n]` describes buffers the caller of `enqueue` guaranteed valid.
-                    let rc = unsafe {
-                        if matches!(op, IoOp::Read { .. }) {
-                            libc::preadv64(fd, scratch.as_ptr(), cnt, off)
-                        } else {
-                            libc::pwritev64(fd, scratch.as_ptr(), cnt, off)
-                        }
-                    };
-                    if rc < 0 {
-                        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                        if errno == libc::EINTR {
-                            continue;
-                        }
-                        return Err(errno);
-                    }
-                    if rc == 0 {
-                        break; // end of file: a short transfer the caller reports
-                    }
-                    done += rc as u64;
-                }
-                Ok(done)
+        let mut state = OpState::start(op, self.disk.kind(), false)?;
+        loop {
+            // SAFETY: the iovec array and the buffers are valid during this call (this function's contract).
+            let result = unsafe { run_blocking(fd, state.step()) };
+            if let Progress::Done(result) = state.advance(result) {
+                return result;
             }
-            IoOp::Flush => {
-                // SAFETY: fdatasync on a valid descriptor.
-                if unsafe { libc::fdatasync(fd) } < 0 {
-                    return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
-                }
-                Ok(0)
-            }
-            IoOp::Discard { .. } | IoOp::WriteZeroes { .. } => blocking_range_op(&self.disk, op),
         }
     }
-}
-
-/// Copy the part of `iovecs` after the first `skip` bytes into `out` (at most its length); returns the count.
-fn fill_remaining(iovecs: &[libc::iovec], mut skip: u64, out: &mut [libc::iovec]) -> usize {
-    let mut n = 0;
-    for v in iovecs {
-        let len = v.iov_len as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        if n == out.len() {
-            break;
-        }
-        // `skip < len <= usize::MAX`, so the cast is lossless.
-        let skip_bytes = skip as usize;
-        out[n] = libc::iovec {
-            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip_bytes).cast(),
-            iov_len: v.iov_len - skip_bytes,
-        };
-        skip = 0;
-        n += 1;
-    }
-    n
 }
 
 impl IoEngine for SyncEngine {
@@ -103,7 +54,8 @@ impl IoEngine for SyncEngine {
         if self.done.len() >= self.capacity {
             return Err(EngineError::Full(self.capacity));
         }
-        let result = self.run(&op);
+        // SAFETY: the caller guarantees the buffers stay valid until the completion is reaped, which is later.
+        let result = unsafe { self.run(&op) };
         self.done.push_back(Completion { token, result });
         Ok(())
     }
@@ -116,6 +68,7 @@ impl IoEngine for SyncEngine {
     }
 
     fn reap(&mut self, on_complete: &mut dyn FnMut(Completion)) {
+        // Nothing to do if the counter is zero (EAGAIN on the non-blocking eventfd).
         let _ = self.eventfd.read();
         while let Some(c) = self.done.pop_front() {
             on_complete(c);
@@ -132,6 +85,10 @@ impl IoEngine for SyncEngine {
 
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+
+    fn buffer_alignment(&self) -> usize {
+        self.disk.buffer_alignment()
     }
 
     fn name(&self) -> &'static str {

@@ -1,0 +1,61 @@
+//! Geometry and O_DIRECT of disks in regular files, on the default temporary file system and on tmpfs.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use device_blk::disk::DirectIo;
+use device_blk::{BlockSize, Disk, DiskError, DiskOptions, Sector};
+
+fn open_with(path: &Path, direct_io: DirectIo) -> Result<Disk, DiskError> {
+    Disk::open(path, &DiskOptions { direct_io, ..DiskOptions::default() })
+}
+
+#[test]
+fn file_geometry_is_in_sectors_with_sensible_block_sizes() {
+    for dir in [tempfile::tempdir().ok(), tempfile::tempdir_in("/dev/shm").ok()].into_iter().flatten() {
+        // 1 MiB and 300 bytes: the partial sector is never exposed.
+        let path = image(dir.path(), "disk.img", &vec![7u8; (1 << 20) + 300]);
+        let disk = open_with(&path, DirectIo::Auto).expect("open");
+        let g = *disk.geometry();
+        let where_ = dir.path().display();
+        assert_eq!(g.capacity, Sector(2048), "{where_}");
+        assert_eq!(g.logical_block_size, BlockSize::SECTOR, "{where_}");
+        assert!(g.physical_block_size >= BlockSize::PAGE, "{where_}: the file system block, {g:?}");
+        assert!(g.discard && g.write_zeroes && !g.read_only, "{where_}: {g:?}");
+        assert!(g.discard_granularity >= 512, "{where_}");
+        if g.direct_io {
+            assert!(disk.buffer_alignment().is_power_of_two() && disk.buffer_alignment() <= 4096, "{where_}");
+        } else {
+            assert_eq!(disk.buffer_alignment(), 1, "{where_}");
+        }
+        let buffered = open_with(&path, DirectIo::Off).expect("open buffered");
+        assert!(!buffered.geometry().direct_io, "{where_}");
+        assert_eq!(buffered.buffer_alignment(), 1, "{where_}");
+        assert_eq!(buffered.geometry().capacity, g.capacity, "{where_}");
+    }
+}
+
+#[test]
+fn ext4_takes_o_direct_when_the_temp_dir_is_on_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image(dir.path(), "disk.img", &[0u8; 8192]);
+    let fs = command("stat", &["-f", "-c", "%T", dir.path().to_str().expect("path")]).unwrap_or_default();
+    if fs != "ext2/ext3" {
+        eprintln!("skipping: {} is on {fs:?}, not ext4", dir.path().display());
+        return;
+    }
+    let disk = open_with(&path, DirectIo::Required).expect("ext4 supports O_DIRECT");
+    assert!(disk.geometry().direct_io);
+    assert_eq!(disk.buffer_alignment(), 512, "statx stx_dio_mem_align on this ext4");
+}
+
+#[test]
+fn an_image_smaller_than_a_sector_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = image(dir.path(), "tiny.img", &[1u8; 511]);
+    let err = open_with(&path, DirectIo::Auto).expect_err("empty");
+    assert!(matches!(err, DiskError::Empty { block_size: 512, .. }), "{err}");
+    assert!(err.to_string().contains("tiny.img"), "{err}");
+}
