@@ -1,1 +1,76 @@
-fn main() {}
+//! `blkbackd`: a per-guest userspace block backend.
+//!
+//! `main` parses the command line, sets up logging and signal handling, and hands over to the subcommand's
+//! module. Any setup error ends the process with one line on stderr (`blkbackd: error: ...`) and exit code 1.
+
+mod cli;
+mod logging;
+mod signals;
+mod vhost_user;
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => return fail(usage_message(&e)),
+    };
+    logging::init();
+    let shutdown = match signals::Shutdown::install() {
+        Ok(shutdown) => shutdown,
+        Err(e) => return fail(format!("cannot set up signal handling: {e}")),
+    };
+    let result = match cli.command {
+        Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(error_chain(&e)),
+    }
+}
+
+/// The error and its causes, `: `-separated, skipping causes whose text an outer message already includes
+/// (many errors embed their source in their own message).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+/// Report a setup error on one line and return the failure exit code.
+fn fail(message: String) -> ExitCode {
+    let one_line = message.replace('\n', " ");
+    eprintln!("blkbackd: error: {one_line}");
+    ExitCode::from(1)
+}
+
+/// clap's message (which spans several lines with usage hints) as one line.
+fn usage_message(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid command line");
+    format!("{} (see 'blkbackd --help')", first.trim_start_matches("error: ").trim())
+}

@@ -22,3 +22,4 @@ pub use geometry::Geometry;
 pub use queue::{BlockQueue, Finished};
 pub use request::{DiskRange, Request, RequestError, RequestKind, Segment, Status, ID_BYTES, MAX_SEGMENTS};
 pub use units::{BlockSize, Sector, SECTOR_SIZE};
+pub use vhost_user::{Connection, VhostUserBlkBackend, VhostUserBlkOptions, VhostUserBlkServer};

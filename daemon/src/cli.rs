@@ -1,0 +1,162 @@
+//! The command line: one subcommand per transport (and `demo`), each in its own module.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use device_blk::disk::{parse_diskseq_arg, DirectIo};
+use device_blk::vhost_user::DEFAULT_QUEUE_SIZE;
+use device_blk::{DiskOptions, EngineKind};
+
+/// A per-guest userspace block backend: Xen blkif and vhost-user-blk over io_uring.
+#[derive(Debug, Parser)]
+#[command(name = "blkbackd", version, propagate_version = true)]
+pub struct Cli {
+    /// What to serve.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a disk to vhost-user-blk frontends (QEMU, cloud-hypervisor, ...) on a Unix socket, one connection
+    /// after another, until SIGTERM or SIGINT.
+    VhostUser(VhostUserArgs),
+}
+
+/// `blkbackd vhost-user`.
+#[derive(Debug, Args)]
+pub struct VhostUserArgs {
+    /// Unix socket to listen on (a stale socket file nobody listens on is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The disk to serve.
+    #[command(flatten)]
+    pub disk: DiskArgs,
+    /// Request queues, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE)]
+    pub queue_size: u16,
+    /// Most requests in flight per queue (default: the queue size); more wait in the ring until some complete.
+    #[arg(long, value_name = "N")]
+    pub io_depth: Option<u32>,
+    /// Serial number returned by GET_ID (at most 20 bytes; default: `diskseq-<n>` for a block device, else the
+    /// file name).
+    #[arg(long, value_name = "S")]
+    pub serial: Option<String>,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+}
+
+/// Which disk, and how to open it.
+#[derive(Debug, Args)]
+pub struct DiskArgs {
+    /// Regular file or block device.
+    #[arg(long = "disk", value_name = "PATH")]
+    pub path: PathBuf,
+    /// Refuse the device unless its disk sequence number is N (decimal as in sysfs, or 0x hex).
+    #[arg(long, value_name = "N", value_parser = parse_diskseq_arg)]
+    pub diskseq: Option<u64>,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// O_DIRECT: `auto` uses it where the file system allows, `on` requires it, `off` never uses it.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = DirectArg::Auto)]
+    pub direct: DirectArg,
+}
+
+impl DiskArgs {
+    /// The options to open the disk with.
+    pub fn options(&self) -> DiskOptions {
+        DiskOptions {
+            read_only: self.read_only,
+            direct_io: match self.direct {
+                DirectArg::Auto => DirectIo::Auto,
+                DirectArg::On => DirectIo::Required,
+                DirectArg::Off => DirectIo::Off,
+            },
+            expected_diskseq: self.diskseq,
+        }
+    }
+}
+
+/// `--engine`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// io_uring if the kernel allows it, else synchronous I/O.
+    Auto,
+    /// io_uring only.
+    IoUring,
+    /// Synchronous preadv/pwritev.
+    Sync,
+}
+
+impl From<EngineArg> for EngineKind {
+    fn from(arg: EngineArg) -> Self {
+        match arg {
+            EngineArg::Auto => EngineKind::Auto,
+            EngineArg::IoUring => EngineKind::IoUring,
+            EngineArg::Sync => EngineKind::Sync,
+        }
+    }
+}
+
+/// `--direct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectArg {
+    /// Where the file system allows it.
+    Auto,
+    /// Required.
+    On,
+    /// Never.
+    Off,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vhost_user_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "blkbackd",
+            "vhost-user",
+            "--socket",
+            "/run/s.sock",
+            "--disk",
+            "/dev/loop0",
+            "--diskseq",
+            "0x2a",
+            "--read-only",
+            "--queues",
+            "2",
+            "--queue-size",
+            "128",
+            "--serial",
+            "abc",
+            "--engine",
+            "io-uring",
+            "--direct",
+            "off",
+        ])
+        .expect("valid command line");
+        let Command::VhostUser(args) = cli.command;
+        assert_eq!(args.disk.diskseq, Some(42));
+        assert_eq!((args.queues, args.queue_size, args.engine), (2, 128, EngineArg::IoUring));
+        let options = args.disk.options();
+        assert!(options.read_only);
+        assert_eq!(options.direct_io, DirectIo::Off);
+        assert!(
+            Cli::try_parse_from(["blkbackd", "vhost-user", "--socket", "s", "--disk", "d", "--diskseq", "x"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! Graceful shutdown on SIGTERM and SIGINT.
+//!
+//! The signals are blocked before any other thread exists (every thread inherits the mask) and taken by one
+//! thread with `sigwait`, which sets the shutdown flag, wakes the main loop through an eventfd and runs the
+//! current hook (e.g. closing the vhost-user connection). A second signal ends the process at once.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+type Hook = Box<dyn Fn() + Send>;
+
+/// The process-wide shutdown request.
+pub struct Shutdown {
+    requested: AtomicBool,
+    wake: EventFd,
+    hook: Mutex<Option<Hook>>,
+}
+
+impl Shutdown {
+    /// Block SIGTERM and SIGINT and start the thread that handles them. Call before spawning any thread.
+    pub fn install() -> io::Result<Arc<Shutdown>> {
+        let set = termination_signals();
+        // SAFETY: `set` is an initialised signal set; the old mask is not wanted.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let shutdown = Arc::new(Shutdown {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            hook: Mutex::new(None),
+        });
+        let handler = Arc::clone(&shutdown);
+        std::thread::Builder::new().name("signals".to_string()).spawn(move || handler.handle_signals(set))?;
+        Ok(shutdown)
+    }
+
+    fn handle_signals(&self, set: libc::sigset_t) {
+        loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                continue;
+            }
+            let name = if signal == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+            if self.is_requested() {
+                tracing::warn!(signal = name, "second signal: exiting without finishing in-flight requests");
+                std::process::exit(1);
+            }
+            tracing::info!(signal = name, "shutting down: finishing in-flight requests");
+            self.request();
+        }
+    }
+
+    /// Ask everything to stop.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Err(error) = self.wake.write(1) {
+            tracing::error!(%error, "cannot wake the main loop");
+        }
+        if let Some(hook) = self.hook.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            hook();
+        }
+    }
+
+    /// Whether a shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Readable once a shutdown was requested, for `poll` next to other descriptors.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// Run `hook` when a shutdown is requested (at once if it already was); `None` removes it.
+    pub fn set_hook(&self, hook: Option<Hook>) {
+        let mut slot = self.hook.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = hook;
+        if self.is_requested() {
+            if let Some(hook) = slot.as_ref() {
+                hook();
+            }
+        }
+    }
+}
+
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; SIGTERM and SIGINT are valid signal numbers.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    set
+}

@@ -1,1 +1,0 @@
-//! The `VhostUserBackend` implementation serving a `Disk` over vhost-user-blk.

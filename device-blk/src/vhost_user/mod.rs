@@ -1,0 +1,375 @@
+//! vhost-user-blk: the [`VhostUserBackend`] serving a [`Disk`], and a server that accepts one frontend
+//! connection after another.
+//!
+//! Threads: vhost-user-backend runs the protocol on one thread and a vring worker thread per queue (we map one
+//! queue to each thread). A queue's worker owns its [`BlockQueue`](crate::BlockQueue) and engine, created on
+//! that thread at the first kick; the engine's completion eventfd is registered in the same epoll as the kick,
+//! so one thread does all of a queue's work with no locking on the data path (the per-queue mutex is only ever
+//! contended by `GET_VRING_BASE` and teardown, which wait for in-flight requests).
+//!
+//! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
+//! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
+
+mod server;
+mod worker;
+
+pub use server::{Connection, ServeError, VhostUserBlkServer};
+pub use worker::{AtomicGuestMemory, BlkVring, GuestMemory};
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::disk::Disk;
+use crate::engine::EngineKind;
+use crate::request::ID_BYTES;
+use crate::virtio::{device_features, seg_max_for, BlkConfig};
+use worker::QueueWorker;
+
+/// Most queues a device may have (vhost-user-backend maps queues to threads with a 64-bit mask).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest queue size (the split virtqueue limit).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Queue size when the user gives none.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// The epoll handler type of our backend's worker threads.
+pub type BlkEpollHandler = VringEpollHandler<Arc<VhostUserBlkBackend>>;
+
+/// How a disk is served over vhost-user-blk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserBlkOptions {
+    /// Request queues (each served by its own thread).
+    pub num_queues: u16,
+    /// Largest queue size the frontend may set (a power of two).
+    pub queue_size: u16,
+    /// Most requests in flight per queue (the engine's depth); further chains wait in the avail ring until
+    /// completions make room. `None`: the queue size, so that a full ring never waits.
+    pub io_depth: Option<u32>,
+    /// The I/O engine of each queue.
+    pub engine: EngineKind,
+    /// The GET_ID answer.
+    pub serial: [u8; ID_BYTES],
+}
+
+impl VhostUserBlkOptions {
+    /// One queue of [`DEFAULT_QUEUE_SIZE`] with the default engine, answering GET_ID with `serial`.
+    pub fn new(serial: [u8; ID_BYTES]) -> Self {
+        VhostUserBlkOptions {
+            num_queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            io_depth: None,
+            engine: EngineKind::default(),
+            serial,
+        }
+    }
+
+    /// Check the limits.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        if !(1..=MAX_QUEUES).contains(&self.num_queues) {
+            return Err(OptionsError::Queues(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
+            return Err(OptionsError::QueueSize(self.queue_size));
+        }
+        if self.io_depth == Some(0) {
+            return Err(OptionsError::IoDepth);
+        }
+        Ok(())
+    }
+
+    /// Requests in flight per queue.
+    pub fn effective_io_depth(&self) -> u32 {
+        self.io_depth.unwrap_or(u32::from(self.queue_size))
+    }
+}
+
+/// Options out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// Queue count out of range.
+    #[error("{0} queues requested; between 1 and {max} are supported", max = MAX_QUEUES)]
+    Queues(u16),
+    /// Queue size out of range.
+    #[error("queue size {0} is not a power of two between 4 and {max}", max = MAX_QUEUE_SIZE)]
+    QueueSize(u16),
+    /// An I/O depth of zero.
+    #[error("the I/O depth must be at least 1")]
+    IoDepth,
+}
+
+/// A queue's worker and what others use to wait for it.
+struct QueueSlot {
+    worker: Mutex<Option<QueueWorker>>,
+    /// Signalled when the worker has nothing in flight and someone waits (`waiters > 0`).
+    idle: Condvar,
+    waiters: AtomicUsize,
+    /// Written to stop the worker thread.
+    exit: EventFd,
+}
+
+impl QueueSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<QueueWorker>> {
+        self.worker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Block until the queue has no request in flight. Requests are never abandoned: while the disk is slow
+    /// this waits, saying so every few seconds.
+    fn wait_idle(&self, index: usize) {
+        let mut guard = self.lock();
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let in_flight = guard.as_ref().map_or(0, QueueWorker::in_flight);
+            if in_flight == 0 {
+                break;
+            }
+            let (g, timeout) =
+                self.idle.wait_timeout(guard, Duration::from_secs(5)).unwrap_or_else(PoisonError::into_inner);
+            guard = g;
+            if timeout.timed_out() {
+                tracing::warn!(queue = index, in_flight, "still waiting for in-flight requests to complete");
+            }
+        }
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The vhost-user-blk device of one frontend connection.
+pub struct VhostUserBlkBackend {
+    disk: Arc<Disk>,
+    options: VhostUserBlkOptions,
+    config: BlkConfig,
+    features: u64,
+    seg_max: usize,
+    mem: RwLock<AtomicGuestMemory>,
+    queues: Vec<QueueSlot>,
+    handlers: OnceLock<Vec<Weak<BlkEpollHandler>>>,
+    /// Set by [`shutdown`](Self::shutdown): kicks are ignored, no chain is popped any more.
+    stopping: AtomicBool,
+}
+
+impl std::fmt::Debug for VhostUserBlkBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserBlkBackend")
+            .field("disk", &self.disk.path())
+            .field("options", &self.options)
+            .field("features", &format_args!("{:#x}", self.features))
+            .finish()
+    }
+}
+
+impl VhostUserBlkBackend {
+    /// A device for `disk`; `options` must have passed [`VhostUserBlkOptions::validate`].
+    pub fn new(disk: Arc<Disk>, options: VhostUserBlkOptions) -> io::Result<Self> {
+        options.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let geometry = *disk.geometry();
+        let seg_max = seg_max_for(options.queue_size);
+        let queues = (0..options.num_queues)
+            .map(|_| {
+                Ok(QueueSlot {
+                    worker: Mutex::new(None),
+                    idle: Condvar::new(),
+                    waiters: AtomicUsize::new(0),
+                    exit: EventFd::new(EFD_NONBLOCK)?,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(VhostUserBlkBackend {
+            config: BlkConfig::new(&geometry, options.num_queues, seg_max),
+            features: device_features(&geometry) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            seg_max: seg_max as usize,
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemory::new())),
+            disk,
+            options,
+            queues,
+            handlers: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// The guest memory handle to give `VhostUserDaemon::new` (the one the handler updates).
+    pub fn guest_memory(&self) -> AtomicGuestMemory {
+        self.mem.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The device configuration.
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// Hand over the daemon's epoll handlers (one per queue), so that workers can register their engine's
+    /// completion eventfd, and register each worker's exit eventfd. Call once, before serving.
+    pub fn attach(&self, handlers: &[Arc<BlkEpollHandler>]) -> io::Result<()> {
+        if handlers.len() != self.queues.len() {
+            return Err(io::Error::other(format!(
+                "{} epoll handlers for {} queues",
+                handlers.len(),
+                self.queues.len()
+            )));
+        }
+        for (slot, handler) in self.queues.iter().zip(handlers) {
+            handler.register_listener(slot.exit.as_raw_fd(), EventSet::IN, self.exit_event())?;
+        }
+        self.handlers
+            .set(handlers.iter().map(Arc::downgrade).collect())
+            .map_err(|_| io::Error::other("epoll handlers attached twice"))
+    }
+
+    /// Wait until no queue has a request in flight (each finished request answered to the guest).
+    pub fn quiesce(&self) {
+        for (index, slot) in self.queues.iter().enumerate() {
+            slot.wait_idle(index);
+        }
+    }
+
+    /// Stop taking requests, finish (and answer) those in flight, and end every worker thread.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.quiesce();
+        for (index, slot) in self.queues.iter().enumerate() {
+            if let Err(error) = slot.exit.write(1) {
+                tracing::error!(queue = index, %error, "cannot stop the queue's worker");
+            }
+        }
+    }
+
+    /// Epoll id of a worker's engine completions (ids up to `num_queues` belong to vhost-user-backend).
+    fn completion_event(&self) -> u16 {
+        self.options.num_queues + 1
+    }
+
+    /// Epoll id of a worker's exit eventfd.
+    fn exit_event(&self) -> u64 {
+        u64::from(self.options.num_queues) + 2
+    }
+
+    /// Create queue `index`'s worker on the calling (worker) thread and watch its completion eventfd.
+    fn start_worker(&self, index: usize) -> io::Result<QueueWorker> {
+        let o = &self.options;
+        let worker = QueueWorker::new(index, &self.disk, o.engine, o.effective_io_depth(), o.serial, self.seg_max)
+            .map_err(|e| io::Error::other(format!("queue {index}: cannot create the I/O engine: {e}")))?;
+        let handler = self
+            .handlers
+            .get()
+            .and_then(|h| h.get(index))
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other(format!("queue {index}: no epoll handler attached")))?;
+        handler.register_listener(worker.completion_fd(), EventSet::IN, u64::from(self.completion_event()))?;
+        Ok(worker)
+    }
+}
+
+impl VhostUserBackend for VhostUserBlkBackend {
+    type Bitmap = ();
+    type Vring = BlkVring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.options.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.options.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        tracing::debug!(features = format_args!("{features:#x}"), "frontend acknowledged features");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        self.quiesce();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // Each queue reads it from its `Queue` (vhost-user-backend sets it there too).
+        tracing::debug!(enabled, "EVENT_IDX negotiated");
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::PermissionDenied, "the virtio-blk configuration space is read-only"))
+    }
+
+    fn update_memory(&self, mem: AtomicGuestMemory) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.options.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let index = queue_index as usize;
+        match self.queues.get(index) {
+            Some(slot) => slot.wait_idle(index),
+            None => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no queue {queue_index}"))),
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[BlkVring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let slot = self.queues.get(thread_id).ok_or_else(|| io::Error::other("event for an unknown queue"))?;
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
+        if u64::from(device_event) == self.exit_event() {
+            let _ = slot.exit.read();
+            if let Some(worker) = slot.lock().as_mut() {
+                worker.finish_in_flight(vring, &mem);
+            }
+            // The only way to end a vring worker's loop from the backend is an error from this function:
+            // vhost-user-backend 0.24's own `exit_event` leaks its eventfd on every connection.
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "queue worker stopped"));
+        }
+        let stopping = self.stopping.load(Ordering::SeqCst);
+        if stopping && device_event == 0 {
+            return Ok(());
+        }
+        let mut guard = slot.lock();
+        let worker = match (&mut *guard, device_event) {
+            (Some(worker), _) => worker,
+            (None, 0) => guard.insert(self.start_worker(thread_id).inspect_err(|error| {
+                tracing::error!(queue = thread_id, %error, "cannot start the queue");
+            })?),
+            (None, _) => return Ok(()),
+        };
+        match device_event {
+            0 => worker.on_kick(vring, &mem),
+            e if e == self.completion_event() => worker.on_completion(vring, &mem, !stopping),
+            other => tracing::debug!(queue = thread_id, event = other, "unexpected event"),
+        }
+        if worker.in_flight() == 0 && slot.waiters.load(Ordering::Relaxed) > 0 {
+            slot.idle.notify_all();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! One queue's worker: pops descriptor chains, feeds the [`BlockQueue`], and answers completions.
+//!
+//! It runs on the queue's own vring worker thread (one queue per thread), which owns the engine: an io_uring
+//! ring with `SINGLE_ISSUER` may only be submitted to from the thread that created it.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::disk::Disk;
+use crate::engine::{EngineError, EngineKind};
+use crate::queue::{BlockQueue, Finished};
+use crate::request::{Request, ID_BYTES};
+use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
+
+/// Guest memory as vhost-user-backend maps it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+/// The memory handle the vhost-user handler updates on `SET_MEM_TABLE`/`ADD_MEM_REGION`.
+pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
+/// The vring type of our backend.
+pub type BlkVring = VringRwLock<AtomicGuestMemory>;
+
+type RingState = VringState<AtomicGuestMemory>;
+
+/// What travels with a request through the engine: where to answer, and the memory snapshot that keeps the
+/// request's buffers mapped until it completes (the safety contract of [`BlockQueue::submit`]).
+struct Cookie {
+    head: u16,
+    status: GuestAddress,
+    mem: Arc<GuestMemory>,
+}
+
+/// A queue's request pipeline and the state of its ring processing.
+pub(super) struct QueueWorker {
+    index: usize,
+    queue: BlockQueue<Cookie>,
+    request: Request,
+    seg_max: usize,
+    /// Chains were left in the avail ring for lack of room; completions resume popping.
+    blocked: bool,
+    /// Malformed chains seen: the first is logged as a warning, the rest at debug level.
+    malformed: u64,
+}
+
+impl QueueWorker {
+    /// A worker for queue `index` with an engine of `kind` and `depth` slots; call on the queue's thread.
+    pub(super) fn new(
+        index: usize,
+        disk: &Arc<Disk>,
+        kind: EngineKind,
+        depth: u32,
+        serial: [u8; ID_BYTES],
+        seg_max: usize,
+    ) -> Result<Self, EngineError> {
+        let engine = kind.build(Arc::clone(disk), depth)?;
+        tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
+        Ok(QueueWorker {
+            index,
+            queue: BlockQueue::new(*disk.geometry(), serial, engine),
+            request: Request::with_capacity(),
+            seg_max,
+            blocked: false,
+            malformed: 0,
+        })
+    }
+
+    /// The engine's completion eventfd, for the worker's epoll.
+    pub(super) fn completion_fd(&self) -> RawFd {
+        self.queue.completion_fd()
+    }
+
+    /// Requests submitted and not yet answered.
+    pub(super) fn in_flight(&self) -> usize {
+        self.queue.in_flight()
+    }
+
+    /// The guest kicked (or the ring was just enabled): answer what completed, then take every available chain.
+    pub(super) fn on_kick(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory) {
+        self.run(vring, mem, true);
+    }
+
+    /// The engine signalled completions: answer them, and resume popping if we had stopped for lack of room
+    /// (unless `may_pop` is false: the device is shutting down).
+    pub(super) fn on_completion(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, may_pop: bool) {
+        let resume = self.blocked && may_pop;
+        self.run(vring, mem, resume);
+    }
+
+    /// Wait for and answer every request in flight, without taking new ones (the last thing before the worker
+    /// thread ends, so that no I/O outlives the memory it targets).
+    pub(super) fn finish_in_flight(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory) {
+        loop {
+            self.run(vring, mem, false);
+            if self.in_flight() == 0 {
+                return;
+            }
+            let mut pfd = libc::pollfd { fd: self.completion_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            if rc == 0 {
+                tracing::warn!(
+                    queue = self.index,
+                    in_flight = self.in_flight(),
+                    "still waiting for in-flight requests"
+                );
+            }
+        }
+    }
+
+    fn run(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, pop: bool) {
+        let mut ring = vring.get_mut();
+        let mut used = false;
+        self.answer_finished(&mut ring, &mut used);
+        if pop {
+            let snapshot = mem.memory().into_inner();
+            loop {
+                self.pop_all(&mut ring, &snapshot, &mut used);
+                if let Err(error) = self.queue.kick() {
+                    tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
+                }
+                // Requests refused at submit time and fast completions are answered in the same batch...
+                self.answer_finished(&mut ring, &mut used);
+                // ...and may have made room for chains left in the ring, which no later event would bring back
+                // (their completion signal was consumed right here).
+                if !(self.blocked && self.queue.has_room()) {
+                    break;
+                }
+            }
+        }
+        if used {
+            notify_guest(&mut ring, self.index);
+        }
+    }
+
+    /// Pop chains until the ring is empty or the queue is full; with EVENT_IDX, re-arm the avail event and
+    /// re-check, so that a chain published meanwhile is not left without a kick.
+    fn pop_all(&mut self, ring: &mut RingState, mem: &Arc<GuestMemory>, used: &mut bool) {
+        loop {
+            self.pop_available(ring, mem, used);
+            if self.blocked || !ring.get_queue().event_idx_enabled() {
+                return;
+            }
+            match ring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(error) => {
+                    tracing::debug!(queue = self.index, %error, "cannot re-arm guest notifications");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn pop_available(&mut self, ring: &mut RingState, mem: &Arc<GuestMemory>, used: &mut bool) {
+        self.blocked = false;
+        loop {
+            if !self.queue.has_room() {
+                // Backpressure: leave the rest in the avail ring; the next completion resumes.
+                self.blocked = true;
+                return;
+            }
+            let q = ring.get_queue_mut();
+            if !q.ready() || q.avail_ring() == 0 {
+                return;
+            }
+            let chain = match q.iter(&**mem) {
+                Ok(mut available) => available.next(),
+                Err(error) => {
+                    // E.g. an avail index more than a ring ahead: nothing can be taken until the driver resets.
+                    self.log_bad_ring(&error);
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                return;
+            };
+            let head = chain.head_index();
+            match parse_chain(chain, &**mem, self.seg_max, &mut self.request) {
+                Parsed::Request { status } => {
+                    let cookie = Cookie { head, status, mem: Arc::clone(mem) };
+                    // SAFETY: the segments point into `mem`, and the cookie holds an `Arc` of that very
+                    // snapshot, which keeps every region mapped until the cookie comes out of `drain`.
+                    if unsafe { self.queue.submit(&self.request, &**mem, cookie) }.is_err() {
+                        ring.get_queue_mut().go_to_previous_position();
+                        self.blocked = true;
+                        return;
+                    }
+                }
+                Parsed::Refused { status, error } => {
+                    self.log_bad_chain(head, &error, true);
+                    let len = match mem.write_obj(status_code(error.status()), status) {
+                        Ok(()) => 1,
+                        Err(_) => 0,
+                    };
+                    add_used(ring, head, len, self.index);
+                    *used = true;
+                }
+                Parsed::Unanswerable { error } => {
+                    self.log_bad_chain(head, &error, false);
+                    add_used(ring, head, 0, self.index);
+                    *used = true;
+                }
+            }
+        }
+    }
+
+    /// Write the status byte of every finished request and put it in the used ring.
+    fn answer_finished(&mut self, ring: &mut RingState, used: &mut bool) {
+        let index = self.index;
+        self.queue.drain(|Finished { cookie: Cookie { head, status, mem }, status: result, bytes_to_guest, error }| {
+            if let Some(error) = error {
+                tracing::debug!(queue = index, head, %error, "request failed");
+            }
+            let len = match mem.write_obj(status_code(result), status) {
+                Ok(()) => bytes_to_guest.saturating_add(1),
+                Err(_) => {
+                    tracing::debug!(queue = index, head, "status byte no longer in guest memory");
+                    0
+                }
+            };
+            add_used(ring, head, len, index);
+            *used = true;
+        });
+    }
+
+    fn log_bad_ring(&mut self, error: &virtio_queue::Error) {
+        self.malformed += 1;
+        if self.malformed == 1 {
+            tracing::warn!(queue = self.index, %error, "guest broke the available ring (further errors at debug level)");
+        } else {
+            tracing::debug!(queue = self.index, %error, "broken available ring");
+        }
+    }
+
+    fn log_bad_chain(&mut self, head: u16, error: &ChainError, answered: bool) {
+        if !error.is_malformed() {
+            tracing::debug!(queue = self.index, head, %error, "unsupported request");
+            return;
+        }
+        self.malformed += 1;
+        if self.malformed == 1 {
+            tracing::warn!(
+                queue = self.index, head, %error, answered,
+                "guest sent a malformed request (further ones on this queue are logged at debug level)"
+            );
+        } else {
+            tracing::debug!(queue = self.index, head, %error, answered, count = self.malformed, "malformed request");
+        }
+    }
+}
+
+fn add_used(ring: &mut RingState, head: u16, len: u32, queue: usize) {
+    if head >= ring.get_queue().size() {
+        // A head index outside the ring (a hostile avail entry) cannot be returned.
+        tracing::debug!(queue, head, "not returning a chain with an out-of-ring head index");
+        return;
+    }
+    if let Err(error) = ring.add_used(head, len) {
+        tracing::debug!(queue, head, %error, "cannot add to the used ring");
+    }
+}
+
+/// Signal the guest once for the batch, unless EVENT_IDX says it does not want it yet.
+fn notify_guest(ring: &mut RingState, queue: usize) {
+    let needed = ring.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(error) = ring.signal_used_queue() {
+            tracing::debug!(queue, %error, "cannot signal the guest");
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
