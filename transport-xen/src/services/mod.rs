@@ -248,6 +248,36 @@ pub enum CopySide {
     Local(usize),
 }
 
+/// Grant-operation status codes (`GNTST_*` of Xen's `public/grant_table.h`), as [`GrantCopyOp::status`] carries them.
+pub mod gntst {
+    /// `GNTST_okay`: done.
+    pub const OKAY: i16 = 0;
+    /// `GNTST_general_error`.
+    pub const GENERAL_ERROR: i16 = -1;
+    /// `GNTST_bad_domain`: unknown domain.
+    pub const BAD_DOMAIN: i16 = -2;
+    /// `GNTST_bad_gntref`: unknown or inappropriate grant ref.
+    pub const BAD_GNTREF: i16 = -3;
+    /// `GNTST_bad_handle`.
+    pub const BAD_HANDLE: i16 = -4;
+    /// `GNTST_bad_virt_addr`.
+    pub const BAD_VIRT_ADDR: i16 = -5;
+    /// `GNTST_bad_dev_addr`.
+    pub const BAD_DEV_ADDR: i16 = -6;
+    /// `GNTST_no_device_space`.
+    pub const NO_DEVICE_SPACE: i16 = -7;
+    /// `GNTST_permission_denied`: e.g. writing through a read-only grant.
+    pub const PERMISSION_DENIED: i16 = -8;
+    /// `GNTST_bad_page`.
+    pub const BAD_PAGE: i16 = -9;
+    /// `GNTST_bad_copy_arg`: the copy crosses a page boundary.
+    pub const BAD_COPY_ARG: i16 = -10;
+    /// `GNTST_address_too_big`.
+    pub const ADDRESS_TOO_BIG: i16 = -11;
+    /// `GNTST_eagain`: not done, try again.
+    pub const EAGAIN: i16 = -12;
+}
+
 /// One grant-copy operation; `status` is filled in by [`GrantTable::copy`] (0 = done, negative = GNTST error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantCopyOp {

@@ -1,0 +1,386 @@
+//! The data plane: serve a connected frontend's rings on a disk.
+//!
+//! [`Dataplane::start`] maps each queue's ring, binds its event channel, builds its I/O engine, and spawns one
+//! worker thread per queue. A worker runs an epoll loop over the event channel, the engine's completion eventfd
+//! and a stop eventfd. Per wake-up it consumes every available request (copy out once, decode and check the copy,
+//! bind the data pages, submit to `device-blk`'s `BlockQueue`), kicks the engine once, drains completions into
+//! responses, releases their pages, and publishes the responses with at most one notification per batch, as
+//! ring.h's `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` and `RING_FINAL_CHECK_FOR_REQUESTS` require.
+//!
+//! Flush and barrier semantics:
+//! - `FLUSH_DISKCACHE` without data: `fdatasync` (every write completed before it is durable when it completes).
+//! - `FLUSH_DISKCACHE` with data (Linux blkfront's FUA/preflush writes): the write, then `fdatasync`; the response
+//!   comes after both, so the data and every earlier completed write are durable.
+//! - `WRITE_BARRIER`: nothing more is consumed from the ring until it completes; it waits until every earlier
+//!   request of its queue has completed, then `fdatasync`, then its write (if it carries data).
+//!
+//! A ring whose frontend publishes more than a ring's worth of requests is halted: nothing more is consumed from
+//! it, requests in flight are still answered, and the [fatal channel](Dataplane::fatal_fd) tells the xenbus state
+//! machine to write the `error` node and go Closing. [`Dataplane::stop`] drains in-flight I/O, answers it, unmaps
+//! every grant (ring pages, persistent grants) and unbinds the event channels.
+
+mod slot;
+mod worker;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use device_blk::{BlockQueue, Disk, EngineError, EngineKind, ID_BYTES, MAX_SEGMENTS};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::blkif::{BackRing, BlkifLayout, RingError, MAX_DIRECT_SEGMENTS, X86_32, X86_64};
+use crate::connect::{BlkifAbi, ConnectConfig, QueueRing, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER};
+use crate::grant_memory::{BouncePool, GrantMode, MAX_PERSISTENT_GRANTS};
+use crate::services::{EventChannel, EventChannelOpener, GrantMapping, GrantTable, MapAccess, XenError};
+use worker::{QueueSetup, WorkerConfig};
+
+/// How the data plane serves its queues.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Map grants or grant-copy through a bounce pool.
+    pub grant_mode: GrantMode,
+    /// Most requests in flight per queue (also capped by the ring size).
+    pub max_in_flight: u32,
+    /// Persistent grants kept mapped per queue when the frontend uses `feature-persistent`.
+    pub persistent_grants_limit: usize,
+    /// Pages of each queue's bounce pool (copy mode).
+    pub bounce_pages: usize,
+    /// We advertised `discard-secure` = 1 (else secure discards are answered `EOPNOTSUPP`).
+    pub discard_secure: bool,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        DataplaneOptions {
+            grant_mode: GrantMode::Map,
+            max_in_flight: 512,
+            persistent_grants_limit: MAX_PERSISTENT_GRANTS,
+            bounce_pages: 4096,
+            discard_secure: false,
+        }
+    }
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The connection parameters are unusable.
+    #[error("invalid connection parameters: {0}")]
+    Config(String),
+    /// A ring's grant refs would not map.
+    #[error("queue {queue}: cannot map the ring ({pages} pages): {source}")]
+    MapRing {
+        /// Queue index.
+        queue: usize,
+        /// Ring pages.
+        pages: usize,
+        /// Cause.
+        source: XenError,
+    },
+    /// The mapped ring is unusable.
+    #[error("queue {queue}: {source}")]
+    Ring {
+        /// Queue index.
+        queue: usize,
+        /// Cause.
+        source: RingError,
+    },
+    /// The event channel would not open or bind.
+    #[error("queue {queue}: cannot bind event channel port {remote_port}: {source}")]
+    Evtchn {
+        /// Queue index.
+        queue: usize,
+        /// The frontend's port.
+        remote_port: u32,
+        /// Cause.
+        source: XenError,
+    },
+    /// The I/O engine could not be built.
+    #[error("queue {queue}: cannot set up the I/O engine: {source}")]
+    Engine {
+        /// Queue index.
+        queue: usize,
+        /// Cause.
+        source: EngineError,
+    },
+    /// Another system resource failed (eventfd, epoll, bounce pool, thread).
+    #[error("queue {queue}: {what}: {source}")]
+    Io {
+        /// Queue index.
+        queue: usize,
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one queue, updated by its worker (relaxed atomics: for stats, not synchronisation).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests consumed from the ring.
+    pub requests: AtomicU64,
+    /// Responses written.
+    pub responses: AtomicU64,
+    /// Responses with a status other than `BLKIF_RSP_OKAY`.
+    pub errors: AtomicU64,
+    /// Bytes read from the disk into guest memory.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from guest memory to the disk.
+    pub write_bytes: AtomicU64,
+    /// Events sent to the frontend.
+    pub notifications: AtomicU64,
+    /// Event-loop wake-ups.
+    pub wakeups: AtomicU64,
+    /// Engine submissions (one per batch).
+    pub kicks: AtomicU64,
+    /// The ring was halted on hostile input.
+    pub halted: AtomicBool,
+}
+
+impl QueueStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Where workers report fatal errors (a halted ring, a dead worker).
+#[derive(Debug)]
+pub(crate) struct FatalState {
+    eventfd: EventFd,
+    message: Mutex<Option<String>>,
+    halted: AtomicBool,
+}
+
+impl FatalState {
+    pub(crate) fn report(&self, message: String) {
+        tracing::error!(%message, "data plane: fatal error");
+        let mut m = self.message.lock().unwrap_or_else(PoisonError::into_inner);
+        if m.is_none() {
+            *m = Some(message);
+        }
+        self.halted.store(true, Ordering::SeqCst);
+        let _ = self.eventfd.write(1);
+    }
+}
+
+#[derive(Debug)]
+struct QueueHandle {
+    engine: &'static str,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<QueueStats>,
+}
+
+/// A running data plane: one worker thread per queue. Dropping it stops it.
+#[derive(Debug)]
+pub struct Dataplane {
+    queues: Vec<QueueHandle>,
+    fatal: Arc<FatalState>,
+    engine: &'static str,
+}
+
+fn check_config(config: &ConnectConfig) -> Result<(), DataplaneError> {
+    let bad = |m: String| Err(DataplaneError::Config(m));
+    if config.queues.is_empty() || config.queues.len() > MAX_QUEUES as usize {
+        return bad(format!("{} queues (1..={MAX_QUEUES} supported)", config.queues.len()));
+    }
+    for (i, q) in config.queues.iter().enumerate() {
+        let n = q.ring_refs.len();
+        if n == 0 || !n.is_power_of_two() || n > 1 << MAX_RING_PAGE_ORDER {
+            return bad(format!("queue {i}: {n} ring pages (a power of two up to {})", 1 << MAX_RING_PAGE_ORDER));
+        }
+    }
+    if config.max_indirect_segments > MAX_INDIRECT_SEGMENTS {
+        return bad(format!("{} indirect segments (at most {MAX_INDIRECT_SEGMENTS})", config.max_indirect_segments));
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Serve `config`'s queues on `disk`: map every ring, bind every event channel and start one worker per queue.
+    /// Errors say which queue and what failed; nothing stays mapped or bound after an error.
+    pub fn start<G, O>(
+        disk: Arc<Disk>,
+        engine: EngineKind,
+        grants: Arc<G>,
+        evtchn: &O,
+        config: &ConnectConfig,
+        options: &DataplaneOptions,
+    ) -> Result<Dataplane, DataplaneError>
+    where
+        G: GrantTable + 'static,
+        O: EventChannelOpener,
+    {
+        check_config(config)?;
+        let fatal = Arc::new(FatalState {
+            eventfd: EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
+                queue: 0,
+                what: "eventfd",
+                source,
+            })?,
+            message: Mutex::new(None),
+            halted: AtomicBool::new(false),
+        });
+        let mut dp = Dataplane { queues: Vec::with_capacity(config.queues.len()), fatal, engine: "none" };
+        for (index, ring) in config.queues.iter().enumerate() {
+            let handle = match config.abi {
+                BlkifAbi::X86_64 => {
+                    dp.start_queue::<X86_64, G, O>(index, ring, &disk, engine, &grants, evtchn, config, options)
+                }
+                BlkifAbi::X86_32 => {
+                    dp.start_queue::<X86_32, G, O>(index, ring, &disk, engine, &grants, evtchn, config, options)
+                }
+            }?;
+            dp.engine = handle.engine;
+            dp.queues.push(handle);
+        }
+        tracing::info!(
+            domid = config.frontend_domid, queues = config.queues.len(), abi = ?config.abi,
+            persistent = config.persistent_grants, mode = ?options.grant_mode, "data plane started"
+        );
+        Ok(dp)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_queue<L, G, O>(
+        &self,
+        index: usize,
+        ring: &QueueRing,
+        disk: &Arc<Disk>,
+        engine: EngineKind,
+        grants: &Arc<G>,
+        evtchn: &O,
+        config: &ConnectConfig,
+        options: &DataplaneOptions,
+    ) -> Result<QueueHandle, DataplaneError>
+    where
+        L: BlkifLayout,
+        G: GrantTable + 'static,
+        O: EventChannelOpener,
+    {
+        let domid = config.frontend_domid;
+        let pages = ring.ring_refs.len();
+        let ring_mapping = grants
+            .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
+            .map_err(|source| DataplaneError::MapRing { queue: index, pages, source })?;
+        // SAFETY: the mapping is moved into the worker together with the ring and outlives it there.
+        let back = unsafe { BackRing::<L>::new(ring_mapping.as_ptr(), ring_mapping.len()) }
+            .map_err(|source| DataplaneError::Ring { queue: index, source })?;
+        let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, source };
+        let mut channel = evtchn.open().map_err(evtchn_err)?;
+        let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
+        let depth = back.size().min(options.max_in_flight.max(1));
+        let io = engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
+        let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io);
+        let engine_name = queue.engine_name();
+        let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
+        let pool = match options.grant_mode {
+            // Room for at least one request of the largest size, or it could never start.
+            GrantMode::Copy => Some(
+                BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
+                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", source })?,
+            ),
+            GrantMode::Map => None,
+        };
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
+            queue: index,
+            what: "eventfd",
+            source,
+        })?);
+        let stats = Arc::new(QueueStats::default());
+        let setup = QueueSetup::<L, G, O::Channel> {
+            index,
+            ring: back,
+            ring_mapping,
+            evtchn: channel,
+            port,
+            queue,
+            pool,
+            grants: grants.clone(),
+            domid,
+            config: WorkerConfig {
+                depth: depth as usize,
+                max_indirect,
+                persistent: config.persistent_grants.then_some(options.persistent_grants_limit),
+                discard_secure: options.discard_secure,
+            },
+            stop: stop.clone(),
+            fatal: self.fatal.clone(),
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("blkif-d{domid}-q{index}"))
+            .spawn(move || worker::run(setup))
+            .map_err(|source| DataplaneError::Io { queue: index, what: "spawn worker", source })?;
+        Ok(QueueHandle { stop, thread: Some(thread), stats, engine: engine_name })
+    }
+
+    /// The I/O engine the queues use (`io_uring`, or `sync` where io_uring is unavailable).
+    pub fn engine(&self) -> &'static str {
+        self.engine
+    }
+
+    /// Number of queues.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Counters of queue `queue` (they stay readable after [`stop`](Self::stop)).
+    pub fn stats(&self, queue: usize) -> Option<Arc<QueueStats>> {
+        self.queues.get(queue).map(|q| q.stats.clone())
+    }
+
+    /// A descriptor that becomes readable when a ring halted or a worker died.
+    pub fn fatal_fd(&self) -> RawFd {
+        self.fatal.eventfd.as_raw_fd()
+    }
+
+    /// The first fatal error, if any (for the `error` node).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.message.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Take the first fatal error (and clear the fatal fd); later calls return `None`.
+    pub fn take_fatal(&self) -> Option<String> {
+        let _ = self.fatal.eventfd.read();
+        self.fatal.message.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// Whether a ring halted (or a worker died).
+    pub fn halted(&self) -> bool {
+        self.fatal.halted.load(Ordering::SeqCst)
+    }
+
+    /// Stop: every worker stops consuming, waits for its in-flight I/O, answers it, unmaps every grant and
+    /// unbinds its event channel; then the threads are joined.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for q in &self.queues {
+            let _ = q.stop.write(1);
+        }
+        for q in &mut self.queues {
+            if let Some(t) = q.thread.take() {
+                if t.join().is_err() {
+                    tracing::error!("data plane worker panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

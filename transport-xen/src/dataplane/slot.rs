@@ -1,0 +1,94 @@
+//! One in-flight request of a queue: the decoded blkif request, its `device-blk` form, the pages it holds, and
+//! the steps (phases) it still has to run.
+
+use device_blk::{Request, RequestKind, Sector, Status};
+
+use crate::blkif::{BlkifOp, BlkifRequest, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
+use crate::grant_memory::{segment_address, RequestPages};
+
+/// One step of a request on the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// `fdatasync`.
+    Flush,
+    /// The request's own operation (read, write or discard).
+    Data,
+}
+
+/// An in-flight slot.
+#[derive(Debug)]
+pub(crate) struct Slot<M> {
+    pub req: BlkifRequest,
+    pub dev: Request,
+    pub pages: RequestPages<M>,
+    phases: [Phase; 2],
+    count: usize,
+    next: usize,
+    /// A write barrier: runs alone.
+    pub barrier: bool,
+}
+
+impl<M> Slot<M> {
+    pub fn new(max_segments: usize) -> Self {
+        Slot {
+            req: BlkifRequest::default(),
+            dev: Request::with_capacity(),
+            pages: RequestPages::new(max_segments),
+            phases: [Phase::Data; 2],
+            count: 0,
+            next: 0,
+            barrier: false,
+        }
+    }
+
+    /// Build the `device-blk` request and the phase plan from the decoded blkif request.
+    pub fn plan(&mut self) {
+        let has_data = !self.req.segments.is_empty();
+        let kind = match self.req.op {
+            BlkifOp::Read => RequestKind::Read,
+            BlkifOp::Write | BlkifOp::WriteBarrier | BlkifOp::Flush => RequestKind::Write,
+            BlkifOp::Discard { secure } => RequestKind::Discard { secure },
+        };
+        self.dev.reset(kind, Sector(self.req.sector));
+        self.dev.discard_sectors = self.req.nr_sectors;
+        for (i, s) in self.req.segments.iter().enumerate() {
+            self.dev.segments.push(segment_address(i, s));
+        }
+        let (phases, count): ([Phase; 2], usize) = match self.req.op {
+            BlkifOp::Read | BlkifOp::Write | BlkifOp::Discard { .. } => ([Phase::Data, Phase::Data], 1),
+            BlkifOp::Flush if has_data => ([Phase::Data, Phase::Flush], 2),
+            BlkifOp::WriteBarrier if has_data => ([Phase::Flush, Phase::Data], 2),
+            BlkifOp::Flush | BlkifOp::WriteBarrier => ([Phase::Flush, Phase::Flush], 1),
+        };
+        self.phases = phases;
+        self.count = count;
+        self.next = 0;
+        self.barrier = self.req.op == BlkifOp::WriteBarrier;
+    }
+
+    /// Whether the plan has a data phase (which the disk must accept before anything runs).
+    pub fn has_data_phase(&self) -> bool {
+        self.phases[..self.count].contains(&Phase::Data)
+    }
+
+    /// The next phase to run, advancing.
+    pub fn next_phase(&mut self) -> Option<Phase> {
+        let p = self.phases[..self.count].get(self.next).copied();
+        self.next += 1;
+        p
+    }
+
+    /// Whether every phase has run.
+    pub fn done(&self) -> bool {
+        self.next >= self.count
+    }
+}
+
+/// A `device-blk` status as a blkif response status.
+pub(crate) fn blkif_status(status: Status) -> i16 {
+    match status {
+        Status::Ok => RSP_OKAY,
+        Status::IoError => RSP_ERROR,
+        Status::Unsupported => RSP_EOPNOTSUPP,
+    }
+}

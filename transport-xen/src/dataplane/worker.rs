@@ -1,0 +1,457 @@
+//! One queue's worker: the epoll loop over the event channel, the engine's completions and the stop eventfd.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::slot::{blkif_status, Phase, Slot};
+use super::{FatalState, QueueStats};
+use crate::blkif::{BackRing, BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError, RSP_EOPNOTSUPP, RSP_ERROR};
+use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_OKAY};
+use crate::grant_memory::{BindError, BouncePool, SegmentMapper};
+use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
+
+const TOKEN_EVTCHN: u64 = 0;
+const TOKEN_COMPLETION: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// Fixed per-queue settings.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerConfig {
+    /// In-flight slots (= engine depth).
+    pub depth: usize,
+    /// Advertised indirect segment limit (0: none).
+    pub max_indirect: usize,
+    /// Persistent grant limit, if the frontend uses persistent grants.
+    pub persistent: Option<usize>,
+    /// Secure discard was advertised.
+    pub discard_secure: bool,
+}
+
+/// Everything a worker gets from `Dataplane::start` (all of it `Send`).
+pub(crate) struct QueueSetup<L, G: GrantTable, E> {
+    pub index: usize,
+    pub ring: BackRing<L>,
+    pub ring_mapping: G::Mapping,
+    pub evtchn: E,
+    pub port: EvtchnPort,
+    pub queue: BlockQueue<u32>,
+    pub pool: Option<BouncePool>,
+    pub grants: Arc<G>,
+    pub domid: DomId,
+    pub config: WorkerConfig,
+    pub stop: Arc<EventFd>,
+    pub fatal: Arc<FatalState>,
+    pub stats: Arc<QueueStats>,
+}
+
+/// What starting a request did.
+enum Start {
+    /// Submitted (or finished at once).
+    Going,
+    /// Must wait (barrier behind in-flight requests, bounce pool exhausted).
+    Held,
+}
+
+struct Worker<L, G: GrantTable, E> {
+    index: usize,
+    // Field order is drop order: requests and the mapper release their grants before the ring is unmapped and the
+    // event channel closed.
+    slots: Vec<Slot<G::Mapping>>,
+    mapper: SegmentMapper<G>,
+    queue: BlockQueue<u32>,
+    ring: BackRing<L>,
+    ring_mapping: G::Mapping,
+    evtchn: E,
+    port: EvtchnPort,
+    free: Vec<u32>,
+    held: Option<u32>,
+    barrier_active: bool,
+    flush: Request,
+    raw: RawRequest,
+    finished: Vec<Finished<u32>>,
+    ports: Vec<EvtchnPort>,
+    config: WorkerConfig,
+    epoll: Epoll,
+    stop: Arc<EventFd>,
+    stopping: bool,
+    halted: bool,
+    unpushed: bool,
+    /// Requests submitted to the engine since the last kick.
+    unkicked: bool,
+    fatal: Arc<FatalState>,
+    stats: Arc<QueueStats>,
+}
+
+/// Reports a worker that ends without being stopped (a panic) on the fatal channel.
+struct DeathWatch {
+    fatal: Arc<FatalState>,
+    index: usize,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.fatal.report(format!("queue {}: worker thread died", self.index));
+        }
+    }
+}
+
+/// The worker thread's body.
+pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setup: QueueSetup<L, G, E>) {
+    let _watch = DeathWatch { fatal: setup.fatal.clone(), index: setup.index };
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            setup.fatal.report(format!("queue {}: epoll: {e}", setup.index));
+            // Nothing was consumed yet: dropping the setup unmaps and unbinds.
+            return;
+        }
+    };
+    let max_segments = MAX_DIRECT_SEGMENTS.max(setup.config.max_indirect);
+    let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
+    let mut w = Worker {
+        index: setup.index,
+        slots: (0..setup.config.depth).map(|_| Slot::new(max_segments)).collect(),
+        mapper,
+        queue: setup.queue,
+        ring: setup.ring,
+        ring_mapping: setup.ring_mapping,
+        evtchn: setup.evtchn,
+        port: setup.port,
+        free: (0..u32::try_from(setup.config.depth).unwrap_or(u32::MAX)).rev().collect(),
+        held: None,
+        barrier_active: false,
+        flush: Request::new(RequestKind::Flush),
+        raw: RawRequest::default(),
+        finished: Vec::with_capacity(setup.config.depth),
+        ports: Vec::new(),
+        config: setup.config,
+        epoll,
+        stop: setup.stop,
+        stopping: false,
+        halted: false,
+        unpushed: false,
+        unkicked: false,
+        fatal: setup.fatal,
+        stats: setup.stats,
+    };
+    for (fd, token) in
+        [(w.evtchn.fd(), TOKEN_EVTCHN), (w.queue.completion_fd(), TOKEN_COMPLETION), (w.stop.as_raw_fd(), TOKEN_STOP)]
+    {
+        if let Err(e) = w.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token)) {
+            w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
+            return;
+        }
+    }
+    w.event_loop();
+    w.shutdown();
+}
+
+impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
+    fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn event_loop(&mut self) {
+        let mut events = [EpollEvent::default(); 3];
+        // The frontend may have queued requests before we bound the port.
+        self.process_ring();
+        self.push();
+        loop {
+            if self.stopping && self.in_use() == 0 {
+                return;
+            }
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Never abandon I/O in flight (its pages must stay mapped): poll until stopped.
+                    tracing::error!(queue = self.index, error = %e, "epoll_wait failed, polling");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    events[0] = EpollEvent::new(EventSet::IN, TOKEN_EVTCHN);
+                    events[1] = EpollEvent::new(EventSet::IN, TOKEN_STOP);
+                    2
+                }
+            };
+            QueueStats::add(&self.stats.wakeups, 1);
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EVTCHN => self.on_evtchn(),
+                    TOKEN_STOP => self.on_stop(),
+                    _ => {}
+                }
+            }
+            self.complete();
+            self.process_ring();
+            self.kick();
+            self.push();
+        }
+    }
+
+    fn remove_fd(&self, fd: RawFd) {
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+
+    fn on_evtchn(&mut self) {
+        self.ports.clear();
+        if let Err(e) = self.evtchn.pending(&mut self.ports) {
+            tracing::warn!(queue = self.index, error = %e, "evtchn: reading pending ports failed");
+        }
+        if self.halted || self.stopping {
+            // A halted ring takes no more events: the port stays masked and off the loop, so a frontend that keeps
+            // notifying cannot make us spin.
+            self.remove_fd(self.evtchn.fd());
+            return;
+        }
+        for i in 0..self.ports.len() {
+            let port = self.ports[i];
+            if let Err(e) = self.evtchn.unmask(port) {
+                tracing::warn!(queue = self.index, port, error = %e, "evtchn: unmask failed");
+            }
+        }
+    }
+
+    fn on_stop(&mut self) {
+        let _ = self.stop.read();
+        if !self.stopping {
+            tracing::debug!(queue = self.index, in_flight = self.in_use(), "stopping");
+            self.stopping = true;
+            self.remove_fd(self.stop.as_raw_fd());
+            self.remove_fd(self.evtchn.fd());
+        }
+    }
+
+    fn halt(&mut self, err: &RingError) {
+        if self.halted {
+            return;
+        }
+        self.halted = true;
+        self.stats.halted.store(true, Ordering::SeqCst);
+        self.remove_fd(self.evtchn.fd());
+        self.fatal.report(format!("queue {}: {err}", self.index));
+    }
+
+    /// Consume requests while there is room, then re-arm the event index and look once more.
+    fn process_ring(&mut self) {
+        self.start_held();
+        loop {
+            if self.halted || self.stopping {
+                return;
+            }
+            let avail = match self.ring.unconsumed() {
+                Ok(n) => n,
+                Err(e) => return self.halt(&e),
+            };
+            for _ in 0..avail {
+                if self.held.is_some() || self.barrier_active || self.free.is_empty() || !self.queue.has_room() {
+                    // Backpressure: completions bring us back here; no final check, so no event is asked for.
+                    self.kick();
+                    return;
+                }
+                if !self.ring.next_request(&mut self.raw) {
+                    break;
+                }
+                QueueStats::add(&self.stats.requests, 1);
+                let Some(idx) = self.free.pop() else { break };
+                self.accept(idx);
+            }
+            self.kick();
+            match self.ring.final_check_for_requests() {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) => return self.halt(&e),
+            }
+        }
+    }
+
+    fn kick(&mut self) {
+        if std::mem::take(&mut self.unkicked) {
+            match self.queue.kick() {
+                Ok(()) => QueueStats::add(&self.stats.kicks, 1),
+                Err(e) => {
+                    // Retried on the next wake-up; requests stay in flight (their pages mapped) until answered.
+                    self.unkicked = true;
+                    if !self.halted {
+                        self.halted = true;
+                        self.stats.halted.store(true, Ordering::SeqCst);
+                        self.fatal.report(format!("queue {}: I/O engine: {e}", self.index));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decode and check a freshly copied request in slot `idx`, then start it (or answer it at once).
+    fn accept(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        if let Err(fault) = slot.req.decode::<L>(&self.raw, self.config.max_indirect) {
+            tracing::debug!(queue = self.index, %fault, "request refused");
+            return self.finish(idx, fault.status());
+        }
+        if slot.req.indirect.is_some() {
+            if let Err(fault) = self.mapper.load_indirect(&mut slot.req) {
+                tracing::debug!(queue = self.index, %fault, "indirect request refused");
+                return self.finish(idx, fault.status());
+            }
+        }
+        if matches!(slot.req.op, BlkifOp::Discard { secure: true }) && !self.config.discard_secure {
+            return self.finish(idx, RSP_EOPNOTSUPP);
+        }
+        slot.plan();
+        if slot.has_data_phase() {
+            if let Err(e) = slot.dev.validate(self.queue.geometry()) {
+                tracing::debug!(queue = self.index, error = %e, "request refused");
+                return self.finish(idx, blkif_status(e.status()));
+            }
+        }
+        if let Start::Held = self.start(idx) {
+            self.held = Some(idx);
+        }
+    }
+
+    fn start_held(&mut self) {
+        if let Some(idx) = self.held.take() {
+            if let Start::Held = self.start(idx) {
+                self.held = Some(idx);
+            }
+        }
+    }
+
+    /// Bind the pages of slot `idx` and submit its first phase; a barrier waits for every other request.
+    fn start(&mut self, idx: u32) -> Start {
+        let others = self.in_use() - 1;
+        let slot = &mut self.slots[idx as usize];
+        if slot.barrier && others > 0 {
+            return Start::Held;
+        }
+        if slot.pages.is_empty() && !slot.req.segments.is_empty() {
+            match self.mapper.bind(&slot.req, &mut slot.pages) {
+                Ok(()) => {}
+                Err(BindError::Busy) => return Start::Held,
+                Err(BindError::Fault(fault)) => {
+                    tracing::debug!(queue = self.index, %fault, "request refused");
+                    self.finish(idx, fault.status());
+                    return Start::Going;
+                }
+            }
+        }
+        if slot.barrier {
+            self.barrier_active = true;
+        }
+        self.submit_phase(idx);
+        Start::Going
+    }
+
+    /// Submit the next phase of slot `idx`.
+    fn submit_phase(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        let request = match slot.next_phase() {
+            Some(Phase::Data) => &slot.dev,
+            Some(Phase::Flush) => &self.flush,
+            None => return self.finish(idx, RSP_OKAY),
+        };
+        // SAFETY: the request's pages stay bound in `slot.pages` (and `slot.pages.memory` unchanged) until the
+        // slot is finished, which happens only after its cookie came out of `drain`.
+        if unsafe { self.queue.submit(request, &slot.pages.memory, idx) }.is_err() {
+            tracing::error!(queue = self.index, "engine full although a slot was free");
+            return self.finish(idx, RSP_ERROR);
+        }
+        self.unkicked = true;
+    }
+
+    /// Drain the engine's completions: advance multi-phase requests, answer the rest.
+    fn complete(&mut self) {
+        let mut finished = std::mem::take(&mut self.finished);
+        self.queue.drain(|f| finished.push(f));
+        for f in finished.drain(..) {
+            let idx = f.cookie;
+            if f.status != Status::Ok {
+                if let Some(e) = &f.error {
+                    tracing::debug!(queue = self.index, error = %e, "request failed");
+                }
+                self.finish(idx, blkif_status(f.status));
+                continue;
+            }
+            let slot = &mut self.slots[idx as usize];
+            if !slot.done() {
+                self.submit_phase(idx);
+                continue;
+            }
+            let status = match self.mapper.finish(&slot.req, &mut slot.pages) {
+                Ok(()) => RSP_OKAY,
+                Err(fault) => {
+                    tracing::debug!(queue = self.index, %fault, "delivering read data failed");
+                    RSP_ERROR
+                }
+            };
+            self.finish(idx, status);
+        }
+        self.finished = finished;
+        self.kick();
+        self.start_held();
+    }
+
+    /// Answer slot `idx` with `status`, release its pages and free it.
+    fn finish(&mut self, idx: u32, status: i16) {
+        let slot = &mut self.slots[idx as usize];
+        self.mapper.release(&mut slot.pages);
+        let rsp = BlkifResponse { id: slot.req.id, operation: slot.req.operation, status };
+        if !self.ring.put_response(&rsp) {
+            tracing::error!(queue = self.index, "response without an outstanding request");
+        }
+        QueueStats::add(&self.stats.responses, 1);
+        if status == RSP_OKAY {
+            let bytes = slot.dev.data_len();
+            match slot.req.op {
+                BlkifOp::Read => QueueStats::add(&self.stats.read_bytes, bytes),
+                BlkifOp::Write | BlkifOp::WriteBarrier | BlkifOp::Flush => {
+                    QueueStats::add(&self.stats.write_bytes, bytes)
+                }
+                BlkifOp::Discard { .. } => {}
+            }
+        } else {
+            QueueStats::add(&self.stats.errors, 1);
+        }
+        if slot.barrier {
+            slot.barrier = false;
+            self.barrier_active = false;
+        }
+        slot.dev.segments.clear();
+        self.free.push(idx);
+        self.unpushed = true;
+    }
+
+    /// Publish responses and notify the frontend if it asked for it: once per batch.
+    fn push(&mut self) {
+        if !self.unpushed {
+            return;
+        }
+        self.unpushed = false;
+        if self.ring.push_responses() {
+            QueueStats::add(&self.stats.notifications, 1);
+            if let Err(e) = self.evtchn.notify(self.port) {
+                tracing::warn!(queue = self.index, error = %e, "evtchn notify failed");
+            }
+        }
+    }
+
+    /// After the loop: nothing is in flight. Release every grant and the port.
+    fn shutdown(&mut self) {
+        self.complete();
+        self.push();
+        self.mapper.clear_persistent();
+        if let Err(e) = self.evtchn.unbind(self.port) {
+            tracing::debug!(queue = self.index, error = %e, "evtchn unbind");
+        }
+        tracing::debug!(
+            queue = self.index,
+            ring_pages = crate::services::GrantMapping::pages(&self.ring_mapping),
+            "queue stopped"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! Per-request access to the guest's data pages: map (one batch per request, or persistent), or grant-copy
+//! through the bounce pool; and reading the descriptor pages of indirect requests.
+//!
+//! A [`SegmentMapper`] belongs to one queue's worker thread (persistent mappings are shared with in-flight
+//! requests through `Rc`), and so do the [`RequestPages`] of its in-flight slots.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use device_blk::Segment;
+use vm_memory::GuestAddress;
+
+use super::{BouncePool, GrantMemory, GrantMode, PersistentGrants};
+use crate::blkif::{BlkifOp, BlkifRequest, BlkifSegment, RequestFault, MAX_INDIRECT_PAGES};
+use crate::services::{
+    gntst, CopySide, DomId, GrantCopyOp, GrantMapping, GrantRef, GrantTable, MapAccess, XEN_PAGE_SIZE,
+};
+
+/// Why a request's pages could not be bound.
+#[derive(Debug)]
+pub enum BindError {
+    /// Not now (the bounce pool is exhausted): retry after completions.
+    Busy,
+    /// Never: the request's grants are bad; answer it with an error.
+    Fault(RequestFault),
+}
+
+/// What one in-flight request holds of the guest's memory: its [`GrantMemory`] and whatever backs it.
+#[derive(Debug)]
+pub struct RequestPages<M> {
+    /// The request's data pages as guest memory.
+    pub memory: GrantMemory,
+    mapping: Option<M>,
+    held: Vec<Rc<M>>,
+    bounce: Vec<u32>,
+    copy_back: bool,
+}
+
+impl<M> RequestPages<M> {
+    /// Empty, with room for `pages` pages.
+    pub fn new(pages: usize) -> Self {
+        RequestPages {
+            memory: GrantMemory::with_capacity(pages),
+            mapping: None,
+            held: Vec::new(),
+            bounce: Vec::new(),
+            copy_back: false,
+        }
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.mapping.is_none() && self.held.is_empty() && self.bounce.is_empty()
+    }
+}
+
+/// The per-queue page binder.
+#[derive(Debug)]
+pub struct SegmentMapper<G: GrantTable> {
+    grants: Arc<G>,
+    domid: DomId,
+    mode: GrantMode,
+    persistent: Option<PersistentGrants<G::Mapping>>,
+    pool: Option<BouncePool>,
+    /// Per segment of the request being bound: host address of its page and whether it is writable.
+    ptrs: Vec<(usize, bool)>,
+    misses: Vec<GrantRef>,
+    ops: Vec<GrantCopyOp>,
+    indirect: Vec<u8>,
+}
+
+/// The `device-blk` segment for segment `index` of a request: page `index` of its [`GrantMemory`], at the
+/// segment's first sector.
+pub fn segment_address(index: usize, seg: &BlkifSegment) -> Segment {
+    Segment { addr: GuestAddress((index * XEN_PAGE_SIZE) as u64 + u64::from(seg.offset())), len: seg.len() }
+}
+
+/// A page, as a grant-copy length.
+const PAGE_U16: u16 = 4096;
+
+/// Offsets and lengths of checked segments are at most 4096; anything larger is refused by the grant copy.
+fn u16_of(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
+fn fault(what: &str, err: impl std::fmt::Display) -> BindError {
+    BindError::Fault(RequestFault::Grants(format!("{what}: {err}")))
+}
+
+impl<G: GrantTable> SegmentMapper<G> {
+    /// A binder for the grants of `domid`: copy mode through `pool` if one is given, else map mode, keeping up
+    /// to `persistent` grants mapped if set (`feature-persistent`; map mode only).
+    pub fn new(grants: Arc<G>, domid: DomId, persistent: Option<usize>, pool: Option<BouncePool>) -> Self {
+        let mode = if pool.is_some() { GrantMode::Copy } else { GrantMode::Map };
+        let persistent = persistent.filter(|_| mode == GrantMode::Map).map(PersistentGrants::new);
+        SegmentMapper {
+            grants,
+            domid,
+            mode,
+            persistent,
+            pool,
+            ptrs: Vec::with_capacity(crate::connect::MAX_INDIRECT_SEGMENTS as usize),
+            misses: Vec::new(),
+            ops: Vec::new(),
+            indirect: vec![0; MAX_INDIRECT_PAGES * XEN_PAGE_SIZE],
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> GrantMode {
+        self.mode
+    }
+
+    /// Persistent grants cached now.
+    pub fn persistent_grants(&self) -> usize {
+        self.persistent.as_ref().map_or(0, PersistentGrants::len)
+    }
+
+    /// Run a batch of grant copies, failing if any op failed.
+    fn copy(&mut self, what: &str) -> Result<(), RequestFault> {
+        // SAFETY: every local side of `ops` points into the bounce pool or our indirect buffer, both alive and
+        // large enough (`offset + len <= 4096` within one of their pages).
+        unsafe { self.grants.copy(&mut self.ops) }.map_err(|e| RequestFault::Grants(format!("{what}: {e}")))?;
+        match self.ops.iter().position(|op| op.status != gntst::OKAY) {
+            None => Ok(()),
+            Some(i) => Err(RequestFault::Grants(format!("{what}: op {i} failed with status {}", self.ops[i].status))),
+        }
+    }
+
+    /// Read the descriptor pages of an indirect request (mapped read-only in one batch, or grant-copied), copy
+    /// them once, and fill the request's segments from the copy.
+    pub fn load_indirect(&mut self, req: &mut BlkifRequest) -> Result<(), RequestFault> {
+        let Some(ind) = req.indirect else {
+            return Ok(());
+        };
+        let pages = ind.pages.min(MAX_INDIRECT_PAGES);
+        let grefs = &ind.grefs[..pages];
+        match self.mode {
+            GrantMode::Map => {
+                let m =
+                    self.grants.map(self.domid, grefs, MapAccess::ReadOnly).map_err(|_| RequestFault::IndirectPages)?;
+                // SAFETY: the mapping holds `pages` pages and lives until the end of this block; the guest may
+                // change them meanwhile, which only changes what we copy.
+                unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), self.indirect.as_mut_ptr(), pages * XEN_PAGE_SIZE) };
+            }
+            GrantMode::Copy => {
+                let base = self.indirect.as_mut_ptr() as usize;
+                self.ops.clear();
+                for (i, &gref) in grefs.iter().enumerate() {
+                    self.ops.push(GrantCopyOp {
+                        source: CopySide::Grant { domid: self.domid, gref, offset: 0 },
+                        dest: CopySide::Local(base + i * XEN_PAGE_SIZE),
+                        len: PAGE_U16,
+                        status: 0,
+                    });
+                }
+                self.copy("indirect pages").map_err(|_| RequestFault::IndirectPages)?;
+            }
+        }
+        req.set_indirect_segments(&self.indirect[..pages * XEN_PAGE_SIZE])
+    }
+
+    /// Make the data pages of `req` accessible in `pages.memory`, segment `i` at
+    /// [`segment_address`]`(i, segment)`.
+    pub fn bind(&mut self, req: &BlkifRequest, pages: &mut RequestPages<G::Mapping>) -> Result<(), BindError> {
+        let n = req.segments.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let to_guest = req.op == BlkifOp::Read;
+        match self.mode {
+            GrantMode::Map if self.persistent.is_some() => self.bind_persistent(req, pages, to_guest)?,
+            GrantMode::Map => {
+                self.misses.clear();
+                self.misses.extend(req.segments.iter().map(|s| s.gref));
+                let access = if to_guest { MapAccess::ReadWrite } else { MapAccess::ReadOnly };
+                let m = self.grants.map(self.domid, &self.misses, access).map_err(|e| fault("map", e))?;
+                // SAFETY: `m` maps `n` pages (writable when `to_guest`) and is kept in `pages` until release.
+                unsafe { pages.memory.push(m.as_ptr(), n, to_guest) };
+                pages.mapping = Some(m);
+            }
+            GrantMode::Copy => self.bind_bounce(req, pages, to_guest)?,
+        }
+        Ok(())
+    }
+
+    fn bind_persistent(
+        &mut self,
+        req: &BlkifRequest,
+        pages: &mut RequestPages<G::Mapping>,
+        to_guest: bool,
+    ) -> Result<(), BindError> {
+        let Some(cache) = self.persistent.as_mut() else {
+            return Err(BindError::Fault(RequestFault::Grants("no persistent grant cache".into())));
+        };
+        self.ptrs.clear();
+        self.misses.clear();
+        for s in &req.segments {
+            match cache.lookup(s.gref) {
+                Some((ptr, group)) => {
+                    self.ptrs.push((ptr as usize, true));
+                    pages.held.push(group);
+                }
+                None => {
+                    self.ptrs.push((0, false));
+                    if !self.misses.contains(&s.gref) {
+                        self.misses.push(s.gref);
+                    }
+                }
+            }
+        }
+        if !self.misses.is_empty() {
+            // Persistent grants are mapped writable (they serve reads and writes); beyond the bound, this request's
+            // misses are mapped for this request only, with its own access.
+            let (base, persistent) = if cache.make_room(self.misses.len()) {
+                let m = self.grants.map(self.domid, &self.misses, MapAccess::ReadWrite).map_err(|e| fault("map", e))?;
+                let group = cache.insert(m, &self.misses);
+                let base = group.as_ptr();
+                pages.held.push(group);
+                (base, true)
+            } else {
+                let access = if to_guest { MapAccess::ReadWrite } else { MapAccess::ReadOnly };
+                let m = self.grants.map(self.domid, &self.misses, access).map_err(|e| fault("map", e))?;
+                let base = m.as_ptr();
+                pages.mapping = Some(m);
+                (base, false)
+            };
+            for (i, s) in req.segments.iter().enumerate() {
+                if self.ptrs[i].0 == 0 {
+                    let page = self.misses.iter().position(|&g| g == s.gref).unwrap_or(0);
+                    self.ptrs[i] = (base as usize + page * XEN_PAGE_SIZE, persistent || to_guest);
+                }
+            }
+            tracing::trace!(misses = self.misses.len(), persistent, "mapped grants");
+        }
+        for &(p, writable) in &self.ptrs {
+            // SAFETY: every page is inside a mapping held by `pages` (a cached group or the request's own
+            // mapping) until release; cached groups are writable, a request's own mapping is when `to_guest`.
+            unsafe { pages.memory.push(p as *mut u8, 1, writable) };
+        }
+        Ok(())
+    }
+
+    fn bind_bounce(
+        &mut self,
+        req: &BlkifRequest,
+        pages: &mut RequestPages<G::Mapping>,
+        to_guest: bool,
+    ) -> Result<(), BindError> {
+        let Some(pool) = self.pool.as_mut() else {
+            return Err(BindError::Fault(RequestFault::Grants("no bounce pool".into())));
+        };
+        if !pool.alloc(req.segments.len(), &mut pages.bounce) {
+            return Err(BindError::Busy);
+        }
+        self.ops.clear();
+        for (i, s) in req.segments.iter().enumerate() {
+            let page = pool.page_ptr(pages.bounce[i]);
+            // SAFETY: a pool page, owned by this request until release.
+            unsafe { pages.memory.push(page, 1, true) };
+            if !to_guest {
+                self.ops.push(GrantCopyOp {
+                    source: CopySide::Grant { domid: self.domid, gref: s.gref, offset: u16_of(s.offset()) },
+                    dest: CopySide::Local(page as usize + s.offset() as usize),
+                    len: u16_of(s.len()),
+                    status: 0,
+                });
+            }
+        }
+        pages.copy_back = to_guest;
+        if !to_guest {
+            if let Err(e) = self.copy("grant copy from the guest") {
+                self.release(pages);
+                return Err(BindError::Fault(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the request's I/O succeeded: deliver read data to the guest (copy mode).
+    pub fn finish(&mut self, req: &BlkifRequest, pages: &mut RequestPages<G::Mapping>) -> Result<(), RequestFault> {
+        if !pages.copy_back {
+            return Ok(());
+        }
+        let Some(pool) = self.pool.as_ref() else {
+            return Ok(());
+        };
+        self.ops.clear();
+        for (i, s) in req.segments.iter().enumerate() {
+            let page = pool.page_ptr(pages.bounce.get(i).copied().unwrap_or(0));
+            self.ops.push(GrantCopyOp {
+                source: CopySide::Local(page as usize + s.offset() as usize),
+                dest: CopySide::Grant { domid: self.domid, gref: s.gref, offset: u16_of(s.offset()) },
+                len: u16_of(s.len()),
+                status: 0,
+            });
+        }
+        self.copy("grant copy to the guest")
+    }
+
+    /// Release everything a request holds: unmap its own mapping, drop its holds on persistent groups, return
+    /// its bounce pages.
+    pub fn release(&mut self, pages: &mut RequestPages<G::Mapping>) {
+        pages.memory.clear();
+        pages.mapping = None;
+        pages.held.clear();
+        pages.copy_back = false;
+        if let Some(pool) = self.pool.as_mut() {
+            pool.release(&mut pages.bounce);
+        }
+        pages.bounce.clear();
+    }
+
+    /// Unmap every persistent grant (all requests must have been released).
+    pub fn clear_persistent(&mut self) {
+        if let Some(cache) = self.persistent.as_mut() {
+            cache.clear();
+        }
+    }
+}
