@@ -53,7 +53,8 @@ pub fn run(socket: &str, queues: usize, workload: Workload, duration: Duration, 
         | virtio_driver::VirtioBlkFeatureFlags::BLK_SIZE.bits();
     let vhost = VhostUser::new(socket, features).with_context(|| format!("connecting to {socket}"))?;
     let transport: Arc<RwLock<Box<VirtioBlkTransport>>> = Arc::new(RwLock::new(Box::new(vhost)));
-    let queue_size = u16::try_from((workload.queue_depth * 2).next_power_of_two().max(64)).unwrap_or(256);
+    // Each request takes three descriptors (header, data, status); 256 is what VMMs use.
+    let queue_size: u16 = 256;
 
     // Buffers live in one memfd the server maps, `queue_depth` per queue.
     let per_queue = workload.block_size * workload.queue_depth;
@@ -75,11 +76,11 @@ pub fn run(socket: &str, queues: usize, workload: Workload, duration: Duration, 
     }
     let _mapping = Mapping { addr: base, len: total };
     let mut guard = transport.write().map_err(|_| anyhow::anyhow!("transport lock poisoned"))?;
+    let vqs =
+        VirtioBlkQueue::<(usize, Instant)>::setup_queues(&mut **guard, queues, queue_size).context("setup_queues")?;
     guard.map_mem_region(base as usize, total, memfd.as_raw_fd(), 0).context("map_mem_region")?;
     let completion_fds: Vec<_> = (0..queues).map(|q| guard.get_completion_fd(q)).collect();
     let notifiers: Vec<_> = (0..queues).map(|q| guard.get_submission_notifier(q)).collect();
-    let vqs =
-        VirtioBlkQueue::<(usize, Instant)>::setup_queues(&mut **guard, queues, queue_size).context("setup_queues")?;
     drop(guard);
 
     let blocks = disk_bytes / workload.block_size as u64;
