@@ -22,6 +22,9 @@ pub enum Command {
     /// Serve a disk to vhost-user-blk frontends (QEMU, cloud-hypervisor, ...) on a Unix socket, one connection
     /// after another, until SIGTERM or SIGINT.
     VhostUser(VhostUserArgs),
+    /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
+    /// temporary disk, a verified workload.
+    Demo,
 }
 
 /// `blkbackd vhost-user`.
@@ -149,7 +152,7 @@ mod tests {
             "off",
         ])
         .expect("valid command line");
-        let Command::VhostUser(args) = cli.command;
+        let Command::VhostUser(args) = cli.command else { panic!("expected vhost-user") };
         assert_eq!(args.disk.diskseq, Some(42));
         assert_eq!((args.queues, args.queue_size, args.engine), (2, 128, EngineArg::IoUring));
         let options = args.disk.options();

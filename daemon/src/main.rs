@@ -4,6 +4,7 @@
 //! module. Any setup error ends the process with one line on stderr (`blkbackd: error: ...`) and exit code 1.
 
 mod cli;
+mod demo;
 mod logging;
 mod signals;
 mod vhost_user;
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
+        Command::Demo => demo::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,5 +4,13 @@
 //! (`/dev/xen`) and [`emulated`] implementations; the blkif shared ring and the xenbus backend state machine are
 //! built on those traits and on `device-blk`'s `BlockQueue`.
 
+pub mod blkif;
 pub mod connect;
+pub mod dataplane;
+pub mod emulated;
+#[cfg(feature = "test-utils")]
+pub mod frontend;
+pub mod grant_memory;
 pub mod services;
+pub mod xen;
+pub mod xenbus;

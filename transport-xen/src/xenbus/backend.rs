@@ -1,0 +1,621 @@
+//! The backend state machine of one vbd (`backend/vbd/<domid>/<devid>`), after Linux xen-blkback's xenbus.c and
+//! the seed's `diskseq` / `opened` nodes.
+//!
+//! It is level-triggered: every watch event for the vbd calls [`VbdBackend::reconcile`], which re-reads the nodes
+//! it depends on and acts only on what changed, so missed or coalesced events are harmless and our own writes
+//! (which fire the same watches) cause no loops.
+//!
+//! 1. probe (backend `state` = Initialising, `frontend`/`frontend-id` present): write `opened` = `0` and the
+//!    feature nodes in one transaction, watch the frontend's `state`, switch to InitWait. The hotplug script runs
+//!    only once the toolstack sees InitWait, so `opened` exists before it can look.
+//! 2. device: read `physical-device`, `diskseq`, `params`, `mode`, `script` in one transaction; validate
+//!    `diskseq` as the seed does; open the disk pinned to it; write `opened` = `1`. A later change is refused
+//!    (logged, ignored). Without a hotplug `script`, a `params` image file is served directly.
+//! 3. connect (frontend Initialised or Connected, disk open): read the rings, start the data plane, write
+//!    `sectors`/`info`/`sector-size`/..., switch to Connected.
+//! 4. close: frontend Closing → Closing; frontend Closed → stop the data plane, Closed (and release the disk when
+//!    `online` is 0); backend directory removed → stop everything, write nothing.
+//!
+//! Fatal errors write `<domain>/error/backend/vbd/<domid>/<devid>/error` = `"<errno> <message>"` (where
+//! `xenbus_dev_fatal` writes) and switch to Closing; nothing is served until the frontend starts over.
+
+use std::sync::Arc;
+
+use device_blk::disk::DirectIo;
+use device_blk::Disk;
+
+use crate::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER};
+use crate::services::{read_optional, with_transaction, DomId, TxId, XenError, XenStore};
+use crate::xenbus::device::{self, DeviceNodes, DeviceRequest, DeviceSource, Fatal};
+use crate::xenbus::frontend_nodes::{self, Advertised};
+use crate::xenbus::nodes::{self, Mode};
+use crate::xenbus::rings::{RingServer, RunningRings};
+use crate::xenbus::state::{VbdId, VbdPaths, XenbusState};
+
+/// `VDISK_CDROM` in the `info` node.
+pub const VDISK_CDROM: u32 = 1;
+/// `VDISK_REMOVABLE` in the `info` node.
+pub const VDISK_REMOVABLE: u32 = 2;
+/// `VDISK_READONLY` in the `info` node.
+pub const VDISK_READONLY: u32 = 4;
+
+/// Transaction retries before giving up on a conflicting writer.
+const TX_ATTEMPTS: u32 = 16;
+/// Longest message written to an `error` node.
+const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// What the backend offers and where it lives; shared by every vbd of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The backend domain's xenstore home, `/local/domain/<backend domid>`.
+    pub domain_path: String,
+    /// `multi-queue-max-queues` (1..=[`MAX_QUEUES`]).
+    pub max_queues: u32,
+    /// `max-ring-page-order` (0..=[`MAX_RING_PAGE_ORDER`]).
+    pub max_ring_page_order: u32,
+    /// `feature-max-indirect-segments` (0 disables indirect requests).
+    pub max_indirect_segments: u32,
+    /// Offer persistent grants (`feature-persistent`).
+    pub persistent_grants: bool,
+    /// O_DIRECT policy for opened disks.
+    pub direct_io: DirectIo,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            domain_path: "/local/domain/0".to_string(),
+            max_queues: MAX_QUEUES,
+            max_ring_page_order: MAX_RING_PAGE_ORDER,
+            max_indirect_segments: MAX_INDIRECT_SEGMENTS,
+            persistent_grants: true,
+            direct_io: DirectIo::Auto,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// The limits clamped to what the transport supports.
+    pub fn clamped(mut self) -> Self {
+        self.max_queues = self.max_queues.clamp(1, MAX_QUEUES);
+        self.max_ring_page_order = self.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
+        self.max_indirect_segments = self.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS);
+        self
+    }
+
+    fn advertised(&self) -> Advertised {
+        Advertised {
+            max_queues: self.max_queues,
+            max_ring_page_order: self.max_ring_page_order,
+            max_indirect_segments: self.max_indirect_segments,
+            persistent_grants: self.persistent_grants,
+        }
+    }
+}
+
+/// Where a vbd is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not probed yet: waiting for `state` = Initialising and the frontend details.
+    Unprobed,
+    /// Probed: device, connect and close handling run.
+    Active,
+    /// Closed with `online` = 0: everything released; waiting for the toolstack to remove the directory.
+    Done,
+    /// The backend directory was removed.
+    Removed,
+}
+
+/// A snapshot of one vbd, for status reports and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VbdStatus {
+    /// Which vbd.
+    pub id: VbdId,
+    /// Its life phase.
+    pub phase: Phase,
+    /// The state we last wrote.
+    pub state: XenbusState,
+    /// The disk held open.
+    pub device: Option<DeviceSource>,
+    /// The data plane's configuration while connected.
+    pub connection: Option<ConnectConfig>,
+    /// The last fatal error.
+    pub error: Option<Fatal>,
+}
+
+#[derive(Debug)]
+struct Frontend {
+    path: String,
+    domid: DomId,
+}
+
+#[derive(Debug)]
+struct OpenDisk {
+    disk: Arc<Disk>,
+    source: DeviceSource,
+    mode: Mode,
+}
+
+/// The watch token of a vbd's frontend-state watch.
+pub fn frontend_token(id: VbdId) -> String {
+    format!("blkback-fe:{}:{}", id.domid, id.devid)
+}
+
+/// One vbd's backend.
+pub struct VbdBackend {
+    store: Arc<dyn XenStore>,
+    rings: Arc<dyn RingServer>,
+    config: Arc<BackendConfig>,
+    id: VbdId,
+    paths: VbdPaths,
+    phase: Phase,
+    state: XenbusState,
+    frontend: Option<Frontend>,
+    watching: Option<String>,
+    disk: Option<OpenDisk>,
+    /// The device nodes last acted on: unchanged nodes are not acted on twice.
+    seen_device_nodes: Option<DeviceNodes>,
+    running: Option<Box<dyn RunningRings>>,
+    connection: Option<ConnectConfig>,
+    error: Option<Fatal>,
+}
+
+impl std::fmt::Debug for VbdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VbdBackend")
+            .field("id", &self.id)
+            .field("phase", &self.phase)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl VbdBackend {
+    /// A backend for `id`; nothing is written until [`reconcile`](Self::reconcile) finds the device Initialising.
+    pub fn new(store: Arc<dyn XenStore>, rings: Arc<dyn RingServer>, config: Arc<BackendConfig>, id: VbdId) -> Self {
+        let paths = VbdPaths::new(&config.domain_path, id);
+        VbdBackend {
+            store,
+            rings,
+            config,
+            id,
+            paths,
+            phase: Phase::Unprobed,
+            state: XenbusState::Unknown,
+            frontend: None,
+            watching: None,
+            disk: None,
+            seen_device_nodes: None,
+            running: None,
+            connection: None,
+            error: None,
+        }
+    }
+
+    /// Which vbd.
+    pub fn id(&self) -> VbdId {
+        self.id
+    }
+
+    /// Its paths.
+    pub fn paths(&self) -> &VbdPaths {
+        &self.paths
+    }
+
+    /// Its phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// A snapshot.
+    pub fn status(&self) -> VbdStatus {
+        VbdStatus {
+            id: self.id,
+            phase: self.phase,
+            state: self.state,
+            device: self.disk.as_ref().map(|d| d.source.clone()),
+            connection: self.connection.clone(),
+            error: self.error.clone(),
+        }
+    }
+
+    /// The data plane's fatal-error descriptor, while connected.
+    pub fn fatal_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.running.as_ref().and_then(|r| r.fatal_fd())
+    }
+
+    /// Re-read the nodes this vbd depends on and act on what changed.
+    pub fn reconcile(&mut self) -> Result<(), XenError> {
+        if self.phase == Phase::Removed {
+            return Ok(());
+        }
+        let Some(state_node) = read_optional(&*self.store, TxId::NONE, &self.paths.node("state"))? else {
+            if self.phase != Phase::Unprobed {
+                tracing::info!(vbd = %self.id, "backend directory removed: tearing down");
+                self.phase = Phase::Removed;
+            } else if read_optional(&*self.store, TxId::NONE, &self.paths.backend)?.is_none() {
+                self.phase = Phase::Removed;
+            }
+            self.release();
+            return Ok(());
+        };
+        let store_state = XenbusState::parse(&state_node).ok();
+        if self.phase == Phase::Done {
+            match store_state {
+                Some(XenbusState::Initialising) => {
+                    tracing::info!(vbd = %self.id, "backend re-created: probing again");
+                    self.reset();
+                }
+                Some(XenbusState::Closed) => return Ok(()),
+                // The toolstack wrote over our Closed (libxl's detach writes Closing): say Closed again.
+                _ => return self.switch_state(XenbusState::Closed),
+            }
+        }
+        if self.phase == Phase::Unprobed && !self.probe(store_state)? {
+            return Ok(());
+        }
+        if store_state == Some(XenbusState::Closing) && self.state < XenbusState::Closing {
+            // libxl detaches by writing online = 0 and state = Closing into our directory.
+            tracing::info!(vbd = %self.id, "the toolstack asked the device to close");
+            self.state = XenbusState::Closing;
+        } else if store_state == Some(XenbusState::Closing) && self.state == XenbusState::Closed {
+            // Already closed: say so again, or a toolstack waiting for Closed would wait forever.
+            self.switch_state(XenbusState::Closed)?;
+        }
+        self.check_device()?;
+        self.check_frontend()
+    }
+
+    /// The data plane reported a halted ring: stop it and fail the vbd.
+    pub fn on_ring_fatal(&mut self) {
+        let Some(reason) = self.running.as_ref().and_then(|r| r.fatal_error()) else { return };
+        self.stop_rings();
+        self.fatal(Fatal::new(libc::EIO, format!("ring halted: {reason}")));
+    }
+
+    /// Graceful shutdown of the process: stop the data plane, tell the frontend we are Closed, release the disk.
+    pub fn shutdown(&mut self) {
+        self.stop_rings();
+        if self.phase == Phase::Active && self.state != XenbusState::Closed {
+            if let Err(e) = self.switch_state(XenbusState::Closed) {
+                tracing::warn!(vbd = %self.id, error = %e, "cannot write state Closed on shutdown");
+            }
+        }
+        self.release();
+        if self.phase == Phase::Active {
+            self.phase = Phase::Done;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+
+    fn probe(&mut self, store_state: Option<XenbusState>) -> Result<bool, XenError> {
+        if store_state != Some(XenbusState::Initialising) {
+            return Ok(false);
+        }
+        let store = &*self.store;
+        let fe_path = read_optional(store, TxId::NONE, &self.paths.node("frontend"))?;
+        let fe_id = read_optional(store, TxId::NONE, &self.paths.node("frontend-id"))?;
+        let (Some(fe_path), Some(fe_id)) = (fe_path, fe_id) else { return Ok(false) };
+        // From here on a store error leaves the vbd unprobed (the next event retries); a bad node fails it.
+        let frontend = nodes::parse_xenstore_path("frontend", &fe_path)
+            .and_then(|path| Ok(Frontend { path, domid: nodes::parse_domid("frontend-id", &fe_id)? }));
+        let frontend = match frontend {
+            Ok(f) if f.domid == self.id.domid => f,
+            Ok(f) => {
+                let msg = format!("frontend-id {} does not match the vbd's domain {}", f.domid, self.id.domid);
+                self.phase = Phase::Active;
+                self.fatal(Fatal::new(libc::EINVAL, msg));
+                return Ok(false);
+            }
+            Err(e) => {
+                self.phase = Phase::Active;
+                self.fatal(Fatal::new(e.errno(), format!("reading other end details: {e}")));
+                return Ok(false);
+            }
+        };
+
+        let c = &*self.config;
+        let flag = |b: bool| if b { "1" } else { "0" };
+        let mut probe_nodes: Vec<(&str, String)> = vec![
+            // The seed: "opened" = "0" tells userspace diskseq is supported and that "1" will follow the open.
+            ("opened", "0".into()),
+            ("multi-queue-max-queues", c.max_queues.to_string()),
+            ("max-ring-page-order", c.max_ring_page_order.to_string()),
+            ("feature-persistent", flag(c.persistent_grants).into()),
+            ("feature-flush-cache", "1".into()),
+            ("feature-barrier", "1".into()),
+        ];
+        if c.max_indirect_segments > 0 {
+            probe_nodes.push(("feature-max-indirect-segments", c.max_indirect_segments.to_string()));
+        }
+        self.write_nodes(&probe_nodes)?;
+        let token = frontend_token(self.id);
+        let fe_state = format!("{}/state", frontend.path);
+        self.store.watch(&fe_state, &token)?;
+        self.watching = Some(fe_state);
+        self.frontend = Some(frontend);
+        self.phase = Phase::Active;
+        self.switch_state(XenbusState::InitWait)?;
+        tracing::info!(vbd = %self.id, frontend = %self.frontend.as_ref().map_or("", |f| &f.path), "probed");
+        Ok(true)
+    }
+
+    fn check_device(&mut self) -> Result<(), XenError> {
+        if self.frontend.is_none() {
+            // The probe failed (its error is reported): nothing is opened for a device we cannot serve.
+            return Ok(());
+        }
+        let store = &*self.store;
+        let p = &self.paths;
+        let nodes = with_transaction(store, TX_ATTEMPTS, |tx| {
+            Ok(DeviceNodes {
+                physical_device: read_optional(store, tx, &p.node("physical-device"))?,
+                diskseq: read_optional(store, tx, &p.node("diskseq"))?,
+                params: read_optional(store, tx, &p.node("params"))?,
+                mode: read_optional(store, tx, &p.node("mode"))?,
+                script: read_optional(store, tx, &p.node("script"))?,
+            })
+        })?;
+        if self.seen_device_nodes.as_ref() == Some(&nodes) {
+            return Ok(());
+        }
+        self.seen_device_nodes = Some(nodes.clone());
+        let request = device::interpret(&nodes);
+        if let Some(open) = &self.disk {
+            match request {
+                Ok(DeviceRequest::Open { source, mode }) if source == open.source && mode == open.mode => {}
+                Ok(DeviceRequest::NotYet) => {}
+                Ok(DeviceRequest::Open { source, .. }) => tracing::warn!(
+                    vbd = %self.id, from = %open.source, to = %source, "changing physical device not supported"
+                ),
+                Err(e) => tracing::warn!(vbd = %self.id, error = %e, "device nodes changed after the open: ignored"),
+            }
+            return Ok(());
+        }
+        let (source, mode) = match request {
+            Ok(DeviceRequest::NotYet) => return Ok(()),
+            Ok(DeviceRequest::Open { source, mode }) => (source, mode),
+            Err(fatal) => {
+                self.fatal(fatal);
+                return Ok(());
+            }
+        };
+        let disk = match device::open_source(&source, mode, self.config.direct_io) {
+            Ok(disk) => Arc::new(disk),
+            Err(fatal) => {
+                self.fatal(fatal);
+                return Ok(());
+            }
+        };
+        // The seed: tell userspace we hold the device, so it may drop its own reference (autoclear loop devices).
+        if let Err(e) = self.store.write(TxId::NONE, &self.paths.node("opened"), b"1") {
+            let msg = format!("{}: notifying userspace device has been opened: {e}", self.paths.backend);
+            self.fatal(Fatal::new(libc::EIO, msg));
+            return Ok(());
+        }
+        tracing::info!(vbd = %self.id, device = %source, ?mode, "device opened");
+        self.disk = Some(OpenDisk { disk, source, mode });
+        Ok(())
+    }
+
+    fn check_frontend(&mut self) -> Result<(), XenError> {
+        let Some(fe) = &self.frontend else { return Ok(()) };
+        let fe_state = match self.store.read(TxId::NONE, &format!("{}/state", fe.path)) {
+            Ok(v) => XenbusState::parse(&v).unwrap_or(XenbusState::Unknown),
+            Err(XenError::NotFound { .. } | XenError::Access { .. }) => XenbusState::Unknown,
+            Err(e) => return Err(e),
+        };
+        match fe_state {
+            XenbusState::Initialising => {
+                if self.state == XenbusState::Closed {
+                    tracing::info!(vbd = %self.id, "frontend restarts: prepare for reconnect");
+                    self.error = None;
+                    self.seen_device_nodes = None;
+                    self.switch_state(XenbusState::InitWait)?;
+                    self.check_device()?;
+                }
+            }
+            XenbusState::Initialised | XenbusState::Connected => {
+                if self.state == XenbusState::InitWait && self.disk.is_some() && self.running.is_none() {
+                    self.connect()?;
+                }
+            }
+            XenbusState::Closing => {
+                if self.state < XenbusState::Closing {
+                    self.switch_state(XenbusState::Closing)?;
+                }
+            }
+            XenbusState::Closed | XenbusState::Unknown => {
+                self.stop_rings();
+                if self.state != XenbusState::Closed {
+                    self.switch_state(XenbusState::Closed)?;
+                }
+                let online = nodes::parse_online(
+                    read_optional(&*self.store, TxId::NONE, &self.paths.node("online"))?.as_deref(),
+                );
+                if fe_state == XenbusState::Unknown || !online {
+                    tracing::info!(vbd = %self.id, frontend = %fe_state, online, "device closed and released");
+                    self.release();
+                    self.phase = Phase::Done;
+                }
+            }
+            XenbusState::InitWait | XenbusState::Reconfiguring | XenbusState::Reconfigured => {
+                if self.error.is_none() {
+                    self.fatal(Fatal::new(libc::EINVAL, format!("saw state {} at frontend", fe_state.number())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self) -> Result<(), XenError> {
+        let (Some(fe), Some(open)) = (&self.frontend, &self.disk) else { return Ok(()) };
+        let store = &*self.store;
+        let adv = self.config.advertised();
+        let read = with_transaction(store, TX_ATTEMPTS, |tx| {
+            frontend_nodes::read_connect_config(store, tx, &fe.path, fe.domid, adv)
+        });
+        let config = match read {
+            Ok(Ok(config)) => config,
+            Ok(Err(fatal)) => {
+                self.fatal(fatal);
+                return Ok(());
+            }
+            Err(XenError::Again) => {
+                self.fatal(Fatal::new(libc::EAGAIN, "reading the frontend's rings: the frontend keeps rewriting them"));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let geometry = *open.disk.geometry();
+        let read_only = open.mode == Mode::ReadOnly || geometry.read_only;
+        let cdrom = frontend_nodes::is_cdrom(store, &fe.path);
+        let running = match self.rings.start(open.disk.clone(), &config) {
+            Ok(running) => running,
+            Err(fatal) => {
+                self.fatal(fatal);
+                return Ok(());
+            }
+        };
+        self.running = Some(running);
+        let discard_enabled = read_optional(store, TxId::NONE, &self.paths.node("discard-enable"))?
+            .is_none_or(|v| nodes::parse_flag("discard-enable", &v).unwrap_or(true));
+        let discard = geometry.discard && discard_enabled && !read_only;
+        let info = if read_only { VDISK_READONLY } else { 0 } | if cdrom { VDISK_CDROM } else { 0 };
+        let flag = |b: bool| if b { "1" } else { "0" };
+        let mut info_nodes: Vec<(&str, String)> = vec![
+            ("feature-flush-cache", "1".into()),
+            ("feature-barrier", "1".into()),
+            ("feature-persistent", flag(self.config.persistent_grants).into()),
+            ("feature-discard", flag(discard).into()),
+            // Linux blkback's units: `sectors` counts 512-byte sectors whatever `sector-size` is.
+            ("sectors", geometry.capacity.0.to_string()),
+            ("info", info.to_string()),
+            ("sector-size", geometry.logical_block_size.bytes().to_string()),
+            ("physical-sector-size", geometry.physical_block_size.bytes().to_string()),
+        ];
+        if discard {
+            info_nodes.push(("discard-granularity", geometry.discard_granularity.to_string()));
+            info_nodes.push(("discard-alignment", "0".into()));
+            info_nodes.push(("discard-secure", "0".into()));
+        }
+        if let Err(e) = self.write_nodes(&info_nodes) {
+            self.stop_rings();
+            return Err(e);
+        }
+        tracing::info!(
+            vbd = %self.id, queues = config.queues.len(), abi = ?config.abi, ring_pages = config.queues[0].ring_refs.len(),
+            persistent = config.persistent_grants, "connected"
+        );
+        self.connection = Some(config);
+        self.switch_state(XenbusState::Connected)
+    }
+
+    /// `xenbus_dev_fatal`: the error node, then Closing.
+    fn fatal(&mut self, mut fatal: Fatal) {
+        if fatal.message.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE;
+            while !fatal.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            fatal.message.truncate(end);
+        }
+        tracing::error!(vbd = %self.id, errno = fatal.errno, "{}", fatal.message);
+        let value = format!("{} {}", fatal.errno, fatal.message);
+        if let Err(e) = self.store.write(TxId::NONE, &self.paths.error, value.as_bytes()) {
+            tracing::warn!(vbd = %self.id, error = %e, "cannot write the error node");
+        }
+        self.error = Some(fatal);
+        if self.state < XenbusState::Closing {
+            if let Err(e) = self.switch_state(XenbusState::Closing) {
+                tracing::warn!(vbd = %self.id, error = %e, "cannot switch to Closing");
+            }
+        }
+    }
+
+    /// `xenbus_switch_state`: write `state` unless the directory is gone (never re-create a removed device),
+    /// and never write over a close the toolstack asked for (its Closing) with an earlier state.
+    fn switch_state(&mut self, new: XenbusState) -> Result<(), XenError> {
+        #[derive(PartialEq)]
+        enum Outcome {
+            Written,
+            Removed,
+            CloseRequested,
+        }
+        let path = self.paths.node("state");
+        let store = &*self.store;
+        let ours = self.state;
+        let outcome = with_transaction(store, TX_ATTEMPTS, |tx| {
+            let Some(current) = read_optional(store, tx, &path)? else { return Ok(Outcome::Removed) };
+            let requested_close =
+                XenbusState::parse(&current) == Ok(XenbusState::Closing) && ours < XenbusState::Closing;
+            if requested_close && new < XenbusState::Closing {
+                return Ok(Outcome::CloseRequested);
+            }
+            store.write(tx, &path, new.as_node().as_bytes())?;
+            Ok(Outcome::Written)
+        })?;
+        match outcome {
+            Outcome::Written => {
+                tracing::debug!(vbd = %self.id, from = %self.state, to = %new, "state");
+                self.state = new;
+            }
+            Outcome::CloseRequested => {
+                tracing::info!(vbd = %self.id, "the toolstack asked the device to close");
+                self.state = XenbusState::Closing;
+            }
+            Outcome::Removed => {}
+        }
+        Ok(())
+    }
+
+    /// Write backend nodes in one transaction, unless the directory is gone.
+    fn write_nodes(&self, values: &[(&str, String)]) -> Result<(), XenError> {
+        let store = &*self.store;
+        let state = self.paths.node("state");
+        with_transaction(store, TX_ATTEMPTS, |tx| {
+            if read_optional(store, tx, &state)?.is_none() {
+                return Ok(());
+            }
+            for (name, value) in values {
+                store.write(tx, &self.paths.node(name), value.as_bytes())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn stop_rings(&mut self) {
+        if let Some(running) = self.running.take() {
+            tracing::info!(vbd = %self.id, "stopping the data plane");
+            running.stop();
+        }
+        self.connection = None;
+    }
+
+    /// Stop everything and let go of the disk and the watch.
+    fn release(&mut self) {
+        self.stop_rings();
+        self.disk = None;
+        if let Some(path) = self.watching.take() {
+            if let Err(e) = self.store.unwatch(&path, &frontend_token(self.id)) {
+                tracing::debug!(vbd = %self.id, error = %e, "unwatch");
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.release();
+        self.phase = Phase::Unprobed;
+        self.state = XenbusState::Unknown;
+        self.frontend = None;
+        self.seen_device_nodes = None;
+        self.error = None;
+    }
+}
+
+impl Drop for VbdBackend {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

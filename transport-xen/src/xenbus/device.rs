@@ -1,0 +1,233 @@
+//! Which disk the toolstack named, and opening it: `physical-device` (+ `diskseq` pin) or a `params` image file.
+
+use std::path::{Path, PathBuf};
+
+use device_blk::disk::DirectIo;
+use device_blk::{Disk, DiskError, DiskKind, DiskOptions};
+
+use crate::xenbus::nodes::{self, DiskseqError, Mode, NodeError, PhysicalDevice};
+
+/// The disk the backend nodes name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSource {
+    /// A block device by number, pinned to a disk sequence number when `diskseq` was given.
+    Physical {
+        /// `physical-device`.
+        device: PhysicalDevice,
+        /// `diskseq`, if present.
+        diskseq: Option<u64>,
+    },
+    /// An image file named by `params` (no `physical-device`).
+    ImageFile(PathBuf),
+}
+
+impl std::fmt::Display for DeviceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSource::Physical { device, diskseq: Some(seq) } => write!(f, "{device} (diskseq {seq:x})"),
+            DeviceSource::Physical { device, diskseq: None } => write!(f, "{device}"),
+            DeviceSource::ImageFile(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// The raw backend nodes that name the disk, read together in one transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceNodes {
+    /// `physical-device`.
+    pub physical_device: Option<Vec<u8>>,
+    /// `diskseq`.
+    pub diskseq: Option<Vec<u8>>,
+    /// `params`.
+    pub params: Option<Vec<u8>>,
+    /// `mode`.
+    pub mode: Option<Vec<u8>>,
+    /// `script`: libxl names the hotplug script here; when there is one, it provides `physical-device`.
+    pub script: Option<Vec<u8>>,
+}
+
+/// A fatal problem with the device nodes or the open: what `xenbus_dev_fatal` reports.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Fatal {
+    /// The errno (positive), written first in the `error` node.
+    pub errno: i32,
+    /// The message.
+    pub message: String,
+}
+
+impl Fatal {
+    /// A fatal error with `errno` and `message`.
+    pub fn new(errno: i32, message: impl Into<String>) -> Fatal {
+        Fatal { errno, message: message.into() }
+    }
+}
+
+impl From<NodeError> for Fatal {
+    fn from(e: NodeError) -> Fatal {
+        Fatal { errno: e.errno(), message: format!("reading {e}") }
+    }
+}
+
+impl From<DiskseqError> for Fatal {
+    fn from(e: DiskseqError) -> Fatal {
+        Fatal { errno: e.errno(), message: e.to_string() }
+    }
+}
+
+/// What the nodes ask for: nothing yet, or a source with its mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// Neither `physical-device` nor a usable `params` yet: wait for the hotplug script.
+    NotYet,
+    /// Open this.
+    Open {
+        /// The disk.
+        source: DeviceSource,
+        /// The access mode.
+        mode: Mode,
+    },
+}
+
+/// Interpret the device nodes. `params` is used only when there is no `physical-device`, no hotplug `script` is
+/// configured (a script would set up a device and write `physical-device` + `diskseq` itself) and it names a
+/// regular file: an image served directly. Otherwise we wait for `physical-device`.
+pub fn interpret(nodes: &DeviceNodes) -> Result<DeviceRequest, Fatal> {
+    let source = if let Some(pdev) = &nodes.physical_device {
+        let device = nodes::parse_physical_device(pdev)?;
+        // Validated exactly as the seed does, before anything is opened.
+        let diskseq = nodes::parse_diskseq(nodes.diskseq.as_deref())?;
+        DeviceSource::Physical { device, diskseq }
+    } else if let (Some(params), None) = (&nodes.params, &nodes.script) {
+        let path = nodes::parse_params(params)?;
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                if nodes.diskseq.is_some() {
+                    return Err(Fatal::new(libc::EINVAL, format!("diskseq given for image file {}", path.display())));
+                }
+                DeviceSource::ImageFile(path)
+            }
+            // A device (or not there yet): the hotplug script writes physical-device.
+            _ => return Ok(DeviceRequest::NotYet),
+        }
+    } else {
+        return Ok(DeviceRequest::NotYet);
+    };
+    let mode = match &nodes.mode {
+        Some(m) => nodes::parse_mode(m)?,
+        None => return Err(Fatal::new(libc::ENOENT, "reading mode: missing")),
+    };
+    Ok(DeviceRequest::Open { source, mode })
+}
+
+/// Find a device node for `device`: udev's `/dev/block/M:m`, else `/dev/<DEVNAME>` from sysfs.
+///
+/// The path is only a hint: [`open_source`] checks the opened descriptor's device number (and the diskseq pin).
+pub fn device_node(device: PhysicalDevice) -> Option<PathBuf> {
+    let by_number = PathBuf::from(format!("/dev/block/{}:{}", device.major, device.minor));
+    if by_number.exists() {
+        return Some(by_number);
+    }
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/uevent", device.major, device.minor)).ok()?;
+    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
+    if name.is_empty() || name.split('/').any(|c| c == ".." || c.is_empty()) {
+        return None;
+    }
+    let path = Path::new("/dev").join(name);
+    path.exists().then_some(path)
+}
+
+/// Open the disk `source` names, read-only if `mode` says so, pinned to the diskseq if there is one.
+pub fn open_source(source: &DeviceSource, mode: Mode, direct_io: DirectIo) -> Result<Disk, Fatal> {
+    let read_only = mode == Mode::ReadOnly;
+    let (path, expected_diskseq) = match source {
+        DeviceSource::Physical { device, diskseq } => {
+            let path = device_node(*device).ok_or_else(|| {
+                Fatal::new(libc::ENOENT, format!("creating vbd structure: device {device} not found"))
+            })?;
+            (path, *diskseq)
+        }
+        DeviceSource::ImageFile(path) => (path.clone(), None),
+    };
+    let options = DiskOptions { read_only, direct_io, expected_diskseq };
+    let disk =
+        Disk::open(&path, &options).map_err(|e| Fatal::new(disk_errno(&e), format!("creating vbd structure: {e}")))?;
+    if let DeviceSource::Physical { device, .. } = source {
+        match disk.kind() {
+            DiskKind::BlockDevice { major, minor, .. } if major == device.major && minor == device.minor => {}
+            other => {
+                return Err(Fatal::new(
+                    libc::ENODEV,
+                    format!("creating vbd structure: {} is {other:?}, not device {device}", path.display()),
+                ))
+            }
+        }
+    }
+    Ok(disk)
+}
+
+/// The errno Linux blkback reports for a failed open: ENODEV for a diskseq mismatch (as the seed), else the cause.
+fn disk_errno(e: &DiskError) -> i32 {
+    match e {
+        DiskError::DiskseqMismatch { .. } | DiskError::NotADisk { .. } => libc::ENODEV,
+        DiskError::Open { source, .. } | DiskError::Geometry { source, .. } => {
+            source.raw_os_error().unwrap_or(libc::EIO)
+        }
+        DiskError::DiskseqUnavailable { .. } => libc::EFAULT,
+        _ => libc::EINVAL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(pdev: Option<&str>, diskseq: Option<&str>, params: Option<&str>) -> DeviceNodes {
+        DeviceNodes {
+            physical_device: pdev.map(|s| s.as_bytes().to_vec()),
+            diskseq: diskseq.map(|s| s.as_bytes().to_vec()),
+            params: params.map(|s| s.as_bytes().to_vec()),
+            mode: Some(b"w".to_vec()),
+            script: None,
+        }
+    }
+
+    #[test]
+    fn nothing_until_physical_device_or_an_image_file() {
+        assert_eq!(interpret(&nodes(None, None, None)), Ok(DeviceRequest::NotYet));
+        assert_eq!(interpret(&nodes(None, None, Some("/dev/null"))), Ok(DeviceRequest::NotYet));
+        assert_eq!(interpret(&nodes(None, None, Some("/nonexistent/img"))), Ok(DeviceRequest::NotYet));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::write(&img, [0u8; 4096]).expect("write");
+        let req = interpret(&nodes(None, None, Some(img.to_str().expect("utf8")))).expect("valid");
+        assert_eq!(req, DeviceRequest::Open { source: DeviceSource::ImageFile(img.clone()), mode: Mode::ReadWrite });
+        assert!(interpret(&nodes(None, Some("5"), Some(img.to_str().expect("utf8")))).is_err());
+        let mut scripted = nodes(None, None, Some(img.to_str().expect("utf8")));
+        scripted.script = Some(b"/etc/xen/scripts/block-blkbackd".to_vec());
+        assert_eq!(interpret(&scripted), Ok(DeviceRequest::NotYet), "the hotplug script provides the device");
+    }
+
+    #[test]
+    fn physical_device_with_diskseq_errors_carry_the_seed_errnos() {
+        let req = interpret(&nodes(Some("7:3"), Some("2a"), None)).expect("valid");
+        let device = PhysicalDevice { major: 7, minor: 3 };
+        assert_eq!(
+            req,
+            DeviceRequest::Open { source: DeviceSource::Physical { device, diskseq: Some(42) }, mode: Mode::ReadWrite }
+        );
+        let cases = [
+            ("", libc::EFAULT, "diskseq must not be empty"),
+            ("0123", libc::ERANGE, "diskseq must not start with '0'"),
+        ];
+        for (value, errno, message) in cases {
+            assert_eq!(interpret(&nodes(Some("7:3"), Some(value), None)), Err(Fatal::new(errno, message)));
+        }
+        let bad = interpret(&nodes(Some("7-3"), None, None)).expect_err("bad physical-device");
+        assert_eq!(bad.errno, libc::EINVAL);
+        assert!(bad.message.starts_with("reading physical-device"), "{bad}");
+        let mut no_mode = nodes(Some("7:3"), None, None);
+        no_mode.mode = None;
+        assert_eq!(interpret(&no_mode).expect_err("mode").errno, libc::ENOENT);
+    }
+}
