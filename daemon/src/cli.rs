@@ -22,6 +22,9 @@ pub enum Command {
     /// Serve a disk to vhost-user-blk frontends (QEMU, cloud-hypervisor, ...) on a Unix socket, one connection
     /// after another, until SIGTERM or SIGINT.
     VhostUser(VhostUserArgs),
+    /// Serve Xen vbds (blkif over grant tables and event channels) from this domain: one process per guest with
+    /// `--frontend-domid`, or every guest without it. Runs until SIGTERM or SIGINT, then closes every vbd.
+    Xen(XenArgs),
     /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
     /// temporary disk, a verified workload.
     Demo,
@@ -52,6 +55,51 @@ pub struct VhostUserArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
+}
+
+/// `blkbackd xen`.
+#[derive(Debug, Args)]
+pub struct XenArgs {
+    /// Serve only the vbds of this frontend domain (`backend/vbd/D/*`); default: every domain.
+    #[arg(long, value_name = "D")]
+    pub frontend_domid: Option<u16>,
+    /// The domain this backend runs in (dom0 or a driver domain).
+    #[arg(long, value_name = "B", default_value_t = 0)]
+    pub backend_domid: u16,
+    /// Map the guest's grants, or grant-copy through a bounce pool.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = GrantModeArg::Map)]
+    pub grant_mode: GrantModeArg,
+    /// Most queues a frontend may use (`multi-queue-max-queues`).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub max_queues: u32,
+    /// Do not offer persistent grants.
+    #[arg(long)]
+    pub no_persistent: bool,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
+    /// service manager after a blkbackd died), then exit.
+    #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]
+    pub cleanup: Option<u16>,
+}
+
+/// `--grant-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GrantModeArg {
+    /// Map the granted pages (persistent grants stay mapped).
+    Map,
+    /// Copy through a bounce pool with grant copy.
+    Copy,
+}
+
+impl From<GrantModeArg> for transport_xen::grant_memory::GrantMode {
+    fn from(arg: GrantModeArg) -> Self {
+        match arg {
+            GrantModeArg::Map => Self::Map,
+            GrantModeArg::Copy => Self::Copy,
+        }
+    }
 }
 
 /// Which disk, and how to open it.

@@ -8,6 +8,7 @@ mod demo;
 mod logging;
 mod signals;
 mod vhost_user;
+mod xen;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
+        Command::Xen(args) => xen::run(&args, &shutdown),
         Command::Demo => demo::run(),
     };
     match result {

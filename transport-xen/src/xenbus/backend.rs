@@ -355,6 +355,7 @@ impl VbdBackend {
                 params: read_optional(store, tx, &p.node("params"))?,
                 mode: read_optional(store, tx, &p.node("mode"))?,
                 script: read_optional(store, tx, &p.node("script"))?,
+                hotplug_status: read_optional(store, tx, &p.node("hotplug-status"))?,
             })
         })?;
         if self.seen_device_nodes.as_ref() == Some(&nodes) {

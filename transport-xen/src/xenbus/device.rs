@@ -1,5 +1,6 @@
 //! Which disk the toolstack named, and opening it: `physical-device` (+ `diskseq` pin) or a `params` image file.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use device_blk::disk::DirectIo;
@@ -44,6 +45,8 @@ pub struct DeviceNodes {
     pub mode: Option<Vec<u8>>,
     /// `script`: libxl names the hotplug script here; when there is one, it provides `physical-device`.
     pub script: Option<Vec<u8>>,
+    /// `hotplug-status`: `connected` once the hotplug script has finished.
+    pub hotplug_status: Option<Vec<u8>>,
 }
 
 /// A fatal problem with the device nodes or the open: what `xenbus_dev_fatal` reports.
@@ -89,19 +92,21 @@ pub enum DeviceRequest {
     },
 }
 
-/// Interpret the device nodes. `params` is used only when there is no `physical-device`, no hotplug `script` is
-/// configured (a script would set up a device and write `physical-device` + `diskseq` itself) and it names a
-/// regular file: an image served directly. Otherwise we wait for `physical-device`.
+/// Interpret the device nodes. `physical-device` (+ `diskseq`) wins. Without it, `params` is served directly
+/// (unpinned) when no hotplug `script` is configured and it names a regular file, or once the configured script has
+/// finished (`hotplug-status` = `connected`) without writing `physical-device` (a no-op script that hands `params`
+/// to the backend untouched: then a block device path is served too). Otherwise we wait: a script that sets up a
+/// device writes `physical-device` + `diskseq` before it reports `connected`.
 pub fn interpret(nodes: &DeviceNodes) -> Result<DeviceRequest, Fatal> {
     let source = if let Some(pdev) = &nodes.physical_device {
         let device = nodes::parse_physical_device(pdev)?;
         // Validated exactly as the seed does, before anything is opened.
         let diskseq = nodes::parse_diskseq(nodes.diskseq.as_deref())?;
         DeviceSource::Physical { device, diskseq }
-    } else if let (Some(params), None) = (&nodes.params, &nodes.script) {
+    } else if let Some(params) = nodes.params.as_deref().filter(|_| nodes.script.is_none() || script_done(nodes)) {
         let path = nodes::parse_params(params)?;
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => {
+            Ok(meta) if meta.is_file() || (script_done(nodes) && meta.file_type().is_block_device()) => {
                 if nodes.diskseq.is_some() {
                     return Err(Fatal::new(libc::EINVAL, format!("diskseq given for image file {}", path.display())));
                 }
@@ -118,6 +123,11 @@ pub fn interpret(nodes: &DeviceNodes) -> Result<DeviceRequest, Fatal> {
         None => return Err(Fatal::new(libc::ENOENT, "reading mode: missing")),
     };
     Ok(DeviceRequest::Open { source, mode })
+}
+
+/// Whether a configured hotplug script has finished (`hotplug-status` = `connected`).
+fn script_done(nodes: &DeviceNodes) -> bool {
+    nodes.script.is_some() && nodes.hotplug_status.as_deref() == Some(b"connected".as_slice())
 }
 
 /// Find a device node for `device`: udev's `/dev/block/M:m`, else `/dev/<DEVNAME>` from sysfs.
@@ -189,6 +199,7 @@ mod tests {
             params: params.map(|s| s.as_bytes().to_vec()),
             mode: Some(b"w".to_vec()),
             script: None,
+            hotplug_status: None,
         }
     }
 
@@ -206,6 +217,32 @@ mod tests {
         let mut scripted = nodes(None, None, Some(img.to_str().expect("utf8")));
         scripted.script = Some(b"/etc/xen/scripts/block-blkbackd".to_vec());
         assert_eq!(interpret(&scripted), Ok(DeviceRequest::NotYet), "the hotplug script provides the device");
+    }
+
+    #[test]
+    fn params_is_served_once_a_script_finished_without_physical_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::write(&img, [0u8; 4096]).expect("write");
+        let mut scripted = nodes(None, None, Some(img.to_str().expect("utf8")));
+        scripted.script = Some(b"/etc/xen/scripts/block-userspace".to_vec());
+        scripted.hotplug_status = Some(b"busy".to_vec());
+        assert_eq!(interpret(&scripted), Ok(DeviceRequest::NotYet), "the script is still running");
+        scripted.hotplug_status = Some(b"connected".to_vec());
+        let req = interpret(&scripted).expect("valid");
+        assert_eq!(req, DeviceRequest::Open { source: DeviceSource::ImageFile(img), mode: Mode::ReadWrite });
+        // A block device named by params is served once the script is done, never before.
+        let Some(block) = ["/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/loop0"]
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()))
+        else {
+            return;
+        };
+        let mut device = nodes(None, None, Some(block));
+        device.script = Some(b"/etc/xen/scripts/block-userspace".to_vec());
+        assert_eq!(interpret(&device), Ok(DeviceRequest::NotYet));
+        device.hotplug_status = Some(b"connected".to_vec());
+        assert!(matches!(interpret(&device), Ok(DeviceRequest::Open { source: DeviceSource::ImageFile(_), .. })));
     }
 
     #[test]
