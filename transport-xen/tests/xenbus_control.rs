@@ -258,6 +258,25 @@ fn wrong_diskseq_on_a_real_loop_device_is_refused_and_nothing_is_served() {
 }
 
 #[test]
+fn a_refused_device_is_not_retried_when_the_script_reports_its_own_failure() {
+    // Seen in the real lab: the hotplug script, told no by `error`, detaches its loop device and writes
+    // hotplug-status = error. That must not make the backend open the (now empty) device again and overwrite
+    // the error node that says why.
+    let bed = Bed::new();
+    let _g = bed.guest(1);
+    let Some((dev, id)) = loop_vbd(&bed, 1) else { return };
+    bed.toolstack.hotplug_device(id, dev.device, Some(dev.diskseq + 1), T).expect("hotplug");
+    let error = bed.wait_fatal(id);
+    assert!(error.contains("mismatch"), "{error}");
+    drop(dev);
+    let paths = bed.toolstack.paths(id);
+    bed.store().write(TxId::NONE, &paths.node("hotplug-status"), b"error").expect("script failure");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(bed.toolstack.error(id).expect("read").as_deref(), Some(error.as_str()), "error node kept");
+    assert!(bed.rings.events().is_empty(), "nothing served");
+}
+
+#[test]
 fn changing_physical_device_after_the_open_is_refused() {
     let bed = Bed::new();
     let _g = bed.guest(1);

@@ -155,6 +155,8 @@ pub struct VbdBackend {
     disk: Option<OpenDisk>,
     /// The device nodes last acted on: unchanged nodes are not acted on twice.
     seen_device_nodes: Option<DeviceNodes>,
+    /// The device nodes whose open failed: not retried (and the error node not overwritten) until they change.
+    failed_device_nodes: Option<DeviceNodes>,
     running: Option<Box<dyn RunningRings>>,
     connection: Option<ConnectConfig>,
     error: Option<Fatal>,
@@ -186,6 +188,7 @@ impl VbdBackend {
             watching: None,
             disk: None,
             seen_device_nodes: None,
+            failed_device_nodes: None,
             running: None,
             connection: None,
             error: None,
@@ -362,6 +365,10 @@ impl VbdBackend {
             return Ok(());
         }
         self.seen_device_nodes = Some(nodes.clone());
+        if self.failed_device_nodes.as_ref().is_some_and(|failed| failed.same_device(&nodes)) {
+            // A script reporting its own failure (hotplug-status) after ours must not trigger a second attempt.
+            return Ok(());
+        }
         let request = device::interpret(&nodes);
         if let Some(open) = &self.disk {
             match request {
@@ -378,6 +385,7 @@ impl VbdBackend {
             Ok(DeviceRequest::NotYet) => return Ok(()),
             Ok(DeviceRequest::Open { source, mode }) => (source, mode),
             Err(fatal) => {
+                self.failed_device_nodes = Some(nodes);
                 self.fatal(fatal);
                 return Ok(());
             }
@@ -385,6 +393,7 @@ impl VbdBackend {
         let disk = match device::open_source(&source, mode, self.config.direct_io) {
             Ok(disk) => Arc::new(disk),
             Err(fatal) => {
+                self.failed_device_nodes = Some(nodes);
                 self.fatal(fatal);
                 return Ok(());
             }
@@ -413,6 +422,7 @@ impl VbdBackend {
                     tracing::info!(vbd = %self.id, "frontend restarts: prepare for reconnect");
                     self.error = None;
                     self.seen_device_nodes = None;
+                    self.failed_device_nodes = None;
                     self.switch_state(XenbusState::InitWait)?;
                     self.check_device()?;
                 }
@@ -611,6 +621,7 @@ impl VbdBackend {
         self.state = XenbusState::Unknown;
         self.frontend = None;
         self.seen_device_nodes = None;
+        self.failed_device_nodes = None;
         self.error = None;
     }
 }

@@ -49,6 +49,15 @@ pub struct DeviceNodes {
     pub hotplug_status: Option<Vec<u8>>,
 }
 
+impl DeviceNodes {
+    /// Whether both name the same device the same way: every node but `hotplug-status`, which only tells when a
+    /// script is done. A device that failed to open is not retried until one of these changes.
+    pub fn same_device(&self, other: &DeviceNodes) -> bool {
+        (&self.physical_device, &self.diskseq, &self.params, &self.mode, &self.script)
+            == (&other.physical_device, &other.diskseq, &other.params, &other.mode, &other.script)
+    }
+}
+
 /// A fatal problem with the device nodes or the open: what `xenbus_dev_fatal` reports.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
