@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(usage_message(&e)),
     };
-    logging::init();
+    logging::init(cli.log_format);
     let shutdown = match signals::Shutdown::install() {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),

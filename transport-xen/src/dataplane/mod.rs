@@ -316,9 +316,11 @@ impl Dataplane {
             fatal: self.fatal.clone(),
             stats: stats.clone(),
         };
+        // The worker logs inside the caller's span (the vbd) with its queue number.
+        let span = tracing::info_span!("queue", queue = index);
         let thread = std::thread::Builder::new()
             .name(format!("blkif-d{domid}-q{index}"))
-            .spawn(move || worker::run(setup))
+            .spawn(move || span.in_scope(|| worker::run(setup)))
             .map_err(|source| DataplaneError::Io { queue: index, what: "spawn worker", source })?;
         Ok(QueueHandle { stop, thread: Some(thread), stats, engine: engine_name })
     }

@@ -131,6 +131,7 @@ impl XenBackend {
             if !self.in_scope(id) {
                 continue;
             }
+            let _span = tracing::info_span!("vbd", domid = id.domid, devid = id.devid).entered();
             let vbd = self
                 .vbds
                 .entry(id)
