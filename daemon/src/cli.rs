@@ -66,6 +66,11 @@ pub enum Command {
         blkbackd xen --cleanup 7      (after a crash: close domain 7's vbds so its I/O fails instead of hanging)\n\n\
         xl disk spec: 'format=raw, vdev=xvdb, access=rw, backendtype=phy, script=block-blkbackd, target=/srv/vm7.img'")]
     Xen(XenArgs),
+    /// Print the live statistics of a running blkbackd (per queue: requests, bytes, errors, in-flight, latency).
+    #[command(after_help = "Examples:\n  \
+        blkbackd stats --control /run/blkbackd/vm1.ctl\n  \
+        blkbackd stats --control /run/blkbackd/vm1.ctl --prometheus")]
+    Stats(StatsArgs),
     /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
     /// temporary disk, a verified workload.
     #[command(after_help = "Example:\n  blkbackd demo")]
@@ -97,6 +102,20 @@ pub struct VhostUserArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
+    /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// `blkbackd stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The daemon's control socket (its `--control`).
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// Prometheus text format instead of the human one.
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 /// `blkbackd xen`.
@@ -120,6 +139,9 @@ pub struct XenArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
+    /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
     /// service manager after a blkbackd died), then exit.
     #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]

@@ -4,6 +4,7 @@
 //! module. Any setup error ends the process with one line on stderr (`blkbackd: error: ...`) and exit code 1.
 
 mod cli;
+mod control;
 mod demo;
 mod logging;
 mod signals;
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
         Command::Xen(args) => xen::run(&args, &shutdown),
+        Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
         Command::Demo => demo::run(),
     };
     match result {

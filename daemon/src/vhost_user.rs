@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use device_blk::stats::Registry;
 use device_blk::vhost_user::ServeError;
 use device_blk::virtio::{default_serial, serial_from_str};
 use device_blk::{Disk, EngineKind, VhostUserBlkOptions, VhostUserBlkServer};
 use vhost::vhost_user::Listener;
 
 use crate::cli::VhostUserArgs;
+use crate::control::ControlServer;
 use crate::signals::Shutdown;
 
 /// Open the disk, listen on the socket, and serve until a shutdown is requested.
@@ -31,6 +33,11 @@ pub fn run(args: &VhostUserArgs, shutdown: &Shutdown) -> anyhow::Result<()> {
         io_depth: args.io_depth,
         engine: args.engine.into(),
         serial,
+        stats: Some(Registry::new()),
+    };
+    let _control = match (&args.control, &options.stats) {
+        (Some(path), Some(registry)) => Some(ControlServer::start(path, registry.clone())?),
+        _ => None,
     };
     let server = VhostUserBlkServer::new(Arc::clone(&disk), options)?;
     probe_engine(&disk, args.engine.into(), server.options().effective_io_depth())?;

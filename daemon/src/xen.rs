@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use device_blk::stats::Registry;
 use transport_xen::dataplane::DataplaneOptions;
 use transport_xen::services::{DomId, TxId, XenStore};
 use transport_xen::xen::{EvtchnOpener, GntDev, XenBusStore};
@@ -16,6 +17,7 @@ use transport_xen::xenbus::state::XenbusState;
 use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
 
 use crate::cli::XenArgs;
+use crate::control::ControlServer;
 use crate::signals::Shutdown;
 
 /// Run `blkbackd xen`.
@@ -29,7 +31,10 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
         return cleanup(&store, &domain_path, domid);
     }
     let grants = GntDev::open().context("opening /dev/xen/gntdev (load xen-gntdev)")?;
-    let options = DataplaneOptions { grant_mode: args.grant_mode.into(), ..DataplaneOptions::default() };
+    let registry = Registry::new();
+    let _control = args.control.as_deref().map(|path| ControlServer::start(path, registry.clone())).transpose()?;
+    let options =
+        DataplaneOptions { grant_mode: args.grant_mode.into(), stats: Some(registry), ..DataplaneOptions::default() };
     let rings = DataplaneServer::new(Arc::new(grants), EvtchnOpener::default(), args.engine.into(), options);
     let config = BackendConfig {
         domain_path,

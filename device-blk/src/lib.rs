@@ -12,6 +12,7 @@ pub mod engine;
 pub mod geometry;
 pub mod queue;
 pub mod request;
+pub mod stats;
 pub mod units;
 pub mod vhost_user;
 pub mod virtio;

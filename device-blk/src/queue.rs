@@ -3,12 +3,15 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Instant;
 
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use crate::engine::{Completion, EngineError, IoEngine, IoOp, IOV_MAX};
 use crate::geometry::Geometry;
 use crate::request::{Request, RequestError, RequestKind, Status, ID_BYTES};
+use crate::stats::QueueStats;
 
 /// A request the queue is done with.
 #[derive(Debug)]
@@ -29,6 +32,7 @@ struct Slot<C> {
     iovecs: Vec<libc::iovec>,
     expected: u64,
     kind: RequestKind,
+    started: Instant,
 }
 
 // SAFETY: the raw pointers in `iovecs` are only addresses of guest buffers that the owning queue hands to its
@@ -47,6 +51,7 @@ pub struct BlockQueue<C> {
     unsubmitted: bool,
     /// Alignment host buffers need (the engine's, from the disk's direct-I/O memory alignment).
     buffer_alignment: usize,
+    stats: Arc<QueueStats>,
 }
 
 impl<C> std::fmt::Debug for BlockQueue<C> {
@@ -64,7 +69,13 @@ impl<C> BlockQueue<C> {
     pub fn new(geometry: Geometry, serial: [u8; ID_BYTES], engine: Box<dyn IoEngine>) -> Self {
         let depth = engine.capacity();
         let slots = (0..depth)
-            .map(|_| Slot { cookie: None, iovecs: Vec::with_capacity(16), expected: 0, kind: RequestKind::Flush })
+            .map(|_| Slot {
+                cookie: None,
+                iovecs: Vec::with_capacity(16),
+                expected: 0,
+                kind: RequestKind::Flush,
+                started: Instant::now(),
+            })
             .collect();
         let free = (0..u32::try_from(depth).unwrap_or(u32::MAX)).rev().collect();
         let buffer_alignment = engine.buffer_alignment().max(1);
@@ -77,7 +88,14 @@ impl<C> BlockQueue<C> {
             ready: VecDeque::with_capacity(depth),
             unsubmitted: false,
             buffer_alignment,
+            stats: Arc::new(QueueStats::default()),
         }
+    }
+
+    /// This queue's live counters and latency histograms (register them with a
+    /// [`Registry`](crate::stats::Registry) to report them).
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
     }
 
     /// The disk's geometry.
@@ -119,13 +137,13 @@ impl<C> BlockQueue<C> {
         let range = match request.validate(&self.geometry) {
             Ok(range) => range,
             Err(error) => {
-                self.finish_now(cookie, Err(error));
+                self.finish_now(request.kind, cookie, Err(error));
                 return Ok(());
             }
         };
         if request.kind == RequestKind::GetId {
             let result = self.write_serial(request, mem);
-            self.finish_now(cookie, result);
+            self.finish_now(request.kind, cookie, result);
             return Ok(());
         }
         let slot_index = index as usize;
@@ -133,7 +151,7 @@ impl<C> BlockQueue<C> {
         slot.iovecs.clear();
         if request.kind.has_data() {
             if let Err(error) = resolve_segments(request, mem, self.buffer_alignment, &mut slot.iovecs) {
-                self.finish_now(cookie, Err(error));
+                self.finish_now(request.kind, cookie, Err(error));
                 return Ok(());
             }
         }
@@ -153,6 +171,8 @@ impl<C> BlockQueue<C> {
                 slot.cookie = Some(cookie);
                 slot.expected = if request.kind.has_data() { range.len } else { 0 };
                 slot.kind = request.kind;
+                slot.started = Instant::now();
+                self.stats.started();
                 self.free.pop();
                 self.unsubmitted = true;
                 Ok(())
@@ -160,7 +180,7 @@ impl<C> BlockQueue<C> {
             Err(EngineError::Full(_)) => Err(cookie),
             Err(error) => {
                 tracing::warn!(%error, "engine refused a request");
-                self.finish_now(cookie, Err(RequestError::Io { errno: libc::EIO }));
+                self.finish_now(request.kind, cookie, Err(RequestError::Io { errno: libc::EIO }));
                 Ok(())
             }
         }
@@ -182,6 +202,7 @@ impl<C> BlockQueue<C> {
         }
         let slots = &mut self.slots;
         let free = &mut self.free;
+        let stats = &self.stats;
         self.engine.reap(&mut |Completion { token, result }| {
             let Some(slot) = usize::try_from(token).ok().and_then(|i| slots.get_mut(i)) else {
                 tracing::error!(token, "engine returned an unknown token");
@@ -199,12 +220,17 @@ impl<C> BlockQueue<C> {
             let to_guest = if slot.kind == RequestKind::Read { slot.expected } else { 0 };
             // `token` came from a u32 slot index.
             free.push(u32::try_from(token).unwrap_or(0));
-            on_finished(finished(cookie, outcome.map(|_| to_guest)));
+            let done = finished(cookie, outcome.map(|_| to_guest));
+            stats.finished(slot.kind, slot.started.elapsed(), slot.expected, done.status, done.error.as_ref());
+            on_finished(done);
         });
     }
 
-    fn finish_now(&mut self, cookie: C, result: Result<u64, RequestError>) {
-        self.ready.push_back(finished(cookie, result));
+    fn finish_now(&mut self, kind: RequestKind, cookie: C, result: Result<u64, RequestError>) {
+        let done = finished(cookie, result);
+        let bytes = u64::from(done.bytes_to_guest);
+        self.stats.finished(kind, std::time::Duration::ZERO, bytes, done.status, done.error.as_ref());
+        self.ready.push_back(done);
     }
 
     fn write_serial<M: GuestMemoryBackend>(&self, request: &Request, mem: &M) -> Result<u64, RequestError> {

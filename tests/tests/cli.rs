@@ -74,3 +74,39 @@ fn xen_without_xenstore_is_a_one_line_error() {
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.starts_with("blkbackd: error: cannot reach xenstore"), "{stderr}");
 }
+
+#[test]
+fn stats_report_live_counters_over_the_control_socket() {
+    use vhost_user_client::{BlkClient, Daemon, Op, Scratch};
+    let scratch = Scratch::new(1 << 20, 0);
+    let control = scratch.dir.path().join("ctl.sock");
+    let control_arg = control.to_str().expect("utf-8");
+    let _daemon = Daemon::start(&scratch.socket, &scratch.disk, &["--control", control_arg]);
+    let mut client = BlkClient::connect(&scratch.socket, 1, 128, false, 1 << 20).expect("connect");
+    let ops: Vec<Op> = (0..16).map(|i| Op::Write { offset: i * 4096, at: 0, len: 4096 }).collect();
+    assert!(client.run(&ops, 4).iter().all(|&status| status == 0));
+    let reads: Vec<Op> = (0..8).map(|i| Op::Read { offset: i * 4096, at: 0, len: 4096 }).collect();
+    assert!(client.run(&reads, 4).iter().all(|&status| status == 0));
+    // A request past the end of the disk: an invalid-request error.
+    assert_ne!(client.run_one(Op::Read { offset: 1 << 20, at: 0, len: 4096 }), 0);
+
+    let (code, text, stderr) = run(&["stats", "--control", control_arg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.contains("[transport=vhost-user queue=0]"), "{text}");
+    assert!(text.contains("bytes_read 32768") && text.contains("bytes_written 65536"), "{text}");
+    assert!(text.contains("invalid 1"), "{text}");
+    let write_line = text.lines().find(|l| l.trim_start().starts_with("write ")).expect("a write line");
+    assert!(write_line.contains(" 16 requests") && write_line.contains("p99"), "{write_line}");
+
+    let (code, prom, _) = run(&["stats", "--control", control_arg, "--prometheus"]);
+    assert_eq!(code, 0);
+    assert!(prom.contains(r#"blkbackd_written_bytes_total{transport="vhost-user",queue="0"} 65536"#), "{prom}");
+    assert!(
+        prom.contains(r#"blkbackd_request_duration_seconds_count{transport="vhost-user",queue="0",op="read"} 9"#),
+        "{prom}"
+    );
+
+    let (code, _, stderr) = run(&["stats", "--control", "/nonexistent/ctl.sock"]);
+    assert_eq!(code, 1);
+    assert!(stderr.starts_with("blkbackd: error: cannot connect to /nonexistent/ctl.sock"), "{stderr}");
+}

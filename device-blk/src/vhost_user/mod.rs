@@ -25,6 +25,8 @@ use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vm_memory::GuestMemoryAtomic;
+
+use crate::stats::Registry;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -45,7 +47,7 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 pub type BlkEpollHandler = VringEpollHandler<Arc<VhostUserBlkBackend>>;
 
 /// How a disk is served over vhost-user-blk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct VhostUserBlkOptions {
     /// Request queues (each served by its own thread).
     pub num_queues: u16,
@@ -58,6 +60,8 @@ pub struct VhostUserBlkOptions {
     pub engine: EngineKind,
     /// The GET_ID answer.
     pub serial: [u8; ID_BYTES],
+    /// Where each queue's counters and latency histograms are registered for the control socket.
+    pub stats: Option<Arc<Registry>>,
 }
 
 impl VhostUserBlkOptions {
@@ -69,6 +73,7 @@ impl VhostUserBlkOptions {
             io_depth: None,
             engine: EngineKind::default(),
             serial,
+            stats: None,
         }
     }
 
@@ -263,6 +268,9 @@ impl VhostUserBlkBackend {
             .and_then(Weak::upgrade)
             .ok_or_else(|| io::Error::other(format!("queue {index}: no epoll handler attached")))?;
         handler.register_listener(worker.completion_fd(), EventSet::IN, u64::from(self.completion_event()))?;
+        if let Some(registry) = &o.stats {
+            registry.register(vec![("transport", "vhost-user".into()), ("queue", index.to_string())], worker.stats());
+        }
         Ok(worker)
     }
 }

@@ -72,6 +72,11 @@ impl QueueWorker {
         self.queue.completion_fd()
     }
 
+    /// The queue's live counters.
+    pub(super) fn stats(&self) -> &Arc<crate::stats::QueueStats> {
+        self.queue.stats()
+    }
+
     /// Requests submitted and not yet answered.
     pub(super) fn in_flight(&self) -> usize {
         self.queue.in_flight()

@@ -33,6 +33,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::blkif::{BackRing, BlkifLayout, RingError, MAX_DIRECT_SEGMENTS, X86_32, X86_64};
 use crate::connect::{BlkifAbi, ConnectConfig, QueueRing, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER};
 use crate::grant_memory::{BouncePool, GrantMode, MAX_PERSISTENT_GRANTS};
+use device_blk::stats::Registry;
+
 use crate::services::{EventChannel, EventChannelOpener, GrantMapping, GrantTable, MapAccess, XenError};
 use worker::{QueueSetup, WorkerConfig};
 
@@ -49,6 +51,8 @@ pub struct DataplaneOptions {
     pub bounce_pages: usize,
     /// We advertised `discard-secure` = 1 (else secure discards are answered `EOPNOTSUPP`).
     pub discard_secure: bool,
+    /// Where each queue's counters and latency histograms are registered for the control socket.
+    pub stats: Option<Arc<Registry>>,
 }
 
 impl Default for DataplaneOptions {
@@ -59,6 +63,7 @@ impl Default for DataplaneOptions {
             persistent_grants_limit: MAX_PERSISTENT_GRANTS,
             bounce_pages: 4096,
             discard_secure: false,
+            stats: None,
         }
     }
 }
@@ -280,6 +285,11 @@ impl Dataplane {
         let depth = back.size().min(options.max_in_flight.max(1));
         let io = engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
         let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io);
+        if let Some(registry) = &options.stats {
+            let labels =
+                vec![("transport", "xen".to_string()), ("domid", domid.to_string()), ("queue", index.to_string())];
+            registry.register(labels, queue.stats());
+        }
         let engine_name = queue.engine_name();
         let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
         let pool = match options.grant_mode {

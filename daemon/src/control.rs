@@ -1,0 +1,105 @@
+//! The control socket (`--control PATH`): live statistics for `blkbackd stats`.
+//!
+//! Protocol: the client sends one line, `stats` or `stats prometheus`, and reads the report until the daemon closes
+//! the connection. Requests are bounded (128 bytes, 2 s) and answered by one thread that never touches the I/O path:
+//! the report is read from the queues' atomic counters.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use device_blk::stats::Registry;
+
+const MAX_REQUEST: u64 = 128;
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
+
+/// A listening control socket; removed when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listen on `path` and answer from `registry`.
+    pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlServer> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                bail!("cannot listen on {}: the control socket is in use by a running process", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        listener.set_nonblocking(true).context("control socket")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(&listener, &registry, &flag))
+            .context("spawning the control thread")?;
+        tracing::info!(socket = %path.display(), "control socket listening");
+        Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(stream, registry) {
+                    tracing::debug!(error = %e, "control request failed");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                std::thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+}
+
+fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "stats" => registry.render_text(),
+        "stats prometheus" => registry.render_prometheus(),
+        other => format!("error: unknown request {other:?} (expected `stats` or `stats prometheus`)\n"),
+    };
+    (&stream).write_all(reply.as_bytes())
+}
+
+/// `blkbackd stats`: ask the daemon behind `path` for its statistics.
+pub fn query(path: &Path, prometheus: bool) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!("cannot connect to {}: is blkbackd running with --control {}?", path.display(), path.display())
+    })?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(if prometheus { b"stats prometheus\n" } else { b"stats\n" })?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).context("reading the statistics")?;
+    if let Some(error) = reply.strip_prefix("error: ") {
+        bail!("{}", error.trim());
+    }
+    Ok(reply)
+}
