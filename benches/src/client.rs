@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use virtio_driver::{VhostUser, VirtioBlkQueue, VirtioBlkTransport, VirtioFeatureFlags};
 
-use crate::histogram::Histogram;
+use device_blk::stats::LatencyHistogram;
 
 /// What one run does.
 #[derive(Clone, Copy, Debug)]
@@ -25,14 +25,14 @@ pub struct Workload {
 }
 
 /// What one run measured.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Measured {
     /// Completed requests.
     pub ios: u64,
     /// Wall time of the measurement.
     pub elapsed: Duration,
     /// Completion latencies.
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
     /// Requests that came back with an error.
     pub errors: u64,
 }

@@ -8,8 +8,8 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod client;
-mod histogram;
 mod servers;
+mod xen_emulated;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ struct Cli {
 enum Command {
     /// blkbackd vs qemu-storage-daemon over vhost-user-blk, same file, same client.
     VhostUser(VhostUserArgs),
+    /// The Xen data path on the emulated host vs raw host io_uring (fio) on the same file.
+    XenEmulated(xen_emulated::XenEmulatedArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +62,9 @@ struct VhostUserArgs {
     /// Append the Markdown table to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Only the workloads whose name contains one of these (e.g. `--only "seqread,QD1"`); default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -84,6 +89,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::VhostUser(args) => vhost_user(args),
+        Command::XenEmulated(args) => {
+            let table = xen_emulated::run(&args)?;
+            println!("{table}");
+            Ok(())
+        }
     }
 }
 
@@ -103,7 +113,11 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     for &queues in &args.queues {
         for workload in WORKLOADS {
-            let mut per_server: Vec<Vec<(client::Measured, Duration)>> = vec![Vec::new(); servers.len()];
+            if !args.only.is_empty() && !args.only.iter().any(|o| workload.name.contains(o.as_str())) {
+                continue;
+            }
+            let mut per_server: Vec<Vec<(client::Measured, Duration)>> =
+                (0..servers.len()).map(|_| Vec::new()).collect();
             for round in 0..args.rounds {
                 // Alternate the order so neither server always runs on a warmer cache.
                 let order: Vec<usize> =
@@ -179,7 +193,7 @@ fn render(rows: &[Row]) -> String {
 }
 
 /// Write real data over the whole file so reads hit allocated blocks (a sparse file would flatter everyone).
-fn fill_disk(path: &std::path::Path, bytes: u64) -> Result<()> {
+pub(crate) fn fill_disk(path: &std::path::Path, bytes: u64) -> Result<()> {
     let mut f = std::fs::File::create(path)?;
     let chunk: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let mut left = bytes;

@@ -71,6 +71,12 @@ pub enum Command {
         blkbackd stats --control /run/blkbackd/vm1.ctl\n  \
         blkbackd stats --control /run/blkbackd/vm1.ctl --prometheus")]
     Stats(StatsArgs),
+    /// Write the man pages (blkbackd.1, blkbackd-<subcommand>.1) into DIR (for packaging).
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
     /// temporary disk, a verified workload.
     #[command(after_help = "Example:\n  blkbackd demo")]

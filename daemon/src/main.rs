@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
         Command::Xen(args) => xen::run(&args, &shutdown),
         Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
+        Command::Man { dir } => man_pages(&dir),
         Command::Demo => demo::run(),
     };
     match result {
@@ -65,6 +66,25 @@ fn error_chain(error: &anyhow::Error) -> String {
         message.push_str(&text);
     }
     message
+}
+
+/// The man pages, generated from the command line's own definition: `blkbackd.1` and one per subcommand.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let top = Cli::command();
+    let mut pages = vec![("blkbackd".to_string(), top.clone())];
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("blkbackd-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, command) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        clap_mangen::Man::new(command).render(&mut file).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Report a setup error on one line and return the failure exit code.

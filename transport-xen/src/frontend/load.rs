@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use device_blk::stats::LatencyHistogram;
+
 use crate::blkif::RSP_OKAY;
 
 use super::blkfront::Blkfront;
@@ -204,6 +206,19 @@ pub fn random_load(
     duration: Duration,
     seed: u64,
 ) -> Result<LoadStats, FrontError> {
+    random_load_mix(front, gens, block_bytes, depth, duration, seed, 50)
+}
+
+/// [`random_load`] with `read_percent` % reads (0: writes only, 100: reads only).
+pub fn random_load_mix(
+    front: &mut Blkfront<'_>,
+    gens: &mut [u32],
+    block_bytes: usize,
+    depth: usize,
+    duration: Duration,
+    seed: u64,
+    read_percent: usize,
+) -> Result<LoadStats, FrontError> {
     let block_sectors = (block_bytes / SECTOR).max(1) as u64;
     let blocks = gens.len();
     if blocks < depth * 2 {
@@ -211,7 +226,7 @@ pub fn random_load(
     }
     let mut busy = vec![false; gens.len()];
     let mut slots: Vec<Option<InFlight>> = vec![None; depth];
-    let mut latencies = Vec::new();
+    let latencies = LatencyHistogram::default();
     let mut rng = Rng::new(seed);
     let mut stats = LoadStats { depth, ..LoadStats::default() };
     let mut buf = vec![0u8; block_bytes];
@@ -230,7 +245,7 @@ pub fn random_load(
                     break b;
                 }
             };
-            let write = rng.below(2) == 0;
+            let write = rng.below(100) >= read_percent;
             let sector = block as u64 * block_sectors;
             let request = if write {
                 let g = gens[block].wrapping_add(1);
@@ -262,7 +277,7 @@ pub fn random_load(
                 let Some(f) = usize::try_from(c.tag).ok().and_then(|i| slots.get_mut(i)).and_then(Option::take) else {
                     return Err(fail(format!("completion for unknown tag {}", c.tag)));
                 };
-                latencies.push(f.start.elapsed());
+                latencies.record(f.start.elapsed());
                 busy[f.block] = false;
                 check_status(c, if f.write { "write" } else { "read" })?;
                 stats.ops += 1;
@@ -279,10 +294,8 @@ pub fn random_load(
         }
     }
     stats.elapsed = start.elapsed();
-    latencies.sort_unstable();
-    let pct = |p: usize| latencies.get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1))).copied();
-    stats.p50 = pct(50).unwrap_or_default();
-    stats.p99 = pct(99).unwrap_or_default();
+    stats.p50 = latencies.quantile(0.50);
+    stats.p99 = latencies.quantile(0.99);
     Ok(stats)
 }
 
