@@ -1,0 +1,407 @@
+//! The whole blkif ring consumer: `transport_xen::dataplane::Dataplane` (worker thread, epoll loop, request copy,
+//! decode, indirect pages, grant map / persistent grants / grant copy, `device-blk` queue with the synchronous
+//! engine on a real file, responses and notifications) serving a fuzzed frontend on the emulated Xen host.
+//!
+//! The host, one guest and its granted pages (8 read-write data pages, 2 read-only pages, 2 indirect-descriptor
+//! pages) live for the whole process; each input gets a fresh ring and data plane.
+//!
+//! Layout: `u8` flags (bit 0: x86_32; bits 1-2: ring page order 0..2; bit 3: persistent grants; bit 4: grant
+//! copy; bit 5: indirect segments advertised; bit 6: secure discard advertised; bit 7: read-only disk), `u8`
+//! flags2 (bit 0: publish a forged `req_prod`, given as `u32` next), `u8` in-flight limit, `u8` request count,
+//! `u8` count of indirect-descriptor overrides, each `u16` index, `u8` page selector, `u8` first, `u8` last; then
+//! per request `u8` mode: odd = 112 raw bytes; even = `u8` operation, `u8` byte 1 (count / flag / indirect op),
+//! `u16` indirect segment count, `u16` sector, `u8` discard sectors, 11 × (`u8` page selector, `u8` first, `u8`
+//! last). Page selectors pick a granted page or an invalid grant ref.
+//!
+//! Invariants: every published request is answered exactly once (same id and operation), with the status its
+//! decoding, its grants and the disk geometry call for (a read into a read-only grant, a bad grant or a bad
+//! segment is never `OKAY`); a producer more than a ring ahead halts the ring with no response; the worker never
+//! hangs or dies; read-only and indirect pages are never written; after `stop` no grant stays mapped and no port
+//! stays bound.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_blk::disk::DirectIo;
+use device_blk::{Disk, DiskOptions, EngineKind, Status};
+use transport_xen::blkif::{
+    encode, BlkifLayout, BlkifOp, BlkifRequest, BlkifSegment, RawRequest, OP_DISCARD, OP_INDIRECT, RSP_EOPNOTSUPP,
+    RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE, X86_32, X86_64,
+};
+use transport_xen::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS};
+use transport_xen::dataplane::{Dataplane, DataplaneOptions};
+use transport_xen::emulated::{EmulatedHost, GuestDomain, RingFrontend};
+use transport_xen::grant_memory::{segment_address, GrantMode};
+use transport_xen::services::{GrantRef, XEN_PAGE_SIZE};
+use vm_memory::Bytes;
+
+use crate::input::{Reader, Writer};
+
+const DOMID: u16 = 7;
+const DISK_BYTES: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Fixture {
+    host: EmulatedHost,
+    guest: Arc<GuestDomain>,
+    _dir: tempfile::TempDir,
+    rw_disk: Arc<Disk>,
+    ro_disk: Arc<Disk>,
+    /// Read-write data pages `(page, gref)`.
+    rw: Vec<(usize, GrantRef)>,
+    /// Read-only pages.
+    ro: Vec<(usize, GrantRef)>,
+    /// Indirect-descriptor pages (granted read-only).
+    ind: Vec<(usize, GrantRef)>,
+    /// Inputs run so far (request ids carry it, so stale ring entries never match).
+    runs: u64,
+}
+
+fn fixture() -> Fixture {
+    let host = EmulatedHost::new().expect("host");
+    let guest = Arc::new(host.add_guest(DOMID, 512).expect("guest"));
+    let grant = |count: usize, readonly: bool| -> Vec<(usize, GrantRef)> {
+        let first = guest.alloc_pages(count).expect("guest pages");
+        (first..first + count).map(|p| (p, guest.grant_access(p, readonly).expect("grant"))).collect()
+    };
+    let (rw, ro, ind) = (grant(8, false), grant(2, true), grant(2, true));
+    for &(page, _) in &ro {
+        guest.memory().write_slice(&[0x5a; XEN_PAGE_SIZE], GuestDomain::page_addr(page)).expect("ro pattern");
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("temp dir");
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, vec![0u8; DISK_BYTES as usize]).expect("disk file");
+    let open = |read_only| {
+        let options = DiskOptions { read_only, direct_io: DirectIo::Off, expected_diskseq: None };
+        Arc::new(Disk::open(&path, &options).expect("disk"))
+    };
+    let (rw_disk, ro_disk) = (open(false), open(true));
+    Fixture { host, guest, _dir: dir, rw_disk, ro_disk, rw, ro, ind, runs: 0 }
+}
+
+thread_local! {
+    static FIXTURE: RefCell<Option<Fixture>> = const { RefCell::new(None) };
+}
+
+/// A data-segment page: 0..8 read-write, 8..10 read-only, 10..12 indirect pages, else an invalid ref.
+fn data_gref(f: &Fixture, sel: u8) -> GrantRef {
+    match usize::from(sel % 16) {
+        i @ 0..=7 => f.rw[i].1,
+        i @ 8..=9 => f.ro[i - 8].1,
+        i @ 10..=11 => f.ind[i - 10].1,
+        12 => 0,
+        13 => 7,
+        14 => u32::MAX,
+        _ => 0x7fff_0000,
+    }
+}
+
+/// An indirect-page ref: the indirect pages, the read-only pages, or an invalid ref (never a page whose content
+/// changes while the input runs).
+fn indirect_gref(f: &Fixture, sel: u8) -> GrantRef {
+    match sel % 5 {
+        0 => f.ind[0].1,
+        1 => f.ind[1].1,
+        2 => f.ro[0].1,
+        3 => f.ro[1].1,
+        _ => 0xffff_fff0,
+    }
+}
+
+fn page_of(f: &Fixture, gref: GrantRef) -> Option<(usize, bool)> {
+    let find = |list: &[(usize, GrantRef)]| list.iter().find(|&&(_, g)| g == gref).map(|&(p, _)| p);
+    find(&f.rw).map(|p| (p, true)).or_else(|| find(&f.ro).or_else(|| find(&f.ind)).map(|p| (p, false)))
+}
+
+struct Plan {
+    flags: u8,
+    forged: Option<u32>,
+    in_flight: u32,
+    requests: Vec<RawRequest>,
+    indirect: Vec<u8>,
+}
+
+fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
+    let flags = r.u8();
+    let flags2 = r.u8();
+    let forged = (flags2 & 1 != 0).then(|| r.u32());
+    let in_flight = u32::from(r.u8() % 64) + 1;
+    let count = usize::from(r.u8() % 65);
+    // Both indirect pages: 1024 valid descriptors, then the overrides.
+    let mut indirect = Vec::with_capacity(2 * XEN_PAGE_SIZE);
+    for j in 0..2 * SEGMENTS_PER_INDIRECT_PAGE {
+        indirect.extend_from_slice(&BlkifSegment { gref: f.rw[j % 8].1, first_sect: 0, last_sect: 7 }.encode());
+    }
+    for _ in 0..r.u8() {
+        let j = usize::from(r.u16()) % (2 * SEGMENTS_PER_INDIRECT_PAGE);
+        let seg = BlkifSegment { gref: data_gref(f, r.u8()), first_sect: r.u8(), last_sect: r.u8() };
+        indirect[j * 8..j * 8 + 8].copy_from_slice(&seg.encode());
+    }
+    let mut requests = Vec::with_capacity(count);
+    for _ in 0..count {
+        if r.is_empty() {
+            break;
+        }
+        let raw = if r.u8() & 1 == 1 {
+            RawRequest { bytes: r.array() }
+        } else {
+            let (op, byte1, nseg, sector, nr) = (r.u8(), r.u8(), r.u16(), u64::from(r.u16()), u64::from(r.u8()));
+            let specs: Vec<(u8, u8, u8)> = (0..11).map(|_| (r.u8(), r.u8(), r.u8())).collect();
+            let mut raw = match op {
+                OP_DISCARD => encode::discard::<L>(0, sector, nr, false),
+                OP_INDIRECT => {
+                    let grefs: Vec<GrantRef> = specs[..8].iter().map(|s| indirect_gref(f, s.0)).collect();
+                    encode::indirect::<L>(byte1, 0, sector, nseg, &grefs)
+                }
+                _ => {
+                    let segs: Vec<BlkifSegment> = specs
+                        .iter()
+                        .map(|&(sel, first, last)| BlkifSegment { gref: data_gref(f, sel), first_sect: first, last_sect: last })
+                        .collect();
+                    encode::rw::<L>(op, 0, sector, &segs)
+                }
+            };
+            raw.bytes[1] = byte1;
+            raw
+        };
+        requests.push(raw);
+    }
+    Plan { flags, forged, in_flight, requests, indirect }
+}
+
+/// The operation a response must echo (the decoder's choice: for indirect requests, the indirect operation)
+/// and the status the model expects (`None`: either outcome is right).
+fn expected<L: BlkifLayout>(
+    f: &Fixture,
+    plan: &Plan,
+    raw: &RawRequest,
+    geometry: &device_blk::Geometry,
+) -> (u8, Option<i16>) {
+    let max_indirect = if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS as usize } else { 0 };
+    let mut req = BlkifRequest::default();
+    let status = status::<L>(f, plan, raw, geometry, max_indirect, &mut req);
+    (req.operation, status)
+}
+
+fn status<L: BlkifLayout>(
+    f: &Fixture,
+    plan: &Plan,
+    raw: &RawRequest,
+    geometry: &device_blk::Geometry,
+    max_indirect: usize,
+    req: &mut BlkifRequest,
+) -> Option<i16> {
+    let persistent = plan.flags & 0x08 != 0;
+    if let Err(fault) = req.decode::<L>(raw, max_indirect) {
+        return Some(fault.status());
+    }
+    if let Some(ind) = req.indirect {
+        let mut copy = Vec::with_capacity(ind.pages * XEN_PAGE_SIZE);
+        for &g in &ind.grefs[..ind.pages] {
+            if g == f.ind[0].1 || g == f.ind[1].1 {
+                let k = usize::from(g != f.ind[0].1);
+                copy.extend_from_slice(&plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
+            } else if g == f.ro[0].1 || g == f.ro[1].1 {
+                copy.extend_from_slice(&[0x5a; XEN_PAGE_SIZE]);
+            } else {
+                return Some(RSP_ERROR);
+            }
+        }
+        if req.set_indirect_segments(&copy).is_err() {
+            return Some(RSP_ERROR);
+        }
+    }
+    if req.op == (BlkifOp::Discard { secure: true }) && plan.flags & 0x40 == 0 {
+        return Some(RSP_EOPNOTSUPP);
+    }
+    let has_data = !req.segments.is_empty();
+    let kind = match req.op {
+        BlkifOp::Read => device_blk::RequestKind::Read,
+        BlkifOp::Discard { secure } => device_blk::RequestKind::Discard { secure },
+        _ => device_blk::RequestKind::Write,
+    };
+    let mut dev = device_blk::Request::new(kind);
+    dev.sector = device_blk::Sector(req.sector);
+    dev.discard_sectors = req.nr_sectors;
+    dev.segments.extend(req.segments.iter().enumerate().map(|(i, s)| segment_address(i, s)));
+    let data_phase = has_data || matches!(req.op, BlkifOp::Read | BlkifOp::Write | BlkifOp::Discard { .. });
+    if data_phase {
+        if let Err(e) = dev.validate(geometry) {
+            return Some(match e.status() {
+                Status::Ok => RSP_OKAY,
+                Status::IoError => RSP_ERROR,
+                Status::Unsupported => RSP_EOPNOTSUPP,
+            });
+        }
+    }
+    let to_guest = req.op == BlkifOp::Read;
+    let mut unsure = false;
+    for s in &req.segments {
+        match page_of(f, s.gref) {
+            None => return Some(RSP_ERROR),
+            Some((_, false)) if to_guest => return Some(RSP_ERROR),
+            // Persistent grants are mapped writable while the cache has room.
+            Some((_, false)) if persistent && plan.flags & 0x10 == 0 => unsure = true,
+            Some(_) => {}
+        }
+    }
+    if unsure {
+        None
+    } else {
+        Some(RSP_OKAY)
+    }
+}
+
+fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
+    f.runs += 1;
+    let plan = decode::<L>(f, r);
+    for (k, &(page, _)) in f.ind.iter().enumerate() {
+        let bytes = &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE];
+        f.guest.memory().write_slice(bytes, GuestDomain::page_addr(page)).expect("indirect page");
+    }
+    let order = u32::from((plan.flags >> 1) & 3).min(2);
+    let mut front = RingFrontend::<L>::new(f.guest.clone(), order, 0).expect("ring");
+    let size = front.ring().size();
+    let mut ids = HashMap::new();
+    let disk = if plan.flags & 0x80 != 0 { &f.ro_disk } else { &f.rw_disk };
+    let geometry = *disk.geometry();
+    for (i, raw) in plan.requests.iter().take(size as usize).enumerate() {
+        let mut raw = *raw;
+        let id = 0xF00D_0000_0000_0000 | (f.runs << 16) | i as u64;
+        raw.put(L::REQ_ID, &id.to_le_bytes());
+        assert!(front.ring().put_request(&raw));
+        ids.insert(id, expected::<L>(f, &plan, &raw, &geometry));
+    }
+    // A guest that points its own buffers at its own ring pages corrupts its ring: it may only harm itself, so
+    // then nothing is asserted about its responses (the backend must still stop cleanly).
+    let ring_refs = front.queue_ring().ring_refs;
+    let names_ring = |bytes: &[u8]| bytes.windows(4).any(|w| ring_refs.iter().any(|g| w == g.to_le_bytes()));
+    let self_harm = plan.requests.iter().any(|r| names_ring(&r.bytes)) || names_ring(&plan.indirect);
+    let published = match plan.forged {
+        Some(v) => {
+            front.ring().set_req_prod_raw(v);
+            v
+        }
+        None => {
+            front.ring().push_requests();
+            front.ring().req_prod_pvt()
+        }
+    };
+
+    let config = ConnectConfig {
+        frontend_domid: DOMID,
+        abi: L::ABI,
+        queues: vec![front.queue_ring()],
+        persistent_grants: plan.flags & 0x08 != 0,
+        max_indirect_segments: if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 },
+    };
+    let options = DataplaneOptions {
+        grant_mode: if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map },
+        max_in_flight: plan.in_flight,
+        bounce_pages: 300,
+        discard_secure: plan.flags & 0x40 != 0,
+        ..DataplaneOptions::default()
+    };
+    let grants = Arc::new(f.host.grant_table(0));
+    let dp = Dataplane::start(disk.clone(), EngineKind::Sync, grants, &f.host.evtchn_opener(0), &config, &options)
+        .expect("data plane");
+
+    if self_harm {
+        let _ = front.wait_responses(published.min(size) as usize, Duration::from_millis(200));
+    } else if published > size {
+        let mut pfd = libc::pollfd { fd: dp.fatal_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(WAIT.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        assert_eq!(ready, 1, "a producer {published} entries ahead of a {size}-entry ring did not halt it");
+        assert!(dp.halted());
+        assert_eq!(front.ring().rsp_prod(), 0, "requests of a bogus producer were answered");
+    } else {
+        let responses = front.wait_responses(published as usize, WAIT).unwrap_or_else(|e| panic!("worker hung: {e}"));
+        assert!(!dp.halted(), "halted on a valid producer: {:?}", dp.fatal_error());
+        let mut seen = HashMap::new();
+        for rsp in &responses {
+            assert!(matches!(rsp.status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP), "status {}", rsp.status);
+            if let Some(&(operation, want)) = ids.get(&rsp.id) {
+                assert!(seen.insert(rsp.id, ()).is_none(), "request {:#x} answered twice", rsp.id);
+                assert_eq!(rsp.operation, operation, "response echoes another operation");
+                if let Some(want) = want {
+                    assert_eq!(rsp.status, want, "request {:#x} (flags {:#x})", rsp.id, plan.flags);
+                }
+            }
+        }
+        let answered_ours = ids.len().min(published as usize);
+        assert_eq!(seen.len(), answered_ours, "some requests were never answered");
+    }
+    dp.stop();
+    assert_eq!(f.host.live_mappings(), 0, "grant mappings leaked");
+    assert_eq!(f.host.evtchn_switch().open_ports(0), 0, "backend ports left bound");
+    drop(front);
+
+    let mut page = vec![0u8; XEN_PAGE_SIZE];
+    for &(p, _) in &f.ro {
+        f.guest.memory().read_slice(&mut page, GuestDomain::page_addr(p)).expect("read");
+        assert!(page.iter().all(|&b| b == 0x5a), "a read-only grant was written");
+    }
+    for (k, &(p, _)) in f.ind.iter().enumerate() {
+        f.guest.memory().read_slice(&mut page, GuestDomain::page_addr(p)).expect("read");
+        assert_eq!(&page[..], &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE], "an indirect page was written");
+    }
+}
+
+/// Run one input.
+pub fn run(data: &[u8]) {
+    FIXTURE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let f = cell.get_or_insert_with(fixture);
+        let mut r = Reader::new(data);
+        if data.first().is_some_and(|b| b & 1 != 0) {
+            run_abi::<X86_32>(f, &mut r);
+        } else {
+            run_abi::<X86_64>(f, &mut r);
+        }
+    });
+}
+
+/// A structured request for the seeds.
+fn request(w: &mut Writer, op: u8, byte1: u8, nseg: u16, sector: u16, nr: u8, segs: &[(u8, u8, u8)]) {
+    w.u8(0).u8(op).u8(byte1).u16(nseg).u16(sector).u8(nr);
+    for i in 0..11 {
+        let (a, b, c) = segs.get(i).copied().unwrap_or((0, 0, 7));
+        w.u8(a).u8(b).u8(c);
+    }
+}
+
+/// Seed inputs.
+pub fn seeds() -> Vec<Vec<u8>> {
+    use transport_xen::blkif::{OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER};
+    let mut out = Vec::new();
+    for flags in [0x20u8, 0x21, 0x2b, 0x35, 0x62, 0xa0] {
+        let mut w = Writer::new();
+        w.u8(flags).u8(0).u8(8).u8(10).u8(1).u16(3).u8(9).u8(0).u8(7);
+        request(&mut w, OP_WRITE, 2, 0, 8, 0, &[(0, 0, 7), (1, 2, 5)]);
+        request(&mut w, OP_READ, 2, 0, 8, 0, &[(2, 0, 7), (3, 2, 5)]);
+        request(&mut w, OP_READ, 1, 0, 0, 0, &[(8, 0, 7)]);
+        request(&mut w, OP_WRITE, 1, 0, 16, 0, &[(9, 0, 3)]);
+        request(&mut w, OP_FLUSH_DISKCACHE, 0, 0, 0, 0, &[]);
+        request(&mut w, OP_WRITE_BARRIER, 1, 0, 24, 0, &[(4, 0, 7)]);
+        request(&mut w, OP_DISCARD, 1, 0, 64, 8, &[]);
+        request(&mut w, OP_INDIRECT, OP_READ, 600, 128, 0, &[(0, 0, 0), (1, 0, 0)]);
+        request(&mut w, OP_INDIRECT, OP_WRITE, 20, 2040, 0, &[(4, 0, 0)]);
+        request(&mut w, 9, 1, 0, 0, 0, &[(12, 0, 7)]);
+        out.push(w.finish());
+    }
+    let mut w = Writer::new();
+    w.u8(0).u8(1).u32(1000).u8(4).u8(2).u8(0);
+    request(&mut w, OP_READ, 1, 0, 0, 0, &[(0, 0, 7)]);
+    request(&mut w, OP_READ, 1, 0, 0, 0, &[(0, 0, 7)]);
+    out.push(w.finish());
+    let mut w = Writer::new();
+    w.u8(0).u8(1).u32(3).u8(4).u8(1).u8(0);
+    w.u8(1).bytes(&[0xff; 112]);
+    out.push(w.finish());
+    out
+}
