@@ -10,11 +10,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use device_blk::stats::Registry;
 use transport_xen::dataplane::DataplaneOptions;
-use transport_xen::services::{DomId, TxId, XenStore};
+use transport_xen::services::DomId;
 use transport_xen::xen::{EvtchnOpener, GntDev, XenBusStore};
 use transport_xen::xenbus::dataplane_server::DataplaneServer;
-use transport_xen::xenbus::state::XenbusState;
-use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
+use transport_xen::xenbus::{close_all_vbds, BackendConfig, Scope, XenBackend};
 
 use crate::cli::XenArgs;
 use crate::control::ControlServer;
@@ -56,26 +55,8 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
 
 /// Move every vbd of `domid` served from `domain_path` to Closed, with an `error` node saying why.
 fn cleanup(store: &XenBusStore, domain_path: &str, domid: DomId) -> anyhow::Result<()> {
-    let dir = format!("{domain_path}/backend/vbd/{domid}");
-    let devids = match store.directory(TxId::NONE, &dir) {
-        Ok(devids) => devids,
-        Err(transport_xen::services::XenError::NotFound { .. }) => {
-            tracing::info!(%dir, "no vbd to clean up");
-            return Ok(());
-        }
-        Err(e) => return Err(e).with_context(|| format!("listing {dir}")),
-    };
-    for devid in devids {
-        let vbd = format!("{dir}/{devid}");
-        let error = format!("{domain_path}/error/backend/vbd/{domid}/{devid}/error");
-        let message = b"5 blkbackd for this domain exited; the device is closed";
-        if let Err(e) = store.write(TxId::NONE, &error, message) {
-            tracing::warn!(%vbd, error = %e, "cannot write the error node");
-        }
-        store
-            .write(TxId::NONE, &format!("{vbd}/state"), XenbusState::Closed.as_node().as_bytes())
-            .with_context(|| format!("closing {vbd}"))?;
-        tracing::info!(%vbd, "moved to Closed");
-    }
+    let closed = close_all_vbds(store, domain_path, domid, "blkbackd for this domain exited; the device is closed")
+        .with_context(|| format!("closing the vbds of domain {domid}"))?;
+    tracing::info!(domid, closed, "cleanup done");
     Ok(())
 }

@@ -6,6 +6,50 @@
 //! segments into host buffers and submits them to an [`IoEngine`] (io_uring, or synchronous `preadv`/`pwritev`).
 //! Completions come back with the transport's cookie and a [`Status`], which the transport turns into its own
 //! response. The core knows nothing of the transport.
+//!
+//! # Embedding in a VMM
+//!
+//! A VMM that has its own virtqueue or ring code needs only the core: open the disk, give each queue a
+//! [`BlockQueue`] with its own engine, hand it parsed requests, and answer what comes out of `drain`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use device_blk::{BlockQueue, Disk, DiskOptions, EngineKind, Request, RequestKind, Sector, Segment, Status};
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("disk.img");
+//! # std::fs::write(&path, vec![0u8; 1 << 20])?;
+//! // The disk (a file or a block device; pin a block device with `expected_diskseq`).
+//! let disk = Arc::new(Disk::open(&path, &DiskOptions::default())?);
+//! // One queue: an io_uring engine (or the synchronous fallback) with room for 32 requests in flight.
+//! let engine = EngineKind::Auto.build(disk.clone(), 32)?;
+//! let mut queue: BlockQueue<u16> = BlockQueue::new(*disk.geometry(), *b"my-vmm-disk-0\0\0\0\0\0\0\0", engine);
+//!
+//! // Guest memory as the VMM maps it; the guest put "hello" in a 4 KiB buffer at 0x1000.
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! mem.write_slice(b"hello", GuestAddress(0x1000))?;
+//!
+//! // The transport parses its ring into a reused `Request` (here: write 4 KiB at sector 8), with its own cookie.
+//! let mut request = Request::with_capacity();
+//! request.reset(RequestKind::Write, Sector(8));
+//! request.segments.push(Segment { addr: GuestAddress(0x1000), len: 4096 });
+//! // SAFETY: `mem` stays mapped until the request comes out of `drain` below.
+//! unsafe { queue.submit(&request, &mem, 7) }.map_err(|_| "queue full")?;
+//! queue.kick()?; // one submission for everything started since the last kick
+//!
+//! // The VMM's event loop polls `queue.completion_fd()`; here we just wait for the one completion.
+//! let mut done = Vec::new();
+//! while done.is_empty() {
+//!     queue.drain(|finished| done.push((finished.cookie, finished.status)));
+//! }
+//! assert_eq!(done, [(7, Status::Ok)]);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod disk;
 pub mod engine;

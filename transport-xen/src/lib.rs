@@ -4,6 +4,8 @@
 //! (`/dev/xen`) and [`emulated`] implementations; the blkif shared ring and the xenbus backend state machine are
 //! built on those traits and on `device-blk`'s `BlockQueue`.
 
+#![warn(missing_docs)]
+
 pub mod blkif;
 pub mod connect;
 pub mod dataplane;

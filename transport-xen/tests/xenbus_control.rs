@@ -338,3 +338,25 @@ fn toolstack_nodes_naming_another_domain_or_a_bad_frontend_path_fail_the_probe()
         assert_eq!(bed.backend_node(id, "opened"), None, "{name}: nothing probed");
     }
 }
+
+#[test]
+fn the_supervisor_path_closes_every_vbd_of_a_dead_backends_domain() {
+    // `blkbackd xen --cleanup D`: the backend process is gone; its guest's vbds must end Closed with a reason
+    // (here the backend thread stopped first; a killed process writes nothing, the cleanup does it all).
+    let mut bed = Bed::new();
+    let _g1 = bed.guest(1);
+    let _g2 = bed.guest(2);
+    let a = bed.add_image_disk(1, false);
+    let other = bed.add_image_disk(2, false);
+    bed.wait_state(a, XenbusState::InitWait);
+    bed.wait_state(other, XenbusState::InitWait);
+    bed.stop_backend();
+    let reason = "blkbackd for this domain exited";
+    let closed = transport_xen::xenbus::close_all_vbds(bed.store(), "/local/domain/0", 1, reason).expect("cleanup");
+    assert_eq!(closed, 1);
+    assert_eq!(bed.backend_node(a, "state").as_deref(), Some(&b"6"[..]));
+    let error = bed.toolstack.error(a).expect("read").expect("error node");
+    assert!(error.ends_with(reason), "{error}");
+    assert!(bed.toolstack.error(other).expect("read").is_none(), "another domain's vbds are untouched");
+    assert_eq!(transport_xen::xenbus::close_all_vbds(bed.store(), "/local/domain/0", 9, reason), Ok(0));
+}

@@ -148,6 +148,23 @@ pub trait IoEngine: Send {
     /// Hand every available completion to `on_complete` and clear the completion eventfd.
     fn reap(&mut self, on_complete: &mut dyn FnMut(Completion));
 
+    /// Like [`reap`](IoEngine::reap), but leave the completion eventfd alone: for a caller that polls, reaps
+    /// without a system call where it can, and clears the eventfd with
+    /// [`clear_completion_signal`](IoEngine::clear_completion_signal) only before it sleeps on it.
+    fn reap_ready(&mut self, on_complete: &mut dyn FnMut(Completion)) {
+        self.reap(on_complete);
+    }
+
+    /// Whether a [`reap_ready`](IoEngine::reap_ready) may find something, judged without a system call where the
+    /// engine can (the io_uring engine reads its rings' shared memory). Never `false` while something is ready.
+    fn has_completions(&mut self) -> bool {
+        true
+    }
+
+    /// Clear the completion eventfd (the next signal is then a new completion). A poller calls it before it
+    /// sleeps, then checks [`has_completions`](IoEngine::has_completions) once more.
+    fn clear_completion_signal(&mut self) {}
+
     /// An eventfd that is readable while completions wait to be reaped.
     fn completion_fd(&self) -> RawFd;
 

@@ -75,6 +75,10 @@ impl IoEngine for SyncEngine {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
     fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }

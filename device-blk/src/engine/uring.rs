@@ -10,6 +10,17 @@
 //! The ring is created disabled and enabled by the first [`submit`](IoEngine::submit), so that with
 //! `IORING_SETUP_SINGLE_ISSUER` the ring belongs to the thread that submits (the queue's worker), not to the thread
 //! that built the engine. After that first submit the engine must stay on that thread.
+//!
+//! # Completion delivery
+//! A finished read or write reaches the ring as kernel *task work* that must run on the submitting thread. Where
+//! the kernel allows it (6.1+), the ring uses `IORING_SETUP_DEFER_TASKRUN`: the work waits until this thread asks
+//! for it (an `io_uring_enter` with `GETEVENTS`, which [`submit`](IoEngine::submit) and
+//! [`reap`](IoEngine::reap) make only when `IORING_SQ_TASKRUN` says work is waiting), the completion eventfd is
+//! signalled when the first piece of work arrives, and a thread sleeping in `epoll_wait` is not interrupted with
+//! `EINTR` (which `COOP_TASKRUN`, the fallback, does once per wake-up). A poller sees waiting work in the shared
+//! `IORING_SQ_TASKRUN` flag without a system call ([`has_completions`](IoEngine::has_completions)). The kernel
+//! runs at most a few dozen pieces of work per `GETEVENTS` and sets the flag again for the rest, so reaping loops
+//! until the flag is clear.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -27,6 +38,24 @@ const DISK_FIXED_FD: types::Fixed = types::Fixed(0);
 
 /// `BLOCK_URING_CMD_DISCARD` from `<linux/blkdev.h>`: `_IO(0x12, 0)`.
 const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+
+/// `IORING_ENTER_GETEVENTS`: run waiting task work and post its completions.
+const ENTER_GETEVENTS: u32 = 1;
+
+/// Rounds of `GETEVENTS` one reap makes at most (the kernel runs about 20 pieces of task work per round; the
+/// rest is picked up by the next reap, which the still-set `IORING_SQ_TASKRUN` flag or eventfd asks for).
+const MAX_TASKRUN_ROUNDS: usize = 64;
+
+/// How the kernel delivers completion task work to the ring (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionMode {
+    /// `DEFER_TASKRUN` + `TASKRUN_FLAG`: run when the owner asks (6.1+).
+    Deferred,
+    /// `COOP_TASKRUN` + `TASKRUN_FLAG`: run at the owner's next kernel entry (5.19+).
+    Cooperative,
+    /// Plain task work that interrupts the owner (older kernels).
+    Interrupting,
+}
 
 /// One operation in flight.
 #[derive(Debug)]
@@ -54,6 +83,8 @@ pub struct UringEngine {
     sq_pending: bool,
     /// Use `BLOCK_URING_CMD_DISCARD` for block-device discards.
     discard_cmd: bool,
+    /// How completions are delivered.
+    mode: CompletionMode,
 }
 
 // SAFETY: the raw pointers in the slots' `OpState`s are the caller's guest buffers and iovec arrays, which the
@@ -67,6 +98,7 @@ impl std::fmt::Debug for UringEngine {
             .field("capacity", &self.slots.len())
             .field("in_flight", &self.in_flight())
             .field("discard_cmd", &self.discard_cmd)
+            .field("mode", &self.mode)
             .finish()
     }
 }
@@ -74,24 +106,15 @@ impl std::fmt::Debug for UringEngine {
 impl UringEngine {
     /// A ring with `depth` submission entries (at most 4096; rounded up to a power of two by the kernel).
     pub fn new(disk: Arc<Disk>, depth: u32) -> Result<Self, EngineError> {
+        Self::with_mode(disk, depth, CompletionMode::Deferred)
+    }
+
+    /// A ring as [`new`](Self::new) makes, with completions delivered as `preferred` says where the kernel
+    /// allows it (else the next mode down the list of [`CompletionMode`]).
+    pub fn with_mode(disk: Arc<Disk>, depth: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
         let depth = depth.clamp(1, 4096);
         let io = |what| move |source| EngineError::Io { what, source };
-        // The completion queue holds twice the operations that can be in flight, so it never overflows.
-        let (ring, disabled) = match IoUring::builder()
-            .setup_cqsize(depth.saturating_mul(2))
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_submit_all()
-            .setup_r_disabled()
-            .build(depth)
-        {
-            Ok(ring) => (ring, true),
-            // Kernels before 6.0 lack some of these flags.
-            Err(_) => (
-                IoUring::builder().setup_cqsize(depth.saturating_mul(2)).build(depth).map_err(io("io_uring_setup"))?,
-                false,
-            ),
-        };
+        let (ring, disabled, mode) = build_ring(depth, preferred).map_err(io("io_uring_setup"))?;
         ring.submitter().register_files(&[disk.file().as_raw_fd()]).map_err(io("io_uring register files"))?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(io("io_uring register eventfd"))?;
@@ -112,7 +135,28 @@ impl UringEngine {
             disabled,
             sq_pending: false,
             discard_cmd,
+            mode,
         })
+    }
+
+    /// How this ring gets its completions.
+    pub fn completion_mode(&self) -> CompletionMode {
+        self.mode
+    }
+
+    /// Whether the kernel holds completion task work that only a `GETEVENTS` entry runs (no system call).
+    fn task_work_waiting(&mut self) -> bool {
+        self.mode != CompletionMode::Interrupting && !self.disabled && self.ring.submission().taskrun()
+    }
+
+    /// Run the completion task work the kernel holds for this ring, posting its completions to the ring.
+    fn run_task_work(&mut self) {
+        // SAFETY: no submission entries are passed (`to_submit` 0) and no argument pointer.
+        match unsafe { self.ring.submitter().enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(error) => tracing::debug!(%error, "io_uring_enter(GETEVENTS) failed"),
+        }
     }
 
     /// Whether block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
@@ -206,6 +250,59 @@ impl UringEngine {
         self.free.push(index);
         on_complete(Completion { token, result });
     }
+
+    /// Hand every completion entry on the ring to `on_complete` (resubmitting operations that need another
+    /// step); returns whether there were any.
+    fn reap_ring(&mut self, on_complete: &mut dyn FnMut(Completion)) -> bool {
+        let mut any = false;
+        loop {
+            let Some(cqe) = self.ring.completion().next() else { return any };
+            any = true;
+            let index = cqe.user_data();
+            let state = u32::try_from(index)
+                .ok()
+                .and_then(|i| self.slots.get_mut(i as usize).map(|slot| (i, slot.state.take())));
+            let Some((index, Some(mut state))) = state else {
+                tracing::error!(index, "io_uring completed an entry of no operation");
+                continue;
+            };
+            let result = cqe.result();
+            // SAFETY: reading the step of a range operation touches no memory; for transfers the iovecs are valid.
+            if result == -libc::EOPNOTSUPP && matches!(unsafe { state.step() }, Step::DiscardCmd { .. }) {
+                tracing::debug!("the kernel refuses BLOCK_URING_CMD_DISCARD; using the BLKDISCARD ioctl");
+                self.discard_cmd = false;
+            }
+            match state.advance(i64::from(result)) {
+                Progress::Done(result) => self.complete(index, result, on_complete),
+                Progress::Continue { retry } => self.issue(index, state, retry),
+            }
+            self.report_finished(on_complete);
+        }
+    }
+}
+
+/// Create a ring of `depth` entries, disabled where the kernel allows it, with the best completion mode from
+/// `preferred` down that the kernel accepts. The completion queue holds twice the operations that can be in
+/// flight, so it never overflows.
+fn build_ring(depth: u32, preferred: CompletionMode) -> std::io::Result<(IoUring, bool, CompletionMode)> {
+    let modes = [CompletionMode::Deferred, CompletionMode::Cooperative];
+    for mode in modes.into_iter().skip_while(|&m| m != preferred) {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(depth.saturating_mul(2)).setup_single_issuer().setup_submit_all().setup_r_disabled();
+        builder.setup_taskrun_flag();
+        if mode == CompletionMode::Deferred {
+            builder.setup_defer_taskrun();
+        } else {
+            builder.setup_coop_taskrun();
+        }
+        match builder.build(depth) {
+            Ok(ring) => return Ok((ring, true, mode)),
+            Err(error) => tracing::debug!(?mode, %error, "io_uring setup refused; trying the next mode"),
+        }
+    }
+    // Kernels before 5.19 lack these flags.
+    let ring = IoUring::builder().setup_cqsize(depth.saturating_mul(2)).build(depth)?;
+    Ok((ring, false, CompletionMode::Interrupting))
 }
 
 /// The submission entry for one step.
@@ -263,28 +360,26 @@ impl IoEngine for UringEngine {
     fn reap(&mut self, on_complete: &mut dyn FnMut(Completion)) {
         // Clear the eventfd first: a completion posted after this read signals it again.
         let _ = self.eventfd.read();
+        self.reap_ready(on_complete);
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.finished.is_empty() || self.sq_pending || !self.ring.completion().is_empty() || self.task_work_waiting()
+    }
+
+    fn clear_completion_signal(&mut self) {
+        let _ = self.eventfd.read();
+    }
+
+    fn reap_ready(&mut self, on_complete: &mut dyn FnMut(Completion)) {
         self.report_finished(on_complete);
-        loop {
-            let Some(cqe) = self.ring.completion().next() else { break };
-            let index = cqe.user_data();
-            let state = u32::try_from(index)
-                .ok()
-                .and_then(|i| self.slots.get_mut(i as usize).map(|slot| (i, slot.state.take())));
-            let Some((index, Some(mut state))) = state else {
-                tracing::error!(index, "io_uring completed an entry of no operation");
-                continue;
-            };
-            let result = cqe.result();
-            // SAFETY: reading the step of a range operation touches no memory; for transfers the iovecs are valid.
-            if result == -libc::EOPNOTSUPP && matches!(unsafe { state.step() }, Step::DiscardCmd { .. }) {
-                tracing::debug!("the kernel refuses BLOCK_URING_CMD_DISCARD; using the BLKDISCARD ioctl");
-                self.discard_cmd = false;
+        for _ in 0..MAX_TASKRUN_ROUNDS {
+            if self.task_work_waiting() {
+                self.run_task_work();
             }
-            match state.advance(i64::from(result)) {
-                Progress::Done(result) => self.complete(index, result, on_complete),
-                Progress::Continue { retry } => self.issue(index, state, retry),
+            if !self.reap_ring(on_complete) && !self.task_work_waiting() {
+                break;
             }
-            self.report_finished(on_complete);
         }
         if let Err(error) = self.flush_submissions() {
             // The entries stay queued; the next kick tries again and reports the error to the transport.
