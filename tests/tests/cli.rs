@@ -92,6 +92,7 @@ fn stats_report_live_counters_over_the_control_socket() {
 
     let (code, text, stderr) = run(&["stats", "--control", control_arg]);
     assert_eq!(code, 0, "{stderr}");
+    eprintln!("blkbackd stats:\n{text}");
     assert!(text.contains("[transport=vhost-user queue=0]"), "{text}");
     assert!(text.contains("bytes_read 32768") && text.contains("bytes_written 65536"), "{text}");
     assert!(text.contains("invalid 1"), "{text}");
