@@ -159,7 +159,11 @@ fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
                 _ => {
                     let segs: Vec<BlkifSegment> = specs
                         .iter()
-                        .map(|&(sel, first, last)| BlkifSegment { gref: data_gref(f, sel), first_sect: first, last_sect: last })
+                        .map(|&(sel, first, last)| BlkifSegment {
+                            gref: data_gref(f, sel),
+                            first_sect: first,
+                            last_sect: last,
+                        })
                         .collect();
                     encode::rw::<L>(op, 0, sector, &segs)
                 }
@@ -312,10 +316,18 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
     if self_harm {
         let _ = front.wait_responses(published.min(size) as usize, Duration::from_millis(200));
     } else if published > size {
-        let mut pfd = libc::pollfd { fd: dp.fatal_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = i32::try_from(WAIT.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let deadline = std::time::Instant::now() + WAIT;
+        let ready = loop {
+            let mut pfd = libc::pollfd { fd: dp.fatal_fd(), events: libc::POLLIN, revents: 0 };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            // libFuzzer's timeout alarm (SIGALRM) interrupts the wait now and then.
+            if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
         assert_eq!(ready, 1, "a producer {published} entries ahead of a {size}-entry ring did not halt it");
         assert!(dp.halted());
         assert_eq!(front.ring().rsp_prod(), 0, "requests of a bogus producer were answered");
@@ -348,7 +360,11 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
     }
     for (k, &(p, _)) in f.ind.iter().enumerate() {
         f.guest.memory().read_slice(&mut page, GuestDomain::page_addr(p)).expect("read");
-        assert_eq!(&page[..], &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE], "an indirect page was written");
+        assert_eq!(
+            &page[..],
+            &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE],
+            "an indirect page was written"
+        );
     }
 }
 

@@ -42,8 +42,9 @@ fn run_abi<L: BlkifLayout>(raw: &RawRequest, max_indirect: usize, pages: &[u8]) 
     assert_eq!(req.operation, echoed);
     match &result {
         Err(fault) => {
-            let unknown = !matches!(op, OP_READ | OP_WRITE | OP_WRITE_BARRIER | OP_FLUSH_DISKCACHE | OP_DISCARD)
-                && !(op == OP_INDIRECT && max_indirect > 0);
+            let known = matches!(op, OP_READ | OP_WRITE | OP_WRITE_BARRIER | OP_FLUSH_DISKCACHE | OP_DISCARD)
+                || (op == OP_INDIRECT && max_indirect > 0);
+            let unknown = !known;
             assert_eq!(matches!(fault, RequestFault::UnknownOperation(_)), unknown, "{fault}");
             assert_eq!(fault.status(), if unknown { RSP_EOPNOTSUPP } else { RSP_ERROR });
             return;

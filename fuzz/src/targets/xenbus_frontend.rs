@@ -120,7 +120,8 @@ fn model(store: &Nodes, adv: Advertised) -> Option<ConnectConfig> {
     let mut queues = Vec::new();
     for q in 0..num_queues {
         let dir = if num_queues == 1 { String::new() } else { format!("queue-{q}/") };
-        let remote_port = nodes::parse_event_channel("event-channel", value(&format!("{dir}event-channel")).ok()??).ok()?;
+        let remote_port =
+            nodes::parse_event_channel("event-channel", value(&format!("{dir}event-channel")).ok()??).ok()?;
         let names: Vec<String> = match order {
             None => vec!["ring-ref".into()],
             Some(o) => (0..1u32 << o).map(|i| format!("ring-ref{i}")).collect(),
@@ -184,9 +185,11 @@ pub fn run(data: &[u8]) {
         }
         Err(e) => {
             assert!(want.is_none(), "store error {e:?} for a readable frontend");
-            assert!(!matches!(e, XenError::Access { .. } | XenError::NotFound { .. }), "{e:?} must be the guest's fault");
-            let store_errors =
-                store.map.values().any(|v| matches!(v, Err(XenError::Again | XenError::Os { .. })));
+            assert!(
+                !matches!(e, XenError::Access { .. } | XenError::NotFound { .. }),
+                "{e:?} must be the guest's fault"
+            );
+            let store_errors = store.map.values().any(|v| matches!(v, Err(XenError::Again | XenError::Os { .. })));
             assert!(store_errors, "store error {e:?} without one injected");
         }
     }

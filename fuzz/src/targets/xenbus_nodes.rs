@@ -59,9 +59,15 @@ pub fn run(data: &[u8]) {
     assert_eq!(parse_ring_ref("ring-ref", v).ok(), as_u32.map(|n| n as u32));
     assert_eq!(parse_event_channel("event-channel", v).ok(), as_u32.filter(|&n| n != 0).map(|n| n as u32));
     let order_max = u32::from(param % 8);
-    assert_eq!(parse_ring_page_order(v, order_max).ok(), as_u32.filter(|&n| n <= u64::from(order_max)).map(|n| n as u32));
+    assert_eq!(
+        parse_ring_page_order(v, order_max).ok(),
+        as_u32.filter(|&n| n <= u64::from(order_max)).map(|n| n as u32)
+    );
     let queues = parse_num_queues(Some(v), u32::from(param));
-    assert_eq!(queues.as_ref().ok().copied(), as_u32.filter(|&n| n >= 1 && n <= u64::from(param.max(1))).map(|n| n as u32));
+    assert_eq!(
+        queues.as_ref().ok().copied(),
+        as_u32.filter(|&n| n >= 1 && n <= u64::from(param.max(1))).map(|n| n as u32)
+    );
     assert_eq!(parse_num_queues(None, u32::from(param)), Ok(1));
     match parse_domid("frontend-id", v) {
         Ok(d) => assert!(d < DOMID_FIRST_RESERVED && model == Some(u64::from(d))),

@@ -8,7 +8,9 @@
 //! `XENSTORE_PAYLOAD_MAX` bytes, and stays failed (pushing more changes nothing); otherwise it buffers exactly
 //! the bytes not yet consumed.
 
-use transport_xen::xen::wire::{encode_message, Frame, FrameDecoder, Header, MsgType, HEADER_LEN, XENSTORE_PAYLOAD_MAX};
+use transport_xen::xen::wire::{
+    encode_message, Frame, FrameDecoder, Header, MsgType, HEADER_LEN, XENSTORE_PAYLOAD_MAX,
+};
 
 use crate::input::{Reader, Writer};
 

@@ -196,6 +196,8 @@ fn peer(mut sock: UnixStream, script: Vec<(u8, Vec<u8>, Vec<Piece>)>, tx: mpsc::
                 Err(e) => panic!("client sent an oversized request: {e}"),
             }
             match sock.read(&mut buf) {
+                // libFuzzer's timeout alarm (SIGALRM) may land on this thread.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => return events,
                 Ok(n) => requests.push(&buf[..n]),
             }
@@ -257,8 +259,7 @@ fn peer(mut sock: UnixStream, script: Vec<(u8, Vec<u8>, Vec<Piece>)>, tx: mpsc::
 /// Run one input.
 pub fn run(data: &[u8]) {
     let script = decode_steps(data);
-    let steps: Vec<Step> =
-        script.iter().map(|(op, value, _)| Step { op: *op, value: value.clone() }).collect();
+    let steps: Vec<Step> = script.iter().map(|(op, value, _)| Step { op: *op, value: value.clone() }).collect();
     let (client, server) = UnixStream::pair().expect("socket pair");
     let store = XenBusStore::from_stream(client).expect("client").with_request_timeout(HANG);
     let (tx, rx) = mpsc::channel();
