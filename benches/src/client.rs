@@ -46,6 +46,18 @@ impl Measured {
 
 /// Connect to `socket` with `queues` queues and run `workload` for `duration` on a disk of `disk_bytes`.
 pub fn run(socket: &str, queues: usize, workload: Workload, duration: Duration, disk_bytes: u64) -> Result<Measured> {
+    run_and_hold(socket, queues, workload, duration, disk_bytes, &mut || Ok(()))
+}
+
+/// [`run`], then call `hold` while still connected (an idle frontend, e.g. to sample the server's memory).
+pub fn run_and_hold(
+    socket: &str,
+    queues: usize,
+    workload: Workload,
+    duration: Duration,
+    disk_bytes: u64,
+    hold: &mut dyn FnMut() -> Result<()>,
+) -> Result<Measured> {
     let features = VirtioFeatureFlags::VERSION_1.bits()
         | virtio_driver::VirtioBlkFeatureFlags::MQ.bits()
         | virtio_driver::VirtioBlkFeatureFlags::FLUSH.bits()
@@ -108,6 +120,7 @@ pub fn run(socket: &str, queues: usize, workload: Workload, duration: Duration, 
         total_m.elapsed = total_m.elapsed.max(m.elapsed);
         total_m.latency.merge(&m.latency);
     }
+    hold()?;
     Ok(total_m)
 }
 

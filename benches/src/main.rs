@@ -1,13 +1,16 @@
 //! `blkback-bench`: side-by-side benchmarks of blkbackd against the backends it replaces.
 //!
-//! `blkback-bench vhost-user` serves one file with qemu-storage-daemon and with blkbackd, alternating, drives
-//! both with the same vhost-user-blk client and prints IOPS, p50/p99 latency, server CPU per I/O and the ratio
-//! to qsd. Figures are only comparable inside one run.
+//! `blkback-bench vhost-user` serves one file with qemu-storage-daemon and with blkbackd (and any `--variant`
+//! configurations of it), alternating, drives them with the same vhost-user-blk client, runs fio with io_uring on
+//! the file itself as the raw ceiling, and prints IOPS, p50/p99 latency, server CPU per I/O and the ratios to qsd
+//! and to raw. `blkback-bench memory` reports blkbackd's resident memory per queue count. Figures are only
+//! comparable inside one run.
 
 // Measurement arithmetic converts between counts, floats and sizes that are small by construction.
 #![allow(clippy::cast_possible_truncation)]
 
 mod client;
+mod micro;
 mod servers;
 mod xen_emulated;
 
@@ -34,6 +37,29 @@ enum Command {
     VhostUser(VhostUserArgs),
     /// The Xen data path on the emulated host vs raw host io_uring (fio) on the same file.
     XenEmulated(xen_emulated::XenEmulatedArgs),
+    /// Resident memory of `blkbackd vhost-user` per queue count: at start, and connected and idle after I/O.
+    Memory(MemoryArgs),
+    /// The criterion micro-benchmarks' results (`cargo bench`) as one Markdown table.
+    MicroTable(micro::MicroTableArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MemoryArgs {
+    /// The blkbackd binary to measure.
+    #[arg(long, default_value = "target/release/blkbackd")]
+    blkbackd: PathBuf,
+    /// Directory for the disk file and the socket.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Queue counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    queues: Vec<usize>,
+    /// Extra blkbackd arguments (e.g. `--poll-us 50`).
+    #[arg(long, default_value = "")]
+    extra: String,
+    /// Append the Markdown table to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +91,9 @@ struct VhostUserArgs {
     /// Only the workloads whose name contains one of these (e.g. `--only "seqread,QD1"`); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Leave out the raw host io_uring row (fio on the file itself, one job per queue).
+    #[arg(long)]
+    no_raw: bool,
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -94,7 +123,53 @@ fn main() -> Result<()> {
             println!("{table}");
             Ok(())
         }
+        Command::Memory(args) => memory(args),
+        Command::MicroTable(args) => {
+            println!("{}", micro::run(&args)?);
+            Ok(())
+        }
     }
+}
+
+/// Start blkbackd per queue count, sample its memory, drive every queue for a second (4 KiB random reads at
+/// QD32, then 128 KiB sequential reads at QD8), let it idle with the frontend connected, sample again.
+fn memory(args: MemoryArgs) -> Result<()> {
+    const SIZE: u64 = 64 << 20;
+    let disk = args.dir.join(format!("blkback-mem-{}.img", std::process::id()));
+    fill_disk(&disk, SIZE).with_context(|| format!("creating {}", disk.display()))?;
+    let _cleanup = RemoveOnDrop(disk.clone());
+    let server = Server::Blkbackd {
+        binary: args.blkbackd.clone(),
+        extra: args.extra.split_whitespace().map(str::to_string).collect(),
+    };
+    let mut table = String::from(
+        "| queues | threads | RSS at start KiB | RSS idle after I/O KiB | private (anon) KiB | binary (file) KiB | guest RAM touched (shmem) KiB |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for &queues in &args.queues {
+        let running = Running::start(&server, &disk, &args.dir, queues)?;
+        std::thread::sleep(Duration::from_millis(200));
+        let start = running.memory()?;
+        let socket = running.socket().to_string_lossy().into_owned();
+        let mut idle = None;
+        client::run(&socket, queues, WORKLOADS[1], Duration::from_millis(500), SIZE)?;
+        client::run_and_hold(&socket, queues, WORKLOADS[3], Duration::from_millis(500), SIZE, &mut || {
+            std::thread::sleep(Duration::from_millis(500));
+            idle = Some(running.memory()?);
+            Ok(())
+        })?;
+        let idle = idle.context("no sample")?;
+        table.push_str(&format!(
+            "| {queues} | {} | {} | {} | {} | {} | {} |\n",
+            idle.threads, start.rss, idle.rss, idle.anon, idle.file, idle.shmem
+        ));
+    }
+    println!("{table}");
+    if let Some(path) = args.markdown {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{table}")?;
+    }
+    Ok(())
 }
 
 fn vhost_user(args: VhostUserArgs) -> Result<()> {
@@ -109,6 +184,9 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
             extra: v.split_whitespace().map(str::to_string).collect(),
         });
     }
+    if !args.no_raw {
+        servers.push(Server::RawFio);
+    }
     let duration = Duration::from_secs(args.seconds);
     let mut rows: Vec<Row> = Vec::new();
     for &queues in &args.queues {
@@ -116,50 +194,27 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
             if !args.only.is_empty() && !args.only.iter().any(|o| workload.name.contains(o.as_str())) {
                 continue;
             }
-            let mut per_server: Vec<Vec<(client::Measured, Duration)>> =
-                (0..servers.len()).map(|_| Vec::new()).collect();
+            let mut per_server: Vec<Vec<Sample>> = (0..servers.len()).map(|_| Vec::new()).collect();
             for round in 0..args.rounds {
                 // Alternate the order so neither server always runs on a warmer cache.
                 let order: Vec<usize> =
                     if round % 2 == 0 { (0..servers.len()).collect() } else { (0..servers.len()).rev().collect() };
                 for i in order {
-                    let running = Running::start(&servers[i], &disk, &args.dir, queues)?;
-                    let cpu0 = running.cpu_time()?;
-                    let socket = running.socket().to_string_lossy().into_owned();
-                    let m = client::run(&socket, queues, workload, duration, disk_bytes)
+                    let sample = measure(&servers[i], &disk, &args.dir, queues, workload, duration, disk_bytes)
                         .with_context(|| format!("{} {}", servers[i].label(), workload.name))?;
-                    let cpu = running.cpu_time()?.saturating_sub(cpu0);
                     eprintln!(
                         "  {:<28} {:<20} q{} round {}: {:>9.0} IOPS",
                         servers[i].label(),
                         workload.name,
                         queues,
                         round + 1,
-                        m.iops()
+                        sample.measured.iops()
                     );
-                    per_server[i].push((m, cpu));
+                    per_server[i].push(sample);
                 }
             }
             for (i, runs) in per_server.iter().enumerate() {
-                let mut merged = client::Measured::default();
-                let mut cpu = Duration::ZERO;
-                for (m, c) in runs {
-                    merged.ios += m.ios;
-                    merged.errors += m.errors;
-                    merged.elapsed += m.elapsed;
-                    merged.latency.merge(&m.latency);
-                    cpu += *c;
-                }
-                rows.push(Row {
-                    workload: workload.name,
-                    queues,
-                    server: servers[i].label(),
-                    iops: merged.iops(),
-                    p50_us: merged.latency.quantile(0.50).as_secs_f64() * 1e6,
-                    p99_us: merged.latency.quantile(0.99).as_secs_f64() * 1e6,
-                    cpu_us_per_io: cpu.as_secs_f64() * 1e6 / merged.ios.max(1) as f64,
-                    errors: merged.errors,
-                });
+                rows.push(merge(workload.name, queues, servers[i].label(), runs));
             }
         }
     }
@@ -172,21 +227,98 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
     Ok(())
 }
 
+/// One measurement of one contender.
+struct Sample {
+    measured: client::Measured,
+    /// CPU time the server used (fio: its own, submitting and reaping included).
+    cpu: Duration,
+    /// Latency percentiles (p50, p99) in µs where the contender reports them itself (fio) instead of the client's
+    /// histogram.
+    percentiles: Option<(f64, f64)>,
+}
+
+/// Run `workload` once against `server` (started for this run; fio runs on the file itself).
+fn measure(
+    server: &Server,
+    disk: &std::path::Path,
+    dir: &std::path::Path,
+    queues: usize,
+    workload: Workload,
+    duration: Duration,
+    disk_bytes: u64,
+) -> Result<Sample> {
+    if let Server::RawFio = server {
+        let f = servers::fio(disk, workload, queues, duration, disk_bytes)?;
+        let measured = client::Measured { ios: f.ios, elapsed: f.elapsed, ..Default::default() };
+        return Ok(Sample { measured, cpu: f.cpu, percentiles: Some((f.p50_us, f.p99_us)) });
+    }
+    let running = Running::start(server, disk, dir, queues)?;
+    let cpu0 = running.cpu_time()?;
+    let socket = running.socket().to_string_lossy().into_owned();
+    let measured = client::run(&socket, queues, workload, duration, disk_bytes)?;
+    let cpu = running.cpu_time()?.saturating_sub(cpu0);
+    Ok(Sample { measured, cpu, percentiles: None })
+}
+
+/// The table row of a contender's rounds: counts and histograms merged (reported percentiles averaged).
+fn merge(workload: &'static str, queues: usize, server: String, runs: &[Sample]) -> Row {
+    let mut merged = client::Measured::default();
+    let mut cpu = Duration::ZERO;
+    let (mut p50, mut p99, mut reported) = (0.0, 0.0, 0usize);
+    for s in runs {
+        merged.ios += s.measured.ios;
+        merged.errors += s.measured.errors;
+        merged.elapsed += s.measured.elapsed;
+        merged.latency.merge(&s.measured.latency);
+        cpu += s.cpu;
+        if let Some((a, b)) = s.percentiles {
+            (p50, p99, reported) = (p50 + a, p99 + b, reported + 1);
+        }
+    }
+    let (p50_us, p99_us) = if reported > 0 {
+        (p50 / reported as f64, p99 / reported as f64)
+    } else {
+        (merged.latency.quantile(0.50).as_secs_f64() * 1e6, merged.latency.quantile(0.99).as_secs_f64() * 1e6)
+    };
+    Row {
+        workload,
+        queues,
+        server,
+        iops: merged.iops(),
+        p50_us,
+        p99_us,
+        cpu_us_per_io: cpu.as_secs_f64() * 1e6 / merged.ios.max(1) as f64,
+        errors: merged.errors,
+    }
+}
+
 fn render(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| workload | queues | server | IOPS | ×qsd | p50 µs | p99 µs | server CPU µs/IO | CPU ×qsd | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| workload | queues | server | IOPS | ×qsd | ×raw | p50 µs | p99 µs | server CPU µs/IO | CPU ×qsd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let base =
-            rows.iter().find(|b| b.workload == r.workload && b.queues == r.queues && b.server.starts_with("qemu"));
-        let (ratio, cpu_ratio) = match base {
+        let find = |pred: &dyn Fn(&Row) -> bool| {
+            rows.iter().find(|b| b.workload == r.workload && b.queues == r.queues && pred(b))
+        };
+        let (ratio, cpu_ratio) = match find(&|b| b.server.starts_with("qemu")) {
             Some(b) => (r.iops / b.iops.max(1e-9), r.cpu_us_per_io / b.cpu_us_per_io.max(1e-9)),
             None => (f64::NAN, f64::NAN),
         };
+        let raw = find(&|b| b.server == servers::RAW_LABEL).map_or(f64::NAN, |b| r.iops / b.iops.max(1e-9));
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
-            r.workload, r.queues, r.server, r.iops, ratio, r.p50_us, r.p99_us, r.cpu_us_per_io, cpu_ratio, r.errors
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            r.workload,
+            r.queues,
+            r.server,
+            r.iops,
+            ratio,
+            raw,
+            r.p50_us,
+            r.p99_us,
+            r.cpu_us_per_io,
+            cpu_ratio,
+            r.errors
         ));
     }
     out

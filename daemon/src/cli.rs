@@ -63,7 +63,8 @@ pub enum Command {
     /// `--frontend-domid`, or every guest without it. Runs until SIGTERM or SIGINT, then closes every vbd.
     #[command(after_help = "Examples:\n  \
         blkbackd xen --frontend-domid 7\n  \
-        blkbackd xen --cleanup 7      (after a crash: close domain 7's vbds so its I/O fails instead of hanging)\n\n\
+        blkbackd xen --cleanup 7      (after a crash: close domain 7's vbds so its I/O fails instead of hanging)\n  \
+        blkbackd xen --cleanup 7 --devid 51728   (only backend/vbd/7/51728: block-blkbackd's remove)\n\n\
         xl disk spec: 'format=raw, vdev=xvdb, access=rw, backendtype=phy, script=block-blkbackd, target=/srv/vm7.img'")]
     Xen(XenArgs),
     /// Print the live statistics of a running blkbackd (per queue: requests, bytes, errors, in-flight, latency).
@@ -111,6 +112,35 @@ pub struct VhostUserArgs {
     /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Adaptive polling: after a kick or a completion, keep polling the queue and its I/O completions (guest
+    /// kicks off) until nothing happened for N µs, then sleep. Lower latency under load at the cost of CPU while
+    /// busy; an idle daemon still sleeps. 0: never poll.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(device_blk::vhost_user::MAX_POLL_US)))]
+    pub poll_us: u32,
+    /// How a batch of requests goes to io_uring: `unplugged` (at most two per system call, so that the block
+    /// layer neither holds them back nor merges them: each reaches the disk as the guest made it) or `whole`
+    /// (one system call per batch).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = BatchingArg::Unplugged)]
+    pub io_batching: BatchingArg,
+}
+
+/// `--io-batching`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BatchingArg {
+    /// At most two requests per io_uring_enter (no block-layer plug).
+    Unplugged,
+    /// A whole batch per io_uring_enter.
+    Whole,
+}
+
+impl From<BatchingArg> for device_blk::engine::Batching {
+    fn from(arg: BatchingArg) -> Self {
+        match arg {
+            BatchingArg::Unplugged => Self::Unplugged,
+            BatchingArg::Whole => Self::Whole,
+        }
+    }
 }
 
 /// `blkbackd stats`.
@@ -133,8 +163,10 @@ pub struct XenArgs {
     /// The domain this backend runs in (dom0 or a driver domain).
     #[arg(long, value_name = "B", default_value_t = 0)]
     pub backend_domid: u16,
-    /// Map the guest's grants, or grant-copy through a bounce pool.
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = GrantModeArg::Map)]
+    /// How guest data pages are reached: `auto` (persistent mappings for a frontend that uses persistent grants,
+    /// as Linux blkfront does; grant copy otherwise), `map` (map every request's grants), `copy` (grant copy through
+    /// a bounce pool; persistent grants are not offered).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = GrantModeArg::Auto)]
     pub grant_mode: GrantModeArg,
     /// Most queues a frontend may use (`multi-queue-max-queues`).
     #[arg(long, value_name = "N", default_value_t = 4)]
@@ -152,24 +184,20 @@ pub struct XenArgs {
     /// service manager after a blkbackd died), then exit.
     #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]
     pub cleanup: Option<u16>,
+    /// With `--cleanup`: only the vbd with this device id (`backend/vbd/D/N`; a hotplug script's `remove`).
+    #[arg(long, value_name = "N", requires = "cleanup")]
+    pub devid: Option<u32>,
 }
 
 /// `--grant-mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GrantModeArg {
-    /// Map the granted pages (persistent grants stay mapped).
+    /// Persistent mappings with a frontend that uses persistent grants, grant copy without.
+    Auto,
+    /// Map the granted pages (persistent grants stay mapped; other grants are mapped per request).
     Map,
     /// Copy through a bounce pool with grant copy.
     Copy,
-}
-
-impl From<GrantModeArg> for transport_xen::grant_memory::GrantMode {
-    fn from(arg: GrantModeArg) -> Self {
-        match arg {
-            GrantModeArg::Map => Self::Map,
-            GrantModeArg::Copy => Self::Copy,
-        }
-    }
 }
 
 /// Which disk, and how to open it.
@@ -268,10 +296,15 @@ mod tests {
             "io-uring",
             "--direct",
             "off",
+            "--poll-us",
+            "50",
+            "--io-batching",
+            "whole",
         ])
         .expect("valid command line");
         let Command::VhostUser(args) = cli.command else { panic!("expected vhost-user") };
         assert_eq!(args.disk.diskseq, Some(42));
+        assert_eq!((args.poll_us, args.io_batching), (50, BatchingArg::Whole));
         assert_eq!((args.queues, args.queue_size, args.engine), (2, 128, EngineArg::IoUring));
         let options = args.disk.options();
         assert!(options.read_only);

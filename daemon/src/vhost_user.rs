@@ -32,8 +32,10 @@ pub fn run(args: &VhostUserArgs, shutdown: &Shutdown) -> anyhow::Result<()> {
         queue_size: args.queue_size,
         io_depth: args.io_depth,
         engine: args.engine.into(),
+        batching: args.io_batching.into(),
         serial,
         stats: Some(Registry::new()),
+        poll_us: args.poll_us,
     };
     let _control = match (&args.control, &options.stats) {
         (Some(path), Some(registry)) => Some(ControlServer::start(path, registry.clone())?),
@@ -45,7 +47,7 @@ pub fn run(args: &VhostUserArgs, shutdown: &Shutdown) -> anyhow::Result<()> {
     let mut listener = Listener::from(socket.listener.try_clone().context("cannot duplicate the socket")?);
     tracing::info!(
         socket = %args.socket.display(), disk = %args.disk.path.display(), queues = args.queues,
-        queue_size = args.queue_size, serial = %String::from_utf8_lossy(&serial).trim_end_matches('\0'),
+        queue_size = args.queue_size, poll_us = args.poll_us, serial = %String::from_utf8_lossy(&serial).trim_end_matches('\0'),
         "serving vhost-user-blk"
     );
     while wait_for_frontend(&socket.listener, shutdown)? {

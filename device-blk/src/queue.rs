@@ -196,14 +196,37 @@ impl<C> BlockQueue<C> {
     }
 
     /// Hand every finished request to `on_finished`: immediate ones first, then the engine's completions.
-    pub fn drain(&mut self, mut on_finished: impl FnMut(Finished<C>)) {
+    /// Clears the completion eventfd.
+    pub fn drain(&mut self, on_finished: impl FnMut(Finished<C>)) {
+        self.drain_with(true, on_finished);
+    }
+
+    /// Like [`drain`](BlockQueue::drain), but leave the completion eventfd alone (see
+    /// [`IoEngine::reap_ready`]): for pollers, and for event handlers other than the completion eventfd's own,
+    /// which then need no system call when nothing has finished.
+    pub fn drain_ready(&mut self, on_finished: impl FnMut(Finished<C>)) {
+        self.drain_with(false, on_finished);
+    }
+
+    /// Whether a drain may hand out something now, judged without a system call where the engine can.
+    pub fn has_finished(&mut self) -> bool {
+        !self.ready.is_empty() || (self.in_flight() > 0 && self.engine.has_completions())
+    }
+
+    /// Clear the completion eventfd before sleeping on it; then check [`has_finished`](BlockQueue::has_finished)
+    /// once more, as a completion may have come in between.
+    pub fn clear_completion_signal(&mut self) {
+        self.engine.clear_completion_signal();
+    }
+
+    fn drain_with(&mut self, clear: bool, mut on_finished: impl FnMut(Finished<C>)) {
         while let Some(f) = self.ready.pop_front() {
             on_finished(f);
         }
         let slots = &mut self.slots;
         let free = &mut self.free;
         let stats = &self.stats;
-        self.engine.reap(&mut |Completion { token, result }| {
+        let mut on_complete = |Completion { token, result }| {
             let Some(slot) = usize::try_from(token).ok().and_then(|i| slots.get_mut(i)) else {
                 tracing::error!(token, "engine returned an unknown token");
                 return;
@@ -223,7 +246,12 @@ impl<C> BlockQueue<C> {
             let done = finished(cookie, outcome.map(|_| to_guest));
             stats.finished(slot.kind, slot.started.elapsed(), slot.expected, done.status, done.error.as_ref());
             on_finished(done);
-        });
+        };
+        if clear {
+            self.engine.reap(&mut on_complete);
+        } else {
+            self.engine.reap_ready(&mut on_complete);
+        }
     }
 
     fn finish_now(&mut self, kind: RequestKind, cookie: C, result: Result<u64, RequestError>) {

@@ -33,12 +33,18 @@ fn covering(base: usize, write: bool) -> Vec<Op> {
 /// and in the image file.
 /// `io_depth` below the client's depth makes the daemon leave chains in the ring until completions make room.
 fn round_trip(queues: usize, engine: &str, event_idx: bool, io_depth: Option<&str>) {
+    round_trip_with(queues, engine, event_idx, io_depth, &[]);
+}
+
+/// [`round_trip`] with more daemon arguments.
+fn round_trip_with(queues: usize, engine: &str, event_idx: bool, io_depth: Option<&str>, extra: &[&str]) {
     let scratch = Scratch::new(DISK, 0);
     let queue_arg = queues.to_string();
     let mut args = vec!["--queues", &queue_arg, "--engine", engine];
     if let Some(depth) = io_depth {
         args.extend(["--io-depth", depth]);
     }
+    args.extend(extra);
     let _daemon = Daemon::start(&scratch.socket, &scratch.disk, &args);
     let mut client = BlkClient::connect(&scratch.socket, queues, 128, event_idx, 2 * DISK).expect("connect");
     assert_eq!(client.features() & (1 << 29) != 0, event_idx, "EVENT_IDX negotiated as asked");
@@ -70,6 +76,23 @@ fn pattern_round_trip_two_queues_io_uring_backpressure() {
 #[test]
 fn pattern_round_trip_two_queues_sync_engine_event_idx_backpressure() {
     round_trip(2, "sync", true, Some("4"));
+}
+
+/// Adaptive polling: the driver skips kicks while the device polls (it honours `VRING_USED_F_NO_NOTIFY` and the
+/// avail event), so a device that failed to re-arm kicks before sleeping would leave requests unanswered here.
+#[test]
+fn pattern_round_trip_one_queue_polling_event_idx() {
+    round_trip_with(1, "io-uring", true, None, &["--poll-us", "200"]);
+}
+
+#[test]
+fn pattern_round_trip_two_queues_polling_backpressure() {
+    round_trip_with(2, "io-uring", false, Some("8"), &["--poll-us", "200"]);
+}
+
+#[test]
+fn pattern_round_trip_two_queues_sync_engine_polling() {
+    round_trip_with(2, "sync", false, None, &["--poll-us", "50"]);
 }
 
 #[test]

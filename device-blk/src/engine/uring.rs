@@ -30,7 +30,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::op::{run_blocking, OpState, Progress, Step};
-use super::{Completion, EngineError, IoEngine, IoOp};
+use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::{Disk, DiskKind};
 
 /// Index of the disk in the ring's registered file table.
@@ -42,9 +42,12 @@ const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 /// `IORING_ENTER_GETEVENTS`: run waiting task work and post its completions.
 const ENTER_GETEVENTS: u32 = 1;
 
-/// Rounds of `GETEVENTS` one reap makes at most (the kernel runs about 20 pieces of task work per round; the
-/// rest is picked up by the next reap, which the still-set `IORING_SQ_TASKRUN` flag or eventfd asks for).
-const MAX_TASKRUN_ROUNDS: usize = 64;
+/// Entries per `io_uring_enter` with [`Batching::Unplugged`]: io_uring plugs the block layer for more than two.
+const UNPLUGGED_CHUNK: u32 = 2;
+
+/// Pieces of deferred task work the kernel runs per `GETEVENTS` at most (`IO_LOCAL_TW_DEFAULT_MAX`); it sets
+/// `IORING_SQ_TASKRUN` again for the rest, without signalling the eventfd.
+const TASKRUN_ROUND: usize = 20;
 
 /// How the kernel delivers completion task work to the ring (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +88,8 @@ pub struct UringEngine {
     discard_cmd: bool,
     /// How completions are delivered.
     mode: CompletionMode,
+    /// How batches are submitted.
+    batching: Batching,
 }
 
 // SAFETY: the raw pointers in the slots' `OpState`s are the caller's guest buffers and iovec arrays, which the
@@ -136,7 +141,13 @@ impl UringEngine {
             sq_pending: false,
             discard_cmd,
             mode,
+            batching: Batching::Whole,
         })
+    }
+
+    /// Submit batches as `batching` says from now on.
+    pub fn set_batching(&mut self, batching: Batching) {
+        self.batching = batching;
     }
 
     /// How this ring gets its completions.
@@ -214,9 +225,21 @@ impl UringEngine {
                 .map_err(|source| EngineError::Io { what: "io_uring enable rings", source })?;
             self.disabled = false;
         }
+        let chunk = match self.batching {
+            Batching::Whole => u32::MAX,
+            Batching::Unplugged => UNPLUGGED_CHUNK,
+        };
         loop {
-            match self.ring.submit() {
-                Ok(_) => break,
+            let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+            if queued == 0 {
+                break;
+            }
+            // Deferred completions are fetched by the same system call.
+            let flags = if self.task_work_waiting() { ENTER_GETEVENTS } else { 0 };
+            // SAFETY: the queued entries are valid (see `issue`); no argument pointer.
+            match unsafe { self.ring.submitter().enter::<libc::sigset_t>(queued.min(chunk), 0, flags, None) } {
+                Ok(0) => break, // Took nothing: keep the entries queued and try again later.
+                Ok(_) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
                     tracing::debug!("io_uring submit deferred: {e}");
@@ -252,12 +275,12 @@ impl UringEngine {
     }
 
     /// Hand every completion entry on the ring to `on_complete` (resubmitting operations that need another
-    /// step); returns whether there were any.
-    fn reap_ring(&mut self, on_complete: &mut dyn FnMut(Completion)) -> bool {
-        let mut any = false;
+    /// step); returns how many there were.
+    fn reap_ring(&mut self, on_complete: &mut dyn FnMut(Completion)) -> usize {
+        let mut count = 0;
         loop {
-            let Some(cqe) = self.ring.completion().next() else { return any };
-            any = true;
+            let Some(cqe) = self.ring.completion().next() else { return count };
+            count += 1;
             let index = cqe.user_data();
             let state = u32::try_from(index)
                 .ok()
@@ -373,11 +396,17 @@ impl IoEngine for UringEngine {
 
     fn reap_ready(&mut self, on_complete: &mut dyn FnMut(Completion)) {
         self.report_finished(on_complete);
-        for _ in 0..MAX_TASKRUN_ROUNDS {
-            if self.task_work_waiting() {
+        // Enough rounds for every operation in flight: leftovers would wake no sleeper.
+        for _ in 0..self.slots.len() / TASKRUN_ROUND + 2 {
+            let ran = self.task_work_waiting();
+            if ran {
                 self.run_task_work();
             }
-            if !self.reap_ring(on_complete) && !self.task_work_waiting() {
+            // A round that posted fewer than the kernel's cut-off ran everything that was waiting; work that
+            // arrived since signals the eventfd anew (and sets the flag), so stop here and let the caller answer
+            // what it has, rather than chase a busy device's completions one by one.
+            if !(ran && self.reap_ring(on_complete) >= TASKRUN_ROUND && self.task_work_waiting()) {
+                self.reap_ring(on_complete);
                 break;
             }
         }
@@ -407,3 +436,7 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
 }
+
+#[cfg(test)]
+#[path = "uring_tests.rs"]
+mod tests;

@@ -4,16 +4,18 @@
 //! ring with `SINGLE_ISSUER` may only be submitted to from the thread that created it.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::VhostUserBlkOptions;
 use crate::disk::Disk;
-use crate::engine::{EngineError, EngineKind};
+use crate::engine::EngineError;
 use crate::queue::{BlockQueue, Finished};
-use crate::request::{Request, ID_BYTES};
+use crate::request::Request;
 use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
 
 /// Guest memory as vhost-user-backend maps it.
@@ -46,20 +48,19 @@ pub(super) struct QueueWorker {
 }
 
 impl QueueWorker {
-    /// A worker for queue `index` with an engine of `kind` and `depth` slots; call on the queue's thread.
+    /// A worker for queue `index` with the engine `options` ask for; call on the queue's thread.
     pub(super) fn new(
         index: usize,
         disk: &Arc<Disk>,
-        kind: EngineKind,
-        depth: u32,
-        serial: [u8; ID_BYTES],
+        options: &VhostUserBlkOptions,
         seg_max: usize,
     ) -> Result<Self, EngineError> {
-        let engine = kind.build(Arc::clone(disk), depth)?;
+        let depth = options.effective_io_depth();
+        let engine = options.engine.build_with(Arc::clone(disk), depth, options.batching)?;
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,
-            queue: BlockQueue::new(*disk.geometry(), serial, engine),
+            queue: BlockQueue::new(*disk.geometry(), options.serial, engine),
             request: Request::with_capacity(),
             seg_max,
             blocked: false,
@@ -83,22 +84,74 @@ impl QueueWorker {
     }
 
     /// The guest kicked (or the ring was just enabled): answer what completed, then take every available chain.
+    /// The completion eventfd is left to its own event (no system call here unless something finished).
     pub(super) fn on_kick(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory) {
-        self.run(vring, mem, true);
+        self.run(vring, mem, true, false);
     }
 
-    /// The engine signalled completions: answer them, and resume popping if we had stopped for lack of room
-    /// (unless `may_pop` is false: the device is shutting down).
+    /// The engine signalled completions (its eventfd is watched edge-triggered, so it is not read here): answer
+    /// them, and take what the guest published meanwhile (unless `may_pop` is false: the device is shutting
+    /// down).
     pub(super) fn on_completion(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, may_pop: bool) {
-        let resume = self.blocked && may_pop;
-        self.run(vring, mem, resume);
+        // Chains the guest published meanwhile go out in the same submission as the completions are fetched
+        // with (their kick, if any, then finds nothing left).
+        self.run(vring, mem, may_pop, false);
+    }
+
+    /// Polling starts: the guest need not kick while the worker looks at the ring by itself. (With EVENT_IDX
+    /// nothing is written: the avail event is simply not moved on while polling, so the guest kicks at most once.)
+    pub(super) fn disable_kicks(&mut self, vring: &BlkVring) {
+        if let Err(error) = vring.get_mut().disable_notification() {
+            tracing::debug!(queue = self.index, %error, "cannot disable guest notifications");
+        }
+    }
+
+    /// One polling pass: answer what finished and take what the guest published (without re-arming its kicks).
+    /// Makes no system call unless there is work. Returns whether there was any.
+    pub(super) fn poll_once(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, may_pop: bool) -> bool {
+        let mut ring = vring.get_mut();
+        let mut used = false;
+        let mut progress = false;
+        if self.queue.has_finished() {
+            self.answer_finished(&mut ring, &mut used, false);
+            progress = true;
+        }
+        if may_pop && self.queue.has_room() && avail_pending(&ring, mem) {
+            let snapshot = mem.memory().into_inner();
+            self.pop_available(&mut ring, &snapshot, &mut used);
+            if let Err(error) = self.queue.kick() {
+                tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
+            }
+            self.answer_finished(&mut ring, &mut used, false);
+            progress = true;
+        }
+        if used {
+            notify_guest(&mut ring, self.index);
+        }
+        progress
+    }
+
+    /// Polling ends: clear the completion eventfd and re-arm guest kicks, then look once more. Returns whether
+    /// work came in meanwhile (chains published that no kick will announce, or finished requests), which the
+    /// caller must still take care of (poll on, or run [`on_kick`](Self::on_kick)) before sleeping.
+    pub(super) fn rearm(&mut self, vring: &BlkVring, may_pop: bool) -> bool {
+        let mut ring = vring.get_mut();
+        self.queue.clear_completion_signal();
+        let published = match ring.enable_notification() {
+            Ok(more) => more,
+            Err(error) => {
+                tracing::debug!(queue = self.index, %error, "cannot re-arm guest notifications");
+                false
+            }
+        };
+        (published && may_pop && self.queue.has_room()) || self.queue.has_finished()
     }
 
     /// Wait for and answer every request in flight, without taking new ones (the last thing before the worker
     /// thread ends, so that no I/O outlives the memory it targets).
     pub(super) fn finish_in_flight(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory) {
         loop {
-            self.run(vring, mem, false);
+            self.run(vring, mem, false, true);
             if self.in_flight() == 0 {
                 return;
             }
@@ -115,10 +168,19 @@ impl QueueWorker {
         }
     }
 
-    fn run(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, pop: bool) {
+    /// Answer what finished (clearing the completion eventfd if `clear`), then with `pop` take every available
+    /// chain and submit them in one batch.
+    fn run(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, pop: bool, clear: bool) {
         let mut ring = vring.get_mut();
         let mut used = false;
-        self.answer_finished(&mut ring, &mut used);
+        if clear || self.queue.has_finished() {
+            self.answer_finished(&mut ring, &mut used, clear);
+        }
+        if pop && used {
+            // Tell the guest before spending time on new submissions: it can reuse those buffers meanwhile.
+            notify_guest(&mut ring, self.index);
+            used = false;
+        }
         if pop {
             let snapshot = mem.memory().into_inner();
             loop {
@@ -127,7 +189,9 @@ impl QueueWorker {
                     tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
                 }
                 // Requests refused at submit time and fast completions are answered in the same batch...
-                self.answer_finished(&mut ring, &mut used);
+                if self.queue.has_finished() {
+                    self.answer_finished(&mut ring, &mut used, false);
+                }
                 // ...and may have made room for chains left in the ring, which no later event would bring back
                 // (their completion signal was consumed right here).
                 if !(self.blocked && self.queue.has_room()) {
@@ -212,10 +276,11 @@ impl QueueWorker {
         }
     }
 
-    /// Write the status byte of every finished request and put it in the used ring.
-    fn answer_finished(&mut self, ring: &mut RingState, used: &mut bool) {
+    /// Write the status byte of every finished request and put it in the used ring (clearing the completion
+    /// eventfd if `clear`).
+    fn answer_finished(&mut self, ring: &mut RingState, used: &mut bool, clear: bool) {
         let index = self.index;
-        self.queue.drain(|Finished { cookie: Cookie { head, status, mem }, status: result, bytes_to_guest, error }| {
+        let answer = |Finished { cookie: Cookie { head, status, mem }, status: result, bytes_to_guest, error }| {
             if let Some(error) = error {
                 tracing::debug!(queue = index, head, %error, "request failed");
             }
@@ -228,7 +293,12 @@ impl QueueWorker {
             };
             add_used(ring, head, len, index);
             *used = true;
-        });
+        };
+        if clear {
+            self.queue.drain(answer);
+        } else {
+            self.queue.drain_ready(answer);
+        }
     }
 
     fn log_bad_ring(&mut self, error: &virtio_queue::Error) {
@@ -255,6 +325,12 @@ impl QueueWorker {
             tracing::debug!(queue = self.index, head, %error, answered, count = self.malformed, "malformed request");
         }
     }
+}
+
+/// Whether the guest published chains not taken yet (one load from the avail ring).
+fn avail_pending(ring: &RingState, mem: &AtomicGuestMemory) -> bool {
+    let q = ring.get_queue();
+    q.ready() && q.avail_idx(&*mem.memory(), Ordering::Acquire).is_ok_and(|idx| idx.0 != q.next_avail())
 }
 
 fn add_used(ring: &mut RingState, head: u16, len: u32, queue: usize) {

@@ -13,6 +13,8 @@ use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
 use crate::disk::{DirectIo, DiskOptions};
+use crate::engine::EngineKind;
+use crate::request::ID_BYTES;
 
 /// Counts the allocations of the current thread.
 struct CountingAllocator;
@@ -160,7 +162,8 @@ impl Harness {
     }
 
     fn worker(&self, engine: EngineKind) -> QueueWorker {
-        QueueWorker::new(0, &self.disk, engine, 32, [0; ID_BYTES], 8).expect("worker")
+        let options = VhostUserBlkOptions { engine, io_depth: Some(32), ..VhostUserBlkOptions::new([0; ID_BYTES]) };
+        QueueWorker::new(0, &self.disk, &options, 8).expect("worker")
     }
 }
 

@@ -125,6 +125,21 @@ impl<L: BlkifLayout> BackRing<L> {
         Ok(BackRing { ring, req_cons: 0, rsp_prod_pvt: 0, rsp_published: 0, req_avail: 0 })
     }
 
+    /// Attach to a ring that another backend served and left (it died): resume after the last response it
+    /// published (`rsp_prod` as the shared page says), so every request from there to `req_prod` counts as
+    /// unanswered. The page belongs to the peer: a bogus `rsp_prod` only makes [`unconsumed`](Self::unconsumed)
+    /// report an overflow or fewer requests, never an access outside the ring.
+    ///
+    /// # Safety
+    /// As for [`new`](Self::new).
+    pub unsafe fn resume(base: *mut u8, bytes: usize) -> Result<Self, RingError> {
+        // SAFETY: forwarded contract.
+        let ring = unsafe { Shared::new(base, bytes) }?;
+        let rsp_prod = ring.index(RSP_PROD).load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        Ok(BackRing { ring, req_cons: rsp_prod, rsp_prod_pvt: rsp_prod, rsp_published: rsp_prod, req_avail: 0 })
+    }
+
     /// Entries in the ring.
     pub fn size(&self) -> u32 {
         self.ring.size

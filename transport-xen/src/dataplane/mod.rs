@@ -19,6 +19,7 @@
 //! machine to write the `error` node and go Closing. [`Dataplane::stop`] drains in-flight I/O, answers it, unmaps
 //! every grant (ring pages, persistent grants) and unbinds the event channels.
 
+pub mod abandon;
 mod slot;
 mod worker;
 
@@ -53,6 +54,12 @@ pub struct DataplaneOptions {
     pub discard_secure: bool,
     /// Where each queue's counters and latency histograms are registered for the control socket.
     pub stats: Option<Arc<Registry>>,
+    /// In map mode, grant-copy the data of a frontend that does not use persistent grants instead of mapping each
+    /// request's grants. In a PV dom0 Linux's gntdev unmaps asynchronously (after the last page reference is
+    /// gone), so a response can reach the frontend while its grants are still mapped, and Linux blkfront then
+    /// disables the device ("backed has not unmapped grant"). Persistent grants are not affected (blkfront
+    /// expects them to stay mapped).
+    pub copy_without_persistent: bool,
 }
 
 impl Default for DataplaneOptions {
@@ -64,6 +71,17 @@ impl Default for DataplaneOptions {
             bounce_pages: 4096,
             discard_secure: false,
             stats: None,
+            copy_without_persistent: false,
+        }
+    }
+}
+
+impl DataplaneOptions {
+    /// The grant mode a connection uses, given whether the frontend uses persistent grants.
+    pub fn effective_mode(&self, persistent_grants: bool) -> GrantMode {
+        match self.grant_mode {
+            GrantMode::Map if self.copy_without_persistent && !persistent_grants => GrantMode::Copy,
+            mode => mode,
         }
     }
 }
@@ -249,7 +267,8 @@ impl Dataplane {
         }
         tracing::info!(
             domid = config.frontend_domid, queues = config.queues.len(), abi = ?config.abi,
-            persistent = config.persistent_grants, mode = ?options.grant_mode, "data plane started"
+            persistent = config.persistent_grants, mode = ?options.effective_mode(config.persistent_grants),
+            "data plane started"
         );
         Ok(dp)
     }
@@ -292,7 +311,7 @@ impl Dataplane {
         }
         let engine_name = queue.engine_name();
         let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
-        let pool = match options.grant_mode {
+        let pool = match options.effective_mode(config.persistent_grants) {
             // Room for at least one request of the largest size, or it could never start.
             GrantMode::Copy => Some(
                 BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
@@ -394,5 +413,21 @@ impl Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_mode_copies_for_a_frontend_without_persistent_grants_when_asked() {
+        let auto = DataplaneOptions { copy_without_persistent: true, ..DataplaneOptions::default() };
+        assert_eq!(auto.effective_mode(true), GrantMode::Map);
+        assert_eq!(auto.effective_mode(false), GrantMode::Copy);
+        let map = DataplaneOptions::default();
+        assert_eq!((map.effective_mode(true), map.effective_mode(false)), (GrantMode::Map, GrantMode::Map));
+        let copy = DataplaneOptions { grant_mode: GrantMode::Copy, copy_without_persistent: true, ..map };
+        assert_eq!((copy.effective_mode(true), copy.effective_mode(false)), (GrantMode::Copy, GrantMode::Copy));
     }
 }

@@ -5,6 +5,7 @@
 //! `Dataplane` and in tests.
 
 pub mod backend;
+pub mod cleanup;
 pub mod dataplane_server;
 pub mod device;
 pub mod frontend_nodes;
@@ -14,8 +15,9 @@ pub mod state;
 pub mod supervisor;
 
 pub use backend::{BackendConfig, Phase, VbdBackend, VbdStatus, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE};
+pub use cleanup::{close_all_vbds, close_vbd, close_vbd_failing_io, Cleanup};
 pub use dataplane_server::DataplaneServer;
 pub use device::{DeviceSource, Fatal};
 pub use rings::{RingServer, RunningRings};
 pub use state::{VbdId, VbdPaths, XenbusState};
-pub use supervisor::{close_all_vbds, Scope, StopHandle, XenBackend};
+pub use supervisor::{Scope, StopHandle, XenBackend};

@@ -20,34 +20,6 @@ const ROOT_TOKEN: &str = "blkback-vbds";
 /// How long the driver loop sleeps without any event (a safety net; every wake-up is event driven).
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
-/// The supervisor path for a backend that died: move every vbd of frontend domain `domid` served from
-/// `domain_path` to Closed, with an `error` node saying `reason`, so the guest's I/O fails instead of hanging.
-/// Returns how many vbds were closed.
-pub fn close_all_vbds(store: &dyn XenStore, domain_path: &str, domid: DomId, reason: &str) -> Result<usize, XenError> {
-    let dir = format!("{}/{domid}", vbd_root(domain_path));
-    let devids = match store.directory(TxId::NONE, &dir) {
-        Ok(devids) => devids,
-        Err(XenError::NotFound { .. }) => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let mut closed = 0;
-    for devid in devids {
-        let Ok(devid) = nodes::parse_u32("devid", devid.as_bytes(), 0, u32::MAX) else { continue };
-        let paths = crate::xenbus::state::VbdPaths::new(domain_path, VbdId { domid, devid });
-        if let Err(e) = store.write(TxId::NONE, &paths.error, format!("{} {reason}", libc::EPIPE).as_bytes()) {
-            tracing::warn!(vbd = %paths.backend, error = %e, "cannot write the error node");
-        }
-        store.write(
-            TxId::NONE,
-            &paths.node("state"),
-            crate::xenbus::state::XenbusState::Closed.as_node().as_bytes(),
-        )?;
-        tracing::info!(vbd = %paths.backend, "moved to Closed");
-        closed += 1;
-    }
-    Ok(closed)
-}
-
 /// Which frontends' vbds a supervisor serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {

@@ -1,0 +1,152 @@
+//! Completion delivery of the io_uring engine on the running kernel: deferred task work is run and reaped in
+//! full, and a poller sees waiting completions without a system call.
+
+// Block numbers of these small images fit in a byte.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::disk::{DirectIo, DiskOptions};
+
+const BLOCK: usize = 4096;
+
+fn disk(dir: &std::path::Path, blocks: usize) -> Arc<Disk> {
+    let path = dir.join("disk.img");
+    let mut f = std::fs::File::create(&path).expect("create image");
+    let data: Vec<u8> = (0..blocks * BLOCK).map(|i| (i / BLOCK) as u8).collect();
+    f.write_all(&data).expect("fill image");
+    // O_DIRECT where the file system allows it, so that reads really complete later, as task work.
+    let options = DiskOptions { read_only: true, direct_io: DirectIo::Auto, expected_diskseq: None };
+    Arc::new(Disk::open(&path, &options).expect("open image"))
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, no timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
+/// Enqueue `count` one-block reads into `buf` (block `i` into slot `i`) with tokens `0..count`, and submit.
+fn read_blocks(engine: &mut UringEngine, iovecs: &[libc::iovec], count: usize) {
+    for (i, iov) in iovecs.iter().take(count).enumerate() {
+        let op = IoOp::Read { offset: (i * BLOCK) as u64, iovecs: std::slice::from_ref(iov) };
+        // SAFETY: `iovecs` and the buffer they point to outlive the engine's use (every test reaps all).
+        unsafe { engine.enqueue(op, i as u64) }.expect("enqueue");
+    }
+    engine.submit().expect("submit");
+}
+
+/// Page-aligned buffers (as direct I/O needs) of `blocks` blocks.
+struct Buffers {
+    raw: Vec<u8>,
+    blocks: usize,
+}
+
+impl Buffers {
+    fn new(blocks: usize) -> Self {
+        Buffers { raw: vec![0u8; (blocks + 1) * BLOCK], blocks }
+    }
+
+    fn start(&self) -> usize {
+        self.raw.as_ptr().align_offset(BLOCK)
+    }
+
+    fn iovecs(&mut self) -> Vec<libc::iovec> {
+        let (start, len) = (self.start(), self.blocks * BLOCK);
+        self.raw[start..start + len]
+            .chunks_mut(BLOCK)
+            .map(|c| libc::iovec { iov_base: c.as_mut_ptr().cast(), iov_len: c.len() })
+            .collect()
+    }
+
+    fn block(&self, i: usize) -> &[u8] {
+        let at = self.start() + i * BLOCK;
+        &self.raw[at..at + BLOCK]
+    }
+}
+
+/// A directory on a file system that takes O_DIRECT (not tmpfs), where there is one.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").or_else(|_| tempfile::tempdir()).expect("tempdir")
+}
+
+#[test]
+fn a_batch_larger_than_one_round_of_task_work_is_reaped_in_full() {
+    const COUNT: usize = 100;
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), COUNT);
+    let cases = [
+        (CompletionMode::Deferred, Batching::Whole),
+        (CompletionMode::Deferred, Batching::Unplugged),
+        (CompletionMode::Cooperative, Batching::Whole),
+    ];
+    for (mode, batching) in cases {
+        let mut engine = UringEngine::with_mode(Arc::clone(&disk), 128, mode).expect("engine");
+        engine.set_batching(batching);
+        if kernel_at_least(6, 1) {
+            assert_eq!(engine.completion_mode(), mode, "the kernel accepts {mode:?}");
+        }
+        let mut buf = Buffers::new(COUNT);
+        let iovecs = buf.iovecs();
+        read_blocks(&mut engine, &iovecs, COUNT);
+        // Let every read finish, so that the kernel holds all of them as task work at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !readable(engine.completion_fd()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut done = Vec::new();
+        engine.reap(&mut |c| done.push(c));
+        assert_eq!(done.len(), COUNT, "{mode:?} {batching:?}: one reap returns every finished read");
+        assert!(done.iter().all(|c| c.result == Ok(BLOCK as u64)), "{mode:?}: {done:?}");
+        assert_eq!(engine.in_flight(), 0);
+        for i in 0..COUNT {
+            assert!(buf.block(i).iter().all(|&b| b == i as u8), "{mode:?}: block {i} read correctly");
+        }
+    }
+}
+
+#[test]
+fn a_poller_sees_completions_in_shared_memory_and_clears_the_signal_before_sleeping() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    for mode in [CompletionMode::Deferred, CompletionMode::Cooperative] {
+        let mut engine = UringEngine::with_mode(Arc::clone(&disk), 8, mode).expect("engine");
+        assert!(!engine.has_completions(), "{mode:?}: nothing submitted yet");
+        let mut buf = Buffers::new(4);
+        let iovecs = buf.iovecs();
+        read_blocks(&mut engine, &iovecs, 4);
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while done.len() < 4 {
+            assert!(Instant::now() < deadline, "{mode:?}: completions seen by polling within 5 s");
+            if engine.has_completions() {
+                engine.reap_ready(&mut |c| done.push(c));
+            }
+            std::hint::spin_loop();
+        }
+        assert!(done.iter().all(|c| c.result == Ok(BLOCK as u64)), "{mode:?}: {done:?}");
+        assert!(!engine.has_completions(), "{mode:?}: everything reaped");
+        engine.clear_completion_signal();
+        assert!(!readable(engine.completion_fd()), "{mode:?}: the eventfd is clear before sleeping");
+        // The next completion signals it again.
+        read_blocks(&mut engine, &iovecs, 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !readable(engine.completion_fd()) {
+            assert!(Instant::now() < deadline, "{mode:?}: a new completion signals the eventfd");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut more = Vec::new();
+        engine.reap(&mut |c| more.push(c));
+        assert_eq!(more.len(), 1, "{mode:?}");
+    }
+}

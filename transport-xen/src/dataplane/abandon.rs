@@ -1,0 +1,194 @@
+//! The ring half of the supervisor path: answering what a dead backend left behind.
+//!
+//! When a backend process dies, the requests it had taken from the ring (and those the frontend queued after) are
+//! never answered, and Linux blkfront has no request timeout: the guest's I/O waits forever, even after the vbd
+//! goes Closed (blkfront then stops queueing new requests, but keeps waiting for those on the ring).
+//! [`fail_unanswered`] maps the rings again, answers every request between the last *published* response and the
+//! request producer with `BLKIF_RSP_ERROR`, and notifies the frontend, so those requests fail with an I/O error.
+//!
+//! Only for a backend that is gone: answering a ring that a live backend still serves would corrupt it.
+
+use std::time::{Duration, Instant};
+
+use crate::blkif::{BackRing, BlkifLayout, BlkifResponse, RawRequest, RSP_ERROR, X86_32, X86_64};
+use crate::connect::{BlkifAbi, ConnectConfig, QueueRing};
+use crate::dataplane::DataplaneError;
+use crate::services::{DomId, EventChannel, EventChannelOpener, GrantMapping, GrantTable, MapAccess};
+
+/// How often the rings are looked at again while `settle` lasts.
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// Answer every unanswered request on `config`'s rings with `BLKIF_RSP_ERROR` and notify the frontend. The rings
+/// are watched for `settle` more (a frontend that had not yet seen the vbd close may still queue requests), and
+/// everything that arrives meanwhile is answered too. Returns how many requests were answered.
+///
+/// A queue whose ring cannot be mapped or whose port cannot be bound (the frontend is gone) is skipped and
+/// reported after the others were handled.
+pub fn fail_unanswered<G: GrantTable, O: EventChannelOpener>(
+    grants: &G,
+    evtchn: &O,
+    config: &ConnectConfig,
+    settle: Duration,
+) -> Result<usize, DataplaneError> {
+    let deadline = Instant::now() + settle;
+    let mut answered = 0;
+    let mut first_error = None;
+    for (index, ring) in config.queues.iter().enumerate() {
+        let result = match config.abi {
+            BlkifAbi::X86_64 => {
+                fail_queue::<X86_64, G, O>(grants, evtchn, config.frontend_domid, index, ring, deadline)
+            }
+            BlkifAbi::X86_32 => {
+                fail_queue::<X86_32, G, O>(grants, evtchn, config.frontend_domid, index, ring, deadline)
+            }
+        };
+        match result {
+            Ok(n) => answered += n,
+            Err(e) => {
+                tracing::warn!(queue = index, error = %e, "cannot answer the requests left on the ring");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if answered == 0 => Err(e),
+        _ => Ok(answered),
+    }
+}
+
+fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
+    grants: &G,
+    evtchn: &O,
+    domid: DomId,
+    index: usize,
+    ring: &QueueRing,
+    deadline: Instant,
+) -> Result<usize, DataplaneError> {
+    let pages = ring.ring_refs.len();
+    let mapping = grants
+        .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
+        .map_err(|source| DataplaneError::MapRing { queue: index, pages, source })?;
+    // SAFETY: `mapping` covers `mapping.len()` bytes and outlives `back` (both live until the end of this function,
+    // `back` declared after it, so dropped first).
+    let mut back = unsafe { BackRing::<L>::resume(mapping.as_ptr(), mapping.len()) }
+        .map_err(|source| DataplaneError::Ring { queue: index, source })?;
+    let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, source };
+    let mut channel = evtchn.open().map_err(evtchn_err)?;
+    let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
+    let mut raw = RawRequest::default();
+    let mut answered = 0;
+    let result = loop {
+        let avail = match back.unconsumed() {
+            Ok(n) => n,
+            Err(source) => break Err(DataplaneError::Ring { queue: index, source }),
+        };
+        for _ in 0..avail {
+            if !back.next_request(&mut raw) {
+                break;
+            }
+            back.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: RSP_ERROR });
+            answered += 1;
+        }
+        if avail > 0 {
+            back.push_responses();
+            // Always: whatever event index the frontend left, it must look at the ring now.
+            if let Err(e) = channel.notify(port) {
+                tracing::warn!(queue = index, error = %e, "evtchn notify failed");
+            }
+        }
+        if Instant::now() >= deadline {
+            break Ok(answered);
+        }
+        std::thread::sleep(RECHECK.min(deadline.saturating_duration_since(Instant::now())));
+    };
+    if let Err(e) = channel.unbind(port) {
+        tracing::debug!(queue = index, error = %e, "evtchn unbind");
+    }
+    if answered > 0 {
+        tracing::info!(queue = index, answered, "answered the requests a dead backend left with an I/O error");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::blkif::{OP_READ, OP_WRITE};
+    use crate::emulated::{EmulatedHost, RingFrontend};
+
+    fn request<L: BlkifLayout>(op: u8, id: u64) -> RawRequest {
+        let mut raw = RawRequest::default();
+        raw.put(0, &[op, 1]);
+        raw.put(L::REQ_ID, &id.to_le_bytes());
+        raw
+    }
+
+    fn answers_everything_left<L: BlkifLayout>(abi: BlkifAbi) {
+        let host = EmulatedHost::new().expect("host");
+        let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
+        let mut fe = RingFrontend::<L>::new(guest, 0, 0).expect("ring");
+        // A dead backend answered the first two requests; the next three are left.
+        let first: Vec<RawRequest> = (0..2).map(|i| request::<L>(OP_READ, 100 + i)).collect();
+        assert_eq!(fe.submit(&first).expect("submit"), 2);
+        {
+            let queue = fe.queue_ring();
+            let grants = host.grant_table(0);
+            let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
+            // SAFETY: the mapping outlives the ring.
+            let mut dead = unsafe { BackRing::<L>::new(m.as_ptr(), m.len()) }.expect("ring");
+            dead.unconsumed().expect("requests");
+            let mut raw = RawRequest::default();
+            while dead.next_request(&mut raw) {
+                dead.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: 0 });
+            }
+            dead.push_responses();
+        }
+        assert_eq!(fe.wait_responses(2, Duration::from_secs(5)).expect("first answers").len(), 2);
+        let left: Vec<RawRequest> = (0..3).map(|i| request::<L>(OP_WRITE, 7 + i)).collect();
+        assert_eq!(fe.submit(&left).expect("submit"), 3);
+        let config = ConnectConfig {
+            frontend_domid: 5,
+            abi,
+            queues: vec![fe.queue_ring()],
+            persistent_grants: false,
+            max_indirect_segments: 0,
+        };
+        let answered =
+            fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO).expect("answered");
+        assert_eq!(answered, 3);
+        let responses = fe.wait_responses(3, Duration::from_secs(5)).expect("error answers");
+        let got: Vec<(u64, u8, i16)> = responses.iter().map(|r| (r.id, r.operation, r.status)).collect();
+        assert_eq!(got, vec![(7, OP_WRITE, RSP_ERROR), (8, OP_WRITE, RSP_ERROR), (9, OP_WRITE, RSP_ERROR)]);
+        assert_eq!(host.live_mappings(), 0, "the ring is unmapped again");
+    }
+
+    #[test]
+    fn every_unanswered_request_gets_an_error_x86_64() {
+        answers_everything_left::<X86_64>(BlkifAbi::X86_64);
+    }
+
+    #[test]
+    fn every_unanswered_request_gets_an_error_x86_32() {
+        answers_everything_left::<X86_32>(BlkifAbi::X86_32);
+    }
+
+    #[test]
+    fn a_producer_beyond_the_ring_is_refused() {
+        let host = EmulatedHost::new().expect("host");
+        let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
+        let mut fe = RingFrontend::<X86_64>::new(guest, 0, 0).expect("ring");
+        fe.ring().set_req_prod_raw(1000);
+        let config = ConnectConfig {
+            frontend_domid: 5,
+            abi: BlkifAbi::X86_64,
+            queues: vec![fe.queue_ring()],
+            persistent_grants: false,
+            max_indirect_segments: 0,
+        };
+        let result = fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO);
+        assert!(matches!(result, Err(DataplaneError::Ring { .. })), "{result:?}");
+        assert_eq!(host.live_mappings(), 0);
+    }
+}
