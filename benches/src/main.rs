@@ -10,6 +10,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod client;
+mod lab;
 mod micro;
 mod servers;
 mod xen_emulated;
@@ -41,6 +42,8 @@ enum Command {
     Memory(MemoryArgs),
     /// The criterion micro-benchmarks' results (`cargo bench`) as one Markdown table.
     MicroTable(micro::MicroTableArgs),
+    /// The real Xen lab's side-by-side run (kernel blkback, qdisk, blkbackd) as one Markdown table.
+    LabTable(lab::LabTableArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +94,13 @@ struct VhostUserArgs {
     /// Only the workloads whose name contains one of these (e.g. `--only "seqread,QD1"`); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// cloud-hypervisor's `vhost_user_block` binary to measure as well (busy polling); default: the one on
+    /// `PATH`, if any (`cargo build --release -p vhost_user_block` in a cloud-hypervisor checkout).
+    #[arg(long)]
+    ch_block: Option<PathBuf>,
+    /// Leave out cloud-hypervisor's `vhost_user_block` even if it is on `PATH`.
+    #[arg(long)]
+    no_ch: bool,
     /// Leave out the raw host io_uring row (fio on the file itself, one job per queue).
     #[arg(long)]
     no_raw: bool,
@@ -124,6 +134,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Memory(args) => memory(args),
+        Command::LabTable(args) => {
+            println!("{}", lab::run(&args)?);
+            Ok(())
+        }
         Command::MicroTable(args) => {
             println!("{}", micro::run(&args)?);
             Ok(())
@@ -184,6 +198,9 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
             extra: v.split_whitespace().map(str::to_string).collect(),
         });
     }
+    if let Some(binary) = ch_block(&args) {
+        servers.push(Server::CloudHypervisor { binary });
+    }
     if !args.no_raw {
         servers.push(Server::RawFio);
     }
@@ -225,6 +242,22 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
         writeln!(f, "{table}")?;
     }
     Ok(())
+}
+
+/// cloud-hypervisor's `vhost_user_block`: the one given, or the one on `PATH` (unless `--no-ch`).
+fn ch_block(args: &VhostUserArgs) -> Option<PathBuf> {
+    if args.no_ch {
+        return None;
+    }
+    if let Some(path) = &args.ch_block {
+        return Some(path.clone());
+    }
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("vhost_user_block")).find(|p| p.is_file()));
+    if found.is_none() {
+        eprintln!("note: no vhost_user_block on PATH: the cloud-hypervisor row is left out (see --ch-block)");
+    }
+    found
 }
 
 /// One measurement of one contender.
@@ -294,8 +327,8 @@ fn merge(workload: &'static str, queues: usize, server: String, runs: &[Sample])
 
 fn render(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| workload | queues | server | IOPS | ×qsd | ×raw | p50 µs | p99 µs | server CPU µs/IO | CPU ×qsd | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| workload | queues | server | IOPS | ×qsd | ×ch | ×raw | p50 µs | p99 µs | server CPU µs/IO | CPU ×qsd | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let find = |pred: &dyn Fn(&Row) -> bool| {
@@ -305,14 +338,16 @@ fn render(rows: &[Row]) -> String {
             Some(b) => (r.iops / b.iops.max(1e-9), r.cpu_us_per_io / b.cpu_us_per_io.max(1e-9)),
             None => (f64::NAN, f64::NAN),
         };
+        let ch = find(&|b| b.server.starts_with("cloud-hypervisor")).map_or(f64::NAN, |b| r.iops / b.iops.max(1e-9));
         let raw = find(&|b| b.server == servers::RAW_LABEL).map_or(f64::NAN, |b| r.iops / b.iops.max(1e-9));
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
             r.workload,
             r.queues,
             r.server,
             r.iops,
             ratio,
+            ch,
             raw,
             r.p50_us,
             r.p99_us,

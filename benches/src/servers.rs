@@ -20,6 +20,12 @@ pub enum Server {
     },
     /// QEMU's storage daemon with its vhost-user-blk export (io_uring, O_DIRECT).
     Qsd,
+    /// cloud-hypervisor's `vhost_user_block` (synchronous I/O, O_DIRECT, its busy-polling mode), built from
+    /// cloud-hypervisor's source (`cargo build --release -p vhost_user_block`; not packaged by Debian).
+    CloudHypervisor {
+        /// Path of the `vhost_user_block` binary.
+        binary: PathBuf,
+    },
     /// No server: fio with io_uring and O_DIRECT on the file itself, one job per queue (the host's raw ceiling).
     RawFio,
 }
@@ -31,6 +37,7 @@ impl Server {
             Server::Blkbackd { extra, .. } if extra.is_empty() => "blkbackd".into(),
             Server::Blkbackd { extra, .. } => format!("blkbackd {}", extra.join(" ")),
             Server::Qsd => "qemu-storage-daemon".into(),
+            Server::CloudHypervisor { .. } => "cloud-hypervisor vhost_user_block (poll)".into(),
             Server::RawFio => RAW_LABEL.into(),
         }
     }
@@ -151,6 +158,16 @@ impl Running {
                     .arg("--queues")
                     .arg(queues.to_string())
                     .args(extra);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+            Server::CloudHypervisor { binary } => {
+                let mut c = Command::new(binary);
+                c.arg("--block-backend").arg(format!(
+                    "path={},socket={},num_queues={queues},queue_size=256,direct=true,poll_queue=true",
+                    disk.display(),
+                    socket.display()
+                ));
                 c.env("RUST_LOG", "warn");
                 c
             }

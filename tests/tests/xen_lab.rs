@@ -162,6 +162,8 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     install(&bin, &lab.share_bin().join("blkbackd"));
     let script = repo_root().join("scripts/xen/block-blkbackd");
     install(&script, &lab.share_bin().join("block-blkbackd"));
+    let watcher = repo_root().join("tests/tests/xen_lab_support/watched-blkbackd");
+    install(&watcher, &lab.share_bin().join("watched-blkbackd"));
     // A hotplug script that pins the loop device to a disk sequence number one past the real one.
     let wrong = read(&script).replace(r#"seq=$(printf '%x' "$seq")"#, r#"seq=$(printf '%x' "$((seq + 1))")"#);
     assert!(wrong.contains("seq + 1"), "the hotplug script no longer formats the diskseq as expected");
@@ -188,11 +190,13 @@ fn blkbackd_serves_a_real_linux_blkfront() {
         total(&ours) / total(&qdisk).max(1.0)
     );
 
-    // 2. Delete-on-close: an image file, our hotplug script, an autoclear loop device.
+    // 2. Delete-on-close: an image file, our hotplug script, an autoclear loop device; once the domU is gone,
+    //    blkbackd (still running) holds no grant mapping, no loop device, and exits cleanly on SIGTERM.
     let (ok, out) = lab.run(&[
         "run-domu-fio",
         "--userspace",
-        userspace,
+        // `exec`: the lab's SIGTERM and its wait (up to 10 s) then reach the watcher, which outlives blkbackd.
+        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen",
         "--hotplug",
         "/mnt/host/bin/block-blkbackd",
         "--backing",
@@ -212,6 +216,21 @@ fn blkbackd_serves_a_real_linux_blkfront() {
         .expect("the lab logs the loop devices left");
     assert!(loops_after.trim().is_empty(), "loop devices left behind: {loops_after}\n{dom0_log}");
     assert!(!backend_log.contains(" ERROR "), "blkbackd logged errors:\n{backend_log}");
+    let check = |what: &str| {
+        backend_log
+            .lines()
+            .find_map(|l| l.split_once(&format!("xenlab-check: {what}")).map(|(_, rest)| rest.to_string()))
+            .unwrap_or_else(|| panic!("no `{what}` check in the backend log:\n{backend_log}"))
+    };
+    // (The vbd was released before SIGTERM, checked above; the lab may send SIGTERM while this is sampled.)
+    let after = check("after-domu sigterm=");
+    assert!(
+        after.contains("gntdev_maps=0 loop_fds=0 loop_devices=0"),
+        "blkbackd held grant mappings or loop devices after the domU left: {after}\n{backend_log}"
+    );
+    eprintln!("blkbackd with one connected vbd: {}", check("connected "));
+    let exit = check("exit rc=");
+    assert!(exit.starts_with("0 ") && exit.ends_with("blkbackd_left=[]"), "blkbackd did not exit cleanly: {exit}");
 
     // 3. A wrong diskseq: the device is refused, the error node says why, the domU gets no disk.
     let (ok, out) = lab.run(&[

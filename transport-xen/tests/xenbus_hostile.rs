@@ -117,6 +117,41 @@ fn cases() -> Vec<Case> {
         state: b"3",
         expect: Fatal("event-channel"),
     });
+    // The largest values xenstore takes (4096 bytes), in every other node the backend parses.
+    let huge_cases: [(&'static str, &'static str, u8, &'static str); 5] = [
+        ("multi-queue-num-queues of 4096 bytes", "multi-queue-num-queues", b'1', "longer than 20"),
+        ("ring-page-order of 4096 bytes", "ring-page-order", b'0', "longer than 20"),
+        ("feature-persistent of 4096 bytes", "feature-persistent", b'1', "feature-persistent"),
+        ("protocol of 4096 NUL bytes", "protocol", 0, "unknown fe protocol"),
+        ("event-channel of 4096 digits", "event-channel", b'7', "longer than 20"),
+    ];
+    for (name, node, byte, text) in huge_cases {
+        v.push(Case { name, nodes: vec![(node, huge(byte))], state: b"3", expect: Fatal(text) });
+    }
+    v.push(Case {
+        name: "ring-ref1 of 4096 bytes (order 1)",
+        nodes: vec![
+            ("ring-ref", None),
+            ("ring-page-order", Some(b"1".to_vec())),
+            ("ring-ref0", Some(b"8".to_vec())),
+            ("ring-ref1", huge(b'9')),
+        ],
+        state: b"3",
+        expect: Fatal("ring-ref1"),
+    });
+    v.push(Case {
+        name: "queue-1/ring-ref not UTF-8 (two queues)",
+        nodes: vec![
+            ("multi-queue-num-queues", Some(b"2".to_vec())),
+            ("queue-0/ring-ref", Some(b"8".to_vec())),
+            ("queue-0/event-channel", Some(b"3".to_vec())),
+            ("queue-1/ring-ref", Some(b"\xff\x80".to_vec())),
+            ("queue-1/event-channel", Some(b"4".to_vec())),
+        ],
+        state: b"3",
+        expect: Fatal("queue-1/ring-ref"),
+    });
+    v.push(Case { name: "frontend state of 4096 bytes", nodes: vec![], state: &[b'3'; 4096], expect: Closed });
     v
 }
 
@@ -160,7 +195,7 @@ fn hostile_frontend_nodes_fail_or_are_ignored_and_the_good_vbd_keeps_working() {
     bed.wait_state(good, XenbusState::Connected);
 
     let cases = cases();
-    assert!(cases.len() >= 25, "{} cases", cases.len());
+    assert!(cases.len() >= 33, "{} cases", cases.len());
     let mut guests = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let domid = 100 + u16::try_from(i).expect("few cases");
@@ -288,4 +323,40 @@ fn frontend_removing_its_directory_tears_the_vbd_down() {
     store.rm(TxId::NONE, &fe).expect("guest removes its own device directory");
     bed.wait_state(id, XenbusState::Closed);
     assert_eq!(bed.rings.live(), 0);
+}
+
+#[test]
+fn frontend_state_flipping_randomly_never_leaves_a_data_plane_behind() {
+    let bed = Bed::new();
+    let _good_guest = bed.guest(7);
+    let (_gs, _gfe, good) = connected(&bed, 7);
+    let _g = bed.guest(8);
+    let (store, fe, id) = connected(&bed, 8);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let huge = vec![b'4'; 4096];
+    for i in 0..2000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let digit = [b'0' + u8::try_from(x % 9).expect("a digit")];
+        let value: &[u8] = match (x >> 8) % 8 {
+            0..=5 => &digit,
+            6 => b"\xc3\x28",
+            _ => &huge,
+        };
+        store.write(TxId::NONE, &format!("{fe}/state"), value).expect("flip");
+        if i % 50 == 0 {
+            // Let the backend see some of the intermediate states, not only the last one.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    store.write(TxId::NONE, &format!("{fe}/state"), b"6").expect("Closed");
+    bed.wait_state(id, XenbusState::Closed);
+    settle();
+    let started = bed.rings.started(8).len();
+    let stopped = bed.rings.events().iter().filter(|e| **e == RingEvent::Stopped(8)).count();
+    assert_eq!(started, stopped, "every data plane started for the flipping frontend was stopped");
+    assert_eq!(bed.backend_node(id, "state").as_deref(), Some(&b"6"[..]));
+    assert_eq!(bed.backend_node(good, "state").as_deref(), Some(&b"4"[..]), "the good vbd is still connected");
+    assert!(!bed.rings.events().contains(&RingEvent::Stopped(7)));
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use crate::disk::Disk;
 
+pub mod fault;
 mod op;
 mod sync;
 mod uring;

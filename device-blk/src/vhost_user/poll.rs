@@ -56,7 +56,10 @@ impl VhostUserBlkBackend {
             }
             drop(guard);
             drop(mem);
-            std::hint::spin_loop();
+            // Yield rather than spin: the thread our completions wake (the VMM's vCPU or I/O thread) is often
+            // placed on this CPU; spinning kept it waiting for our time slice (measured: QD1 latency doubled on
+            // 2 CPUs with a 10 µs budget; with a yield it matches the sleeping worker).
+            std::thread::yield_now();
         }
     }
 }

@@ -18,6 +18,12 @@
 //!
 //! Fatal errors write `<domain>/error/backend/vbd/<domid>/<devid>/error` = `"<errno> <message>"` (where
 //! `xenbus_dev_fatal` writes) and switch to Closing; nothing is served until the frontend starts over.
+//!
+//! A restarted backend [adopts](VbdBackend::adopt) the vbds it finds (as Linux probes existing devices when
+//! blkback loads): it probes them whatever their state and continues from what the previous backend and the
+//! frontend left. The rings a previous backend served cannot be resumed (how far it consumed them died with it),
+//! so a frontend still using them is asked to close (Closing); once it starts over (Initialising, as Linux
+//! blkfront's probe writes), the vbd is served again (InitWait, Connected).
 
 use std::sync::Arc;
 
@@ -160,6 +166,8 @@ pub struct VbdBackend {
     running: Option<Box<dyn RunningRings>>,
     connection: Option<ConnectConfig>,
     error: Option<Fatal>,
+    /// Take over a vbd a previous backend served (probe it in any state), until the first reconcile.
+    adopt: bool,
 }
 
 impl std::fmt::Debug for VbdBackend {
@@ -192,7 +200,21 @@ impl VbdBackend {
             running: None,
             connection: None,
             error: None,
+            adopt: false,
         }
+    }
+
+    /// Take over a vbd that existed before this backend started (a restarted backend): the first
+    /// [`reconcile`](Self::reconcile) probes it in whatever state the previous backend left it, not only in
+    /// Initialising, and continues from there:
+    /// - previous backend InitWait (never connected): InitWait again, and connect when the frontend published;
+    /// - previous backend Closed: stay Closed until the frontend starts over (Initialising), then InitWait;
+    /// - previous backend Initialised, Connected or Closing while the frontend still uses its rings: Closing (the
+    ///   rings cannot be resumed), Closed once the frontend closed, and served again once it starts over;
+    /// - the frontend starting over (Initialising): InitWait.
+    pub fn adopt(mut self) -> Self {
+        self.adopt = true;
+        self
     }
 
     /// Which vbd.
@@ -254,8 +276,12 @@ impl VbdBackend {
                 _ => return self.switch_state(XenbusState::Closed),
             }
         }
-        if self.phase == Phase::Unprobed && !self.probe(store_state)? {
-            return Ok(());
+        if self.phase == Phase::Unprobed {
+            let probed = self.probe(store_state)?;
+            self.adopt = false;
+            if !probed || self.phase == Phase::Done {
+                return Ok(());
+            }
         }
         if store_state == Some(XenbusState::Closing) && self.state < XenbusState::Closing {
             // libxl detaches by writing online = 0 and state = Closing into our directory.
@@ -276,6 +302,16 @@ impl VbdBackend {
         self.fatal(Fatal::new(libc::EIO, format!("ring halted: {reason}")));
     }
 
+    /// The xenstore connection is gone: stop the data plane (answering what is in flight, unmapping every grant)
+    /// and release the disk, writing nothing. The vbd is done for this backend.
+    pub fn abandon(&mut self) {
+        self.stop_rings();
+        self.disk = None;
+        // The watch went with the connection.
+        self.watching = None;
+        self.phase = Phase::Removed;
+    }
+
     /// Graceful shutdown of the process: stop the data plane, tell the frontend we are Closed, release the disk.
     pub fn shutdown(&mut self) {
         self.stop_rings();
@@ -293,9 +329,18 @@ impl VbdBackend {
     // -----------------------------------------------------------------------------------------------------------
 
     fn probe(&mut self, store_state: Option<XenbusState>) -> Result<bool, XenError> {
-        if store_state != Some(XenbusState::Initialising) {
-            return Ok(false);
-        }
+        // `Some(previous)`: taking over from a previous backend that left the vbd in `previous`.
+        let previous = match store_state {
+            Some(XenbusState::Initialising) => None,
+            Some(
+                s @ (XenbusState::InitWait
+                | XenbusState::Initialised
+                | XenbusState::Connected
+                | XenbusState::Closing
+                | XenbusState::Closed),
+            ) if self.adopt => Some(s),
+            _ => return Ok(false),
+        };
         let store = &*self.store;
         let fe_path = read_optional(store, TxId::NONE, &self.paths.node("frontend"))?;
         let fe_id = read_optional(store, TxId::NONE, &self.paths.node("frontend-id"))?;
@@ -339,9 +384,46 @@ impl VbdBackend {
         self.watching = Some(fe_state);
         self.frontend = Some(frontend);
         self.phase = Phase::Active;
-        self.switch_state(XenbusState::InitWait)?;
+        match previous {
+            None => self.switch_state(XenbusState::InitWait)?,
+            Some(previous) => self.take_over(previous)?,
+        }
         tracing::info!(vbd = %self.id, frontend = %self.frontend.as_ref().map_or("", |f| &f.path), "probed");
         Ok(true)
+    }
+
+    /// Continue from the state `previous` a previous backend left the vbd in (see [`adopt`](Self::adopt)); the
+    /// frontend's state is then handled by [`check_frontend`](Self::check_frontend) as usual.
+    fn take_over(&mut self, previous: XenbusState) -> Result<(), XenError> {
+        let fe_state = self.frontend_state()?;
+        tracing::info!(vbd = %self.id, previous = %previous, frontend = %fe_state, "taking over from a previous backend");
+        match (previous, fe_state) {
+            (_, XenbusState::Initialising) | (XenbusState::InitWait, _) => self.switch_state(XenbusState::InitWait),
+            (XenbusState::Closed, _) => {
+                self.state = XenbusState::Closed;
+                let online = read_optional(&*self.store, TxId::NONE, &self.paths.node("online"))?;
+                if !nodes::parse_online(online.as_deref()) {
+                    // Detached (online = 0): nothing to open, only the toolstack's removal to wait for.
+                    tracing::info!(vbd = %self.id, "closed and offline: nothing to take over");
+                    self.release();
+                    self.phase = Phase::Done;
+                }
+                Ok(())
+            }
+            (_, XenbusState::Initialised | XenbusState::Connected) => {
+                tracing::warn!(
+                    vbd = %self.id,
+                    "the frontend still uses the rings of a backend that is gone: asking it to close and start over"
+                );
+                // Requests the previous backend left unanswered are answered by `blkbackd xen --cleanup` only.
+                self.state = previous;
+                self.switch_state(XenbusState::Closing)
+            }
+            _ => {
+                self.state = previous;
+                Ok(())
+            }
+        }
     }
 
     fn check_device(&mut self) -> Result<(), XenError> {
@@ -400,6 +482,10 @@ impl VbdBackend {
         };
         // The seed: tell userspace we hold the device, so it may drop its own reference (autoclear loop devices).
         if let Err(e) = self.store.write(TxId::NONE, &self.paths.node("opened"), b"1") {
+            if matches!(e, XenError::Disconnected { .. }) {
+                // Not this vbd's failure: the supervisor reports the lost connection and closes everything.
+                return Err(e);
+            }
             let msg = format!("{}: notifying userspace device has been opened: {e}", self.paths.backend);
             self.fatal(Fatal::new(libc::EIO, msg));
             return Ok(());
@@ -409,13 +495,21 @@ impl VbdBackend {
         Ok(())
     }
 
+    /// The frontend's `state` (Unknown when absent, unreadable or garbage).
+    fn frontend_state(&self) -> Result<XenbusState, XenError> {
+        let Some(fe) = &self.frontend else { return Ok(XenbusState::Unknown) };
+        match self.store.read(TxId::NONE, &format!("{}/state", fe.path)) {
+            Ok(v) => Ok(XenbusState::parse(&v).unwrap_or(XenbusState::Unknown)),
+            Err(XenError::NotFound { .. } | XenError::Access { .. }) => Ok(XenbusState::Unknown),
+            Err(e) => Err(e),
+        }
+    }
+
     fn check_frontend(&mut self) -> Result<(), XenError> {
-        let Some(fe) = &self.frontend else { return Ok(()) };
-        let fe_state = match self.store.read(TxId::NONE, &format!("{}/state", fe.path)) {
-            Ok(v) => XenbusState::parse(&v).unwrap_or(XenbusState::Unknown),
-            Err(XenError::NotFound { .. } | XenError::Access { .. }) => XenbusState::Unknown,
-            Err(e) => return Err(e),
-        };
+        if self.frontend.is_none() {
+            return Ok(());
+        }
+        let fe_state = self.frontend_state()?;
         match fe_state {
             XenbusState::Initialising => {
                 if self.state == XenbusState::Closed {

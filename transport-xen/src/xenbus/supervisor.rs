@@ -1,6 +1,14 @@
 //! The supervisor: watches `backend/vbd` (of all frontends, or of one domain), runs one [`VbdBackend`] per vbd,
 //! picks up vbds as the toolstack adds and removes them, and drives everything from one thread over the store's
 //! watch descriptor and the data planes' fatal-error descriptors.
+//!
+//! A backend started while vbds already exist (a restarted `blkbackd`) takes them over, as Linux's xenbus probes
+//! every existing device when blkback loads: see [`VbdBackend::adopt`].
+//!
+//! When the xenstore connection fails, [`XenBackend::run`] logs it once, stops every data plane (in-flight
+//! requests answered, grants unmapped, ports unbound, worker threads joined), releases the disks and returns the
+//! error: nothing can be written to xenstore any more, so the vbds are left as they are for `blkbackd xen --cleanup`
+//! or the next backend to close.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
@@ -53,6 +61,8 @@ pub struct XenBackend {
     vbds: BTreeMap<VbdId, VbdBackend>,
     events: Vec<WatchEvent>,
     stop: Arc<EventFd>,
+    /// The vbds that existed at start were listed (and adopted).
+    scanned: bool,
 }
 
 impl std::fmt::Debug for XenBackend {
@@ -88,6 +98,7 @@ impl XenBackend {
             vbds: BTreeMap::new(),
             events: Vec::new(),
             stop: Arc::new(stop),
+            scanned: false,
         })
     }
 
@@ -107,11 +118,14 @@ impl XenBackend {
     }
 
     /// Handle every pending watch event and every halted ring; returns how many events there were.
+    ///
+    /// The first call lists the vbds that already exist and takes them over ([`VbdBackend::adopt`]).
     pub fn process_events(&mut self) -> Result<usize, XenError> {
         self.events.clear();
         self.store.take_watch_events(&mut self.events)?;
         let mut dirty = BTreeSet::new();
-        let mut rescan = false;
+        let adopting = !self.scanned;
+        let mut rescan = adopting;
         for event in &self.events {
             if event.token == ROOT_TOKEN {
                 match self.vbd_of_path(&event.path) {
@@ -126,21 +140,26 @@ impl XenBackend {
         }
         if rescan {
             self.rescan(&mut dirty)?;
+            self.scanned = true;
         }
         for id in dirty {
             if !self.in_scope(id) {
                 continue;
             }
             let _span = tracing::info_span!("vbd", domid = id.domid, devid = id.devid).entered();
-            let vbd = self
-                .vbds
-                .entry(id)
-                .or_insert_with(|| VbdBackend::new(self.store.clone(), self.rings.clone(), self.config.clone(), id));
-            if let Err(e) = vbd.reconcile() {
-                tracing::warn!(vbd = %id, error = %e, "xenstore error while handling the vbd");
-                if matches!(e, XenError::Disconnected { .. }) {
-                    return Err(e);
+            let vbd = self.vbds.entry(id).or_insert_with(|| {
+                let vbd = VbdBackend::new(self.store.clone(), self.rings.clone(), self.config.clone(), id);
+                if adopting {
+                    vbd.adopt()
+                } else {
+                    vbd
                 }
+            });
+            match vbd.reconcile() {
+                Ok(()) => {}
+                // The connection is gone: `run` reports it once and closes everything.
+                Err(e @ XenError::Disconnected { .. }) => return Err(e),
+                Err(e) => tracing::warn!(vbd = %id, error = %e, "xenstore error while handling the vbd"),
             }
             if matches!(vbd.phase(), Phase::Removed) {
                 self.vbds.remove(&id);
@@ -167,10 +186,36 @@ impl XenBackend {
     }
 
     /// The driver loop: handle events until [`StopHandle::stop`], then shut down.
+    ///
+    /// If xenstore fails (the connection is lost), the failure is logged once, every vbd is
+    /// [abandoned](Self::abandon) and the error is returned.
     pub fn run(&mut self) -> Result<(), XenError> {
+        let result = self.serve();
+        if let Err(e) = &result {
+            self.abandon(e);
+        }
+        result
+    }
+
+    fn serve(&mut self) -> Result<(), XenError> {
         self.process_events()?;
         while self.poll_once(IDLE_POLL)? {}
         Ok(())
+    }
+
+    /// Give up on xenstore after `cause`: stop every data plane (in-flight requests are answered, grants unmapped,
+    /// ports unbound, worker threads joined) and release every disk, writing nothing (the connection is gone).
+    /// The vbds stay as they are in xenstore; `blkbackd xen --cleanup` or the next backend closes them.
+    pub fn abandon(&mut self, cause: &XenError) {
+        tracing::error!(
+            error = %cause, vbds = self.vbds.len(),
+            "xenstore failed: stopping every data plane; the vbds stay as they are in xenstore (close them with \
+             `blkbackd xen --cleanup`, or start the backend again)"
+        );
+        for vbd in self.vbds.values_mut() {
+            vbd.abandon();
+        }
+        self.vbds.clear();
     }
 
     /// Stop every data plane and write Closed for every active vbd (graceful process exit).

@@ -6,6 +6,11 @@
 //! One [`EmulatedXenStore`] is one connection; [`EmulatedXenStore::connect`] opens another connection to the same
 //! tree as some domain, with its own watches, watch eventfd and permission checks, so a test frontend (domU) and
 //! the backend (dom0) are separate clients as they are on a real host.
+//!
+//! [`EmulatedXenStore::disconnect`] breaks one connection as xenstored going away (or dropping the client) would:
+//! its watches and transactions are gone, its watch fd becomes readable so the owner notices, and every later call
+//! on it fails with [`XenError::Disconnected`], as the real client's calls fail once its reader thread saw the
+//! connection end.
 
 mod tree;
 
@@ -127,6 +132,25 @@ impl EmulatedXenStore {
         }
     }
 
+    /// Break this connection for good, as xenstored dropping the client would: its watches, pending events and
+    /// transactions are discarded, the watch fd becomes (and stays) readable, and every call on this connection,
+    /// from any clone of its owner's handle, fails with [`XenError::Disconnected`] from now on. Other connections
+    /// to the store are not affected.
+    pub fn disconnect(&self) {
+        let mut st = lock(&self.shared);
+        st.conns.remove(&self.conn);
+        let conn = self.conn;
+        st.txs.retain(|_, t| t.conn != conn);
+        drop(st);
+        let _ = self.eventfd.write(1);
+        tracing::debug!(domid = self.domid, conn, "emulated xenstore: connection dropped");
+    }
+
+    /// Whether this connection is still up (not [`disconnect`](Self::disconnect)ed).
+    pub fn is_connected(&self) -> bool {
+        lock(&self.shared).conns.contains_key(&self.conn)
+    }
+
     /// Number of nodes in the store (for tests and leak checks).
     pub fn node_count(&self) -> usize {
         lock(&self.shared).tree.nodes.len()
@@ -142,6 +166,7 @@ impl EmulatedXenStore {
     ) -> Result<T, XenError> {
         let abs = absolute(self.domid, path)?;
         let mut st = lock(&self.shared);
+        connected(&st, self.conn)?;
         if tx == TxId::NONE {
             let State { tree, generation, conns, .. } = &mut *st;
             let (value, changes) = f(tree, generation, &abs)?;
@@ -161,6 +186,15 @@ impl EmulatedXenStore {
 
 fn lock(shared: &Mutex<State>) -> MutexGuard<'_, State> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// [`XenError::Disconnected`] once the connection was dropped.
+fn connected(st: &State, conn: u64) -> Result<(), XenError> {
+    if st.conns.contains_key(&conn) {
+        Ok(())
+    } else {
+        Err(XenError::Disconnected { what: "xenstore" })
+    }
 }
 
 fn unknown_tx(tx: TxId) -> XenError {
@@ -259,6 +293,7 @@ impl XenStore for EmulatedXenStore {
 
     fn transaction_start(&self) -> Result<TxId, XenError> {
         let mut st = lock(&self.shared);
+        connected(&st, self.conn)?;
         let conn = self.conn;
         if st.txs.values().filter(|t| t.conn == conn).count() >= MAX_TRANSACTIONS_PER_CONNECTION {
             return Err(XenError::Os { what: "xenstore: too many transactions".into(), errno: libc::ENOSPC });
@@ -278,6 +313,7 @@ impl XenStore for EmulatedXenStore {
 
     fn transaction_end(&self, tx: TxId, commit: bool) -> Result<(), XenError> {
         let mut st = lock(&self.shared);
+        connected(&st, self.conn)?;
         let t = match st.txs.get(&tx.0) {
             Some(t) if t.conn == self.conn => st.txs.remove(&tx.0).ok_or_else(|| unknown_tx(tx))?,
             _ => return Err(unknown_tx(tx)),
@@ -370,6 +406,7 @@ impl XenStore for EmulatedXenStore {
 
     fn take_watch_events(&self, out: &mut Vec<WatchEvent>) -> Result<(), XenError> {
         let mut st = lock(&self.shared);
+        // A dropped connection keeps its watch fd readable (it is not cleared here) so the owner notices.
         let conn = st.conns.get_mut(&self.conn).ok_or(XenError::Disconnected { what: "xenstore" })?;
         // Clear the eventfd under the lock: an event queued after this is signalled again.
         let _ = self.eventfd.read();

@@ -178,3 +178,34 @@ fn transaction_removal_and_special_watches() {
     assert_eq!(events(&s), vec![("@releaseDomain".to_owned(), "rel".to_owned())]);
     assert!(s.watch("@bad/name", "x").is_err());
 }
+
+#[test]
+fn a_dropped_connection_fails_every_call_and_wakes_its_owner() {
+    let s = EmulatedXenStore::new().expect("store");
+    let other = s.connect(0).expect("second connection");
+    s.write(TxId::NONE, "/a", b"1").expect("write");
+    s.watch("/a", "tok").expect("watch");
+    let tx = s.transaction_start().expect("transaction");
+    events(&s);
+    assert!(s.is_connected());
+    s.disconnect();
+    assert!(!s.is_connected());
+    assert!(readable(s.watch_fd()), "the owner's poll wakes up");
+    let gone = XenError::Disconnected { what: "xenstore" };
+    assert_eq!(s.read(TxId::NONE, "/a"), Err(gone.clone()));
+    assert_eq!(s.write(TxId::NONE, "/a", b"2"), Err(gone.clone()));
+    assert_eq!(s.mkdir(TxId::NONE, "/b"), Err(gone.clone()));
+    assert_eq!(s.rm(TxId::NONE, "/a"), Err(gone.clone()));
+    assert_eq!(s.directory(TxId::NONE, "/"), Err(gone.clone()));
+    assert_eq!(s.get_perms(TxId::NONE, "/a").map(|_| ()), Err(gone.clone()));
+    assert_eq!(s.transaction_start(), Err(gone.clone()));
+    assert_eq!(s.transaction_end(tx, true), Err(gone.clone()));
+    assert_eq!(s.watch("/a", "t2"), Err(gone.clone()));
+    assert_eq!(s.unwatch("/a", "tok"), Err(gone.clone()));
+    let mut out = Vec::new();
+    assert_eq!(s.take_watch_events(&mut out), Err(gone));
+    assert!(readable(s.watch_fd()), "the watch fd stays readable");
+    // The other connection still works, and the dropped one's watch no longer fires.
+    other.write(TxId::NONE, "/a", b"3").expect("other connection");
+    assert_eq!(other.read(TxId::NONE, "/a").expect("read"), b"3");
+}
