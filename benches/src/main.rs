@@ -146,9 +146,12 @@ fn main() -> Result<()> {
 }
 
 /// Start blkbackd per queue count, sample its memory, drive every queue for a second (4 KiB random reads at
-/// QD32, then 128 KiB sequential reads at QD8), let it idle with the frontend connected, sample again.
+/// QD32, then 128 KiB sequential reads at QD8), let it idle with the frontend connected, sample again, and
+/// measure its CPU use while idle (e.g. with `--extra="--poll-us 50"`: a poller must go back to sleep).
 fn memory(args: MemoryArgs) -> Result<()> {
     const SIZE: u64 = 64 << 20;
+    /// How long the idle, connected server's CPU use is sampled.
+    const IDLE_CPU_WINDOW: Duration = Duration::from_secs(2);
     let disk = args.dir.join(format!("blkback-mem-{}.img", std::process::id()));
     fill_disk(&disk, SIZE).with_context(|| format!("creating {}", disk.display()))?;
     let _cleanup = RemoveOnDrop(disk.clone());
@@ -157,8 +160,8 @@ fn memory(args: MemoryArgs) -> Result<()> {
         extra: args.extra.split_whitespace().map(str::to_string).collect(),
     };
     let mut table = String::from(
-        "| queues | threads | RSS at start KiB | RSS idle after I/O KiB | private (anon) KiB | binary (file) KiB | guest RAM touched (shmem) KiB |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| queues | threads | RSS at start KiB | RSS idle after I/O KiB | private (anon) KiB | binary (file) KiB | guest RAM touched (shmem) KiB | CPU % idle, connected |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for &queues in &args.queues {
         let running = Running::start(&server, &disk, &args.dir, queues)?;
@@ -167,15 +170,25 @@ fn memory(args: MemoryArgs) -> Result<()> {
         let socket = running.socket().to_string_lossy().into_owned();
         let mut idle = None;
         client::run(&socket, queues, WORKLOADS[1], Duration::from_millis(500), SIZE)?;
+        let mut idle_cpu = Duration::ZERO;
         client::run_and_hold(&socket, queues, WORKLOADS[3], Duration::from_millis(500), SIZE, &mut || {
             std::thread::sleep(Duration::from_millis(500));
             idle = Some(running.memory()?);
+            let cpu0 = running.cpu_time()?;
+            std::thread::sleep(IDLE_CPU_WINDOW);
+            idle_cpu = running.cpu_time()?.saturating_sub(cpu0);
             Ok(())
         })?;
         let idle = idle.context("no sample")?;
         table.push_str(&format!(
-            "| {queues} | {} | {} | {} | {} | {} | {} |\n",
-            idle.threads, start.rss, idle.rss, idle.anon, idle.file, idle.shmem
+            "| {queues} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
+            idle.threads,
+            start.rss,
+            idle.rss,
+            idle.anon,
+            idle.file,
+            idle.shmem,
+            idle_cpu.as_secs_f64() * 100.0 / IDLE_CPU_WINDOW.as_secs_f64()
         ));
     }
     println!("{table}");
