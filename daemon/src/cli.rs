@@ -7,6 +7,8 @@ use device_blk::disk::{parse_diskseq_arg, DirectIo};
 use device_blk::vhost_user::DEFAULT_QUEUE_SIZE;
 use device_blk::{DiskOptions, EngineKind};
 
+use crate::sandbox::{SandboxArgs, SeccompMode};
+
 /// A per-guest userspace block backend: Xen blkif and vhost-user-blk over io_uring.
 #[derive(Debug, Parser)]
 #[command(
@@ -55,7 +57,12 @@ pub enum Command {
     /// after another, until SIGTERM or SIGINT.
     #[command(after_help = "Examples:\n  \
         blkbackd vhost-user --socket /run/blkbackd/vm1.sock --disk /srv/vm1.img --queues 2\n  \
-        blkbackd vhost-user --socket /run/blkbackd/vm2.sock --disk /dev/loop3 --diskseq 42 --read-only\n\n\
+        blkbackd vhost-user --socket /run/blkbackd/vm2.sock --disk /dev/loop3 --diskseq 42 --read-only\n  \
+        blkbackd vhost-user --socket /run/blkbackd/vm3.sock --disk /srv/vm3.img --user blkbackd\n\n\
+        Privileges: once the disk and sockets are open, blkbackd drops every capability (and with --user becomes that\n\
+        user) and filters its system calls (--seccomp enforce: an unexpected call ends it with a log line naming the\n\
+        call; --seccomp log while developing: see dmesg). For the socket files to be removed on exit, their directory\n\
+        must be writable by the --user.\n\n\
         QEMU: -chardev socket,id=blk0,path=/run/blkbackd/vm1.sock -device vhost-user-blk-pci,chardev=blk0,num-queues=2\n\
         (guest memory must be shared: -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem)")]
     VhostUser(VhostUserArgs),
@@ -64,7 +71,12 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         blkbackd xen --frontend-domid 7\n  \
         blkbackd xen --cleanup 7      (after a crash: close domain 7's vbds so its I/O fails instead of hanging)\n  \
-        blkbackd xen --cleanup 7 --devid 51728   (only backend/vbd/7/51728: block-blkbackd's remove)\n\n\
+        blkbackd xen --cleanup 7 --devid 51728   (only backend/vbd/7/51728: block-blkbackd's remove)\n  \
+        blkbackd xen --frontend-domid 7 --user blkbackd\n\n\
+        Privileges: before serving, blkbackd drops every capability but CAP_DAC_OVERRIDE (to open the disks and\n\
+        event-channel devices guests ask for later; with --user it also becomes that user) and filters its system\n\
+        calls (no exec, no new sockets, no file creation); each data-plane thread drops CAP_DAC_OVERRIDE too and\n\
+        may only serve its ring, grants, event channel and disk. --seccomp log (see dmesg) or off to debug.\n\n\
         xl disk spec: 'format=raw, vdev=xvdb, access=rw, backendtype=phy, script=block-blkbackd, target=/srv/vm7.img'")]
     Xen(XenArgs),
     /// Print the live statistics of a running blkbackd (per queue: requests, bytes, errors, in-flight, latency).
@@ -81,7 +93,7 @@ pub enum Command {
     /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
     /// temporary disk, a verified workload.
     #[command(after_help = "Example:\n  blkbackd demo")]
-    Demo,
+    Demo(DemoArgs),
 }
 
 /// `blkbackd vhost-user`.
@@ -112,6 +124,9 @@ pub struct VhostUserArgs {
     /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Privileges.
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// Adaptive polling: after a kick or a completion, keep polling the queue and its I/O completions (guest
     /// kicks off) until nothing happened for N µs, then sleep. Lower latency under load at the cost of CPU while
     /// busy; an idle daemon still sleeps. 0: never poll.
@@ -187,6 +202,18 @@ pub struct XenArgs {
     /// With `--cleanup`: only the vbd with this device id (`backend/vbd/D/N`; a hotplug script's `remove`).
     #[arg(long, value_name = "N", requires = "cleanup")]
     pub devid: Option<u32>,
+    /// Privileges (while serving; `--cleanup` runs as started).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// `blkbackd demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// System call filter of the data-plane threads, as `blkbackd xen` installs it (they also drop every
+    /// capability).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::Enforce)]
+    pub seccomp: SeccompMode,
 }
 
 /// `--grant-mode`.
@@ -312,5 +339,28 @@ mod tests {
         assert!(
             Cli::try_parse_from(["blkbackd", "vhost-user", "--socket", "s", "--disk", "d", "--diskseq", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn privilege_arguments_parse_for_both_transports() {
+        let vhost = ["blkbackd", "vhost-user", "--socket", "s", "--disk", "d"];
+        let cli = Cli::try_parse_from(vhost).expect("defaults");
+        let Command::VhostUser(args) = cli.command else { panic!("expected vhost-user") };
+        assert_eq!((args.sandbox.user, args.sandbox.seccomp), (None, SeccompMode::Enforce));
+        let cli = Cli::try_parse_from([&vhost[..], &["--user", "nobody", "--seccomp", "log"]].concat()).expect("ok");
+        let Command::VhostUser(args) = cli.command else { panic!("expected vhost-user") };
+        assert_eq!(args.sandbox.user.map(|u| u.shown), Some("nobody".to_string()));
+        assert_eq!(args.sandbox.seccomp, SeccompMode::Log);
+        let cli = Cli::try_parse_from(["blkbackd", "xen", "--user", "4242:4343", "--seccomp", "off"]).expect("xen");
+        let Command::Xen(args) = cli.command else { panic!("expected xen") };
+        assert_eq!(args.sandbox.user.map(|u| (u.uid, u.gid)), Some((4242, 4343)));
+        assert_eq!(args.sandbox.seccomp, SeccompMode::Off);
+        for bad in [&["--user", "root"][..], &["--user", "no-such-user-blkbackd"], &["--seccomp", "kill"]] {
+            assert!(Cli::try_parse_from([&vhost[..], bad].concat()).is_err(), "{bad:?}");
+        }
+        let Command::Demo(demo) = Cli::try_parse_from(["blkbackd", "demo"]).expect("demo").command else {
+            panic!("expected demo")
+        };
+        assert_eq!(demo.seccomp, SeccompMode::Enforce);
     }
 }

@@ -23,12 +23,15 @@ const ACCEPT_POLL: Duration = Duration::from_millis(200);
 pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Until [`start`](Self::start): the socket and what it answers from.
+    pending: Option<(UnixListener, Arc<Registry>)>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
-    /// Listen on `path` and answer from `registry`.
-    pub fn start(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlServer> {
+    /// Listen on `path` and answer from `registry` once [`start`](Self::start)ed (binding needs the file system
+    /// access the daemon may give up before it starts threads).
+    pub fn bind(path: &Path, registry: Arc<Registry>) -> anyhow::Result<ControlServer> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 bail!("cannot listen on {}: the control socket is in use by a running process", path.display());
@@ -37,14 +40,25 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         listener.set_nonblocking(true).context("control socket")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop: Arc::new(AtomicBool::new(false)),
+            pending: Some((listener, registry)),
+            thread: None,
+        })
+    }
+
+    /// Start answering on a thread of its own (once; later calls do nothing).
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let Some((listener, registry)) = self.pending.take() else { return Ok(()) };
+        let flag = self.stop.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_loop(&listener, &registry, &flag))
             .context("spawning the control thread")?;
-        tracing::info!(socket = %path.display(), "control socket listening");
-        Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+        self.thread = Some(thread);
+        tracing::info!(socket = %self.path.display(), "control socket listening");
+        Ok(())
     }
 }
 

@@ -5,7 +5,8 @@
 //! emulated Linux blkfront in guest domain 1 that performs the xenbus handshake and drives I/O through the
 //! shared ring with real grants. The demo writes and verifies the whole disk, runs a random 4 KiB read/write load
 //! at queue depths 1, 16 and 32 (every read verified), verifies the whole disk again, closes the device and
-//! checks that no grant mapping is left. Any mismatch or error ends it with a non-zero exit code.
+//! checks that no grant mapping is left. Any mismatch or error ends it with a non-zero exit code. The data-plane
+//! threads drop every capability and run under the Xen worker system call filter, as in `blkbackd xen`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use transport_xen::frontend::load::{fill_and_verify, random_load, verify_blocks,
 use transport_xen::frontend::{BackendThread, Blkfront, BlkfrontConfig, DiskSpec, Indirect, Toolstack, XVDA};
 use transport_xen::xenbus::dataplane_server::DataplaneServer;
 use transport_xen::xenbus::{BackendConfig, Scope};
+
+use crate::sandbox::{self, SeccompMode};
 
 const DISK_BYTES: u64 = 64 << 20;
 const GUEST_DOMID: u16 = 1;
@@ -45,8 +48,8 @@ impl Drop for TempDir {
     }
 }
 
-/// Run the demo.
-pub fn run() -> anyhow::Result<()> {
+/// Run the demo; the data-plane threads are sandboxed as in `blkbackd xen` (with `seccomp` as their filter mode).
+pub fn run(seccomp: SeccompMode) -> anyhow::Result<()> {
     let dir = TempDir::new()?;
     let image = dir.0.join("xvda.img");
     std::fs::File::create(&image)
@@ -58,7 +61,7 @@ pub fn run() -> anyhow::Result<()> {
         Arc::new(host.grant_table(0)),
         host.evtchn_opener(0),
         EngineKind::Auto,
-        DataplaneOptions::default(),
+        DataplaneOptions { worker_init: Some(sandbox::xen_worker_init(seccomp)?), ..DataplaneOptions::default() },
     );
     let backend = BackendThread::spawn(&host, Arc::new(rings), BackendConfig::default(), Scope::AllDomains)
         .context("starting the backend")?;

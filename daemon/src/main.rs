@@ -7,6 +7,7 @@ mod cli;
 mod control;
 mod demo;
 mod logging;
+mod sandbox;
 mod signals;
 mod vhost_user;
 mod xen;
@@ -38,12 +39,18 @@ fn main() -> ExitCode {
         Ok(shutdown) => shutdown,
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
+    // The serving subcommands start the signal thread themselves, once they have dropped their privileges.
+    if !matches!(cli.command, Command::VhostUser(_) | Command::Xen(_)) {
+        if let Err(e) = shutdown.listen() {
+            return fail(format!("cannot set up signal handling: {e}"));
+        }
+    }
     let result = match cli.command {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
         Command::Xen(args) => xen::run(&args, &shutdown),
         Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
         Command::Man { dir } => man_pages(&dir),
-        Command::Demo => demo::run(),
+        Command::Demo(args) => demo::run(args.seccomp),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

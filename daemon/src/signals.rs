@@ -3,6 +3,10 @@
 //! The signals are blocked before any other thread exists (every thread inherits the mask) and taken by one
 //! thread with `sigwait`, which sets the shutdown flag, wakes the main loop through an eventfd and runs the
 //! current hook (e.g. closing the vhost-user connection). A second signal ends the process at once.
+//!
+//! That thread starts with [`Shutdown::listen`], which the serving subcommands call once they have dropped their
+//! privileges (capabilities belong to threads, so the process has one thread until then); a signal that arrives
+//! before stays pending and is taken then.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -18,10 +22,12 @@ pub struct Shutdown {
     requested: AtomicBool,
     wake: EventFd,
     hook: Mutex<Option<Hook>>,
+    listening: AtomicBool,
 }
 
 impl Shutdown {
-    /// Block SIGTERM and SIGINT and start the thread that handles them. Call before spawning any thread.
+    /// Block SIGTERM and SIGINT (for every thread started from now on). Call before spawning any thread, then
+    /// [`listen`](Self::listen).
     pub fn install() -> io::Result<Arc<Shutdown>> {
         let set = termination_signals();
         // SAFETY: `set` is an initialised signal set; the old mask is not wanted.
@@ -29,14 +35,24 @@ impl Shutdown {
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
-        let shutdown = Arc::new(Shutdown {
+        Ok(Arc::new(Shutdown {
             requested: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
             hook: Mutex::new(None),
-        });
-        let handler = Arc::clone(&shutdown);
-        std::thread::Builder::new().name("signals".to_string()).spawn(move || handler.handle_signals(set))?;
-        Ok(shutdown)
+            listening: AtomicBool::new(false),
+        }))
+    }
+
+    /// Start the thread that takes the signals (once; later calls do nothing).
+    pub fn listen(self: &Arc<Self>) -> io::Result<()> {
+        if self.listening.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let handler = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("signals".to_string())
+            .spawn(move || handler.handle_signals(termination_signals()))?;
+        Ok(())
     }
 
     fn handle_signals(&self, set: libc::sigset_t) {

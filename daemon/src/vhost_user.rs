@@ -18,10 +18,11 @@ use vhost::vhost_user::Listener;
 
 use crate::cli::VhostUserArgs;
 use crate::control::ControlServer;
+use crate::sandbox::{self, CapSet, Role};
 use crate::signals::Shutdown;
 
 /// Open the disk, listen on the socket, and serve until a shutdown is requested.
-pub fn run(args: &VhostUserArgs, shutdown: &Shutdown) -> anyhow::Result<()> {
+pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
     let disk = Arc::new(Disk::open(&args.disk.path, &args.disk.options())?);
     let serial = match &args.serial {
         Some(s) => serial_from_str(s)?,
@@ -37,14 +38,22 @@ pub fn run(args: &VhostUserArgs, shutdown: &Shutdown) -> anyhow::Result<()> {
         stats: Some(Registry::new()),
         poll_us: args.poll_us,
     };
-    let _control = match (&args.control, &options.stats) {
-        (Some(path), Some(registry)) => Some(ControlServer::start(path, registry.clone())?),
+    let mut control = match (&args.control, &options.stats) {
+        (Some(path), Some(registry)) => Some(ControlServer::bind(path, registry.clone())?),
         _ => None,
     };
     let server = VhostUserBlkServer::new(Arc::clone(&disk), options)?;
     probe_engine(&disk, args.engine.into(), server.options().effective_io_depth())?;
     let socket = SocketFile::bind(&args.socket)?;
     let mut listener = Listener::from(socket.listener.try_clone().context("cannot duplicate the socket")?);
+    // Everything is open: from here on no root, no capability, and only the system calls serving needs. The other
+    // threads start afterwards and inherit it.
+    sandbox::drop_privileges(args.sandbox.user.as_ref(), CapSet::EMPTY)?;
+    sandbox::lock_down(Role::VhostUser, args.sandbox.seccomp)?;
+    shutdown.listen().context("cannot set up signal handling")?;
+    if let Some(control) = &mut control {
+        control.start()?;
+    }
     tracing::info!(
         socket = %args.socket.display(), disk = %args.disk.path.display(), queues = args.queues,
         queue_size = args.queue_size, poll_us = args.poll_us, serial = %String::from_utf8_lossy(&serial).trim_end_matches('\0'),

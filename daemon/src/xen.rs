@@ -24,6 +24,7 @@ use transport_xen::xenbus::{close_vbd, close_vbd_failing_io, BackendConfig, Clea
 
 use crate::cli::{GrantModeArg, XenArgs};
 use crate::control::ControlServer;
+use crate::sandbox::{self, Role, XEN_CONTROL_CAPS};
 use crate::signals::Shutdown;
 
 /// What `--cleanup` writes into the `error` node.
@@ -33,16 +34,27 @@ const CLEANUP_SETTLE: Duration = Duration::from_millis(500);
 
 /// Run `blkbackd xen`.
 pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
-    let store = open_store()?;
-    let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
     if let Some(domid) = args.cleanup {
+        let store = open_store()?;
+        let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
         return cleanup(&store, &domain_path, domid, args.devid);
     }
+    // Drop to the control thread's set before anything starts a thread (xenstore's reader does): every thread
+    // inherits it. Disks and event-channel devices are opened later, as guests connect.
+    sandbox::drop_privileges(args.sandbox.user.as_ref(), XEN_CONTROL_CAPS)?;
+    let store = open_store()?;
+    let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
     let grants = GntDev::open().map_err(|e| anyhow!("cannot map guest grants: {e} (is xen-gntdev loaded?)"))?;
     // Each queue opens its own event-channel device when it connects; fail now, not at the first guest.
     drop(EvtchnDevice::open().map_err(|e| anyhow!("cannot bind event channels: {e} (is xen-evtchn loaded?)"))?);
     let registry = Registry::new();
-    let _control = args.control.as_deref().map(|path| ControlServer::start(path, registry.clone())).transpose()?;
+    let mut control = args.control.as_deref().map(|path| ControlServer::bind(path, registry.clone())).transpose()?;
+    let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp)?;
+    sandbox::lock_down(Role::XenControl, args.sandbox.seccomp)?;
+    shutdown.listen().context("cannot set up signal handling")?;
+    if let Some(control) = &mut control {
+        control.start()?;
+    }
     let (grant_mode, copy_without_persistent) = match args.grant_mode {
         GrantModeArg::Auto => (GrantMode::Map, true),
         GrantModeArg::Map => (GrantMode::Map, false),
@@ -50,8 +62,13 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
     };
     // A copying backend gains nothing from persistent grants, and the frontend would copy into them for nothing.
     let persistent_grants = !args.no_persistent && grant_mode == GrantMode::Map;
-    let options =
-        DataplaneOptions { grant_mode, copy_without_persistent, stats: Some(registry), ..DataplaneOptions::default() };
+    let options = DataplaneOptions {
+        grant_mode,
+        copy_without_persistent,
+        stats: Some(registry),
+        worker_init: Some(worker_init),
+        ..DataplaneOptions::default()
+    };
     tracing::info!(
         grant_mode = ?args.grant_mode, engine = ?args.engine, persistent_grants, max_queues = args.max_queues,
         "serving xen vbds"
@@ -64,7 +81,9 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
         .context("watching the backend's vbd directory")?;
     let stop = backend.stop_handle();
     shutdown.set_hook(Some(Box::new(move || stop.stop())));
-    let result = backend.run().context("xenstore connection lost; every vbd was closed");
+    let result = backend.run().context(
+        "xenstore connection lost: every data plane was stopped (the vbds stay as they were in xenstore; run `blkbackd xen --cleanup D` to close them)",
+    );
     shutdown.set_hook(None);
     result?;
     tracing::info!("stopped");

@@ -60,6 +60,31 @@ pub struct DataplaneOptions {
     /// disables the device ("backed has not unmapped grant"). Persistent grants are not affected (blkfront
     /// expects them to stay mapped).
     pub copy_without_persistent: bool,
+    /// Run on each queue's worker thread before it serves (e.g. to drop the thread's capabilities and install a
+    /// system call filter); a worker whose hook fails reports a fatal error and does not serve.
+    pub worker_init: Option<WorkerInit>,
+}
+
+/// A hook run on each data-plane worker thread before it serves, with the queue index.
+#[derive(Clone)]
+pub struct WorkerInit(Arc<dyn Fn(usize) -> std::io::Result<()> + Send + Sync>);
+
+impl WorkerInit {
+    /// Wrap `hook`.
+    pub fn new(hook: impl Fn(usize) -> std::io::Result<()> + Send + Sync + 'static) -> Self {
+        WorkerInit(Arc::new(hook))
+    }
+
+    /// Run the hook for queue `queue` on the calling thread.
+    pub fn run(&self, queue: usize) -> std::io::Result<()> {
+        (self.0)(queue)
+    }
+}
+
+impl std::fmt::Debug for WorkerInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerInit")
+    }
 }
 
 impl Default for DataplaneOptions {
@@ -72,6 +97,7 @@ impl Default for DataplaneOptions {
             discard_secure: false,
             stats: None,
             copy_without_persistent: false,
+            worker_init: None,
         }
     }
 }
@@ -344,6 +370,7 @@ impl Dataplane {
             stop: stop.clone(),
             fatal: self.fatal.clone(),
             stats: stats.clone(),
+            init: options.worker_init.clone(),
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);

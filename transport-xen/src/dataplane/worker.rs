@@ -47,6 +47,8 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub stop: Arc<EventFd>,
     pub fatal: Arc<FatalState>,
     pub stats: Arc<QueueStats>,
+    /// Run on this thread before serving.
+    pub init: Option<super::WorkerInit>,
 }
 
 /// What starting a request did.
@@ -104,6 +106,10 @@ impl Drop for DeathWatch {
 /// The worker thread's body.
 pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setup: QueueSetup<L, G, E>) {
     let _watch = DeathWatch { fatal: setup.fatal.clone(), index: setup.index };
+    if let Some(Err(e)) = setup.init.as_ref().map(|init| init.run(setup.index)) {
+        setup.fatal.report(format!("queue {}: cannot prepare the worker thread: {e}", setup.index));
+        return;
+    }
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {

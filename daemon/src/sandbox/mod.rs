@@ -1,0 +1,158 @@
+//! Least privilege: once `blkbackd` has opened what it needs, it gives up root, its capabilities and most system
+//! calls, so that a guest that took over a data-path thread holds as little as possible.
+//!
+//! # vhost-user
+//! Everything is open before the first frontend connects (disk, listening socket, control socket), and while the
+//! process still has one thread it:
+//! 1. sets `no_new_privs` (exec can never grant privileges again),
+//! 2. started as root: removes every capability from the bounding set and locks `SECBIT_NOROOT`,
+//! 3. with `--user`: takes the user's groups, gid and uid (real, effective and saved), which clears every
+//!    capability,
+//! 4. empties its effective, permitted, inheritable and ambient capability sets (also without `--user`),
+//! 5. installs the [`Role::VhostUser`] system call filter on every thread (`SECCOMP_FILTER_FLAG_TSYNC`).
+//!
+//! Only then does it start its other threads (signals, control socket, and per connection the protocol and queue
+//! threads), which inherit all of it: every thread runs with no capability, under the filter. Reconnecting
+//! frontends need no privilege: accepting on the listening socket, guest memory and eventfds passed over it,
+//! new threads, io_uring rings and epoll are all allowed.
+//!
+//! # Xen
+//! Disks and per-queue event-channel devices are opened later, when a guest connects, by the xenbus control
+//! thread, from paths the toolstack writes into xenstore. So the process keeps one capability,
+//! [`XEN_CONTROL_CAPS`] = `CAP_DAC_OVERRIDE`: with `--user`, `/dev/xen/evtchn` (root, mode 0600) and disk
+//! images or block devices owned by others could not be opened without it; as root it is what opens an image
+//! owned by another user. Nothing else is needed: the xenstore, grant and event-channel devices check no
+//! capability, and io_uring rings count against the memory cgroup, not `CAP_IPC_LOCK`. Before xenstore and the
+//! grant device are opened (they start threads), the process drops to that set (steps 1 to 4, keeping it across
+//! the uid switch with `PR_SET_KEEPCAPS`); once they are open it installs the [`Role::XenControl`] filter
+//! everywhere (no exec, no new sockets, `openat` only of existing files without truncation). Each data-plane
+//! worker thread ([`xen_worker_init`]) then drops its last capability for itself and adds the strict
+//! [`Role::XenWorker`] filter: its ring, grants, event channel and disk, nothing else.
+//!
+//! # `--seccomp`
+//! `enforce` (default): a call outside the list ends the process with `SIGSYS` after one line on stderr naming the
+//! call and the thread (see [`sigsys`]); opening a file where that is not allowed fails with `EACCES` instead
+//! (glibc and std open files lazily and cope with the refusal, e.g. a panic's backtrace). `log`: the kernel logs
+//! such calls (`dmesg`, audit) and lets them through, for developing the list. `off`: no filter (users and
+//! capabilities are still dropped).
+//!
+//! Caveats: an io_uring ring performs its operations in the kernel, where seccomp does not see them (the rings
+//! here only read, write, sync and discard the disk; restricting their opcodes with
+//! `IORING_REGISTER_RESTRICTIONS` belongs to the engine). With `--user`, the socket files are removed on exit only
+//! if their directory is writable by that user; a file left behind is replaced at the next start.
+
+mod caps;
+mod seccomp;
+mod sigsys;
+mod user;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use transport_xen::dataplane::WorkerInit;
+
+pub use caps::{CapSet, CAP_DAC_OVERRIDE};
+pub use seccomp::Role;
+pub use user::UserSpec;
+
+/// What the Xen control thread keeps (see the module documentation); vhost-user keeps nothing.
+pub const XEN_CONTROL_CAPS: CapSet = CapSet::of(&[CAP_DAC_OVERRIDE]);
+
+/// `--seccomp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    /// An unexpected system call ends the process with a log line naming it.
+    Enforce,
+    /// Unexpected system calls are logged by the kernel and allowed (for developing the list).
+    Log,
+    /// No system call filter.
+    Off,
+}
+
+/// `--user` and `--seccomp`, for the serving subcommands.
+#[derive(Clone, Debug, Args)]
+pub struct SandboxArgs {
+    /// Once the disk, devices and sockets are open, run as this user: NAME (with its groups), UID or UID:GID
+    /// (default: stay the user blkbackd started as). Capabilities are dropped either way: all of them for
+    /// vhost-user; Xen keeps CAP_DAC_OVERRIDE for opening disks and event-channel devices when guests connect,
+    /// and its data-plane threads drop even that.
+    #[arg(long, value_name = "NAME|UID[:GID]", value_parser = UserSpec::parse)]
+    pub user: Option<UserSpec>,
+    /// System call filter: `enforce` (an unexpected system call ends blkbackd with a log line naming it), `log`
+    /// (the kernel logs unexpected calls and allows them), `off`.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::Enforce)]
+    pub seccomp: SeccompMode,
+}
+
+/// Give up privileges while the process has one thread: `no_new_privs`, the bounding set (as root), the user
+/// (`user`), and every capability but `keep` (those the process has of them). Returns the capabilities kept.
+pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet) -> anyhow::Result<CapSet> {
+    ensure_single_threaded()?;
+    caps::no_new_privs().context("cannot set no_new_privs")?;
+    caps::limit_bounding_set(keep).context("cannot limit the capability bounding set")?;
+    let keep = keep.and(caps::get().context("cannot read the capabilities")?.permitted);
+    if let Some(user) = user {
+        caps::keep_across_setuid(keep != CapSet::EMPTY).context("cannot keep capabilities across the user switch")?;
+        user.switch().map_err(|e| {
+            let hint =
+                if e.raw_os_error() == Some(libc::EPERM) { " (--user needs blkbackd started as root)" } else { "" };
+            anyhow::anyhow!("cannot switch to user {user}: {e}{hint}")
+        })?;
+        caps::keep_across_setuid(false).context("cannot reset PR_SET_KEEPCAPS")?;
+    }
+    caps::set_only(keep).with_context(|| format!("cannot drop capabilities (keeping {keep})"))?;
+    // SAFETY: plain system calls without arguments.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    tracing::info!(user = user.map(|u| u.shown.as_str()), uid, gid, capabilities = %keep, "privileges dropped");
+    Ok(keep)
+}
+
+/// Install `role`'s system call filter on every thread of the process (`mode` off: none).
+pub fn lock_down(role: Role, mode: SeccompMode) -> anyhow::Result<()> {
+    let programs = seccomp::filters(role, mode)?;
+    if programs.is_empty() {
+        tracing::warn!("system call filter off (--seccomp off)");
+        return Ok(());
+    }
+    sigsys::install().context("cannot install the SIGSYS handler")?;
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program)
+            .map_err(|e| anyhow::anyhow!("cannot install the system call filter: {e}"))?;
+    }
+    tracing::info!(?role, mode = ?mode, "system call filter installed");
+    Ok(())
+}
+
+/// The hook each Xen data-plane worker runs on its own thread before serving: drop every capability and add the
+/// [`Role::XenWorker`] filter (in `mode`) to the thread. A worker that cannot do so does not serve.
+pub fn xen_worker_init(mode: SeccompMode) -> anyhow::Result<WorkerInit> {
+    let programs = Arc::new(seccomp::filters(Role::XenWorker, mode)?);
+    if !programs.is_empty() {
+        sigsys::install().context("cannot install the SIGSYS handler")?;
+    }
+    Ok(WorkerInit::new(move |queue| {
+        caps::no_new_privs()?;
+        caps::set_only(CapSet::EMPTY)?;
+        for program in programs.iter() {
+            seccompiler::apply_filter(program).map_err(std::io::Error::other)?;
+        }
+        tracing::debug!(queue, "worker sandboxed: no capabilities, worker system call filter");
+        Ok(())
+    }))
+}
+
+/// Capabilities and uids are per thread: dropping them is only whole while the process has one thread.
+fn ensure_single_threaded() -> anyhow::Result<()> {
+    let tasks = match std::fs::read_dir("/proc/self/task") {
+        Ok(tasks) => tasks.count(),
+        Err(e) => bail!("cannot count this process's threads in /proc/self/task: {e} (is /proc mounted?)"),
+    };
+    if tasks != 1 {
+        bail!("internal error: privileges must be dropped before any thread starts ({tasks} threads run)");
+    }
+    Ok(())
+}

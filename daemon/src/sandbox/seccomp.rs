@@ -1,0 +1,339 @@
+//! The system call allow-lists, one per role, compiled to BPF with `seccompiler` (rust-vmm, as Firecracker and
+//! cloud-hypervisor use it).
+//!
+//! Every role shares [`base`]: reading and writing descriptors it already holds, memory management without
+//! executable mappings, futexes, clocks, signals and the calls the `SIGSYS` handler makes. On top of that:
+//! - [`Role::VhostUser`] (the whole process, after the disk and sockets are open): threads (`clone` with
+//!   `CLONE_THREAD` only: no new processes), sockets it already has (accept, messages with descriptors for guest
+//!   memory and eventfds), `mmap` of guest memory, io_uring rings, eventfds and epoll; no `open` (`EACCES`), no
+//!   `socket`, no `exec`.
+//! - [`Role::XenControl`] (the whole Xen process): the vhost-user set, plus `openat` without `O_CREAT`,
+//!   `O_TRUNC` or `O_TMPFILE` (disks and event-channel devices are opened when guests connect), and what a
+//!   worker needs to sandbox itself (`capset`, clearing the ambient set, `seccomp`).
+//! - [`Role::XenWorker`] (each data-plane thread, stacked on the control filter): only the data path: its event
+//!   channel, grant maps and copies, its disk through io_uring or `preadv`/`pwritev`, epoll. No `open`
+//!   (`EACCES`), no `socket`, no new threads or rings.
+//!
+//! `ioctl` is allowed only for the request numbers each role issues.
+//!
+//! Two calls are answered with an error rather than trapped: `clone3` passes its flags in memory, which a filter
+//! cannot read, so it gets `ENOSYS` and glibc creates threads with `clone`, whose flags the filter checks; and
+//! where a role may not open files, `openat` gets `EACCES` (see [`open_calls`]).
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+};
+use transport_xen::xen::ioctl as xen;
+
+use super::SeccompMode;
+
+/// Which allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The whole `blkbackd vhost-user` process.
+    VhostUser,
+    /// The whole `blkbackd xen` process (its xenbus control thread opens disks and devices as guests come).
+    XenControl,
+    /// One Xen data-plane worker thread.
+    XenWorker,
+}
+
+// Block-device ioctls (`<linux/fs.h>`): size and geometry queries when a disk is opened, discards on the data path.
+const BLKROGET: u64 = 0x125e;
+const BLKSSZGET: u64 = 0x1268;
+const BLKPBSZGET: u64 = 0x127b;
+const BLKGETSIZE64: u64 = 0x8008_1272;
+const BLKGETDISKSEQ: u64 = 0x8008_1280;
+const BLK_DATA: [u64; 3] =
+    [req(device_blk::disk::BLKDISCARD), req(device_blk::disk::BLKSECDISCARD), req(device_blk::disk::BLKZEROOUT)];
+
+/// An ioctl request number as the filter compares it (its low 32 bits, as the kernel reads it).
+#[allow(clippy::unnecessary_cast)] // `c_ulong` is `u64` here, not on every target
+const fn req(request: libc::c_ulong) -> u64 {
+    request as u64
+}
+
+/// `IORING_REGISTER_ENABLE_RINGS`: a ring created disabled is enabled by the thread that submits to it.
+const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
+
+/// Rules under construction: `None` allows a call whatever its arguments.
+#[derive(Default)]
+struct Rules(BTreeMap<i64, Option<Vec<SeccompRule>>>);
+
+impl Rules {
+    /// Allow these calls with any arguments.
+    fn any(&mut self, calls: &[libc::c_long]) {
+        for &nr in calls {
+            self.0.insert(nr, None);
+        }
+    }
+
+    /// Allow `nr` when one of `conditions` (each a list that must all hold) holds.
+    fn when(&mut self, nr: libc::c_long, conditions: Vec<Vec<SeccompCondition>>) -> anyhow::Result<()> {
+        let mut rules = Vec::with_capacity(conditions.len());
+        for c in conditions {
+            rules.push(SeccompRule::new(c).context("seccomp rule")?);
+        }
+        // A call already allowed whatever its arguments stays so.
+        if let Some(existing) = self.0.entry(nr).or_insert_with(|| Some(Vec::new())) {
+            existing.extend(rules);
+        }
+        Ok(())
+    }
+
+    /// Allow `nr` when its 32-bit argument `arg` is one of `values`.
+    fn arg_in(&mut self, nr: libc::c_long, arg: u8, values: &[u64]) -> anyhow::Result<()> {
+        let conditions = values.iter().map(|&v| eq(arg, v).map(|c| vec![c])).collect::<anyhow::Result<_>>()?;
+        self.when(nr, conditions)
+    }
+
+    /// Allow `nr` when its argument `arg` has none of the bits of `mask`.
+    fn arg_without(&mut self, nr: libc::c_long, arg: u8, mask: u64) -> anyhow::Result<()> {
+        let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), 0)
+            .context("seccomp condition")?;
+        self.when(nr, vec![vec![c]])
+    }
+
+    /// Allow `nr` when its argument `arg` has every bit of `mask`.
+    fn arg_with(&mut self, nr: libc::c_long, arg: u8, mask: u64) -> anyhow::Result<()> {
+        let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), mask)
+            .context("seccomp condition")?;
+        self.when(nr, vec![vec![c]])
+    }
+
+    fn compile(self, mismatch: SeccompAction) -> anyhow::Result<BpfProgram> {
+        let rules = self.0.into_iter().map(|(nr, rules)| (nr, rules.unwrap_or_default())).collect();
+        let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
+            .context("building the seccomp filter")?;
+        filter.try_into().context("compiling the seccomp filter")
+    }
+}
+
+fn eq(arg: u8, value: u64) -> anyhow::Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).context("seccomp condition")
+}
+
+fn target_arch() -> anyhow::Result<seccompiler::TargetArch> {
+    std::env::consts::ARCH.try_into().context("seccomp filters are not supported on this architecture")
+}
+
+/// What every thread of every role does.
+fn base(rules: &mut Rules) -> anyhow::Result<()> {
+    rules.any(&[
+        // Descriptors it holds: the disk, eventfds, event channels, sockets, stderr.
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_lseek,
+        libc::SYS_close,
+        libc::SYS_fdatasync,
+        libc::SYS_fsync,
+        libc::SYS_fallocate,
+        libc::SYS_io_uring_enter,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        libc::SYS_ppoll,
+        // Memory (mmap and mprotect: below, never executable).
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        // Threads, time, randomness (hash seeds).
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_getres,
+        libc::SYS_gettimeofday,
+        libc::SYS_getrandom,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        // Signals: the alternate stack of a thread, masks, the SIGSYS handler's reset.
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigaction,
+        libc::SYS_sigaltstack,
+    ]);
+    #[cfg(target_arch = "x86_64")]
+    rules.any(&[libc::SYS_epoll_wait, libc::SYS_poll]);
+    let exec = libc::PROT_EXEC as u64;
+    rules.arg_without(libc::SYS_mmap, 2, exec)?;
+    rules.arg_without(libc::SYS_mprotect, 2, exec)?;
+    // Signals only to our own process (abort, and the SIGSYS handler's own end).
+    // SAFETY: getpid cannot fail.
+    let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+    rules.arg_in(libc::SYS_tgkill, 0, &[pid])?;
+    // The thread's name (for the SIGSYS line); no_new_privs, which only restricts (set again by each filter).
+    rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_GET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64])?;
+    // Descriptor flags (std checks that a descriptor is open before closing it, in debug builds).
+    rules.arg_in(libc::SYS_fcntl, 1, &[libc::F_GETFD as u64, libc::F_GETFL as u64])?;
+    Ok(())
+}
+
+/// What a process-wide role adds to [`base`]: threads, the sockets and descriptors it holds, io_uring rings.
+fn process(rules: &mut Rules) -> anyhow::Result<()> {
+    rules.any(&[
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_sched_getaffinity,
+        // The signal thread's sigwait.
+        libc::SYS_rt_sigtimedwait,
+        libc::SYS_accept4,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_getsockname,
+        libc::SYS_getpeername,
+        libc::SYS_eventfd2,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+        libc::SYS_dup3,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_register,
+        // The socket files, removed on exit.
+        libc::SYS_unlinkat,
+    ]);
+    #[cfg(target_arch = "x86_64")]
+    rules.any(&[libc::SYS_accept, libc::SYS_unlink, libc::SYS_dup2]);
+    rules.arg_with(libc::SYS_clone, 0, libc::CLONE_THREAD as u64)?;
+    rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])?;
+    rules.arg_in(
+        libc::SYS_ioctl,
+        1,
+        &[req(libc::FIONBIO), req(libc::FIOCLEX), req(libc::FIONCLEX), req(libc::TCGETS)],
+    )?;
+    rules.arg_in(libc::SYS_ioctl, 1, &BLK_DATA)
+}
+
+/// What the Xen control thread adds: opening disks and devices as guests connect, and letting workers sandbox
+/// themselves.
+fn xen_control(rules: &mut Rules) -> anyhow::Result<()> {
+    let creating = (libc::O_CREAT | libc::O_TRUNC | (libc::O_TMPFILE & !libc::O_DIRECTORY)) as u64;
+    rules.arg_without(libc::SYS_openat, 2, creating)?;
+    #[cfg(target_arch = "x86_64")]
+    rules.arg_without(libc::SYS_open, 1, creating)?;
+    rules.any(&[libc::SYS_capget, libc::SYS_capset, libc::SYS_getdents64, libc::SYS_readlinkat]);
+    let ambient = eq(0, libc::PR_CAP_AMBIENT as u64)?;
+    rules.when(libc::SYS_prctl, vec![vec![ambient, eq(1, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64)?]])?;
+    rules.arg_in(libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?;
+    rules.arg_in(libc::SYS_ioctl, 1, &[BLKROGET, BLKSSZGET, BLKPBSZGET, BLKGETSIZE64, BLKGETDISKSEQ])?;
+    rules.arg_in(
+        libc::SYS_ioctl,
+        1,
+        &[
+            req(xen::IOCTL_EVTCHN_BIND_UNBOUND_PORT),
+            req(xen::IOCTL_EVTCHN_BIND_INTERDOMAIN),
+            req(xen::IOCTL_EVTCHN_UNBIND),
+            req(xen::IOCTL_EVTCHN_NOTIFY),
+            req(xen::IOCTL_EVTCHN_RESET),
+            req(xen::IOCTL_EVTCHN_RESTRICT_DOMID),
+            req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
+            req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
+            req(xen::IOCTL_GNTDEV_SET_MAX_GRANTS),
+            req(xen::IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
+            req(xen::IOCTL_GNTDEV_GRANT_COPY),
+        ],
+    )
+}
+
+/// What a Xen data-plane worker adds to [`base`]: its ring's grant maps and copies, its event channel, discards,
+/// and enabling its io_uring ring at the first submission.
+fn xen_worker(rules: &mut Rules) -> anyhow::Result<()> {
+    rules.arg_in(libc::SYS_io_uring_register, 1, &[IORING_REGISTER_ENABLE_RINGS])?;
+    rules.arg_in(
+        libc::SYS_ioctl,
+        1,
+        &[
+            req(xen::IOCTL_EVTCHN_NOTIFY),
+            req(xen::IOCTL_EVTCHN_UNBIND),
+            req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
+            req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
+            req(xen::IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
+            req(xen::IOCTL_GNTDEV_GRANT_COPY),
+        ],
+    )?;
+    rules.arg_in(libc::SYS_ioctl, 1, &BLK_DATA)
+}
+
+/// `openat` (and `open`), where a role must not open files: answered `EACCES` rather than trapped, because glibc
+/// and std open files lazily and cope with a refusal (malloc reads `/proc/sys/vm/overcommit_memory` the first
+/// time a thread's arena shrinks; a backtrace reads the executable).
+fn open_calls() -> Vec<libc::c_long> {
+    let mut calls = vec![libc::SYS_openat];
+    #[cfg(target_arch = "x86_64")]
+    calls.push(libc::SYS_open);
+    calls
+}
+
+/// A filter answering `calls` with `errno` and leaving everything else to the other filters.
+fn errno_filter(calls: &[libc::c_long], errno: i32) -> anyhow::Result<BpfProgram> {
+    let filter = SeccompFilter::new(
+        calls.iter().map(|&nr| (nr, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno.unsigned_abs()),
+        target_arch()?,
+    )
+    .context("building an errno filter")?;
+    filter.try_into().context("compiling an errno filter")
+}
+
+/// The filters for `role` in `mode` (none when off), in the order to install them.
+///
+/// Besides the allow-list, a role may have filters that answer a call with an error instead: the kernel takes the
+/// strictest answer of all filters, so the allow-list lets those calls through and the error wins.
+pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(Vec::new()),
+        SeccompMode::Enforce => SeccompAction::Trap,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let mut rules = Rules::default();
+    base(&mut rules)?;
+    let clone3 = (vec![libc::SYS_clone3], libc::ENOSYS);
+    let errors = match role {
+        Role::VhostUser => {
+            process(&mut rules)?;
+            vec![clone3, (open_calls(), libc::EACCES)]
+        }
+        Role::XenControl => {
+            process(&mut rules)?;
+            xen_control(&mut rules)?;
+            vec![clone3]
+        }
+        Role::XenWorker => {
+            xen_worker(&mut rules)?;
+            vec![(open_calls(), libc::EACCES)]
+        }
+    };
+    let mut programs = Vec::with_capacity(errors.len() + 1);
+    for (calls, errno) in errors {
+        rules.any(&calls);
+        programs.push(errno_filter(&calls, errno)?);
+    }
+    // Last: in a process-wide role it forbids installing further filters.
+    programs.push(rules.compile(mismatch)?);
+    Ok(programs)
+}

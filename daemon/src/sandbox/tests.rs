@@ -1,0 +1,281 @@
+//! The production filters refuse what they must and allow what serving needs, and Xen data-plane workers on the
+//! emulated host serve every request type with no capability under the worker filter.
+//!
+//! A filter cannot be removed, so the refusals run in a child process: this test binary again, running only
+//! [`child`] with the scenario in `BLKBACKD_SANDBOX_CHILD`. The parent checks that the child died of `SIGSYS`
+//! and that its last words name the forbidden call.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::Arc;
+
+use device_blk::EngineKind;
+use transport_xen::blkif::{RSP_EOPNOTSUPP, RSP_OKAY};
+use transport_xen::dataplane::DataplaneOptions;
+use transport_xen::emulated::EmulatedHost;
+use transport_xen::frontend::load::{check_pattern, fill_pattern};
+use transport_xen::frontend::{BackendThread, Blkfront, BlkfrontConfig, DiskSpec, IoRequest, Toolstack, XVDA};
+use transport_xen::grant_memory::GrantMode;
+use transport_xen::xenbus::dataplane_server::DataplaneServer;
+use transport_xen::xenbus::{BackendConfig, Scope};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+
+const CHILD_ENV: &str = "BLKBACKD_SANDBOX_CHILD";
+/// A child that got through its scenario.
+const ALLOWED: i32 = 42;
+/// A child whose forbidden call came back.
+const SURVIVED: i32 = 3;
+/// A child whose `open` was refused with `EACCES`.
+const REFUSED: i32 = 4;
+
+/// Run `scenario` in a child: its exit status and stderr.
+fn in_child(scenario: &str) -> (ExitStatus, String) {
+    let out = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", "sandbox::tests::child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, scenario)
+        .output()
+        .expect("run the child");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Assert that `scenario` was ended by `SIGSYS` for system call `nr`.
+fn assert_refused(scenario: &str, nr: libc::c_long, name: &str) -> String {
+    let (status, stderr) = in_child(scenario);
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{scenario}: {status}\n{stderr}");
+    let line = format!("blkbackd: seccomp: forbidden system call {nr} ({name}) in thread ");
+    assert!(stderr.contains(&line), "{scenario}: no {line:?} in:\n{stderr}");
+    stderr
+}
+
+/// The child side: nothing unless started by [`in_child`].
+#[test]
+fn child() {
+    let Ok(scenario) = std::env::var(CHILD_ENV) else { return };
+    // No core dump of a test child killed on purpose.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let code = run_scenario(&scenario);
+    std::process::exit(code);
+}
+
+fn run_scenario(scenario: &str) -> i32 {
+    let (role, mode, action) = scenario.split_once(' ').map_or(("", "", ""), |(role, action)| {
+        let (mode, action) = action.split_once(' ').unwrap_or(("enforce", action));
+        (role, mode, action)
+    });
+    let mode = if mode == "log" { SeccompMode::Log } else { SeccompMode::Enforce };
+    let existing = std::env::current_exe().expect("the test binary");
+    match role {
+        "vhost-user" => lock_down(Role::VhostUser, mode).expect("vhost-user filter"),
+        "xen-control" | "xen-worker" => lock_down(Role::XenControl, mode).expect("xen control filter"),
+        other => panic!("unknown role {other:?}"),
+    }
+    if role == "xen-worker" {
+        let init = xen_worker_init(mode).expect("worker hook");
+        // A worker gets its descriptors from the control thread.
+        let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let action = action.to_string();
+        let thread = std::thread::Builder::new().name("blkif-d9-q0".into()).spawn(move || {
+            init.run(0).expect("the worker sandboxes itself");
+            forbidden_or_allowed(&action, existing, Some(evt))
+        });
+        return thread.expect("spawn").join().expect("join");
+    }
+    forbidden_or_allowed(action, existing, None)
+}
+
+fn forbidden_or_allowed(action: &str, existing: PathBuf, evt: Option<EventFd>) -> i32 {
+    match action {
+        "socket" => {
+            // SAFETY: socket(2) with constant arguments; the descriptor (if any) is closed at exit.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            return if fd >= 0 { ALLOWED } else { SURVIVED };
+        }
+        "exec" => {
+            let error = std::os::unix::process::CommandExt::exec(&mut Command::new("/bin/true"));
+            eprintln!("exec failed: {error}");
+        }
+        "fork" => {
+            // SAFETY: the child, if there were one, exits at once without touching anything.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(0) };
+            }
+        }
+        "mmap-exec" => {
+            // SAFETY: an anonymous mapping nobody uses; the call is expected to be refused.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+        }
+        "open" => match File::open(&existing) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => return REFUSED,
+            Err(e) => panic!("open failed with {e}, not EACCES"),
+            Ok(_) => {}
+        },
+        "create" => {
+            File::open(&existing).expect("opening an existing file is allowed");
+            eprintln!("opened an existing file");
+            let path = std::env::temp_dir().join(format!("blkbackd-sandbox-{}", std::process::id()));
+            drop(OpenOptions::new().write(true).create(true).truncate(true).open(path));
+        }
+        "serve" => {
+            match evt {
+                Some(evt) => serve(&evt),
+                None => std::thread::Builder::new()
+                    .name("worker".into())
+                    .spawn(|| serve(&EventFd::new(EFD_NONBLOCK).expect("eventfd")))
+                    .expect("spawn")
+                    .join()
+                    .expect("join"),
+            }
+            return ALLOWED;
+        }
+        other => panic!("unknown action {other:?}"),
+    }
+    SURVIVED
+}
+
+/// What the daemon's threads do after the lock-down: epoll over an eventfd, memory, clocks, hashing, logs.
+fn serve(evt: &EventFd) {
+    let epoll = Epoll::new().expect("epoll");
+    epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, 1)).expect("epoll_ctl");
+    evt.write(1).expect("write");
+    let mut events = [EpollEvent::default(); 1];
+    assert_eq!(epoll.wait(1000, &mut events).expect("epoll_wait"), 1);
+    let mut map = std::collections::HashMap::new();
+    map.insert(std::time::Instant::now(), vec![0u8; 8 << 20]);
+    tracing::info!(entries = map.len(), "a log line");
+    eprintln!("served");
+}
+
+#[test]
+fn forbidden_calls_end_the_process_with_sigsys_and_a_line_naming_them() {
+    assert_refused("vhost-user socket", libc::SYS_socket, "socket");
+    assert_refused("vhost-user exec", libc::SYS_execve, "execve");
+    assert_refused("vhost-user mmap-exec", libc::SYS_mmap, "mmap");
+    // Opening files is answered EACCES rather than trapped (glibc and std open files lazily and cope).
+    for scenario in ["vhost-user open", "xen-worker open"] {
+        let (status, stderr) = in_child(scenario);
+        assert_eq!(status.code(), Some(REFUSED), "{scenario}: {status}\n{stderr}");
+    }
+    // glibc's fork is clone without CLONE_THREAD.
+    assert_refused("vhost-user fork", libc::SYS_clone, "clone");
+    assert_refused("xen-control socket", libc::SYS_socket, "socket");
+    let stderr = assert_refused("xen-control create", libc::SYS_openat, "openat");
+    assert!(stderr.contains("opened an existing file"), "{stderr}");
+    let stderr = assert_refused("xen-worker socket", libc::SYS_socket, "socket");
+    assert!(stderr.contains("in thread blkif-d9-q0 (tid "), "the worker thread is named:\n{stderr}");
+    assert_refused("xen-worker exec", libc::SYS_execve, "execve");
+}
+
+#[test]
+fn what_serving_needs_is_allowed_and_log_mode_allows_everything() {
+    for scenario in ["vhost-user serve", "xen-control serve", "xen-worker serve", "vhost-user log socket"] {
+        let (status, stderr) = in_child(scenario);
+        assert_eq!(status.code(), Some(ALLOWED), "{scenario}: {status}\n{stderr}");
+        assert!(!stderr.contains("forbidden"), "{scenario}:\n{stderr}");
+    }
+}
+
+/// A temporary disk image, removed on drop.
+struct Image(PathBuf);
+
+impl Image {
+    fn new(tag: &str, bytes: u64) -> Image {
+        let path = std::env::temp_dir().join(format!("blkbackd-sandbox-{}-{tag}.img", std::process::id()));
+        File::create(&path).and_then(|f| f.set_len(bytes)).expect("create the image");
+        Image(path)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `/proc/self/task/<tid>/status` of this process's threads named `name`.
+fn thread_status(name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            found.push(std::fs::read_to_string(task.path().join("status")).expect("status"));
+        }
+    }
+    found
+}
+
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+#[test]
+fn xen_workers_serve_every_request_with_no_capability_under_the_worker_filter() {
+    let cases = [
+        (1u16, GrantMode::Map, true, EngineKind::Auto),
+        (2, GrantMode::Copy, false, EngineKind::Sync),
+        (3, GrantMode::Map, false, EngineKind::Auto),
+    ];
+    for (domid, grant_mode, persistent, engine) in cases {
+        let image = Image::new(&domid.to_string(), 8 << 20);
+        let host = EmulatedHost::new().expect("emulated host");
+        let init = xen_worker_init(SeccompMode::Enforce).expect("worker hook");
+        let options = DataplaneOptions { grant_mode, worker_init: Some(init), ..DataplaneOptions::default() };
+        let rings = DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), engine, options);
+        let backend =
+            BackendThread::spawn(&host, Arc::new(rings), BackendConfig::default(), Scope::AllDomains).expect("backend");
+        let guest = host.add_guest(domid, 1024).expect("guest");
+        let toolstack = Toolstack::new(Arc::new(host.xenstore().expect("xenstore")));
+        toolstack.add_disk(&DiskSpec::new(domid, image.0.to_str().expect("UTF-8"))).expect("attach");
+        let config = BlkfrontConfig { queues: 2, persistent, ring_page_order: 1, ..BlkfrontConfig::default() };
+        let mut front = Blkfront::connect(&guest, XVDA, config).expect("connect");
+        assert_eq!(front.queue_count(), 2);
+
+        for queue in 0..2 {
+            let sector = 1024 * queue as u64;
+            let mut data = vec![0u8; 64 << 10];
+            fill_pattern(&mut data, sector, domid.into());
+            let write = front.request(queue, &IoRequest::Write { sector, data: &data }).expect("write");
+            assert_eq!(write.status, RSP_OKAY);
+            let barrier = front.request(queue, &IoRequest::Barrier { sector: sector + 512, data: &data[..4096] });
+            assert_eq!(barrier.expect("barrier").status, RSP_OKAY);
+            assert_eq!(front.request(queue, &IoRequest::Flush).expect("flush").status, RSP_OKAY);
+            let discard = front.request(queue, &IoRequest::Discard { sector: sector + 64, sectors: 8, secure: false });
+            assert_eq!(discard.expect("discard").status, RSP_OKAY);
+            let secure = front.request(queue, &IoRequest::Discard { sector, sectors: 8, secure: true });
+            assert_eq!(secure.expect("secure discard").status, RSP_EOPNOTSUPP);
+        }
+        // A worker runs its hook before it serves: every queue answered, so every worker is sandboxed.
+        for queue in 0..2 {
+            let status = thread_status(&format!("blkif-d{domid}-q{queue}"));
+            assert_eq!(status.len(), 1, "one worker thread for queue {queue}");
+            for (key, want) in [("CapEff:", "0000000000000000"), ("CapPrm:", "0000000000000000"), ("Seccomp:", "2")] {
+                assert_eq!(field(&status[0], key), want, "queue {queue} {key}\n{}", status[0]);
+            }
+            assert_eq!(field(&status[0], "NoNewPrivs:"), "1");
+        }
+
+        let back = front.read(0, 64 << 10).expect("read");
+        assert_eq!(check_pattern(&back[..32 << 10], 0, domid.into()), None, "domain {domid}");
+        assert!(back[32 << 10..36 << 10].iter().all(|&b| b == 0), "the discarded range reads as zeroes");
+        front.close().expect("close");
+        backend.stop().expect("the backend stops");
+        assert_eq!(host.live_mappings(), 0, "the sandboxed workers unmapped every grant");
+        assert!(thread_status(&format!("blkif-d{domid}-q0")).is_empty(), "the workers ended");
+    }
+}
