@@ -82,7 +82,8 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
     let stop = backend.stop_handle();
     shutdown.set_hook(Some(Box::new(move || stop.stop())));
     let result = backend.run().context(
-        "xenstore connection lost: every data plane was stopped (the vbds stay as they were in xenstore; run `blkbackd xen --cleanup D` to close them)",
+        "xenstore connection lost: every data plane was stopped (the vbds stay as they were in xenstore; run \
+         `blkbackd xen --cleanup D` to close them)",
     );
     shutdown.set_hook(None);
     result?;
