@@ -185,6 +185,9 @@ pub struct QueueStats {
     pub wakeups: AtomicU64,
     /// Engine submissions (one per batch).
     pub kicks: AtomicU64,
+    /// Events that found no request after several such in a row, whose unmask was therefore delayed (a frontend
+    /// notifying without queueing: an event storm).
+    pub spurious_delays: AtomicU64,
     /// The ring was halted on hostile input.
     pub halted: AtomicBool,
 }

@@ -3,6 +3,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -18,6 +19,12 @@ use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
 const TOKEN_EVTCHN: u64 = 0;
 const TOKEN_COMPLETION: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+
+/// Events in a row that may find no request before the port's unmask is delayed (a notify that races with a
+/// batch we were already taking is normal; a stream of them is a storm).
+const SPURIOUS_FREE: u32 = 2;
+/// Longest delay of the unmask after spurious events.
+const MAX_UNMASK_DELAY: Duration = Duration::from_millis(64);
 
 /// Fixed per-queue settings.
 #[derive(Clone, Debug)]
@@ -85,6 +92,18 @@ struct Worker<L, G: GrantTable, E> {
     unpushed: bool,
     /// Requests submitted to the engine since the last kick.
     unkicked: bool,
+    /// The event channel fired in this round of the loop; its ports are unmasked after the ring was looked at.
+    evtchn_fired: bool,
+    /// Requests taken from the ring so far, and at the end of the last event's round: an event is spurious if no
+    /// request was taken since the previous one (requests a completion round took before the frontend's notify
+    /// was read count as that notify's work).
+    taken: u64,
+    taken_at_event: u64,
+    /// Events in a row that brought no request.
+    spurious: u32,
+    /// Ports whose unmask is delayed, and until when (late EOI: a frontend that notifies without queueing
+    /// anything wakes us at a decreasing rate instead of keeping a CPU busy).
+    unmask_at: Option<Instant>,
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
 }
@@ -143,6 +162,11 @@ pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setu
         halted: false,
         unpushed: false,
         unkicked: false,
+        evtchn_fired: false,
+        taken: 0,
+        taken_at_event: 0,
+        spurious: 0,
+        unmask_at: None,
         fatal: setup.fatal,
         stats: setup.stats,
     };
@@ -172,7 +196,10 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             if self.stopping && self.in_use() == 0 {
                 return;
             }
-            let n = match self.epoll.wait(-1, &mut events) {
+            let timeout = self.unmask_at.map_or(-1, |at| {
+                i32::try_from(at.saturating_duration_since(Instant::now()).as_millis() + 1).unwrap_or(i32::MAX)
+            });
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -192,10 +219,51 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     _ => {}
                 }
             }
+            if self.unmask_at.is_some_and(|at| Instant::now() >= at) {
+                self.unmask_at = None;
+                self.unmask_ports();
+            }
             self.complete();
             self.process_ring();
             self.kick();
             self.push();
+            if std::mem::take(&mut self.evtchn_fired) {
+                let brought_work = self.taken != self.taken_at_event;
+                self.taken_at_event = self.taken;
+                self.end_of_event(brought_work);
+            }
+        }
+    }
+
+    /// The ring was looked at after an event: unmask its port now if requests came since the previous event (or
+    /// after only a few events in a row without any), else later, the delay doubling with each further spurious event up to
+    /// [`MAX_UNMASK_DELAY`] (what Linux's backends do with late EOI since XSA-332). A masked port keeps what the
+    /// frontend notifies pending, and unmasking delivers it: nothing is lost, a storm just gets slow.
+    fn end_of_event(&mut self, brought_work: bool) {
+        if self.halted || self.stopping {
+            return;
+        }
+        if brought_work {
+            self.spurious = 0;
+        } else {
+            self.spurious = self.spurious.saturating_add(1);
+        }
+        if self.spurious <= SPURIOUS_FREE {
+            self.unmask_ports();
+            return;
+        }
+        let shift = (self.spurious - SPURIOUS_FREE - 1).min(16);
+        let delay = Duration::from_millis(1u64 << shift).min(MAX_UNMASK_DELAY);
+        QueueStats::add(&self.stats.spurious_delays, 1);
+        self.unmask_at = Some(Instant::now() + delay);
+    }
+
+    fn unmask_ports(&mut self) {
+        for i in 0..self.ports.len() {
+            let port = self.ports[i];
+            if let Err(e) = self.evtchn.unmask(port) {
+                tracing::warn!(queue = self.index, port, error = %e, "evtchn: unmask failed");
+            }
         }
     }
 
@@ -214,12 +282,8 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             self.remove_fd(self.evtchn.fd());
             return;
         }
-        for i in 0..self.ports.len() {
-            let port = self.ports[i];
-            if let Err(e) = self.evtchn.unmask(port) {
-                tracing::warn!(queue = self.index, port, error = %e, "evtchn: unmask failed");
-            }
-        }
+        // Unmasked once the ring was looked at (`end_of_event`).
+        self.evtchn_fired = true;
     }
 
     fn on_stop(&mut self) {
@@ -263,6 +327,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     break;
                 }
                 QueueStats::add(&self.stats.requests, 1);
+                self.taken += 1;
                 let Some(idx) = self.free.pop() else { break };
                 self.accept(idx);
             }

@@ -291,16 +291,16 @@ fn storm(bed: &HostileBed, guest: &Arc<GuestDomain>) -> (RawFrontend, &'static s
     }
     let (wall, cpu, own) = (t0.elapsed(), busy() - cpu0, this_thread_cpu() - own0);
     eprintln!("storm: {sent} notifications in {wall:?}, costing the guest {own:?} and the worker {cpu:?}");
-    // Events coalesce (a delivered port stays masked until the worker unmasks it): the worker spends at most a
-    // small multiple of what the guest spends sending them (measured: about 0.6x), and stays well below a core
-    // (measured: 35-50%; see the report about a spurious-event back-off).
-    assert!(cpu <= own * 2 + CPU_SLACK, "the worker used {cpu:?} of CPU for {sent} notifications costing {own:?}");
-    assert!(cpu <= wall * 3 / 4 + CPU_SLACK, "the worker used {cpu:?} of CPU during a storm of {wall:?}");
+    // Events coalesce (a delivered port stays masked until the worker unmasks it), and after a few events in a row
+    // that bring no request the worker delays the unmask, doubling the delay up to 64 ms (late EOI): the storm
+    // costs the worker a small fraction of what it costs the guest, and a few percent of a core.
+    assert!(cpu <= own / 4 + CPU_SLACK, "the worker used {cpu:?} of CPU for {sent} notifications costing {own:?}");
+    assert!(cpu <= wall / 10 + CPU_SLACK, "the worker used {cpu:?} of CPU during a storm of {wall:?}");
     assert!(f.ring.ring().take_response().is_none(), "no request, no response");
     assert_eq!(bed.state(f.id), Some(XenbusState::Connected));
     assert_eq!(bed.toolstack.error(f.id).expect("read"), None);
     assert_eq!(f.read(8), RSP_OKAY, "the ring still serves");
-    (f, "no response; still Connected and serving; worker CPU <= 2x the guest's own CPU for the storm and < 75% of its wall time; quiet after")
+    (f, "no response; still Connected and serving; worker CPU <= 1/4 of the guest's own CPU for the storm and < 10% of its wall time (delayed unmask); quiet after")
 }
 
 fn producer(bed: &HostileBed, guest: &Arc<GuestDomain>, bad: fn(u32, u32) -> u32) -> (RawFrontend, &'static str) {
