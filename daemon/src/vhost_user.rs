@@ -37,6 +37,7 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         serial,
         stats: Some(Registry::new()),
         poll_us: args.poll_us,
+        ..VhostUserBlkOptions::new(serial)
     };
     let mut control = match (&args.control, &options.stats) {
         (Some(path), Some(registry)) => Some(ControlServer::bind(path, registry.clone())?),

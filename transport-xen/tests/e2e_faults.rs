@@ -95,3 +95,43 @@ fn writes_into_holes_of_an_image_on_a_full_tmpfs_get_blkif_rsp_error() {
     }
     assert_eq!(bed.host.live_mappings(), 0, "every grant was unmapped");
 }
+
+/// Errors injected under the real data plane (`DataplaneOptions::engine_wrapper` with a `FaultPlan`): writes to
+/// one region, and the second flush, fail with EIO; the blkfront emulator gets `BLKIF_RSP_ERROR` for exactly
+/// those, in both grant modes, and everything else keeps working.
+#[test]
+fn errors_injected_under_the_data_plane_reach_blkfront_as_rsp_error() {
+    use device_blk::engine::fault::{FaultPlan, FaultPoint, FaultRule, OpKind};
+    let plan = FaultPlan::new();
+    let options = DataplaneOptions { engine_wrapper: Some(plan.wrapper()), ..DataplaneOptions::default() };
+    let bed = Bed::real(BackendConfig::default(), options);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (domid, persistent) in [(1, false), (2, true)] {
+        plan.clear();
+        let bad =
+            plan.add(FaultRule::new(libc::EIO).on(OpKind::Write).range(MIB..MIB + 65536).at(FaultPoint::Complete));
+        let flush = plan.add(FaultRule::new(libc::EIO).on(OpKind::Flush).every(2).once());
+        let image = dir.path().join(format!("disk{domid}.img"));
+        std::fs::write(&image, vec![0u8; IMAGE as usize]).expect("image");
+        let guest = bed.big_guest(domid, 256);
+        bed.toolstack.add_disk(&DiskSpec::new(domid, image.to_str().expect("UTF-8 path"))).expect("add disk");
+        let config = BlkfrontConfig { persistent, ..BlkfrontConfig::default() };
+        let mut front = Blkfront::connect(&guest, XVDA, config).expect("connect");
+        let mut data = vec![0u8; 8192];
+        fill_pattern(&mut data, 0, 7);
+        let write = |front: &mut Blkfront<'_>, sector: u64| {
+            front.request(0, &IoRequest::Write { sector, data: &data }).expect("write").status
+        };
+        assert_eq!(write(&mut front, 0), RSP_OKAY, "outside the failing region");
+        assert_eq!(write(&mut front, HOLE), RSP_ERROR, "inside the failing region");
+        assert_eq!(write(&mut front, HOLE + 120), RSP_ERROR, "overlapping its end");
+        assert_eq!(write(&mut front, HOLE + 128), RSP_OKAY, "just past it");
+        assert_eq!(front.flush().expect("flush"), RSP_OKAY, "first flush");
+        assert_eq!(front.flush().expect("flush"), RSP_ERROR, "second flush fails");
+        assert_eq!(front.flush().expect("flush"), RSP_OKAY, "once");
+        assert_eq!(check_pattern(&front.read(0, 8192).expect("read"), 0, 7), None, "reads are untouched");
+        assert_eq!((plan.injected(bad), plan.injected(flush)), (2, 1));
+        front.close().expect("close");
+    }
+    assert_eq!(bed.host.live_mappings(), 0, "every grant was unmapped");
+}

@@ -291,6 +291,13 @@ impl FaultPlan {
     pub fn wrap(&self, inner: Box<dyn IoEngine>) -> Box<dyn IoEngine> {
         Box::new(FaultyEngine::new(inner, self.clone()))
     }
+
+    /// An [`EngineWrapper`](super::EngineWrapper) that wraps every engine a transport builds in this plan
+    /// (`DataplaneOptions::engine_wrapper`, `VhostUserBlkOptions::engine_wrapper`).
+    pub fn wrapper(&self) -> super::EngineWrapper {
+        let plan = self.clone();
+        super::EngineWrapper::new(move |engine| plan.wrap(engine))
+    }
 }
 
 /// An [`IoEngine`] that passes operations to a wrapped engine, except those its [`FaultPlan`] fails.

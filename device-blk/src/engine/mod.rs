@@ -114,6 +114,30 @@ pub enum EngineKind {
     Sync,
 }
 
+/// Turns each queue's freshly built engine into the one it uses: a seam for wrappers such as
+/// [`fault::FaultPlan::wrapper`] (fault injection in tests) or instrumentation. Transports apply it on the
+/// queue's own thread, right after building the engine.
+#[derive(Clone)]
+pub struct EngineWrapper(Arc<dyn Fn(Box<dyn IoEngine>) -> Box<dyn IoEngine> + Send + Sync>);
+
+impl EngineWrapper {
+    /// Wrap engines with `wrap`.
+    pub fn new(wrap: impl Fn(Box<dyn IoEngine>) -> Box<dyn IoEngine> + Send + Sync + 'static) -> Self {
+        EngineWrapper(Arc::new(wrap))
+    }
+
+    /// Apply the wrapper to `engine`.
+    pub fn wrap(&self, engine: Box<dyn IoEngine>) -> Box<dyn IoEngine> {
+        (self.0)(engine)
+    }
+}
+
+impl std::fmt::Debug for EngineWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineWrapper")
+    }
+}
+
 /// How a batch of operations is handed to the kernel (io_uring engine; the synchronous engine runs each at
 /// once anyway).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

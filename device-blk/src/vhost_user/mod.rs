@@ -72,6 +72,8 @@ pub struct VhostUserBlkOptions {
     /// engine's completions, with guest kicks disabled, until nothing has happened for this many microseconds;
     /// then it re-arms kicks and sleeps. 0 (the default): never poll.
     pub poll_us: u32,
+    /// Applied to each queue's I/O engine once built (e.g. fault injection in tests).
+    pub engine_wrapper: Option<crate::engine::EngineWrapper>,
 }
 
 impl VhostUserBlkOptions {
@@ -86,6 +88,7 @@ impl VhostUserBlkOptions {
             serial,
             stats: None,
             poll_us: 0,
+            engine_wrapper: None,
         }
     }
 

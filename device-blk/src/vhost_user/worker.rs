@@ -57,6 +57,10 @@ impl QueueWorker {
     ) -> Result<Self, EngineError> {
         let depth = options.effective_io_depth();
         let engine = options.engine.build_with(Arc::clone(disk), depth, options.batching)?;
+        let engine = match &options.engine_wrapper {
+            Some(wrapper) => wrapper.wrap(engine),
+            None => engine,
+        };
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,

@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use vhost_user_backend::VringT;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -228,5 +228,41 @@ fn a_broken_avail_ring_is_survived() {
     serve(&mut worker, &h.vring, &h.atomic, &driver, REQUESTS);
     for i in 1..=u64::from(REQUESTS) {
         assert_eq!(snapshot.read_obj::<u8>(GuestAddress(STATUS + i)).expect("status"), 0, "request {i} answered OK");
+    }
+}
+
+#[test]
+fn disk_errors_injected_under_the_worker_reach_the_guest_as_ioerr() {
+    use crate::engine::fault::{FaultPlan, FaultPoint, FaultRule, OpKind};
+    for (engine, point) in [(EngineKind::Sync, FaultPoint::Refuse), (EngineKind::IoUring, FaultPoint::Complete)] {
+        let h = Harness::new();
+        let snapshot = h.atomic.memory();
+        let mut driver = h.driver(&snapshot);
+        let plan = FaultPlan::new();
+        let rule = plan.add(FaultRule::new(libc::EIO).on(OpKind::Write).at(point));
+        let options = VhostUserBlkOptions {
+            engine,
+            io_depth: Some(32),
+            engine_wrapper: Some(plan.wrapper()),
+            ..VhostUserBlkOptions::new([0; ID_BYTES])
+        };
+        let mut worker = QueueWorker::new(0, &h.disk, &options, 8).expect("worker");
+        driver.publish(0);
+        serve(&mut worker, &h.vring, &h.atomic, &driver, REQUESTS);
+        for n in 0..u64::from(REQUESTS) {
+            let status = snapshot.read_obj::<u8>(GuestAddress(STATUS + n)).expect("status");
+            let write = n % 2 == 0;
+            let expected = if write { u8::try_from(VIRTIO_BLK_S_IOERR).expect("status") } else { 0 };
+            assert_eq!(status, expected, "{engine:?}/{point:?}: request {n} (write: {write})");
+        }
+        assert_eq!(plan.injected(rule), u64::from(REQUESTS / 2));
+        // The same worker serves normally once the disk is healthy again.
+        plan.clear();
+        driver.publish(REQUESTS);
+        serve(&mut worker, &h.vring, &h.atomic, &driver, 2 * REQUESTS);
+        for n in u64::from(REQUESTS)..u64::from(2 * REQUESTS) {
+            assert_eq!(snapshot.read_obj::<u8>(GuestAddress(STATUS + n)).expect("status"), 0, "request {n}");
+        }
+        assert_eq!(worker.in_flight(), 0);
     }
 }

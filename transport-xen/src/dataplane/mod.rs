@@ -63,6 +63,8 @@ pub struct DataplaneOptions {
     /// Run on each queue's worker thread before it serves (e.g. to drop the thread's capabilities and install a
     /// system call filter); a worker whose hook fails reports a fatal error and does not serve.
     pub worker_init: Option<WorkerInit>,
+    /// Applied to each queue's I/O engine once built (e.g. fault injection in tests).
+    pub engine_wrapper: Option<device_blk::engine::EngineWrapper>,
 }
 
 /// A hook run on each data-plane worker thread before it serves, with the queue index.
@@ -98,6 +100,7 @@ impl Default for DataplaneOptions {
             stats: None,
             copy_without_persistent: false,
             worker_init: None,
+            engine_wrapper: None,
         }
     }
 }
@@ -332,6 +335,10 @@ impl Dataplane {
         let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
         let depth = back.size().min(options.max_in_flight.max(1));
         let io = engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
+        let io = match &options.engine_wrapper {
+            Some(wrapper) => wrapper.wrap(io),
+            None => io,
+        };
         let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io);
         if let Some(registry) = &options.stats {
             let labels =
