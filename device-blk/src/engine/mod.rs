@@ -118,7 +118,10 @@ pub enum EngineKind {
 /// [`fault::FaultPlan::wrapper`] (fault injection in tests) or instrumentation. Transports apply it on the
 /// queue's own thread, right after building the engine.
 #[derive(Clone)]
-pub struct EngineWrapper(Arc<dyn Fn(Box<dyn IoEngine>) -> Box<dyn IoEngine> + Send + Sync>);
+pub struct EngineWrapper(Arc<WrapFn>);
+
+/// What an [`EngineWrapper`] calls.
+type WrapFn = dyn Fn(Box<dyn IoEngine>) -> Box<dyn IoEngine> + Send + Sync;
 
 impl EngineWrapper {
     /// Wrap engines with `wrap`.
