@@ -112,7 +112,7 @@ fn errors_injected_under_the_data_plane_reach_blkfront_as_rsp_error() {
             plan.add(FaultRule::new(libc::EIO).on(OpKind::Write).range(MIB..MIB + 65536).at(FaultPoint::Complete));
         let flush = plan.add(FaultRule::new(libc::EIO).on(OpKind::Flush).every(2).once());
         let image = dir.path().join(format!("disk{domid}.img"));
-        std::fs::write(&image, vec![0u8; IMAGE as usize]).expect("image");
+        std::fs::write(&image, vec![0u8; usize::try_from(IMAGE).expect("image size")]).expect("image");
         let guest = bed.big_guest(domid, 256);
         bed.toolstack.add_disk(&DiskSpec::new(domid, image.to_str().expect("UTF-8 path"))).expect("add disk");
         let config = BlkfrontConfig { persistent, ..BlkfrontConfig::default() };
