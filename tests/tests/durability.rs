@@ -277,7 +277,29 @@ fn runs(through_loop: bool) {
             buf
         };
         verify(&disk, nonce, &log, &name);
+        // The VMM's reconnect: a blkbackd started again on the same socket (kill -9 left the file behind) serves
+        // exactly the same data.
+        let socket = dir.path().join("vhost.sock");
+        assert!(socket.exists(), "{name}: the killed daemon's socket file is still there");
+        let mut restarted = Daemon::start(&socket, served, &[]);
+        assert_eq!(served_by(&socket, len), disk, "{name}: the restarted daemon serves what the disk holds");
+        restarted.signal(libc::SIGTERM);
+        assert_eq!(restarted.wait(Duration::from_secs(10)).code(), Some(0), "{name}: clean exit after the restart");
     }
+}
+
+/// The first `len` bytes of the disk as a freshly connected vhost-user client reads them from `socket`.
+fn served_by(socket: &Path, len: usize) -> Vec<u8> {
+    const CHUNK: usize = 1 << 20;
+    let mut client = vhost_user_client::BlkClient::connect(socket, 1, 64, false, CHUNK).expect("reconnect");
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = CHUNK.min(len - out.len());
+        let offset = u64::try_from(out.len()).expect("offset");
+        assert_eq!(client.run_one(vhost_user_client::Op::Read { offset, at: 0, len: n }), 0, "read at {offset}");
+        out.extend_from_slice(client.mem.bytes(0..n));
+    }
+    out
 }
 
 /// The check is not vacuous: a durable record that is lost or damaged, or data where nothing was written, fails
