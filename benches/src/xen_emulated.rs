@@ -73,8 +73,10 @@ pub enum Variant {
     MapPersistent,
     /// Grant map and unmap per request (no persistent grants).
     Map,
-    /// Grant copy into and out of the queue's bounce pool.
+    /// Grant copy into and out of the queue's bounce pool (registered with io_uring as a fixed buffer).
     Copy,
+    /// Grant copy, the bounce pool not registered with io_uring (plain vectored I/O).
+    CopyUnregistered,
 }
 
 impl Variant {
@@ -83,12 +85,13 @@ impl Variant {
             Variant::MapPersistent => "blkbackd (grant map, persistent)",
             Variant::Map => "blkbackd (grant map per request)",
             Variant::Copy => "blkbackd (grant copy)",
+            Variant::CopyUnregistered => "blkbackd (grant copy, pool not registered)",
         }
     }
 
     fn grant_mode(self) -> GrantMode {
         match self {
-            Variant::Copy => GrantMode::Copy,
+            Variant::Copy | Variant::CopyUnregistered => GrantMode::Copy,
             Variant::MapPersistent | Variant::Map => GrantMode::Map,
         }
     }
@@ -339,7 +342,11 @@ fn emulated(
     seed: u64,
 ) -> Result<Sample> {
     let host = EmulatedHost::new()?;
-    let options = DataplaneOptions { grant_mode: variant.grant_mode(), ..DataplaneOptions::default() };
+    let options = DataplaneOptions {
+        grant_mode: variant.grant_mode(),
+        register_bounce_pool: variant != Variant::CopyUnregistered,
+        ..DataplaneOptions::default()
+    };
     let rings =
         DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), EngineKind::IoUring, options);
     let config = BackendConfig {

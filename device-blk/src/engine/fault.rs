@@ -441,6 +441,11 @@ impl IoEngine for FaultyEngine {
     fn name(&self) -> &'static str {
         "faulty"
     }
+
+    unsafe fn register_buffer(&mut self, base: *mut u8, len: usize) -> bool {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.register_buffer(base, len) }
+    }
 }
 
 #[cfg(test)]

@@ -235,4 +235,15 @@ pub trait IoEngine: Send {
 
     /// A short name for logs and stats.
     fn name(&self) -> &'static str;
+
+    /// Offer `len` bytes at `base` (a transport's bounce buffer pool) as a registered buffer: reads and writes
+    /// whose buffers all lie inside it then skip the kernel's per-request page pinning. Returns whether the
+    /// engine uses it (the default, and kernels without fixed vectored I/O, do not: nothing changes then).
+    ///
+    /// # Safety
+    /// The memory stays mapped for as long as the engine exists.
+    unsafe fn register_buffer(&mut self, base: *mut u8, len: usize) -> bool {
+        let _ = (base, len);
+        false
+    }
 }

@@ -90,6 +90,10 @@ pub struct UringEngine {
     mode: CompletionMode,
     /// How batches are submitted.
     batching: Batching,
+    /// The registered buffer (index 0), as host addresses `start..end`.
+    fixed: Option<std::ops::Range<usize>>,
+    /// Reads and writes issued from the registered buffer.
+    fixed_ops: u64,
 }
 
 // SAFETY: the raw pointers in the slots' `OpState`s are the caller's guest buffers and iovec arrays, which the
@@ -142,7 +146,47 @@ impl UringEngine {
             discard_cmd,
             mode,
             batching: Batching::Whole,
+            fixed: None,
+            fixed_ops: 0,
         })
+    }
+
+    /// Reads and writes issued from the registered buffer so far ([`IoEngine::register_buffer`]).
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
+    /// The submission entry for `step`, from the registered buffer if every buffer of the step lies inside it.
+    fn entry(&mut self, step: Step) -> squeue::Entry {
+        let Some(region) = self.fixed.clone() else { return entry_for(step) };
+        let inside = |base: *const u8, len: usize| {
+            let start = base as usize;
+            start >= region.start && start.checked_add(len).is_some_and(|end| end <= region.end)
+        };
+        match step {
+            Step::Vectored { write, iovecs, count, offset } => {
+                // SAFETY: the operation's iovec array stays valid until it is reaped (the `enqueue` contract).
+                let list = unsafe { std::slice::from_raw_parts(iovecs, count as usize) };
+                if !list.iter().all(|v| inside(v.iov_base.cast_const().cast(), v.iov_len)) {
+                    return entry_for(step);
+                }
+                self.fixed_ops += 1;
+                if write {
+                    opcode::WritevFixed::new(DISK_FIXED_FD, iovecs, count, 0).offset(offset).build()
+                } else {
+                    opcode::ReadvFixed::new(DISK_FIXED_FD, iovecs, count, 0).offset(offset).build()
+                }
+            }
+            Step::Single { write, buf, len, offset } if inside(buf.cast_const(), len as usize) => {
+                self.fixed_ops += 1;
+                if write {
+                    opcode::WriteFixed::new(DISK_FIXED_FD, buf.cast_const(), len, 0).offset(offset).build()
+                } else {
+                    opcode::ReadFixed::new(DISK_FIXED_FD, buf, len, 0).offset(offset).build()
+                }
+            }
+            other => entry_for(other),
+        }
     }
 
     /// Submit batches as `batching` says from now on.
@@ -192,7 +236,7 @@ impl UringEngine {
                     }
                 }
             }
-            let mut entry = entry_for(step).user_data(u64::from(index));
+            let mut entry = self.entry(step).user_data(u64::from(index));
             if retry {
                 // Retry after EAGAIN from the kernel's blocking worker context, where it cannot recur for lack of
                 // a non-blocking resource.
@@ -434,6 +478,28 @@ impl IoEngine for UringEngine {
 
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+
+    unsafe fn register_buffer(&mut self, base: *mut u8, len: usize) -> bool {
+        let mut probe = Probe::new();
+        let supported = self.ring.submitter().register_probe(&mut probe).is_ok()
+            && [opcode::ReadvFixed::CODE, opcode::WritevFixed::CODE].iter().all(|&op| probe.is_supported(op));
+        if self.fixed.is_some() || !supported || len == 0 {
+            return false;
+        }
+        let iovec = libc::iovec { iov_base: base.cast(), iov_len: len };
+        // SAFETY: the caller keeps the memory mapped for the engine's life; the kernel pins its pages.
+        match unsafe { self.ring.submitter().register_buffers(&[iovec]) } {
+            Ok(()) => {
+                self.fixed = Some(base as usize..(base as usize).saturating_add(len));
+                true
+            }
+            Err(error) => {
+                // E.g. RLIMIT_MEMLOCK for an unprivileged user: the plain vectored path serves as before.
+                tracing::debug!(%error, len, "io_uring: buffer registration refused; not using fixed buffers");
+                false
+            }
+        }
     }
 }
 

@@ -65,6 +65,9 @@ pub struct DataplaneOptions {
     pub worker_init: Option<WorkerInit>,
     /// Applied to each queue's I/O engine once built (e.g. fault injection in tests).
     pub engine_wrapper: Option<device_blk::engine::EngineWrapper>,
+    /// In copy mode, register the bounce pool with the I/O engine (io_uring fixed buffers, where the kernel has
+    /// fixed vectored I/O) so that reads and writes skip the per-request page pinning.
+    pub register_bounce_pool: bool,
 }
 
 /// A hook run on each data-plane worker thread before it serves, with the queue index.
@@ -101,6 +104,7 @@ impl Default for DataplaneOptions {
             copy_without_persistent: false,
             worker_init: None,
             engine_wrapper: None,
+            register_bounce_pool: true,
         }
     }
 }
@@ -334,7 +338,23 @@ impl Dataplane {
         let mut channel = evtchn.open().map_err(evtchn_err)?;
         let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
         let depth = back.size().min(options.max_in_flight.max(1));
-        let io = engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
+        let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
+        let pool = match options.effective_mode(config.persistent_grants) {
+            // Room for at least one request of the largest size, or it could never start.
+            GrantMode::Copy => Some(
+                BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
+                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", source })?,
+            ),
+            GrantMode::Map => None,
+        };
+        let mut io =
+            engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
+        if let Some(pool) = pool.as_ref().filter(|_| options.register_bounce_pool) {
+            let (base, len) = pool.as_raw();
+            // SAFETY: the pool moves into the worker with the engine, and the worker drops the engine first.
+            let fixed = unsafe { io.register_buffer(base, len) };
+            tracing::debug!(queue = index, fixed, "bounce pool offered to the engine as a registered buffer");
+        }
         let io = match &options.engine_wrapper {
             Some(wrapper) => wrapper.wrap(io),
             None => io,
@@ -346,15 +366,6 @@ impl Dataplane {
             registry.register(labels, queue.stats());
         }
         let engine_name = queue.engine_name();
-        let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
-        let pool = match options.effective_mode(config.persistent_grants) {
-            // Room for at least one request of the largest size, or it could never start.
-            GrantMode::Copy => Some(
-                BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
-                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", source })?,
-            ),
-            GrantMode::Map => None,
-        };
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
             queue: index,
             what: "eventfd",

@@ -68,11 +68,12 @@ enum Start {
 
 struct Worker<L, G: GrantTable, E> {
     index: usize,
-    // Field order is drop order: requests and the mapper release their grants before the ring is unmapped and the
-    // event channel closed.
+    // Field order is drop order: the engine goes first (the bounce pool may be registered with it, and nothing is
+    // in flight by then); requests and the mapper release their grants before the ring is unmapped and the event
+    // channel closed.
+    queue: BlockQueue<u32>,
     slots: Vec<Slot<G::Mapping>>,
     mapper: SegmentMapper<G>,
-    queue: BlockQueue<u32>,
     ring: BackRing<L>,
     ring_mapping: G::Mapping,
     evtchn: E,
