@@ -48,9 +48,14 @@ pub struct XenEmulatedArgs {
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
     /// Backend variants, one row each: `map-persistent` (grant map, persistent grants: the default when the
-    /// frontend offers them), `map` (map and unmap per request), `copy` (grant copy through a bounce pool).
+    /// frontend offers them), `map` (map and unmap per request), `copy` (grant copy through a bounce pool),
+    /// `copy-unregistered` (the pool not an io_uring fixed buffer), `map-persistent-poll` (persistent grants and
+    /// adaptive polling for `--poll-us`).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "map-persistent,map,copy")]
     variants: Vec<Variant>,
+    /// Polling time of the `map-persistent-poll` variant (µs).
+    #[arg(long, default_value_t = 50)]
+    poll_us: u32,
     /// Only the workloads whose name contains one of these (e.g. `--only QD32`); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -77,6 +82,8 @@ pub enum Variant {
     Copy,
     /// Grant copy, the bounce pool not registered with io_uring (plain vectored I/O).
     CopyUnregistered,
+    /// Grant map with persistent grants, and adaptive polling (`--poll-us`).
+    MapPersistentPoll,
 }
 
 impl Variant {
@@ -86,18 +93,19 @@ impl Variant {
             Variant::Map => "blkbackd (grant map per request)",
             Variant::Copy => "blkbackd (grant copy)",
             Variant::CopyUnregistered => "blkbackd (grant copy, pool not registered)",
+            Variant::MapPersistentPoll => "blkbackd (grant map, persistent, polling)",
         }
     }
 
     fn grant_mode(self) -> GrantMode {
         match self {
             Variant::Copy | Variant::CopyUnregistered => GrantMode::Copy,
-            Variant::MapPersistent | Variant::Map => GrantMode::Map,
+            Variant::MapPersistent | Variant::Map | Variant::MapPersistentPoll => GrantMode::Map,
         }
     }
 
     fn persistent(self) -> bool {
-        self == Variant::MapPersistent
+        matches!(self, Variant::MapPersistent | Variant::MapPersistentPoll)
     }
 }
 
@@ -345,6 +353,7 @@ fn emulated(
     let options = DataplaneOptions {
         grant_mode: variant.grant_mode(),
         register_bounce_pool: variant != Variant::CopyUnregistered,
+        poll_us: if variant == Variant::MapPersistentPoll { args.poll_us } else { 0 },
         ..DataplaneOptions::default()
     };
     let rings =

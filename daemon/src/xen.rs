@@ -67,10 +67,12 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
         copy_without_persistent,
         stats: Some(registry),
         worker_init: Some(worker_init),
+        poll_us: args.poll_us,
         ..DataplaneOptions::default()
     };
     tracing::info!(
         grant_mode = ?args.grant_mode, engine = ?args.engine, persistent_grants, max_queues = args.max_queues,
+        poll_us = args.poll_us,
         "serving xen vbds"
     );
     let rings = DataplaneServer::new(Arc::new(grants), EvtchnOpener::default(), args.engine.into(), options);

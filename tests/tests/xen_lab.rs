@@ -191,12 +191,14 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     );
 
     // 2. Delete-on-close: an image file, our hotplug script, an autoclear loop device; once the domU is gone,
-    //    blkbackd (still running) holds no grant mapping, no loop device, and exits cleanly on SIGTERM.
+    //    blkbackd (still running) holds no grant mapping, no loop device, and exits cleanly on SIGTERM. Its
+    //    workers poll (`--poll-us`).
     let (ok, out) = lab.run(&[
         "run-domu-fio",
         "--userspace",
         // `exec`: the lab's SIGTERM and its wait (up to 10 s) then reach the watcher, which outlives blkbackd.
-        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen",
+        // Adaptive polling on, so that a real blkfront also runs its verify job against a polling worker.
+        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen --poll-us 20",
         "--hotplug",
         "/mnt/host/bin/block-blkbackd",
         "--backing",

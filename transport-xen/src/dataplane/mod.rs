@@ -68,7 +68,14 @@ pub struct DataplaneOptions {
     /// In copy mode, register the bounce pool with the I/O engine (io_uring fixed buffers, where the kernel has
     /// fixed vectored I/O) so that reads and writes skip the per-request page pinning.
     pub register_bounce_pool: bool,
+    /// Adaptive polling: after a round that took or answered requests, each worker keeps looking at its ring and
+    /// its completions, with the frontend's notifications turned off, until nothing happened for this many
+    /// microseconds; then it sleeps until the next event. 0: never poll. At most [`MAX_POLL_US`].
+    pub poll_us: u32,
 }
+
+/// The longest polling time [`DataplaneOptions::poll_us`] takes (the same bound as vhost-user's).
+pub const MAX_POLL_US: u32 = device_blk::vhost_user::MAX_POLL_US;
 
 /// A hook run on each data-plane worker thread before it serves, with the queue index.
 #[derive(Clone)]
@@ -105,6 +112,7 @@ impl Default for DataplaneOptions {
             worker_init: None,
             engine_wrapper: None,
             register_bounce_pool: true,
+            poll_us: 0,
         }
     }
 }
@@ -195,6 +203,10 @@ pub struct QueueStats {
     /// Events that found no request after several such in a row, whose unmask was therefore delayed (a frontend
     /// notifying without queueing: an event storm).
     pub spurious_delays: AtomicU64,
+    /// Polling periods started (`poll_us` > 0: after a round that did work).
+    pub poll_periods: AtomicU64,
+    /// Requests taken while polling, with no event from the frontend.
+    pub polled_requests: AtomicU64,
     /// The ring was halted on hostile input.
     pub halted: AtomicBool,
 }
@@ -387,6 +399,7 @@ impl Dataplane {
                 max_indirect,
                 persistent: config.persistent_grants.then_some(options.persistent_grants_limit),
                 discard_secure: options.discard_secure,
+                poll: std::time::Duration::from_micros(u64::from(options.poll_us.min(MAX_POLL_US))),
             },
             stop: stop.clone(),
             fatal: self.fatal.clone(),

@@ -16,6 +16,8 @@ use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_OKAY};
 use crate::grant_memory::{BindError, BouncePool, SegmentMapper};
 use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
 
+mod poll;
+
 const TOKEN_EVTCHN: u64 = 0;
 const TOKEN_COMPLETION: u64 = 1;
 const TOKEN_STOP: u64 = 2;
@@ -37,6 +39,9 @@ pub(crate) struct WorkerConfig {
     pub persistent: Option<usize>,
     /// Secure discard was advertised.
     pub discard_secure: bool,
+    /// Adaptive polling: after a round that did work, keep looking at the ring and the completions until
+    /// nothing happened for this long (zero: never poll).
+    pub poll: Duration,
 }
 
 /// Everything a worker gets from `Dataplane::start` (all of it `Send`).
@@ -105,6 +110,10 @@ struct Worker<L, G: GrantTable, E> {
     /// Ports whose unmask is delayed, and until when (late EOI: a frontend that notifies without queueing
     /// anything wakes us at a decreasing rate instead of keeping a CPU busy).
     unmask_at: Option<Instant>,
+    /// Responses written so far (with `taken`, what tells a round that did work).
+    answered: u64,
+    /// In a polling pass: the ring's request event index is left behind (the frontend need not notify).
+    polling: bool,
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
 }
@@ -168,6 +177,8 @@ pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setu
         taken_at_event: 0,
         spurious: 0,
         unmask_at: None,
+        answered: 0,
+        polling: false,
         fatal: setup.fatal,
         stats: setup.stats,
     };
@@ -191,8 +202,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     fn event_loop(&mut self) {
         let mut events = [EpollEvent::default(); 3];
         // The frontend may have queued requests before we bound the port.
-        self.process_ring();
-        self.push();
+        self.round(&mut events);
         loop {
             if self.stopping && self.in_use() == 0 {
                 return;
@@ -213,27 +223,56 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                 }
             };
             QueueStats::add(&self.stats.wakeups, 1);
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_EVTCHN => self.on_evtchn(),
-                    TOKEN_STOP => self.on_stop(),
-                    _ => {}
-                }
-            }
-            if self.unmask_at.is_some_and(|at| Instant::now() >= at) {
-                self.unmask_at = None;
-                self.unmask_ports();
-            }
-            self.complete();
-            self.process_ring();
-            self.kick();
-            self.push();
-            if std::mem::take(&mut self.evtchn_fired) {
-                let brought_work = self.taken != self.taken_at_event;
-                self.taken_at_event = self.taken;
-                self.end_of_event(brought_work);
+            self.dispatch(&events[..n]);
+            self.round(&mut events);
+        }
+    }
+
+    /// Take completions and requests, submit, answer; with polling on, poll after a round that did work.
+    fn round(&mut self, events: &mut [EpollEvent]) {
+        let before = self.progress();
+        // A round that does work is followed by polling: leave the request event index behind from the start, or
+        // the frontend would notify for the next request anyway.
+        self.polling = !self.config.poll.is_zero();
+        self.complete();
+        self.process_ring();
+        self.kick();
+        self.push();
+        self.after_round();
+        // A round without work re-arms (`rearm` makes the final check that polling skipped) before sleeping.
+        if self.polling && (self.progress() != before || self.rearm()) {
+            self.poll_for_work(events);
+        }
+        self.polling = false;
+    }
+
+    /// Handle what epoll reported, and a delayed unmask that is due.
+    fn dispatch(&mut self, events: &[EpollEvent]) {
+        for ev in events {
+            match ev.data() {
+                TOKEN_EVTCHN => self.on_evtchn(),
+                TOKEN_STOP => self.on_stop(),
+                _ => {}
             }
         }
+        if self.unmask_at.is_some_and(|at| Instant::now() >= at) {
+            self.unmask_at = None;
+            self.unmask_ports();
+        }
+    }
+
+    /// After the ring was looked at: settle the event that woke us, if one did.
+    fn after_round(&mut self) {
+        if std::mem::take(&mut self.evtchn_fired) {
+            let brought_work = self.taken != self.taken_at_event;
+            self.taken_at_event = self.taken;
+            self.end_of_event(brought_work);
+        }
+    }
+
+    /// Requests taken plus responses written: changes when a round did something.
+    fn progress(&self) -> u64 {
+        self.taken.wrapping_add(self.answered)
     }
 
     /// The ring was looked at after an event: unmask its port now if requests came since the previous event (or
@@ -328,11 +367,18 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     break;
                 }
                 QueueStats::add(&self.stats.requests, 1);
+                if self.polling {
+                    QueueStats::add(&self.stats.polled_requests, 1);
+                }
                 self.taken += 1;
                 let Some(idx) = self.free.pop() else { break };
                 self.accept(idx);
             }
             self.kick();
+            if self.polling {
+                // The request event index stays behind: the frontend need not notify while we look anyway.
+                return;
+            }
             match self.ring.final_check_for_requests() {
                 Ok(0) => return,
                 Ok(_) => continue,
@@ -438,8 +484,18 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Drain the engine's completions: advance multi-phase requests, answer the rest.
     fn complete(&mut self) {
+        self.complete_with(true);
+    }
+
+    /// [`complete`](Self::complete); `clear_signal`: also clear the completion eventfd (a system call; pollers
+    /// leave it and clear it once before sleeping).
+    fn complete_with(&mut self, clear_signal: bool) {
         let mut finished = std::mem::take(&mut self.finished);
-        self.queue.drain(|f| finished.push(f));
+        if clear_signal {
+            self.queue.drain(|f| finished.push(f));
+        } else {
+            self.queue.drain_ready(|f| finished.push(f));
+        }
         for f in finished.drain(..) {
             let idx = f.cookie;
             if f.status != Status::Ok {
@@ -477,6 +533,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             tracing::error!(queue = self.index, "response without an outstanding request");
         }
         QueueStats::add(&self.stats.responses, 1);
+        self.answered += 1;
         if status == RSP_OKAY {
             let bytes = slot.dev.data_len();
             match slot.req.op {
