@@ -1,7 +1,7 @@
 //! Adaptive polling (`DataplaneOptions::poll_us`): after a round that took requests or answered some, a queue's
 //! worker keeps looking at its shared ring and its engine's completions until nothing has happened for the
-//! polling time, then re-arms the ring's request event index, clears the completion eventfd, looks once more and
-//! only then sleeps in epoll again.
+//! polling time, then re-arms the ring's request event index, looks once more and only then sleeps in epoll
+//! again. (The completion eventfd is edge-triggered: nothing needs clearing before sleeping.)
 //!
 //! While it polls, the request event index is left behind, so the frontend's `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`
 //! finds no notification needed: a busy frontend stops sending events and the worker stops waking up for them
@@ -39,7 +39,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             }
             let before = self.progress();
             if self.queue.has_finished() {
-                self.complete_with(false);
+                self.complete();
             }
             self.process_ring();
             self.kick();
@@ -70,14 +70,13 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         self.polling = false;
     }
 
-    /// Re-arm the request event index and the completion eventfd and take what came in meanwhile. Returns whether
+    /// Re-arm the request event index and take what came in meanwhile. Returns whether
     /// there was something (polling goes on, with the event index left behind again).
     pub(super) fn rearm(&mut self) -> bool {
         self.polling = false;
-        self.queue.clear_completion_signal();
         let before = self.progress();
         if self.queue.has_finished() {
-            self.complete_with(false);
+            self.complete();
         }
         // Not polling: this consumes what is there and then sets the request event index (a final check).
         self.process_ring();
