@@ -165,7 +165,7 @@ fn drive_queue(
         submit(&mut vq, slot, offset_for(&mut rng))?;
         in_flight += 1;
     }
-    if vq.avail_notif_needed() {
+    if avail_notif_needed(&mut vq) {
         notifier.notify()?;
     }
     let mut finished: Vec<(usize, Instant, i32)> = Vec::with_capacity(w.queue_depth);
@@ -188,12 +188,22 @@ fn drive_queue(
                 in_flight += 1;
             }
         }
-        if !finished.is_empty() && !stop && vq.avail_notif_needed() {
+        if !finished.is_empty() && !stop && avail_notif_needed(&mut vq) {
             notifier.notify()?;
         }
     }
     m.elapsed = start.elapsed();
     Ok(m)
+}
+
+/// Whether the device wants a kick for what was just published. Without EVENT_IDX (this client does not
+/// negotiate it) virtio-driver 0.6 reads the used ring's NO_NOTIFY flag with only an acquire load after its release
+/// store of the avail index, so the CPU may read the flag before the index is visible: against a device that
+/// polls (and so sets and clears NO_NOTIFY all the time) the client then skips a kick the device needs and waits
+/// forever (seen with `blkbackd --poll-us` at QD1). The full fence is the `virtio_mb()` a Linux driver has there.
+fn avail_notif_needed(vq: &mut VirtioBlkQueue<'_, (usize, Instant)>) -> bool {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    vq.avail_notif_needed()
 }
 
 fn wait_readable(fd: i32) -> Result<()> {
