@@ -31,13 +31,14 @@ impl Peer {
     }
 }
 
-/// Parse `xen-lab: NAME#N JOB: read R IOPS, write W IOPS, verify OK` lines, keyed by peer name.
+/// Parse `xen-lab: NAME#N JOB: read R IOPS, write W IOPS, verify OK` lines (`NAME JOB: ...` when the lab ran one
+/// round), keyed by peer name.
 fn parse(summary: &str) -> BTreeMap<String, Peer> {
     let mut peers: BTreeMap<String, Peer> = BTreeMap::new();
     for line in summary.lines() {
         let Some(rest) = line.strip_prefix("xen-lab: ") else { continue };
-        let Some((name, rest)) = rest.split_once('#') else { continue };
-        let Some((_, rest)) = rest.split_once(' ') else { continue };
+        let Some((peer, rest)) = rest.split_once(' ') else { continue };
+        let name = peer.split_once('#').map_or(peer, |(name, _round)| name);
         let Some((job, figures)) = rest.split_once(": ") else { continue };
         let number_before = |key: &str| -> Option<f64> {
             let at = figures.find(key)?;
@@ -113,5 +114,15 @@ mod tests {
         assert_eq!(peers["userspace"].rounds, vec![(616.0, 616.0, true), (589.0, 589.0, true)]);
         assert_eq!(peers["qdisk"].job, "randrw 4k qd16 15s loop");
         assert!((peers["userspace"].mean_total() - 1205.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn parses_a_one_round_summary() {
+        let summary = "xen-lab: kernel-blkback randrw 4k qd16 15s loop: read 464 IOPS, write 466 IOPS, verify OK\n\
+                       xen-lab: userspace randrw 4k qd16 15s loop: read 503 IOPS, write 506 IOPS, verify OK\n";
+        let peers = parse(summary);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers["userspace"].rounds, vec![(503.0, 506.0, true)]);
+        assert_eq!(peers["kernel-blkback"].job, "randrw 4k qd16 15s loop");
     }
 }
