@@ -234,20 +234,29 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Take completions and requests, submit, answer; with polling on, poll after a round that did work.
     fn round(&mut self, events: &mut [EpollEvent]) {
-        let before = self.progress();
         // A round that does work is followed by polling: leave the request event index behind from the start, or
         // the frontend would notify for the next request anyway.
         self.polling = !self.config.poll.is_zero();
-        self.complete();
+        let busy = self.pass();
+        // A round without work re-arms (`rearm` makes the final check that polling skipped) before sleeping.
+        if self.polling && (busy || self.rearm()) {
+            self.poll_for_work(events);
+        }
+        self.polling = false;
+    }
+
+    /// One look at everything: answer what finished, take what the frontend queued, submit, publish the
+    /// responses, settle the event that woke us. Returns whether a request was taken or answered.
+    fn pass(&mut self) -> bool {
+        let before = self.progress();
+        if self.queue.has_finished() {
+            self.complete();
+        }
         self.process_ring();
         self.kick();
         self.push();
         self.after_round();
-        // A round without work re-arms (`rearm` makes the final check that polling skipped) before sleeping.
-        if self.polling && (self.progress() != before || self.rearm()) {
-            self.poll_for_work(events);
-        }
-        self.polling = false;
+        self.progress() != before
     }
 
     /// Handle what epoll reported, and a delayed unmask that is due.

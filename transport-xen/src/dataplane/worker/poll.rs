@@ -37,16 +37,8 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             if self.stopping || self.halted {
                 break;
             }
-            let before = self.progress();
-            if self.queue.has_finished() {
-                self.complete();
-            }
-            self.process_ring();
-            self.kick();
-            self.push();
-            self.after_round();
+            let busy = self.pass();
             passes = passes.wrapping_add(1);
-            let busy = self.progress() != before;
             if busy {
                 last_work = Instant::now();
             }
@@ -73,17 +65,9 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     /// Re-arm the request event index and take what came in meanwhile. Returns whether
     /// there was something (polling goes on, with the event index left behind again).
     pub(super) fn rearm(&mut self) -> bool {
+        // Not polling: the pass consumes what is there and then sets the request event index (a final check).
         self.polling = false;
-        let before = self.progress();
-        if self.queue.has_finished() {
-            self.complete();
-        }
-        // Not polling: this consumes what is there and then sets the request event index (a final check).
-        self.process_ring();
-        self.kick();
-        self.push();
-        self.after_round();
-        let found = self.progress() != before;
+        let found = self.pass();
         self.polling = found;
         found
     }
