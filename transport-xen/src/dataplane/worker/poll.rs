@@ -62,8 +62,8 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         self.polling = false;
     }
 
-    /// Re-arm the request event index and take what came in meanwhile. Returns whether
-    /// there was something (polling goes on, with the event index left behind again).
+    /// Re-arm the request event index and take what came in meanwhile. Returns whether there was something
+    /// (polling goes on, with the event index left behind again).
     pub(super) fn rearm(&mut self) -> bool {
         // Not polling: the pass consumes what is there and then sets the request event index (a final check).
         self.polling = false;
