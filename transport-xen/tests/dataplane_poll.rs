@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use dataplane_util::{pattern, Bed, BedConfig, Shape, TIMEOUT};
 use transport_xen::blkif::{encode, BlkifSegment, RawRequest, OP_READ, RSP_OKAY, X86_32, X86_64};
 use transport_xen::dataplane::{DataplaneOptions, QueueStats};
+use transport_xen::emulated::GrantedPages;
 use transport_xen::grant_memory::GrantMode;
 use transport_xen::services::GrantRef;
 
@@ -26,6 +27,21 @@ fn read_4k(gref: GrantRef, id: u64) -> RawRequest {
     encode::rw::<X86_64>(OP_READ, id, 8 * id, &[BlkifSegment { gref, first_sect: 0, last_sect: 7 }])
 }
 
+/// A polling (or, with 0, event-driven) bed that served one request with an event (the worker was asleep), and
+/// a granted data page.
+fn warm_bed(poll_us: u32) -> (Bed<X86_64>, GrantedPages) {
+    let mut bed = polling_bed(poll_us, GrantMode::Map, false);
+    let page = bed.fronts[0].grant_pages(1, false).expect("page");
+    assert_eq!(bed.roundtrip(0, &[read_4k(page.grefs[0], 1)]), vec![RSP_OKAY]);
+    (bed, page)
+}
+
+/// Stop the data plane (checking nothing stays mapped) and revoke the data page.
+fn finish(mut bed: Bed<X86_64>, page: GrantedPages) {
+    bed.stop();
+    bed.fronts[0].release_pages(page).expect("unmapped");
+}
+
 /// Queue `request` on queue 0 without notifying; returns whether the ring asked for a notification.
 fn queue_silently(bed: &mut Bed<X86_64>, request: &RawRequest) -> bool {
     let ring = bed.fronts[0].ring();
@@ -35,11 +51,8 @@ fn queue_silently(bed: &mut Bed<X86_64>, request: &RawRequest) -> bool {
 
 #[test]
 fn while_the_worker_polls_requests_need_no_event_and_are_served() {
-    let mut bed = polling_bed(POLL_US, GrantMode::Map, false);
-    let page = bed.fronts[0].grant_pages(1, false).expect("page");
+    let (mut bed, page) = warm_bed(POLL_US);
     let stats = bed.dp().stats(0).expect("stats");
-    // The first request of a burst comes with an event (the worker was asleep).
-    assert_eq!(bed.roundtrip(0, &[read_4k(page.grefs[0], 1)]), vec![RSP_OKAY]);
     for id in 2..40 {
         let notify = queue_silently(&mut bed, &read_4k(page.grefs[0], id));
         assert!(!notify, "request {id}: the ring asked for an event although the worker is polling");
@@ -57,21 +70,17 @@ fn while_the_worker_polls_requests_need_no_event_and_are_served() {
     assert!(queue_silently(&mut bed, &read_4k(page.grefs[0], 99)), "a sleeping worker must ask for an event");
     bed.fronts[0].notify().expect("notify");
     assert_eq!(bed.responses(0, 1)[0].status, RSP_OKAY);
-    bed.stop();
-    bed.fronts[0].release_pages(page).expect("unmapped");
+    finish(bed, page);
 }
 
 #[test]
 fn without_polling_every_request_after_a_pause_needs_an_event() {
-    let mut bed = polling_bed(0, GrantMode::Map, false);
-    let page = bed.fronts[0].grant_pages(1, false).expect("page");
-    assert_eq!(bed.roundtrip(0, &[read_4k(page.grefs[0], 1)]), vec![RSP_OKAY]);
+    let (mut bed, page) = warm_bed(0);
     assert!(queue_silently(&mut bed, &read_4k(page.grefs[0], 2)), "the worker sleeps: it needs an event");
     bed.fronts[0].notify().expect("notify");
     assert_eq!(bed.responses(0, 1)[0].status, RSP_OKAY);
     assert_eq!(QueueStats::get(&bed.dp().stats(0).expect("stats").poll_periods), 0);
-    bed.stop();
-    bed.fronts[0].release_pages(page).expect("unmapped");
+    finish(bed, page);
 }
 
 #[test]
@@ -112,9 +121,7 @@ fn the_32_bit_abi_is_polled_too() {
 
 #[test]
 fn a_stop_ends_polling_while_the_frontend_keeps_the_worker_busy() {
-    let mut bed = polling_bed(1_000_000, GrantMode::Map, false);
-    let page = bed.fronts[0].grant_pages(1, false).expect("page");
-    assert_eq!(bed.roundtrip(0, &[read_4k(page.grefs[0], 1)]), vec![RSP_OKAY]);
+    let (mut bed, page) = warm_bed(1_000_000);
     // Keep requests coming without events for a while, then stop with some in flight.
     let t0 = Instant::now();
     let mut id = 2;
@@ -133,15 +140,12 @@ fn a_stop_ends_polling_while_the_frontend_keeps_the_worker_busy() {
         let _ = done.send(());
     });
     stopped.recv_timeout(TIMEOUT).expect("the polling worker did not stop");
-    bed.stop();
-    bed.fronts[0].release_pages(page).expect("unmapped");
+    finish(bed, page);
 }
 
 #[test]
 fn a_producer_index_jump_is_caught_while_polling() {
-    let mut bed = polling_bed(1_000_000, GrantMode::Map, false);
-    let page = bed.fronts[0].grant_pages(1, false).expect("page");
-    assert_eq!(bed.roundtrip(0, &[read_4k(page.grefs[0], 1)]), vec![RSP_OKAY]);
+    let (mut bed, page) = warm_bed(1_000_000);
     // No notification: only polling can see it.
     let prod = bed.fronts[0].ring().req_prod_pvt();
     bed.fronts[0].ring().set_req_prod_raw(prod.wrapping_add(1 << 30));
@@ -150,6 +154,5 @@ fn a_producer_index_jump_is_caught_while_polling() {
         assert!(Instant::now() < deadline, "ring not halted");
         std::thread::sleep(Duration::from_millis(2));
     }
-    bed.stop();
-    bed.fronts[0].release_pages(page).expect("unmapped");
+    finish(bed, page);
 }
