@@ -145,7 +145,18 @@ impl GntDev {
         // words, which have the layout of the C struct (checked against the offsets of `GntdevMapGrantRef`).
         const HEADER_WORDS: usize = std::mem::offset_of!(GntdevMapGrantRef, refs) / 4;
         const REF_WORDS: usize = std::mem::size_of::<GntdevGrantRef>() / 4;
-        let mut words = vec![0u32; HEADER_WORDS + REF_WORDS * refs.len()];
+        // The data plane maps at most one request's segments per call: those fit on the stack, so its per-request
+        // path does not allocate (2 KiB); larger batches (probes, tools) take a heap buffer.
+        const STACK_WORDS: usize = HEADER_WORDS + REF_WORDS * STACK_MAP_REFS;
+        let needed = HEADER_WORDS + REF_WORDS * refs.len();
+        let mut stack = [0u32; STACK_WORDS];
+        let mut heap = Vec::new();
+        let words: &mut [u32] = if needed <= STACK_WORDS {
+            &mut stack[..needed]
+        } else {
+            heap.resize(needed, 0);
+            &mut heap
+        };
         // `refs.len()` is at most MAX_MAP_BATCH.
         words[0] = u32::try_from(refs.len()).unwrap_or(u32::MAX);
         for (pair, &gref) in words[HEADER_WORDS..].chunks_exact_mut(REF_WORDS).zip(refs) {
@@ -207,6 +218,9 @@ fn segment_for(op: &GrantCopyOp) -> Option<GntdevGrantCopySegment> {
     let (dest, dest_flag) = copy_side(op.dest, op.len, uapi::GNTCOPY_DEST_GREF)?;
     Some(GntdevGrantCopySegment { source, dest, len: op.len, flags: source_flag | dest_flag, status: 0 })
 }
+
+/// Refs per map call whose ioctl argument is built on the stack: a whole request of the data plane.
+const STACK_MAP_REFS: usize = crate::connect::MAX_INDIRECT_SEGMENTS as usize;
 
 /// Segments per ioctl: a stack array, so a copy allocates nothing (the kernel batches 16 per hypercall).
 const COPY_CHUNK: usize = 32;

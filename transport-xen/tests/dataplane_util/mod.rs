@@ -14,6 +14,7 @@ use transport_xen::connect::ConnectConfig;
 use transport_xen::dataplane::{Dataplane, DataplaneOptions};
 use transport_xen::emulated::{EmulatedHost, GrantedPages, GuestDomain, RingFrontend};
 use transport_xen::grant_memory::GrantMode;
+use transport_xen::services::{EventChannelOpener, GrantTable};
 use vm_memory::{Address, Bytes};
 
 /// The guest's domain id.
@@ -79,6 +80,14 @@ pub struct Bed<L: BlkifLayout> {
 
 impl<L: BlkifLayout> Bed<L> {
     pub fn new(config: BedConfig) -> Bed<L> {
+        Bed::new_with(config, Bed::start)
+    }
+
+    /// A bed whose data plane `start` starts (e.g. over wrapped hypervisor services).
+    pub fn new_with(
+        config: BedConfig,
+        start: impl FnOnce(&Bed<L>) -> Result<Dataplane, transport_xen::dataplane::DataplaneError>,
+    ) -> Bed<L> {
         let host = EmulatedHost::new().expect("host");
         let guest = Arc::new(host.add_guest(DOMID, config.guest_pages).expect("guest"));
         let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -89,7 +98,7 @@ impl<L: BlkifLayout> Bed<L> {
             (0..config.queues).map(|_| RingFrontend::new(guest.clone(), config.order, 0).expect("front")).collect();
         let pool = config.persistent.then(|| fronts[0].grant_pages(512, false).expect("pool"));
         let mut bed = Bed { host, guest, file, disk, fronts, dp: None, config, pool, next_id: 1 };
-        let dp = bed.start().expect("data plane");
+        let dp = start(&bed).expect("data plane");
         assert_eq!(dp.engine(), "io_uring", "tests run on real io_uring");
         bed.dp = Some(dp);
         bed
@@ -106,11 +115,20 @@ impl<L: BlkifLayout> Bed<L> {
     }
 
     pub fn start(&self) -> Result<Dataplane, transport_xen::dataplane::DataplaneError> {
+        self.start_over(Arc::new(self.host.grant_table(0)), &self.host.evtchn_opener(0))
+    }
+
+    /// Start a data plane over these grant and event-channel services.
+    pub fn start_over<G: GrantTable + 'static, O: EventChannelOpener>(
+        &self,
+        grants: Arc<G>,
+        evtchn: &O,
+    ) -> Result<Dataplane, transport_xen::dataplane::DataplaneError> {
         Dataplane::start(
             self.disk.clone(),
             EngineKind::Auto,
-            Arc::new(self.host.grant_table(0)),
-            &self.host.evtchn_opener(0),
+            grants,
+            evtchn,
             &self.connect_config(),
             &self.config.options,
         )
