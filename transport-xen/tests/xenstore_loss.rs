@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend_support::{thread_names, workers_of, BackendProcess, Host, T};
+use backend_support::{thread_gone, thread_names, within, workers_of, BackendProcess, Host, SETTLE, T};
 use transport_xen::blkif::RSP_OKAY;
 use transport_xen::connect::ConnectConfig;
 use transport_xen::dataplane::DataplaneOptions;
@@ -67,7 +67,7 @@ fn emulated_xenstore_drops_the_backend_with_requests_in_flight() {
     host.add_disk(42, 8 << 20);
     let mut f1 = Blkfront::connect(&g1, XVDA, config.clone()).expect("connect guest 41");
     let mut f2 = Blkfront::connect(&g2, XVDA, config).expect("connect guest 42");
-    assert_eq!((workers_of(41), workers_of(42)), (2, 2));
+    assert!(within(SETTLE, || (workers_of(41), workers_of(42)) == (2, 2)), "{:?}", thread_names());
     f2.write(0, &[7u8; 4096]).expect("a persistent grant is mapped");
     assert!(host.host.live_mappings() > 0);
     flood(&mut f1, 48);
@@ -76,13 +76,18 @@ fn emulated_xenstore_drops_the_backend_with_requests_in_flight() {
     f1.poll(0, &mut first).expect("the first write completes");
     assert_eq!(first[0].status, RSP_OKAY);
 
+    let backend_tid = backend.tid;
     let (result, _took) = backend_lose(backend);
     assert_eq!(result, Err(XenError::Disconnected { what: "xenstore" }));
 
     assert_eq!(host.host.live_mappings(), 0, "every grant unmapped");
     assert_eq!(host.host.evtchn_switch().open_ports(0), 0, "every backend port unbound");
-    assert_eq!((workers_of(41), workers_of(42)), (0, 0), "every worker thread joined: {:?}", thread_names());
-    assert!(!thread_names().iter().any(|n| n == "blkback-xenbus"), "the backend thread ended");
+    assert!(
+        within(SETTLE, || (workers_of(41), workers_of(42)) == (0, 0)),
+        "every worker thread joined: {:?}",
+        thread_names()
+    );
+    assert!(thread_gone(backend_tid), "the backend thread ended");
     // What the backend took from the ring before it stopped was answered, and answered right.
     let done = drain(&mut f1);
     assert!(done.iter().all(|c| c.status == RSP_OKAY), "{:?}", done.iter().map(|c| c.status).collect::<Vec<_>>());
@@ -165,7 +170,7 @@ fn xenstored_hanging_up_on_the_wire_client_ends_the_backend_loop() {
     done_rx.recv_timeout(BOUND).expect("the loop ends and the store is dropped within the bound");
     let result = looper.join().expect("no panic");
     assert_eq!(result, Err(XenError::Disconnected { what: "xenstore" }));
-    assert!(!thread_names().iter().any(|n| n == "xenstore-reader"), "the reader thread was joined");
+    assert!(within(SETTLE, || !thread_names().iter().any(|n| n == "xenstore-reader")), "the reader thread was joined");
     fake.join().expect("fake xenstored");
 }
 

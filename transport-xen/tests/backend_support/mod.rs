@@ -26,6 +26,8 @@ pub struct BackendProcess {
     pub store: Arc<EmulatedXenStore>,
     stop: StopHandle,
     thread: Option<JoinHandle<Result<(), XenError>>>,
+    /// The kernel's id of the backend thread (other tests' backend threads carry the same name).
+    pub tid: u32,
     /// Error-level events the backend thread logged.
     pub errors: Arc<Mutex<Vec<String>>>,
 }
@@ -45,11 +47,16 @@ impl BackendProcess {
         let stop = backend.stop_handle();
         let errors = Arc::new(Mutex::new(Vec::new()));
         let capture = tracing::Dispatch::new(ErrorCapture(errors.clone()));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("blkback-xenbus".into())
-            .spawn(move || tracing::dispatcher::with_default(&capture, || backend.run()))
+            .spawn(move || {
+                let _ = tid_tx.send(current_tid());
+                tracing::dispatcher::with_default(&capture, || backend.run())
+            })
             .expect("spawn the backend thread");
-        BackendProcess { store, stop, thread: Some(thread), errors }
+        let tid = tid_rx.recv_timeout(T).expect("the backend thread started");
+        BackendProcess { store, stop, thread: Some(thread), tid, errors }
     }
 
     /// Stop it as SIGTERM does: every vbd Closed, data planes stopped.
@@ -135,6 +142,36 @@ pub fn thread_names() -> Vec<String> {
     }
     names
 }
+
+/// The kernel's id of the calling thread (from `/proc/thread-self`, a link to `<pid>/task/<tid>`).
+fn current_tid() -> u32 {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()).expect("a thread id")
+}
+
+/// Whether thread `tid` of this process is gone. A joined thread can stay listed in `/proc/self/task` for a
+/// moment after `join` returns (the kernel wakes the joiner before it reaps the thread), so this waits briefly.
+pub fn thread_gone(tid: u32) -> bool {
+    within(SETTLE, || !std::path::Path::new(&format!("/proc/self/task/{tid}")).exists())
+}
+
+/// Whether `done` became true within `bound` (checked every 2 ms).
+pub fn within(bound: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How long `/proc/self/task` may lag behind the threads: a new thread names itself only once it runs, and a
+/// joined one is reaped a moment after `join` returns (microseconds; generous for a loaded machine).
+pub const SETTLE: Duration = Duration::from_millis(500);
 
 /// The data-plane worker threads of frontend domain `domid` (named `blkif-d<domid>-q<queue>`).
 pub fn workers_of(domid: DomId) -> usize {
