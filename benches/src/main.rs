@@ -347,14 +347,17 @@ fn render(rows: &[Row]) -> String {
         let find = |pred: &dyn Fn(&Row) -> bool| {
             rows.iter().find(|b| b.workload == r.workload && b.queues == r.queues && pred(b))
         };
-        let (ratio, cpu_ratio) = match find(&|b| b.server.starts_with("qemu")) {
-            Some(b) => (r.iops / b.iops.max(1e-9), r.cpu_us_per_io / b.cpu_us_per_io.max(1e-9)),
-            None => (f64::NAN, f64::NAN),
+        // A ratio to a contender left out of this run is a dash, not NaN.
+        let versus = |pred: &dyn Fn(&Row) -> bool, of: &dyn Fn(&Row) -> f64| {
+            find(pred).map_or_else(|| "—".to_string(), |b| format!("{:.2}", of(r) / of(b).max(1e-9)))
         };
-        let ch = find(&|b| b.server.starts_with("cloud-hypervisor")).map_or(f64::NAN, |b| r.iops / b.iops.max(1e-9));
-        let raw = find(&|b| b.server == servers::RAW_LABEL).map_or(f64::NAN, |b| r.iops / b.iops.max(1e-9));
+        let iops = |x: &Row| x.iops;
+        let ratio = versus(&|b| b.server.starts_with("qemu"), &iops);
+        let cpu_ratio = versus(&|b| b.server.starts_with("qemu"), &|x| x.cpu_us_per_io);
+        let ch = versus(&|b| b.server.starts_with("cloud-hypervisor"), &iops);
+        let raw = versus(&|b| b.server == servers::RAW_LABEL, &iops);
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {} |\n",
             r.workload,
             r.queues,
             r.server,
@@ -391,5 +394,25 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(server: &str, iops: f64, cpu_us_per_io: f64) -> Row {
+        let server = server.to_string();
+        Row { workload: "randread 4k QD1", queues: 1, server, iops, p50_us: 1.0, p99_us: 2.0, cpu_us_per_io, errors: 0 }
+    }
+
+    #[test]
+    fn ratios_to_contenders_left_out_are_dashes() {
+        let rows = [row("qemu-storage-daemon", 100.0, 4.0), row("blkbackd", 150.0, 2.0)];
+        let table = render(&rows);
+        assert!(table.contains("| randread 4k QD1 | 1 | blkbackd | 150 | 1.50 | — | — | 1.0 | 2.0 | 2.00 | 0.50 | 0 |"));
+        assert!(!table.contains("NaN"), "{table}");
+        let raw = [row(servers::RAW_LABEL, 200.0, 1.0), row("blkbackd", 150.0, 2.0)];
+        assert!(render(&raw).contains("| blkbackd | 150 | — | — | 0.75 |"), "{}", render(&raw));
     }
 }
