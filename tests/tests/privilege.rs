@@ -125,6 +125,12 @@ fn vhost_user_runs_as_nobody_with_no_capability_under_the_filter_across_reconnec
     let extra = ["--user", "nobody", "--seccomp", "enforce", "--queues", "2", "--control", control_arg];
     let mut daemon = Daemon::start(&scratch.socket, &scratch.disk, &extra);
     let pid = daemon.pid();
+    // A new thread carries its parent's name until it runs and names itself: let the idle threads settle.
+    let named = |names: &[(String, String)]| ["signals", "control"].iter().all(|t| names.iter().any(|(n, _)| n == t));
+    let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+    while !named(&threads(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let idle = assert_sandboxed(pid, Some(user));
     assert!(idle.iter().any(|n| n == "signals") && idle.iter().any(|n| n == "control"), "{idle:?}");
 
