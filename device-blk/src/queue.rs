@@ -127,6 +127,11 @@ impl<C> BlockQueue<C> {
         self.engine.name()
     }
 
+    /// Whether the engine's io_uring is restricted ([`IoEngine::ring_restricted`]).
+    pub fn engine_ring_restricted(&self) -> Option<bool> {
+        self.engine.ring_restricted()
+    }
+
     /// Validate `request` and start it. Requests that fail validation (or need no I/O, like GET_ID) finish at
     /// once and come out of the next [`drain`](BlockQueue::drain). Returns the cookie back if no slot is free.
     ///

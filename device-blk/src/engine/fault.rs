@@ -442,6 +442,10 @@ impl IoEngine for FaultyEngine {
         "faulty"
     }
 
+    fn ring_restricted(&self) -> Option<bool> {
+        self.inner.ring_restricted()
+    }
+
     unsafe fn register_buffer(&mut self, base: *mut u8, len: usize) -> bool {
         // SAFETY: forwarded contract.
         unsafe { self.inner.register_buffer(base, len) }

@@ -236,9 +236,18 @@ pub trait IoEngine: Send {
     /// A short name for logs and stats.
     fn name(&self) -> &'static str;
 
+    /// Whether the engine's io_uring is restricted to its own operations on the disk: `None` for an engine
+    /// without a ring (every system call it makes passes seccomp), `Some(false)` for a ring that could reach
+    /// anything the process can (kernels before 5.10).
+    fn ring_restricted(&self) -> Option<bool> {
+        None
+    }
+
     /// Offer `len` bytes at `base` (a transport's bounce buffer pool) as a registered buffer: reads and writes
     /// whose buffers all lie inside it then skip the kernel's per-request page pinning. Returns whether the
     /// engine uses it (the default, and kernels without fixed vectored I/O, do not: nothing changes then).
+    /// Offer it before the first [`submit`](IoEngine::submit): a restricted io_uring accepts no registration
+    /// after that.
     ///
     /// # Safety
     /// The memory stays mapped for as long as the engine exists.

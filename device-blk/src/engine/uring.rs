@@ -9,7 +9,8 @@
 //!
 //! The ring is created disabled and enabled by the first [`submit`](IoEngine::submit), so that with
 //! `IORING_SETUP_SINGLE_ISSUER` the ring belongs to the thread that submits (the queue's worker), not to the thread
-//! that built the engine. After that first submit the engine must stay on that thread.
+//! that built the engine. After that first submit the engine must stay on that thread. Before it is enabled, the
+//! ring is restricted to the engine's own operations on the registered disk (module `restrict`).
 //!
 //! # Completion delivery
 //! A finished read or write reaches the ring as kernel *task work* that must run on the submitting thread. Where
@@ -32,6 +33,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::op::{run_blocking, OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::{Disk, DiskKind};
+
+mod restrict;
 
 /// Index of the disk in the ring's registered file table.
 const DISK_FIXED_FD: types::Fixed = types::Fixed(0);
@@ -94,6 +97,10 @@ pub struct UringEngine {
     fixed: Option<std::ops::Range<usize>>,
     /// Reads and writes issued from the registered buffer.
     fixed_ops: u64,
+    /// The kernel has fixed vectored I/O (`READV_FIXED`, `WRITEV_FIXED`).
+    fixed_vectored: bool,
+    /// The ring carries the engine's allowlist (`IORING_REGISTER_RESTRICTIONS`).
+    restricted: bool,
 }
 
 // SAFETY: the raw pointers in the slots' `OpState`s are the caller's guest buffers and iovec arrays, which the
@@ -108,6 +115,7 @@ impl std::fmt::Debug for UringEngine {
             .field("in_flight", &self.in_flight())
             .field("discard_cmd", &self.discard_cmd)
             .field("mode", &self.mode)
+            .field("restricted", &self.restricted)
             .finish()
     }
 }
@@ -127,10 +135,14 @@ impl UringEngine {
         ring.submitter().register_files(&[disk.file().as_raw_fd()]).map_err(io("io_uring register files"))?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(io("io_uring register eventfd"))?;
-        let discard_cmd = matches!(disk.kind(), DiskKind::BlockDevice { .. }) && {
-            let mut probe = Probe::new();
-            ring.submitter().register_probe(&mut probe).is_ok() && probe.is_supported(opcode::UringCmd16::CODE)
-        };
+        // Probed now: once the ring is enabled, its restrictions refuse every register operation.
+        let mut probe = Probe::new();
+        let probe = ring.submitter().register_probe(&mut probe).is_ok().then_some(probe);
+        let discard_cmd = matches!(disk.kind(), DiskKind::BlockDevice { .. })
+            && restrict::supports(probe.as_ref(), &[opcode::UringCmd16::CODE]);
+        let fixed_vectored = restrict::supports(probe.as_ref(), &restrict::FIXED_VECTORED_OPS);
+        let restricted = restrict::confine(&ring, disabled, probe.as_ref(), discard_cmd)
+            .map_err(io("io_uring register restrictions"))?;
         let capacity = usize::try_from(depth).unwrap_or(1);
         let slots = (0..capacity).map(|_| Slot { token: 0, state: None }).collect();
         let free = (0..depth).rev().collect();
@@ -148,7 +160,21 @@ impl UringEngine {
             batching: Batching::Whole,
             fixed: None,
             fixed_ops: 0,
+            fixed_vectored,
+            restricted,
         })
+    }
+
+    /// Whether the ring is restricted to the engine's operations on the disk. `false` only on kernels that cannot
+    /// create disabled rings (before 5.10), where the ring could reach whatever the process can.
+    pub fn restricted(&self) -> bool {
+        self.restricted
+    }
+
+    /// The raw ring, for tests that submit what the engine never would.
+    #[cfg(test)]
+    fn ring_mut(&mut self) -> &mut IoUring {
+        &mut self.ring
     }
 
     /// Reads and writes issued from the registered buffer so far ([`IoEngine::register_buffer`]).
@@ -348,9 +374,9 @@ impl UringEngine {
     }
 }
 
-/// Create a ring of `depth` entries, disabled where the kernel allows it, with the best completion mode from
-/// `preferred` down that the kernel accepts. The completion queue holds twice the operations that can be in
-/// flight, so it never overflows.
+/// Create a ring of `depth` entries, disabled where the kernel allows it (so that it can be restricted), with the
+/// best completion mode from `preferred` down that the kernel accepts. The completion queue holds twice the
+/// operations that can be in flight, so it never overflows.
 fn build_ring(depth: u32, preferred: CompletionMode) -> std::io::Result<(IoUring, bool, CompletionMode)> {
     let modes = [CompletionMode::Deferred, CompletionMode::Cooperative];
     for mode in modes.into_iter().skip_while(|&m| m != preferred) {
@@ -367,7 +393,11 @@ fn build_ring(depth: u32, preferred: CompletionMode) -> std::io::Result<(IoUring
             Err(error) => tracing::debug!(?mode, %error, "io_uring setup refused; trying the next mode"),
         }
     }
-    // Kernels before 5.19 lack these flags.
+    // Kernels before 5.19 lack these flags; from 5.10 on, the ring can still be created disabled.
+    match IoUring::builder().setup_cqsize(depth.saturating_mul(2)).setup_r_disabled().build(depth) {
+        Ok(ring) => return Ok((ring, true, CompletionMode::Interrupting)),
+        Err(error) => tracing::debug!(%error, "io_uring refuses disabled rings; trying a plain one"),
+    }
     let ring = IoUring::builder().setup_cqsize(depth.saturating_mul(2)).build(depth)?;
     Ok((ring, false, CompletionMode::Interrupting))
 }
@@ -480,11 +510,17 @@ impl IoEngine for UringEngine {
         "io_uring"
     }
 
+    fn ring_restricted(&self) -> Option<bool> {
+        Some(self.restricted)
+    }
+
     unsafe fn register_buffer(&mut self, base: *mut u8, len: usize) -> bool {
-        let mut probe = Probe::new();
-        let supported = self.ring.submitter().register_probe(&mut probe).is_ok()
-            && [opcode::ReadvFixed::CODE, opcode::WritevFixed::CODE].iter().all(|&op| probe.is_supported(op));
-        if self.fixed.is_some() || !supported || len == 0 {
+        if self.fixed.is_some() || !self.fixed_vectored || len == 0 {
+            return false;
+        }
+        if self.restricted && !self.disabled {
+            // The restrictions, in force since the first submit, refuse every register operation.
+            tracing::warn!(len, "io_uring: a buffer offered after the first submit cannot be registered");
             return false;
         }
         let iovec = libc::iovec { iov_base: base.cast(), iov_len: len };

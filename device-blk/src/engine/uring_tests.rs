@@ -7,6 +7,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use io_uring::{opcode, squeue, types};
+
 use super::*;
 use crate::disk::{DirectIo, DiskOptions};
 
@@ -200,5 +202,81 @@ fn reads_from_a_registered_buffer_use_fixed_io_and_others_do_not() {
     assert!(pool.block(0).iter().all(|&b| b == 2) && pool.block(1).iter().all(|&b| b == 3));
     assert!(pool.block(3).iter().all(|&b| b == 5));
     assert!(other.block(0).iter().all(|&b| b == 7));
+    drop(engine);
+}
+
+/// Push `entry` onto the engine's ring behind its back, submit it alone and return its completion's result.
+fn submit_raw(engine: &mut UringEngine, entry: squeue::Entry) -> i32 {
+    const RAW: u64 = u64::MAX;
+    let ring = engine.ring_mut();
+    // SAFETY: whatever the entry points to (a path) outlives the wait for its completion below.
+    unsafe { ring.submission().push(&entry.user_data(RAW)) }.expect("room on the ring");
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    let cqe = ring.completion().next().expect("a completion");
+    assert_eq!(cqe.user_data(), RAW, "the completion of the raw entry");
+    cqe.result()
+}
+
+/// A ring enabled by the engine's first submit, with nothing in flight.
+fn enabled_engine(disk: &Arc<Disk>, mode: CompletionMode) -> UringEngine {
+    let mut engine = UringEngine::with_mode(Arc::clone(disk), 8, mode).expect("engine");
+    let mut buf = Buffers::new(1);
+    let iovecs = buf.iovecs();
+    read_blocks(&mut engine, &iovecs, 1);
+    let done = reap_n(&mut engine, 1);
+    assert_eq!(done.first().map(|c| c.result), Some(Ok(BLOCK as u64)), "{mode:?}: a read through the engine");
+    engine
+}
+
+#[test]
+fn the_ring_refuses_operations_the_engine_never_issues() {
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let path = std::ffi::CString::new(dir.path().join("disk.img").as_os_str().as_bytes()).expect("path");
+    for mode in [CompletionMode::Deferred, CompletionMode::Cooperative] {
+        let mut engine = enabled_engine(&disk, mode);
+        assert!(engine.restricted(), "{mode:?}: this kernel (5.10+) restricts the ring");
+        assert_eq!(engine.ring_restricted(), Some(true));
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).flags(libc::O_RDONLY).build();
+        assert_eq!(submit_raw(&mut engine, open), -libc::EACCES, "{mode:?}: OPENAT refused");
+        let socket = opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM, 0).build();
+        assert_eq!(submit_raw(&mut engine, socket), -libc::EACCES, "{mode:?}: SOCKET refused");
+        // An opcode outside the list is refused even with the required flag.
+        let nop = opcode::Nop::new().build().flags(squeue::Flags::FIXED_FILE);
+        assert_eq!(submit_raw(&mut engine, nop), -libc::EACCES, "{mode:?}: NOP refused");
+        // An allowed opcode on a descriptor outside the registered file table is refused.
+        let mut byte = [0u8; 1];
+        let raw = types::Fd(disk.file().as_raw_fd());
+        let read = opcode::Read::new(raw, byte.as_mut_ptr(), 1).build();
+        assert_eq!(submit_raw(&mut engine, read), -libc::EACCES, "{mode:?}: READ on a raw descriptor refused");
+        // The registered file table cannot be changed to point at another file.
+        let other = std::fs::File::open(dir.path()).expect("open the directory");
+        let update = engine.ring_mut().submitter().register_files_update(0, &[other.as_raw_fd()]);
+        assert_eq!(update.map_err(|e| e.raw_os_error()), Err(Some(libc::EACCES)), "{mode:?}: file table locked");
+        // The engine itself carries on.
+        let mut buf = Buffers::new(1);
+        let iovecs = buf.iovecs();
+        read_blocks(&mut engine, &iovecs, 1);
+        let done = reap_n(&mut engine, 1);
+        assert_eq!(done.first().map(|c| c.result), Some(Ok(BLOCK as u64)), "{mode:?}: the engine still reads");
+    }
+}
+
+#[test]
+fn a_buffer_offered_after_the_first_submit_is_not_registered() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let mut engine = enabled_engine(&disk, CompletionMode::Deferred);
+    let mut pool = Buffers::new(2);
+    let iovecs = pool.iovecs();
+    // SAFETY: `pool` outlives the engine (dropped first, below).
+    let fixed = unsafe { engine.register_buffer(iovecs[0].iov_base.cast(), 2 * BLOCK) };
+    assert!(!fixed, "a restricted ring takes no registration once enabled");
+    read_blocks(&mut engine, &iovecs, 2);
+    let done = reap_n(&mut engine, 2);
+    assert!(done.len() == 2 && done.iter().all(|c| c.result == Ok(BLOCK as u64)), "{done:?}");
+    assert_eq!(engine.fixed_ops(), 0, "the plain path served the reads");
     drop(engine);
 }
