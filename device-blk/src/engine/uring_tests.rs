@@ -247,9 +247,10 @@ fn the_ring_refuses_operations_the_engine_never_issues() {
         let nop = opcode::Nop::new().build().flags(squeue::Flags::FIXED_FILE);
         assert_eq!(submit_raw(&mut engine, nop), -libc::EACCES, "{mode:?}: NOP refused");
         // An allowed opcode on a descriptor outside the registered file table is refused.
-        let mut byte = [0u8; 1];
+        let mut block = Buffers::new(1);
+        let target = block.iovecs()[0];
         let raw = types::Fd(disk.file().as_raw_fd());
-        let read = opcode::Read::new(raw, byte.as_mut_ptr(), 1).build();
+        let read = opcode::Read::new(raw, target.iov_base.cast(), BLOCK as u32).build();
         assert_eq!(submit_raw(&mut engine, read), -libc::EACCES, "{mode:?}: READ on a raw descriptor refused");
         // The registered file table cannot be changed to point at another file.
         let other = std::fs::File::open(dir.path()).expect("open the directory");
