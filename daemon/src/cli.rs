@@ -66,19 +66,24 @@ pub enum Command {
         QEMU: -chardev socket,id=blk0,path=/run/blkbackd/vm1.sock -device vhost-user-blk-pci,chardev=blk0,num-queues=2\n\
         (guest memory must be shared: -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem)")]
     VhostUser(VhostUserArgs),
-    /// Serve Xen vbds (blkif over grant tables and event channels) from this domain: one process per guest with
-    /// `--frontend-domid`, or every guest without it. Runs until SIGTERM or SIGINT, then closes every vbd.
+    /// Serve Xen vbds (blkif over grant tables and event channels) from this domain, as a host service: a small
+    /// privileged supervisor watches backend/vbd and runs one unprivileged worker process per guest (of every guest,
+    /// or of the `--frontend-domid` ones). Runs until SIGTERM or SIGINT, then closes every vbd.
     #[command(after_help = "Examples:\n  \
-        blkbackd xen --frontend-domid 7\n  \
+        blkbackd xen                      (every guest; systemctl start blkbackd-xen runs this)\n  \
+        blkbackd xen --frontend-domid 7 --frontend-domid 9 --user 65534:65534\n  \
         blkbackd xen --cleanup 7      (after a crash: close domain 7's vbds so its I/O fails instead of hanging)\n  \
-        blkbackd xen --cleanup 7 --devid 51728   (only backend/vbd/7/51728: block-blkbackd's remove)\n  \
-        blkbackd xen --frontend-domid 7 --user blkbackd\n\n\
-        Privileges: before serving, blkbackd drops every capability but CAP_DAC_OVERRIDE (to open the disks and\n\
-        event-channel devices guests ask for later; with --user it also becomes that user) and filters its system\n\
-        calls (no exec, no new sockets, no file creation); each data-plane thread drops CAP_DAC_OVERRIDE too and\n\
-        may only serve its ring, grants, event channel and disk. --seccomp log (see dmesg) or off to debug.\n\n\
+        blkbackd xen --cleanup 7 --devid 51728   (only backend/vbd/7/51728: block-blkbackd's remove)\n\n\
+        Privileges: the supervisor keeps root to open disks and /dev/xen devices; each guest's worker process gets\n\
+        them as descriptors, runs as --user (default: blkbackd) with no capability, no_new_privs, in an empty\n\
+        read-only root and network namespace of its own, under a system call filter (no open, socket, exec), and\n\
+        reaches xenstore only through the supervisor, only its own guest's vbd nodes. --seccomp log (see dmesg)\n\
+        or off to debug.\n\n\
         xl disk spec: 'format=raw, vdev=xvdb, access=rw, backendtype=phy, script=block-blkbackd, target=/srv/vm7.img'")]
     Xen(XenArgs),
+    /// One guest's worker process, started by `blkbackd xen`.
+    #[command(hide = true)]
+    XenWorker(XenWorkerArgs),
     /// Print the live statistics of a running blkbackd (per queue: requests, bytes, errors, in-flight, latency).
     #[command(after_help = "Examples:\n  \
         blkbackd stats --control /run/blkbackd/vm1.ctl\n  \
@@ -172,12 +177,35 @@ pub struct StatsArgs {
 /// `blkbackd xen`.
 #[derive(Debug, Args)]
 pub struct XenArgs {
-    /// Serve only the vbds of this frontend domain (`backend/vbd/D/*`); default: every domain.
+    /// Serve only the vbds of this frontend domain (`backend/vbd/D/*`; repeat for more); default: every domain.
     #[arg(long, value_name = "D")]
-    pub frontend_domid: Option<u16>,
+    pub frontend_domid: Vec<u16>,
     /// The domain this backend runs in (dom0 or a driver domain).
     #[arg(long, value_name = "B", default_value_t = 0)]
     pub backend_domid: u16,
+    /// How each guest's worker serves its vbds.
+    #[command(flatten)]
+    pub serving: XenServingArgs,
+    /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
+    /// service manager after a blkbackd died), then exit.
+    #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]
+    pub cleanup: Option<u16>,
+    /// With `--cleanup`: only the vbd with this device id (`backend/vbd/D/N`; a hotplug script's `remove`).
+    #[arg(long, value_name = "N", requires = "cleanup")]
+    pub devid: Option<u32>,
+    /// Serve even though the kernel's xen-blkback is loaded (both would answer the same vbds: only for tests
+    /// that know no guest uses the kernel backend).
+    #[arg(long, hide = true)]
+    pub allow_kernel_blkback: bool,
+    /// The guests' workers: `--user NAME|UID[:GID]` (default: the `blkbackd` system user the package creates)
+    /// and their system call filter.
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// How a guest's vbds are served (the service passes these to every worker).
+#[derive(Clone, Debug, Args)]
+pub struct XenServingArgs {
     /// How guest data pages are reached: `auto` (persistent mappings for a frontend that uses persistent grants,
     /// as Linux blkfront does; grant copy otherwise), `map` (map every request's grants), `copy` (grant copy through
     /// a bounce pool; persistent grants are not offered).
@@ -192,23 +220,55 @@ pub struct XenArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
-    /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
     /// Adaptive polling: after a round that took or answered requests, keep polling the shared ring and the I/O
     /// completions (the frontend's notifications off) until nothing happened for N µs, then sleep. Fewer
     /// event-channel round trips under load, at the cost of CPU while busy; an idle vbd still sleeps. 0: never.
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(transport_xen::dataplane::MAX_POLL_US)))]
     pub poll_us: u32,
-    /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
-    /// service manager after a blkbackd died), then exit.
-    #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]
-    pub cleanup: Option<u16>,
-    /// With `--cleanup`: only the vbd with this device id (`backend/vbd/D/N`; a hotplug script's `remove`).
-    #[arg(long, value_name = "N", requires = "cleanup")]
-    pub devid: Option<u32>,
-    /// Privileges (while serving; `--cleanup` runs as started).
+}
+
+impl XenServingArgs {
+    /// The same options as command-line arguments (for a worker's command line).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--grant-mode".to_string(),
+            value_name(self.grant_mode),
+            "--max-queues".to_string(),
+            self.max_queues.to_string(),
+            "--engine".to_string(),
+            value_name(self.engine),
+            "--poll-us".to_string(),
+            self.poll_us.to_string(),
+        ];
+        if self.no_persistent {
+            args.push("--no-persistent".to_string());
+        }
+        args
+    }
+}
+
+/// A value's name as clap parses it.
+pub fn value_name(value: impl ValueEnum) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
+/// `blkbackd xen-worker`: one guest's worker, started by `blkbackd xen` (never by hand).
+#[derive(Debug, Args)]
+pub struct XenWorkerArgs {
+    /// The guest domain whose vbds this worker serves.
+    #[arg(long, value_name = "D")]
+    pub domid: u16,
+    /// The backend domain's xenstore home (`/local/domain/<B>`).
+    #[arg(long, value_name = "PATH")]
+    pub domain_path: String,
+    /// The inherited descriptor of the channel to the supervisor.
+    #[arg(long, value_name = "FD", default_value_t = 3)]
+    pub channel_fd: i32,
+    /// Serving options.
+    #[command(flatten)]
+    pub serving: XenServingArgs,
+    /// Privileges.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 }
@@ -361,10 +421,26 @@ mod tests {
         let Command::Xen(args) = cli.command else { panic!("expected xen") };
         assert_eq!(args.sandbox.user.map(|u| (u.uid, u.gid)), Some((4242, 4343)));
         assert_eq!(args.sandbox.seccomp, SeccompMode::Off);
-        assert_eq!(args.poll_us, 0, "polling is opt-in");
-        let cli = Cli::try_parse_from(["blkbackd", "xen", "--poll-us", "50"]).expect("xen --poll-us");
+        assert_eq!(args.serving.poll_us, 0, "polling is opt-in");
+        let cli = Cli::try_parse_from([
+            "blkbackd",
+            "xen",
+            "--poll-us",
+            "50",
+            "--frontend-domid",
+            "3",
+            "--frontend-domid",
+            "4",
+        ])
+        .expect("xen --poll-us");
         let Command::Xen(args) = cli.command else { panic!("expected xen") };
-        assert_eq!(args.poll_us, 50);
+        assert_eq!((args.serving.poll_us, args.frontend_domid), (50, vec![3, 4]));
+        // The worker gets the same serving options back.
+        let worker = [&["blkbackd", "xen-worker", "--domid", "3", "--domain-path", "/local/domain/0"][..]].concat();
+        let passed = args.serving.to_args();
+        let cli = Cli::try_parse_from(worker.iter().map(|s| s.to_string()).chain(passed)).expect("worker");
+        let Command::XenWorker(w) = cli.command else { panic!("expected xen-worker") };
+        assert_eq!((w.domid, w.channel_fd, w.serving.poll_us, w.serving.grant_mode), (3, 3, 50, GrantModeArg::Auto));
         assert!(Cli::try_parse_from(["blkbackd", "xen", "--poll-us", "1000001"]).is_err(), "above the bound");
         for bad in [&["--user", "root"][..], &["--user", "no-such-user-blkbackd"], &["--seccomp", "kill"]] {
             assert!(Cli::try_parse_from([&vhost[..], bad].concat()).is_err(), "{bad:?}");

@@ -40,14 +40,15 @@ fn main() -> ExitCode {
         Err(e) => return fail(format!("cannot set up signal handling: {e}")),
     };
     // The serving subcommands start the signal thread themselves, once they have dropped their privileges.
-    if !matches!(cli.command, Command::VhostUser(_) | Command::Xen(_)) {
+    if !matches!(cli.command, Command::VhostUser(_) | Command::Xen(_) | Command::XenWorker(_)) {
         if let Err(e) = shutdown.listen() {
             return fail(format!("cannot set up signal handling: {e}"));
         }
     }
     let result = match cli.command {
         Command::VhostUser(args) => vhost_user::run(&args, &shutdown),
-        Command::Xen(args) => xen::run(&args, &shutdown),
+        Command::Xen(args) => xen::run(&args, &shutdown, cli.log_format),
+        Command::XenWorker(args) => xen::run_worker(&args, &shutdown),
         Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
         Command::Man { dir } => man_pages(&dir),
         Command::Demo(args) => demo::run(args.seccomp),

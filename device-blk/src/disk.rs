@@ -196,6 +196,52 @@ impl Disk {
         Ok(Disk { file, path, kind, geometry, buffer_alignment })
     }
 
+    /// A disk another process opened (and pinned) with [`Disk::open`] and handed over as a descriptor, with the
+    /// geometry, kind and buffer alignment that process read: a sandboxed process that may not open files or read
+    /// sysfs serves it as is.
+    ///
+    /// The descriptor is checked against what it is said to be: its file type, its `major:minor` and (for block
+    /// devices) its disk sequence number as `BLKGETDISKSEQ` reports it; a capacity the descriptor cannot hold is
+    /// refused. A mismatch means the sender is confused or hostile: nothing is served.
+    pub fn from_parts(
+        file: File,
+        path: PathBuf,
+        kind: DiskKind,
+        geometry: Geometry,
+        buffer_alignment: usize,
+    ) -> Result<Disk, DiskError> {
+        let meta =
+            file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
+        let actual_size = match kind {
+            DiskKind::File if meta.file_type().is_file() => meta.len(),
+            DiskKind::BlockDevice { major, minor, diskseq } if meta.file_type().is_block_device() => {
+                let rdev = meta.rdev();
+                if (libc::major(rdev), libc::minor(rdev)) != (major, minor) {
+                    return Err(DiskError::NotADisk { path });
+                }
+                let mut actual: u64 = 0;
+                // SAFETY: BLKGETDISKSEQ writes one u64 through the pointer.
+                let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETDISKSEQ, &mut actual) };
+                if rc == 0 && actual != diskseq {
+                    return Err(DiskError::DiskseqMismatch { path, expected: diskseq, actual });
+                }
+                let mut size: u64 = 0;
+                // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+                if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) } < 0 {
+                    let source = io::Error::last_os_error();
+                    return Err(DiskError::Geometry { path, what: "BLKGETSIZE64", source });
+                }
+                size
+            }
+            _ => return Err(DiskError::NotADisk { path }),
+        };
+        if geometry.size_bytes() > actual_size || geometry.capacity.0 == 0 {
+            return Err(DiskError::Empty { path, block_size: geometry.logical_block_size.bytes() });
+        }
+        let buffer_alignment = if buffer_alignment.is_power_of_two() { buffer_alignment } else { 4096 };
+        Ok(Disk { file, path, kind, geometry, buffer_alignment })
+    }
+
     /// The alignment in bytes that host memory buffers need for I/O on this disk: the direct-I/O memory alignment
     /// the kernel reports (statx `stx_dio_mem_align`, or the device's DMA alignment), 1 without O_DIRECT.
     ///

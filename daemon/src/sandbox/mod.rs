@@ -17,17 +17,14 @@
 //! new threads, io_uring rings and epoll are all allowed.
 //!
 //! # Xen
-//! Disks and per-queue event-channel devices are opened later, when a guest connects, by the xenbus control
-//! thread, from paths the toolstack writes into xenstore. So the process keeps one capability,
-//! [`XEN_CONTROL_CAPS`] = `CAP_DAC_OVERRIDE`: with `--user`, `/dev/xen/evtchn` (root, mode 0600) and disk
-//! images or block devices owned by others could not be opened without it; as root it is what opens an image
-//! owned by another user. Nothing else is needed: the xenstore, grant and event-channel devices check no
-//! capability, and io_uring rings count against the memory cgroup, not `CAP_IPC_LOCK`. Before xenstore and the
-//! grant device are opened (they start threads), the process drops to that set (steps 1 to 4, keeping it across
-//! the uid switch with `PR_SET_KEEPCAPS`); once they are open it installs the [`Role::XenControl`] filter
-//! everywhere (no exec, no new sockets, `openat` only of existing files without truncation). Each data-plane
-//! worker thread ([`xen_worker_init`]) then drops its last capability for itself and adds the strict
-//! [`Role::XenWorker`] filter: its ring, grants, event channel and disk, nothing else.
+//! The supervisor (`blkbackd xen`) keeps root: it opens disks (with the diskseq pin), `/dev/xen` devices and
+//! xenstore connections as guests come, and starts workers. Each guest's worker (`blkbackd xen-worker`) starts
+//! as root with one inherited socket, receives its descriptors, and then, while single-threaded,
+//! [confines](confine_worker) itself: a mount namespace whose root is an empty read-only tmpfs, a network
+//! namespace of its own, `no_new_privs`, an empty bounding set, the unprivileged user (`--user`, default
+//! `blkbackd`), no capability. It then installs the [`Role::XenGuest`] filter on the whole process (no `open`:
+//! `EACCES`; no `socket`, `exec`, `unlink`, new processes); each data-plane thread ([`xen_worker_init`]) adds
+//! the stricter [`Role::XenWorker`] filter for itself: its ring, grants, event channel and disk, nothing else.
 //!
 //! # `--seccomp`
 //! `enforce` (default): a call outside the list ends the process with `SIGSYS` after one line on stderr naming the
@@ -42,6 +39,7 @@
 //! if their directory is writable by that user; a file left behind is replaced at the next start.
 
 mod caps;
+mod confine;
 mod seccomp;
 mod sigsys;
 mod user;
@@ -55,12 +53,10 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use transport_xen::dataplane::WorkerInit;
 
-pub use caps::{CapSet, CAP_DAC_OVERRIDE};
+pub use caps::CapSet;
+pub use confine::confine_worker;
 pub use seccomp::Role;
 pub use user::UserSpec;
-
-/// What the Xen control thread keeps (see the module documentation); vhost-user keeps nothing.
-pub const XEN_CONTROL_CAPS: CapSet = CapSet::of(&[CAP_DAC_OVERRIDE]);
 
 /// `--seccomp`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -76,10 +72,10 @@ pub enum SeccompMode {
 /// `--user` and `--seccomp`, for the serving subcommands.
 #[derive(Clone, Debug, Args)]
 pub struct SandboxArgs {
-    /// Once the disk, devices and sockets are open, run as this user: NAME (with its groups), UID or UID:GID
-    /// (default: stay the user blkbackd started as). Capabilities are dropped either way: all of them for
-    /// vhost-user; Xen keeps CAP_DAC_OVERRIDE for opening disks and event-channel devices when guests connect,
-    /// and its data-plane threads drop even that.
+    /// vhost-user: once the disk and sockets are open, run as this user: NAME (with its groups), UID or UID:GID
+    /// (default: stay the user blkbackd started as; every capability is dropped either way). xen: the user of
+    /// the guests' worker processes (default: the `blkbackd` system user the package creates); the supervisor
+    /// stays root.
     #[arg(long, value_name = "NAME|UID[:GID]", value_parser = UserSpec::parse)]
     pub user: Option<UserSpec>,
     /// System call filter: `enforce` (an unexpected system call ends blkbackd with a log line naming it), `log`
@@ -146,7 +142,7 @@ pub fn xen_worker_init(mode: SeccompMode) -> anyhow::Result<WorkerInit> {
 }
 
 /// Capabilities and uids are per thread: dropping them is only whole while the process has one thread.
-fn ensure_single_threaded() -> anyhow::Result<()> {
+pub(crate) fn ensure_single_threaded() -> anyhow::Result<()> {
     let tasks = match std::fs::read_dir("/proc/self/task") {
         Ok(tasks) => tasks.count(),
         Err(e) => bail!("cannot count this process's threads in /proc/self/task: {e} (is /proc mounted?)"),

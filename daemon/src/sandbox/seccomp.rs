@@ -7,10 +7,10 @@
 //!   `CLONE_THREAD` only: no new processes), sockets it already has (accept, messages with descriptors for guest
 //!   memory and eventfds), `mmap` of guest memory, io_uring rings, eventfds and epoll; no `open` (`EACCES`), no
 //!   `socket`, no `exec`.
-//! - [`Role::XenControl`] (the whole Xen process): the vhost-user set, plus `openat` without `O_CREAT`,
-//!   `O_TRUNC` or `O_TMPFILE` (disks and event-channel devices are opened when guests connect), and what a
-//!   worker needs to sandbox itself (`capset`, clearing the ambient set, `seccomp`).
-//! - [`Role::XenWorker`] (each data-plane thread, stacked on the control filter): only the data path: its event
+//! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set
+//!   without `unlink`, plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
+//!   themselves; no `open` (`EACCES`), no `socket`, no `exec`, no `unlink`.
+//! - [`Role::XenWorker`] (each data-plane thread, stacked on the process filter): only the data path: its event
 //!   channel, grant maps and copies, its disk through io_uring or `preadv`/`pwritev`, epoll. No `open`
 //!   (`EACCES`), no `socket`, no new threads or rings.
 //!
@@ -35,10 +35,11 @@ use super::SeccompMode;
 pub enum Role {
     /// The whole `blkbackd vhost-user` process.
     VhostUser,
-    /// The whole `blkbackd xen` process (its xenbus control thread opens disks and devices as guests come).
-    XenControl,
     /// One Xen data-plane worker thread.
     XenWorker,
+    /// The whole process of one guest's worker (`blkbackd xen-worker`): confined, fed descriptors by the
+    /// supervisor. The data-plane threads add [`Role::XenWorker`] on top.
+    XenGuest,
 }
 
 // Block-device ioctls (`<linux/fs.h>`): size and geometry queries when a disk is opened, discards on the data path.
@@ -186,8 +187,9 @@ fn base(rules: &mut Rules) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a process-wide role adds to [`base`]: threads, the sockets and descriptors it holds, io_uring rings.
-fn process(rules: &mut Rules) -> anyhow::Result<()> {
+/// What a process-wide role adds to [`base`]: threads, the sockets and descriptors it holds, io_uring rings, and
+/// (with `unlink`) removing its socket files on exit.
+fn process(rules: &mut Rules, unlink: bool) -> anyhow::Result<()> {
     rules.any(&[
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
@@ -213,11 +215,14 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
         libc::SYS_statx,
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_register,
-        // The socket files, removed on exit.
-        libc::SYS_unlinkat,
     ]);
     #[cfg(target_arch = "x86_64")]
-    rules.any(&[libc::SYS_accept, libc::SYS_unlink, libc::SYS_dup2]);
+    rules.any(&[libc::SYS_accept, libc::SYS_dup2]);
+    if unlink {
+        rules.any(&[libc::SYS_unlinkat]);
+        #[cfg(target_arch = "x86_64")]
+        rules.any(&[libc::SYS_unlink]);
+    }
     rules.arg_with(libc::SYS_clone, 0, libc::CLONE_THREAD as u64)?;
     rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])?;
     rules.arg_in(
@@ -228,14 +233,10 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
     rules.arg_in(libc::SYS_ioctl, 1, &BLK_DATA)
 }
 
-/// What the Xen control thread adds: opening disks and devices as guests connect, and letting workers sandbox
-/// themselves.
-fn xen_control(rules: &mut Rules) -> anyhow::Result<()> {
-    let creating = (libc::O_CREAT | libc::O_TRUNC | (libc::O_TMPFILE & !libc::O_DIRECTORY)) as u64;
-    rules.arg_without(libc::SYS_openat, 2, creating)?;
-    #[cfg(target_arch = "x86_64")]
-    rules.arg_without(libc::SYS_open, 1, creating)?;
-    rules.any(&[libc::SYS_capget, libc::SYS_capset, libc::SYS_getdents64, libc::SYS_readlinkat]);
+/// What a guest's worker process adds to [`base`] and [`process`]: the Xen and block-device ioctls on the
+/// descriptors the supervisor gave it, and letting its data-plane threads sandbox themselves. It opens nothing.
+fn xen_guest(rules: &mut Rules) -> anyhow::Result<()> {
+    rules.any(&[libc::SYS_capget, libc::SYS_capset]);
     let ambient = eq(0, libc::PR_CAP_AMBIENT as u64)?;
     rules.when(libc::SYS_prctl, vec![vec![ambient, eq(1, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64)?]])?;
     rules.arg_in(libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?;
@@ -315,13 +316,13 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
     let clone3 = (vec![libc::SYS_clone3], libc::ENOSYS);
     let errors = match role {
         Role::VhostUser => {
-            process(&mut rules)?;
+            process(&mut rules, true)?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
-        Role::XenControl => {
-            process(&mut rules)?;
-            xen_control(&mut rules)?;
-            vec![clone3]
+        Role::XenGuest => {
+            process(&mut rules, false)?;
+            xen_guest(&mut rules)?;
+            vec![clone3, (open_calls(), libc::EACCES)]
         }
         Role::XenWorker => {
             xen_worker(&mut rules)?;

@@ -49,6 +49,18 @@ impl EvtchnDevice {
         Ok(EvtchnDevice { file, bound: Vec::new() })
     }
 
+    /// A handle opened elsewhere (e.g. by a privileged process that restricted it to one domain and passed it
+    /// over a socket). It is made non-blocking, as [`open_path`](Self::open_path) opens it.
+    pub fn from_file(file: File) -> Result<EvtchnDevice, XenError> {
+        set_nonblocking(&file).map_err(|e| XenError::os("evtchn: set O_NONBLOCK", &e))?;
+        Ok(EvtchnDevice { file, bound: Vec::new() })
+    }
+
+    /// The handle's descriptor (to pass it to another process); its bound ports stay bound.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// The ports bound through this handle.
     pub fn bound_ports(&self) -> &[EvtchnPort] {
         &self.bound
@@ -94,6 +106,22 @@ impl EvtchnDevice {
         EvtchnPort::try_from(ret)
             .map_err(|_| XenError::Protocol { what: "evtchn", detail: format!("{what}: port {ret}") })
     }
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl EventChannel for EvtchnDevice {

@@ -76,6 +76,11 @@ impl GntDev {
         Ok(GntDev { file: Arc::new(file) })
     }
 
+    /// A grant device opened elsewhere (a privileged process passed it over a socket).
+    pub fn from_file(file: File) -> GntDev {
+        GntDev { file: Arc::new(file) }
+    }
+
     /// Limit the grants this handle maps at once (`IOCTL_GNTDEV_SET_MAX_GRANTS`). `Ok(false)` when the kernel
     /// has no per-handle limit (Linux since 3.0 only has the module's global limit, [`GntDev::global_map_limit`]).
     pub fn set_max_grants(&self, count: u32) -> Result<bool, XenError> {

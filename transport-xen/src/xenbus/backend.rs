@@ -32,7 +32,7 @@ use device_blk::Disk;
 
 use crate::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER};
 use crate::services::{read_optional, with_transaction, DomId, TxId, XenError, XenStore};
-use crate::xenbus::device::{self, DeviceNodes, DeviceRequest, DeviceSource, Fatal};
+use crate::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, Fatal, LocalDiskOpener};
 use crate::xenbus::frontend_nodes::{self, Advertised};
 use crate::xenbus::nodes::{self, Mode};
 use crate::xenbus::rings::{RingServer, RunningRings};
@@ -140,6 +140,8 @@ struct OpenDisk {
     disk: Arc<Disk>,
     source: DeviceSource,
     mode: Mode,
+    /// The nodes it was opened from.
+    nodes: DeviceNodes,
 }
 
 /// The watch token of a vbd's frontend-state watch.
@@ -152,6 +154,7 @@ pub struct VbdBackend {
     store: Arc<dyn XenStore>,
     rings: Arc<dyn RingServer>,
     config: Arc<BackendConfig>,
+    opener: Arc<dyn DiskOpener>,
     id: VbdId,
     paths: VbdPaths,
     phase: Phase,
@@ -188,6 +191,7 @@ impl VbdBackend {
             store,
             rings,
             config,
+            opener: Arc::new(LocalDiskOpener),
             id,
             paths,
             phase: Phase::Unprobed,
@@ -202,6 +206,12 @@ impl VbdBackend {
             error: None,
             adopt: false,
         }
+    }
+
+    /// Open disks through `opener` (a sandboxed process asks a privileged one) instead of in this process.
+    pub fn with_disk_opener(mut self, opener: Arc<dyn DiskOpener>) -> Self {
+        self.opener = opener;
+        self
     }
 
     /// Take over a vbd that existed before this backend started (a restarted backend): the first
@@ -451,35 +461,25 @@ impl VbdBackend {
             // A script reporting its own failure (hotplug-status) after ours must not trigger a second attempt.
             return Ok(());
         }
-        let request = device::interpret(&nodes);
         if let Some(open) = &self.disk {
-            match request {
-                Ok(DeviceRequest::Open { source, mode }) if source == open.source && mode == open.mode => {}
-                Ok(DeviceRequest::NotYet) => {}
-                Ok(DeviceRequest::Open { source, .. }) => tracing::warn!(
-                    vbd = %self.id, from = %open.source, to = %source, "changing physical device not supported"
-                ),
-                Err(e) => tracing::warn!(vbd = %self.id, error = %e, "device nodes changed after the open: ignored"),
+            if !open.nodes.same_device(&nodes) {
+                tracing::warn!(
+                    vbd = %self.id, device = %open.source,
+                    "device nodes changed after the open: ignored (changing the physical device is not supported)"
+                );
             }
             return Ok(());
         }
-        let (source, mode) = match request {
-            Ok(DeviceRequest::NotYet) => return Ok(()),
-            Ok(DeviceRequest::Open { source, mode }) => (source, mode),
+        let opened = match self.opener.open(self.id, &nodes, self.config.direct_io) {
+            Ok(None) => return Ok(()),
+            Ok(Some(opened)) => opened,
             Err(fatal) => {
                 self.failed_device_nodes = Some(nodes);
                 self.fatal(fatal);
                 return Ok(());
             }
         };
-        let disk = match device::open_source(&source, mode, self.config.direct_io) {
-            Ok(disk) => Arc::new(disk),
-            Err(fatal) => {
-                self.failed_device_nodes = Some(nodes);
-                self.fatal(fatal);
-                return Ok(());
-            }
-        };
+        let (disk, source, mode) = (Arc::new(opened.disk), opened.source, opened.mode);
         // The seed: tell userspace we hold the device, so it may drop its own reference (autoclear loop devices).
         if let Err(e) = self.store.write(TxId::NONE, &self.paths.node("opened"), b"1") {
             if matches!(e, XenError::Disconnected { .. }) {
@@ -491,7 +491,7 @@ impl VbdBackend {
             return Ok(());
         }
         tracing::info!(vbd = %self.id, device = %source, ?mode, "device opened");
-        self.disk = Some(OpenDisk { disk, source, mode });
+        self.disk = Some(OpenDisk { disk, source, mode, nodes });
         Ok(())
     }
 

@@ -134,6 +134,50 @@ pub fn interpret(nodes: &DeviceNodes) -> Result<DeviceRequest, Fatal> {
     Ok(DeviceRequest::Open { source, mode })
 }
 
+/// A disk opened for a vbd, with what named it.
+#[derive(Debug)]
+pub struct OpenedDisk {
+    /// The open disk.
+    pub disk: Disk,
+    /// What the nodes named.
+    pub source: DeviceSource,
+    /// The access mode.
+    pub mode: Mode,
+}
+
+/// Who opens the disk a vbd's nodes name: the backend itself ([`LocalDiskOpener`]), or, in a sandboxed process
+/// that may not open files, a privileged process that reads the nodes on its own and hands over the descriptor.
+pub trait DiskOpener: Send + Sync {
+    /// Open the disk for vbd `id`, whose backend nodes read `nodes`; `Ok(None)` while they name nothing yet.
+    fn open(
+        &self,
+        id: crate::xenbus::VbdId,
+        nodes: &DeviceNodes,
+        direct_io: DirectIo,
+    ) -> Result<Option<OpenedDisk>, Fatal>;
+}
+
+/// Opens disks in this process: [`interpret`] the nodes, then [`open_source`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalDiskOpener;
+
+impl DiskOpener for LocalDiskOpener {
+    fn open(
+        &self,
+        _id: crate::xenbus::VbdId,
+        nodes: &DeviceNodes,
+        direct_io: DirectIo,
+    ) -> Result<Option<OpenedDisk>, Fatal> {
+        match interpret(nodes)? {
+            DeviceRequest::NotYet => Ok(None),
+            DeviceRequest::Open { source, mode } => {
+                let disk = open_source(&source, mode, direct_io)?;
+                Ok(Some(OpenedDisk { disk, source, mode }))
+            }
+        }
+    }
+}
+
 /// Whether a configured hotplug script has finished (`hotplug-status` = `connected`).
 fn script_done(nodes: &DeviceNodes) -> bool {
     nodes.script.is_some() && nodes.hotplug_status.as_deref() == Some(b"connected".as_slice())

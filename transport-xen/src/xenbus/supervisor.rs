@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::services::{DomId, TxId, WatchEvent, XenError, XenStore};
 use crate::xenbus::backend::{BackendConfig, Phase, VbdBackend, VbdStatus};
+use crate::xenbus::device::{DiskOpener, LocalDiskOpener};
 use crate::xenbus::nodes;
 use crate::xenbus::rings::RingServer;
 use crate::xenbus::state::{vbd_root, VbdId};
@@ -55,6 +56,7 @@ pub struct XenBackend {
     store: Arc<dyn XenStore>,
     rings: Arc<dyn RingServer>,
     config: Arc<BackendConfig>,
+    opener: Arc<dyn DiskOpener>,
     root: String,
     watch_path: String,
     scope: Scope,
@@ -92,6 +94,7 @@ impl XenBackend {
             store,
             rings,
             config,
+            opener: Arc::new(LocalDiskOpener),
             root,
             watch_path,
             scope,
@@ -100,6 +103,12 @@ impl XenBackend {
             stop: Arc::new(stop),
             scanned: false,
         })
+    }
+
+    /// Open every vbd's disk through `opener` (see [`DiskOpener`]) instead of in this process.
+    pub fn with_disk_opener(mut self, opener: Arc<dyn DiskOpener>) -> Self {
+        self.opener = opener;
+        self
     }
 
     /// The configuration every vbd uses.
@@ -148,7 +157,8 @@ impl XenBackend {
             }
             let _span = tracing::info_span!("vbd", domid = id.domid, devid = id.devid).entered();
             let vbd = self.vbds.entry(id).or_insert_with(|| {
-                let vbd = VbdBackend::new(self.store.clone(), self.rings.clone(), self.config.clone(), id);
+                let vbd = VbdBackend::new(self.store.clone(), self.rings.clone(), self.config.clone(), id)
+                    .with_disk_opener(self.opener.clone());
                 if adopting {
                     vbd.adopt()
                 } else {

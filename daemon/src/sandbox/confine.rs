@@ -1,0 +1,71 @@
+//! The confinement of a guest's worker process, done once while it is still root and single-threaded, after it
+//! received every descriptor it will ever need from the supervisor:
+//!
+//! 1. a mount namespace of its own whose root is an empty, read-only, 4 KiB tmpfs (`chroot` into it): a path
+//!    resolves to nothing, whether `open(2)` or an io_uring ring's `OPENAT` asks;
+//! 2. a network namespace of its own with no interface up: no socket, made directly or through an io_uring ring,
+//!    reaches anything (abstract Unix sockets are per network namespace too);
+//! 3. `no_new_privs`, an empty capability bounding set, then the unprivileged user (groups, gid, uid), and every
+//!    capability set emptied.
+//!
+//! The system call filter comes after, once the worker's own objects are set up (see [`super::lock_down`]).
+
+use std::ffi::CString;
+use std::io;
+
+use anyhow::Context;
+
+use super::caps::{self, CapSet};
+use super::user::UserSpec;
+
+/// Where the empty root is mounted inside the worker's own mount namespace (any existing directory does: the
+/// mount is invisible outside the namespace).
+const EMPTY_ROOT_MOUNT_POINT: &str = "/tmp";
+
+/// Confine this process (see the module documentation) and become `user`.
+pub fn confine_worker(user: &UserSpec) -> anyhow::Result<()> {
+    super::ensure_single_threaded()?;
+    caps::no_new_privs().context("cannot set no_new_privs")?;
+    // SAFETY: unshare with namespace flags only.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })
+        .context("cannot enter a mount and network namespace of its own (the worker needs root to start)")?;
+    empty_root().context("cannot switch to an empty root")?;
+    caps::limit_bounding_set(CapSet::EMPTY).context("cannot empty the capability bounding set")?;
+    user.switch().with_context(|| format!("cannot switch to user {user}"))?;
+    caps::set_only(CapSet::EMPTY).context("cannot drop every capability")?;
+    // SAFETY: plain system calls without arguments.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    tracing::info!(uid, gid, "worker confined: empty read-only root, own network namespace, no capabilities");
+    Ok(())
+}
+
+fn empty_root() -> io::Result<()> {
+    let cstr = |s: &str| CString::new(s).map_err(io::Error::other);
+    let (none, root, target, tmpfs) = (cstr("none")?, cstr("/")?, cstr(EMPTY_ROOT_MOUNT_POINT)?, cstr("tmpfs")?);
+    let options = cstr("size=4k,nr_inodes=1,mode=0555")?;
+    // SAFETY: every pointer is a NUL-terminated string alive for the call (or null where the kernel allows it).
+    unsafe {
+        // Nothing we mount may propagate back to the host's namespace.
+        check(libc::mount(
+            none.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        check(libc::mount(tmpfs.as_ptr(), target.as_ptr(), tmpfs.as_ptr(), flags, options.as_ptr().cast()))?;
+        check(libc::chdir(target.as_ptr()))?;
+        check(libc::chroot(c".".as_ptr()))?;
+        check(libc::chdir(root.as_ptr()))?;
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! `blkbackd xen`: the Xen host service. A small privileged supervisor ([`supervisor`]) watches `backend/vbd`
+//! and runs one unprivileged worker process per guest domain ([`worker`], `blkbackd xen-worker`), which serves
+//! that guest's vbds through the transport's xenbus backend and data plane. The worker opens nothing itself: the
+//! supervisor's [`broker`] opens its disks (with the diskseq pin) and event-channel handles (restricted to the
+//! guest), hands it the descriptors over a socket, and carries its xenstore requests within [`policy`].
+//!
+//! `blkbackd xen --cleanup D [--devid N]` is the path for a backend that died: it moves every vbd of domain D
+//! (or only `backend/vbd/D/N`) to Closed, writes an `error` node and answers the requests the dead backend left
+//! on the rings with an I/O error, so the guest's I/O fails instead of hanging.
+
+pub mod broker;
+pub mod cleanup;
+pub mod client;
+pub mod policy;
+pub mod supervisor;
+pub mod wire;
+pub mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use transport_xen::xen::{XenBusStore, EVTCHN_DEVICE, GNTDEV_DEVICE, XENBUS_DEVICE, XENSTORED_SOCKETS};
+
+use crate::cli::GrantModeArg;
+use transport_xen::grant_memory::GrantMode;
+
+pub use supervisor::run;
+pub use worker::run as run_worker;
+
+/// `--cleanup D [--devid N]`.
+pub fn run_cleanup(backend_domid: u16, domid: u16, devid: Option<u32>) -> anyhow::Result<()> {
+    let store = open_store()?;
+    let domain_path = store.get_domain_path(backend_domid).context("reading the backend domain's path")?;
+    cleanup::cleanup(&store, &domain_path, domid, devid)
+}
+
+/// Connect to xenstore, or say in one line why this is not a Xen domain we can serve from.
+pub fn open_store() -> anyhow::Result<XenBusStore> {
+    XenBusStore::open().map_err(|e| {
+        let nothing_there =
+            !Path::new(XENBUS_DEVICE).exists() && !XENSTORED_SOCKETS.iter().any(|s| Path::new(s).exists());
+        if nothing_there {
+            anyhow!(
+                "not running in a Xen domain with xenstore access: neither {XENBUS_DEVICE} nor a xenstored socket \
+                 ({}) exists (run blkbackd xen in dom0 or a driver domain, with xenfs and the xen-evtchn, \
+                 xen-gntdev modules; {EVTCHN_DEVICE}, {GNTDEV_DEVICE} are needed too)",
+                XENSTORED_SOCKETS.join(", ")
+            )
+        } else {
+            anyhow!("not running in a Xen domain with xenstore access: {e}")
+        }
+    })
+}
+
+/// `--grant-mode` as the data plane takes it: the mode, and whether to copy for a frontend without persistent
+/// grants.
+pub fn grant_mode(arg: GrantModeArg) -> (GrantMode, bool) {
+    match arg {
+        GrantModeArg::Auto => (GrantMode::Map, true),
+        GrantModeArg::Map => (GrantMode::Map, false),
+        GrantModeArg::Copy => (GrantMode::Copy, false),
+    }
+}

@@ -1,0 +1,428 @@
+//! The supervisor of `blkbackd xen`: watches `backend/vbd` and keeps exactly one worker process per guest domain
+//! that has vbds (of every guest, or of the `--frontend-domid` ones).
+//!
+//! - A guest's first vbd starts its worker; once the guest has no vbd left (the toolstack removed the
+//!   directories), the worker is asked to stop (SIGTERM), and killed if it has not after [`STOP_GRACE`].
+//! - A worker that dies unasked (a crash, a SIGKILL, a seccomp kill): its vbds that were connected are closed and
+//!   the requests left on their rings answered with an I/O error (the frontend sees Closed and an error node; its
+//!   I/O fails instead of hanging), then a new worker takes the guest's vbds over (vbds still in the handshake
+//!   are served by it). At most [`MAX_RESTARTS`] restarts within [`RESTART_WINDOW`]; then the guest is left
+//!   closed until its vbds are removed.
+//! - SIGTERM or SIGINT: every worker is asked to stop (each closes its vbds: the frontends see Closed, nothing
+//!   stays mapped), the supervisor waits for them and exits 0.
+//!
+//! Workers run in process groups of their own (a signal to the service's group reaches the supervisor, which
+//! stops them in order) and get SIGTERM if the supervisor dies. The supervisor never touches guest memory on the
+//! data path; it reads xenstore, opens devices, and runs the failing-I/O cleanup of a dead worker's rings.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use transport_xen::services::{read_optional, DomId, TxId, XenError, XenStore};
+use transport_xen::xen::{EvtchnDevice, EvtchnOpener, GntDev, XenBusStore, GNTDEV_DEVICE};
+use transport_xen::xenbus::cleanup::vbds_of;
+use transport_xen::xenbus::device::LocalDiskOpener;
+use transport_xen::xenbus::{close_vbd_failing_io, VbdPaths, XenbusState};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::broker::{Broker, SessionEnd};
+use super::wire;
+use crate::cli::{value_name, LogFormat, XenArgs};
+use crate::sandbox::UserSpec;
+use crate::signals::Shutdown;
+
+/// The system user the package creates for the workers.
+pub const DEFAULT_USER: &str = "blkbackd";
+/// How long a worker asked to stop may take before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Restarts of one guest's worker allowed within [`RESTART_WINDOW`].
+pub const MAX_RESTARTS: usize = 5;
+/// See [`MAX_RESTARTS`].
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The watch token of the supervisor's own watch.
+const TOKEN: &str = "blkbackd-service";
+/// Why a dead worker's vbds were closed.
+const DIED: &str = "the blkbackd worker serving this domain died; the device is closed";
+/// How long the cleanup of a dead worker's rings keeps answering requests still being queued.
+const CLEANUP_SETTLE: Duration = Duration::from_millis(200);
+
+/// Run the service until SIGTERM/SIGINT (or `--cleanup`).
+pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> anyhow::Result<()> {
+    if let Some(domid) = args.cleanup {
+        return super::run_cleanup(args.backend_domid, domid, args.devid);
+    }
+    let user = match &args.sandbox.user {
+        Some(user) => user.clone(),
+        None => UserSpec::parse(DEFAULT_USER).map_err(|e| {
+            anyhow!(
+                "the workers' user: {e} (the blkbackd package creates the system user {DEFAULT_USER}; or pass \
+                 --user NAME|UID:GID)"
+            )
+        })?,
+    };
+    let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
+    let store = Arc::new(super::open_store()?);
+    let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
+    // Fail now, not at the first guest.
+    drop(GntDev::open().map_err(|e| anyhow!("cannot map guest grants: {e} (is xen-gntdev loaded?)"))?);
+    drop(EvtchnDevice::open().map_err(|e| anyhow!("cannot bind event channels: {e} (is xen-evtchn loaded?)"))?);
+    shutdown.listen().context("cannot set up signal handling")?;
+    let mut worker_args = vec![
+        "--log-format".to_string(),
+        value_name(log_format),
+        "xen-worker".to_string(),
+        "--domain-path".to_string(),
+        domain_path.clone(),
+        "--user".to_string(),
+        format!("{}:{}", user.uid, user.gid),
+        "--seccomp".to_string(),
+        value_name(args.sandbox.seccomp),
+    ];
+    worker_args.extend(args.serving.to_args());
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut service = Service {
+        root: format!("{domain_path}/backend/vbd"),
+        domain_path,
+        store,
+        scope: args.frontend_domid.iter().copied().collect(),
+        exe,
+        worker_args,
+        workers: BTreeMap::new(),
+        restarts: BTreeMap::new(),
+        given_up: BTreeSet::new(),
+        cleaning: BTreeSet::new(),
+        cleanup_done: (done_tx, done_rx),
+        cleanup_wake: Arc::new(EventFd::new(EFD_NONBLOCK).context("eventfd")?),
+    };
+    tracing::info!(
+        user = %user, seccomp = ?args.sandbox.seccomp, scope = ?args.frontend_domid,
+        "serving xen vbds: one worker process per guest"
+    );
+    service.serve(shutdown)
+}
+
+struct Worker {
+    child: Child,
+    pidfd: OwnedFd,
+    broker: Option<JoinHandle<SessionEnd>>,
+    /// When we asked it to stop.
+    stopping: Option<Instant>,
+}
+
+struct Service {
+    store: Arc<XenBusStore>,
+    domain_path: String,
+    root: String,
+    scope: BTreeSet<DomId>,
+    exe: PathBuf,
+    worker_args: Vec<String>,
+    workers: BTreeMap<DomId, Worker>,
+    restarts: BTreeMap<DomId, VecDeque<Instant>>,
+    given_up: BTreeSet<DomId>,
+    /// Guests whose dead worker's vbds are being closed (no worker is started meanwhile).
+    cleaning: BTreeSet<DomId>,
+    cleanup_done: (mpsc::Sender<DomId>, mpsc::Receiver<DomId>),
+    cleanup_wake: Arc<EventFd>,
+}
+
+impl Service {
+    fn serve(&mut self, shutdown: &Shutdown) -> anyhow::Result<()> {
+        self.store.watch(&self.root, TOKEN).context("watching backend/vbd")?;
+        tracing::info!(watch = %self.root, "xen block service watching");
+        let mut events = Vec::new();
+        while !shutdown.is_requested() {
+            let mut fds = vec![self.store.watch_fd(), shutdown.wake_fd(), self.cleanup_wake.as_raw_fd()];
+            fds.extend(self.workers.values().map(|w| w.pidfd.as_raw_fd()));
+            wait_readable(&fds, Duration::from_secs(1)).context("poll")?;
+            if shutdown.is_requested() {
+                break;
+            }
+            events.clear();
+            self.store.take_watch_events(&mut events).context("xenstore connection lost")?;
+            let _ = self.cleanup_wake.read();
+            while let Ok(domid) = self.cleanup_done.1.try_recv() {
+                self.cleaning.remove(&domid);
+            }
+            self.reap();
+            self.reconcile().context("xenstore connection lost")?;
+        }
+        self.stop_all();
+        let _ = self.store.unwatch(&self.root, TOKEN);
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// The guests that have vbds, in scope.
+    fn guests_with_vbds(&self) -> Result<BTreeSet<DomId>, XenError> {
+        let domains = match self.store.directory(TxId::NONE, &self.root) {
+            Ok(domains) => domains,
+            Err(XenError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut guests = BTreeSet::new();
+        for domain in domains {
+            let Ok(domid) = domain.parse::<DomId>() else { continue };
+            if domid == 0 || (!self.scope.is_empty() && !self.scope.contains(&domid)) {
+                continue;
+            }
+            if !vbds_of(&*self.store, &self.domain_path, domid)?.is_empty() {
+                guests.insert(domid);
+            }
+        }
+        Ok(guests)
+    }
+
+    /// Start the workers that are missing, stop those whose guest has no vbd left.
+    fn reconcile(&mut self) -> Result<(), XenError> {
+        let guests = self.guests_with_vbds()?;
+        self.given_up.retain(|domid| guests.contains(domid));
+        for &domid in &guests {
+            if self.workers.contains_key(&domid) || self.given_up.contains(&domid) || self.cleaning.contains(&domid) {
+                continue;
+            }
+            match self.spawn(domid) {
+                Ok(worker) => {
+                    tracing::info!(domid, pid = worker.child.id(), "worker started");
+                    self.workers.insert(domid, worker);
+                }
+                Err(e) => tracing::error!(domid, error = %format!("{e:#}"), "cannot start the guest's worker"),
+            }
+        }
+        for (domid, worker) in &mut self.workers {
+            if !guests.contains(domid) && worker.stopping.is_none() {
+                tracing::info!(domid, pid = worker.child.id(), "the guest has no vbd left: stopping its worker");
+                signal(&worker.child, libc::SIGTERM);
+                worker.stopping = Some(Instant::now());
+            }
+            if worker.stopping.is_some_and(|since| since.elapsed() > STOP_GRACE) {
+                tracing::warn!(domid, pid = worker.child.id(), "worker did not stop in time: killing it");
+                signal(&worker.child, libc::SIGKILL);
+            }
+            // A worker whose broker gave up on it (it broke the protocol) is ended.
+            if worker.broker.as_ref().is_some_and(JoinHandle::is_finished) {
+                if let Some(end) = worker.broker.take().and_then(|b| b.join().ok()) {
+                    if end != SessionEnd::Closed {
+                        tracing::error!(domid, pid = worker.child.id(), reason = ?end, "ending the worker");
+                        signal(&worker.child, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Collect the workers that exited, and clean up after those that died.
+    fn reap(&mut self) {
+        let exited: Vec<(DomId, std::process::ExitStatus)> = self
+            .workers
+            .iter_mut()
+            .filter_map(|(&domid, w)| w.child.try_wait().ok().flatten().map(|status| (domid, status)))
+            .collect();
+        for (domid, status) in exited {
+            let Some(worker) = self.workers.remove(&domid) else { continue };
+            if let Some(broker) = worker.broker {
+                let _ = broker.join();
+            }
+            let pid = worker.child.id();
+            if worker.stopping.is_some() || status.success() {
+                tracing::info!(domid, pid, %status, "worker exited");
+                continue;
+            }
+            tracing::error!(
+                domid, pid, %status, signal = status.signal(),
+                "worker died: closing its connected vbds (their I/O fails) and starting a new one"
+            );
+            let recent = self.restarts.entry(domid).or_default();
+            recent.retain(|t| t.elapsed() < RESTART_WINDOW);
+            recent.push_back(Instant::now());
+            if recent.len() > MAX_RESTARTS {
+                tracing::error!(
+                    domid,
+                    restarts = MAX_RESTARTS,
+                    "worker keeps dying: not restarting it until the guest's vbds are removed"
+                );
+                self.given_up.insert(domid);
+            }
+            self.cleaning.insert(domid);
+            let (store, domain_path, done, wake) =
+                (self.store.clone(), self.domain_path.clone(), self.cleanup_done.0.clone(), self.cleanup_wake.clone());
+            let spawned = std::thread::Builder::new().name(format!("cleanup-{domid}")).spawn(move || {
+                close_connected_vbds(&*store, &domain_path, domid);
+                let _ = done.send(domid);
+                let _ = wake.write(1);
+            });
+            if let Err(e) = spawned {
+                tracing::error!(domid, error = %e, "cannot start the cleanup thread");
+                self.cleaning.remove(&domid);
+            }
+        }
+    }
+
+    fn spawn(&self, domid: DomId) -> anyhow::Result<Worker> {
+        let (supervisor_rpc, worker_rpc) = wire::seqpacket_pair().context("socket pair")?;
+        let (supervisor_events, worker_events) = wire::seqpacket_pair().context("socket pair")?;
+        let grants = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(GNTDEV_DEVICE)
+            .with_context(|| format!("opening {GNTDEV_DEVICE}"))?;
+        let store: Arc<dyn XenStore> = Arc::new(super::open_store()?);
+        let mut command = Command::new(&self.exe);
+        command.args(&self.worker_args).args(["--domid", &domid.to_string()]).stdin(Stdio::null());
+        let channel = worker_rpc.as_raw_fd();
+        // SAFETY: the hook runs in the child between fork and exec and only makes async-signal-safe system calls
+        // (fcntl, dup2, setpgid, prctl, getppid) on values computed before the fork.
+        // SAFETY (getpid): no preconditions.
+        let supervisor = unsafe { libc::getpid() };
+        // SAFETY: see above.
+        unsafe {
+            command.pre_exec(move || child_setup(channel, supervisor));
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", self.exe.display()))?;
+        drop(worker_rpc);
+        let pidfd = pidfd_open(child.id()).context("pidfd_open")?;
+        let broker = Broker {
+            domid,
+            domain_path: self.domain_path.clone(),
+            store,
+            rpc: supervisor_rpc,
+            events: supervisor_events,
+            welcome: Some((OwnedFd::from(worker_events), grants)),
+            evtchn: Box::new(restricted_evtchn),
+            disks: Arc::new(LocalDiskOpener),
+            direct_io: device_blk::disk::DirectIo::Auto,
+        };
+        let broker = std::thread::Builder::new()
+            .name(format!("broker-{domid}"))
+            .spawn(move || broker.serve())
+            .context("starting the broker thread")?;
+        Ok(Worker { child, pidfd, broker: Some(broker), stopping: None })
+    }
+
+    /// Ask every worker to stop, wait for them (killing those that take too long), and clean up after those
+    /// that had to be killed.
+    fn stop_all(&mut self) {
+        for (domid, worker) in &mut self.workers {
+            tracing::info!(domid, pid = worker.child.id(), "stopping the worker");
+            signal(&worker.child, libc::SIGTERM);
+            worker.stopping = Some(Instant::now());
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while !self.workers.is_empty() && Instant::now() < deadline {
+            let fds: Vec<RawFd> = self.workers.values().map(|w| w.pidfd.as_raw_fd()).collect();
+            let _ = wait_readable(&fds, Duration::from_millis(200));
+            self.reap();
+        }
+        for (domid, mut worker) in std::mem::take(&mut self.workers) {
+            tracing::warn!(domid, pid = worker.child.id(), "worker did not stop in time: killing it");
+            signal(&worker.child, libc::SIGKILL);
+            let _ = worker.child.wait();
+            close_connected_vbds(&*self.store, &self.domain_path, domid);
+        }
+        while self.cleaning.iter().next().is_some() {
+            match self.cleanup_done.1.recv_timeout(Duration::from_secs(5)) {
+                Ok(domid) => {
+                    self.cleaning.remove(&domid);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// In the child, before exec: the channel at descriptor 3 (inheritable), a process group of its own, SIGTERM
+/// when the supervisor dies.
+fn child_setup(channel: RawFd, supervisor: libc::pid_t) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: plain system calls on integers.
+    unsafe {
+        if channel == 3 {
+            check(libc::fcntl(3, libc::F_SETFD, 0))?;
+        } else {
+            check(libc::dup2(channel, 3))?;
+        }
+        check(libc::setpgid(0, 0))?;
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM))?;
+        if libc::getppid() != supervisor {
+            return Err(std::io::Error::other("the supervisor is gone"));
+        }
+    }
+    Ok(())
+}
+
+/// A new event-channel handle that can only bind to `domid`'s ports.
+fn restricted_evtchn(domid: DomId) -> Result<std::fs::File, XenError> {
+    let device = EvtchnDevice::open()?;
+    device.restrict_domid(domid)?;
+    Ok(device.into_file())
+}
+
+/// Close the vbds of `domid` whose rings a (dead) worker served, answering what their rings still hold with an
+/// I/O error; vbds still in the handshake are left for the next worker.
+fn close_connected_vbds(store: &dyn XenStore, domain_path: &str, domid: DomId) {
+    let ids = match vbds_of(store, domain_path, domid) {
+        Ok(ids) => ids,
+        Err(e) => return tracing::warn!(domid, error = %e, "cannot list the vbds of a dead worker"),
+    };
+    let grants = match GntDev::open() {
+        Ok(grants) => grants,
+        Err(e) => return tracing::error!(domid, error = %e, "cannot open the grant device to clean up"),
+    };
+    for id in ids {
+        let state = read_optional(store, TxId::NONE, &VbdPaths::new(domain_path, id).node("state"));
+        let connected = matches!(state, Ok(Some(ref v)) if v.as_slice() == XenbusState::Connected.as_node().as_bytes()
+            || v.as_slice() == XenbusState::Closing.as_node().as_bytes());
+        if !connected {
+            continue;
+        }
+        match close_vbd_failing_io(store, &grants, &EvtchnOpener::default(), domain_path, id, DIED, CLEANUP_SETTLE) {
+            Ok(done) => tracing::info!(vbd = %id, answered = done.answered, "closed the dead worker's vbd"),
+            Err(e) => tracing::warn!(vbd = %id, error = %e, "cannot close the dead worker's vbd"),
+        }
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill with a pid we spawned and have not reaped yet (so it cannot have been reused).
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `poll(2)` until one of `fds` is readable or `timeout` passes.
+fn wait_readable(fds: &[RawFd], timeout: Duration) -> std::io::Result<()> {
+    let mut pollfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pollfds` is a valid array of `pollfds.len()` entries for the duration of the call.
+    let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The supervisor's broker and the worker's client, in one process over a real socket pair, on the emulated
+//! xenstore: a worker reaches its own guest's vbd nodes and nothing else, gets its disks opened from the nodes
+//! the toolstack wrote (never from what the worker wrote), and a worker that sends garbage is cut off.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_blk::disk::DirectIo;
+use transport_xen::emulated::EmulatedXenStore;
+use transport_xen::services::{TxId, WatchEvent, XenError, XenStore};
+use transport_xen::xenbus::device::{DeviceNodes, DiskOpener, LocalDiskOpener};
+use transport_xen::xenbus::VbdId;
+
+use super::broker::{Broker, SessionEnd};
+use super::client::{BrokeredDisks, BrokeredStore, Channel};
+use super::wire;
+
+/// An attempt the policy must refuse.
+type Attempt<'a> = Box<dyn Fn() -> Result<(), XenError> + 'a>;
+
+const DOM0: &str = "/local/domain/0";
+
+struct Session {
+    store: Arc<EmulatedXenStore>,
+    worker: BrokeredStore,
+    channel: Arc<Channel>,
+    broker: std::thread::JoinHandle<SessionEnd>,
+    _dir: tempfile::TempDir,
+    image: std::path::PathBuf,
+}
+
+/// A broker for guest 7 on a fresh emulated xenstore with vbds of guests 7 and 8, and the worker's client.
+fn session() -> Session {
+    let store = Arc::new(EmulatedXenStore::new().expect("xenstore"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    File::create(&image).and_then(|f| f.set_len(1 << 20)).expect("image");
+    for domid in [7, 8] {
+        let be = format!("{DOM0}/backend/vbd/{domid}/51712");
+        for (node, value) in [("params", image.to_str().expect("utf8")), ("mode", "w"), ("state", "1")] {
+            store.write(TxId::NONE, &format!("{be}/{node}"), value.as_bytes()).expect("write");
+        }
+        store.write(TxId::NONE, &format!("/local/domain/{domid}/device/vbd/51712/state"), b"1").expect("write");
+    }
+    let (supervisor_rpc, worker_rpc) = wire::seqpacket_pair().expect("pair");
+    let (supervisor_events, worker_events) = wire::seqpacket_pair().expect("pair");
+    let broker = Broker {
+        domid: 7,
+        domain_path: DOM0.into(),
+        store: store.clone(),
+        rpc: supervisor_rpc,
+        events: supervisor_events,
+        welcome: Some((OwnedFd::from(worker_events), File::open("/dev/null").expect("null"))),
+        evtchn: Box::new(|_| File::open("/dev/null").map_err(|e| XenError::os("open", &e))),
+        disks: Arc::new(LocalDiskOpener),
+        direct_io: DirectIo::Auto,
+    };
+    let broker = std::thread::spawn(move || broker.serve());
+    let channel = Arc::new(Channel::new(worker_rpc));
+    let (events, _grants) = channel.hello().expect("hello");
+    let worker = BrokeredStore::new(channel.clone(), events).expect("client");
+    Session { store, worker, channel, broker, _dir: dir, image }
+}
+
+#[test]
+fn a_worker_reaches_only_its_own_guests_vbd_nodes() {
+    let s = session();
+    let own = format!("{DOM0}/backend/vbd/7/51712");
+    assert_eq!(s.worker.read(TxId::NONE, &format!("{own}/mode")).expect("own node"), b"w");
+    assert_eq!(s.worker.directory(TxId::NONE, &format!("{DOM0}/backend/vbd/7")).expect("list"), ["51712"]);
+    assert_eq!(s.worker.read(TxId::NONE, "/local/domain/7/device/vbd/51712/state").expect("frontend"), b"1");
+    s.worker.write(TxId::NONE, &format!("{own}/state"), b"2").expect("state is the backend's to write");
+    assert_eq!(s.store.read(TxId::NONE, &format!("{own}/state")).expect("read"), b"2");
+    let tx = s.worker.transaction_start().expect("transaction");
+    s.worker.write(tx, &format!("{own}/sectors"), b"2048").expect("write in a transaction");
+    s.worker.transaction_end(tx, true).expect("commit");
+
+    let refused: [(&str, Attempt); 8] = [
+        (
+            "another guest's node",
+            Box::new(|| s.worker.read(TxId::NONE, &format!("{DOM0}/backend/vbd/8/51712/params")).map(drop)),
+        ),
+        ("the vbd root", Box::new(|| s.worker.directory(TxId::NONE, &format!("{DOM0}/backend/vbd")).map(drop))),
+        ("the disk's name", Box::new(|| s.worker.write(TxId::NONE, &format!("{own}/params"), b"/etc/shadow"))),
+        ("the pin", Box::new(|| s.worker.write(TxId::NONE, &format!("{own}/physical-device"), b"8:0"))),
+        ("the frontend", Box::new(|| s.worker.write(TxId::NONE, "/local/domain/7/device/vbd/51712/state", b"6"))),
+        ("a removal", Box::new(|| s.worker.rm(TxId::NONE, &own))),
+        ("another guest's watch", Box::new(|| s.worker.watch(&format!("{DOM0}/backend/vbd/8"), "t"))),
+        ("a toolstack node", Box::new(|| s.worker.read(TxId::NONE, "/local/domain/7/name").map(drop))),
+    ];
+    for (what, attempt) in refused {
+        assert!(matches!(attempt(), Err(XenError::Access { .. })), "{what} must be refused");
+    }
+    assert_eq!(
+        s.store.read(TxId::NONE, &format!("{own}/params")).expect("read"),
+        s.image.to_str().expect("utf8").as_bytes()
+    );
+
+    // Watches of its own nodes reach the worker on its event socket.
+    s.worker.watch(&own, "mine").expect("watch");
+    s.store.write(TxId::NONE, &format!("{own}/hotplug-status"), b"connected").expect("toolstack write");
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        s.worker.take_watch_events(&mut events).expect("events");
+        if events.iter().any(|e| e.path.ends_with("hotplug-status")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(events.contains(&WatchEvent { path: format!("{own}/hotplug-status"), token: "mine".into() }), "{events:?}");
+    drop(s.worker);
+    drop(s.channel);
+    assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
+}
+
+#[test]
+fn disks_are_opened_from_the_toolstacks_nodes_not_the_workers() {
+    let s = session();
+    let disks = BrokeredDisks { channel: s.channel.clone(), domid: 7 };
+    // Whatever the worker claims the nodes say, the supervisor reads them itself.
+    let claimed =
+        DeviceNodes { params: Some(b"/etc/shadow".to_vec()), mode: Some(b"w".to_vec()), ..DeviceNodes::default() };
+    let opened = disks.open(VbdId { domid: 7, devid: 51712 }, &claimed, DirectIo::Auto).expect("open").expect("named");
+    assert_eq!(opened.disk.path(), s.image.as_path());
+    assert_eq!(opened.disk.geometry().capacity.0, 2048);
+    // A vbd the guest does not have: the nodes name nothing.
+    let none = disks.open(VbdId { domid: 7, devid: 1 }, &claimed, DirectIo::Auto).expect("no fatal");
+    assert!(none.is_none());
+    // Another guest's vbd is never asked for.
+    assert!(disks.open(VbdId { domid: 8, devid: 51712 }, &claimed, DirectIo::Auto).is_err());
+}
+
+#[test]
+fn a_worker_that_sends_garbage_is_cut_off() {
+    let (supervisor_rpc, worker_rpc) = wire::seqpacket_pair().expect("pair");
+    let (supervisor_events, worker_events) = wire::seqpacket_pair().expect("pair");
+    let broker = Broker {
+        domid: 7,
+        domain_path: DOM0.into(),
+        store: Arc::new(EmulatedXenStore::new().expect("xenstore")),
+        rpc: supervisor_rpc,
+        events: supervisor_events,
+        welcome: Some((OwnedFd::from(worker_events), File::open("/dev/null").expect("null"))),
+        evtchn: Box::new(|_| Err(XenError::Again)),
+        disks: Arc::new(LocalDiskOpener),
+        direct_io: DirectIo::Auto,
+    };
+    let handle = std::thread::spawn(move || broker.serve());
+    worker_rpc.send(&[0xff; 64]).expect("send garbage");
+    assert!(matches!(handle.join().expect("broker"), SessionEnd::Misbehaved(_)));
+}

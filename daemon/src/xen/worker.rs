@@ -1,0 +1,97 @@
+//! `blkbackd xen-worker`: one guest's vbds, in a process of their own, started by the supervisor.
+//!
+//! It inherits one descriptor, its channel to the supervisor, and asks for the rest (its event socket and its
+//! grant device) with `Hello`; then, still root and single-threaded, it confines itself (empty read-only root,
+//! network namespace of its own, the unprivileged user, no capability: [`sandbox::confine_worker`]) and installs
+//! the [`Role::XenGuest`] system call filter. From then on it serves the guest's vbds with the transport's xenbus
+//! backend; everything it needs that a path would name (disks, event-channel handles, xenstore) comes through the
+//! supervisor ([`super::client`]).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use device_blk::stats::Registry;
+use transport_xen::dataplane::DataplaneOptions;
+use transport_xen::xen::GntDev;
+use transport_xen::xenbus::dataplane_server::DataplaneServer;
+use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
+
+use super::client::{BrokeredDisks, BrokeredEvtchn, BrokeredStore, Channel};
+use crate::cli::XenWorkerArgs;
+use crate::sandbox::{self, Role};
+use crate::signals::Shutdown;
+
+/// Serve one guest until SIGTERM (or the supervisor goes away).
+pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
+    let Some(user) = args.sandbox.user.as_ref() else {
+        bail!("a worker needs --user (blkbackd xen passes it)");
+    };
+    let rpc = inherited_channel(args.channel_fd)?;
+    let channel = Arc::new(Channel::new(rpc));
+    let (events, grants) = channel.hello().context("asking the supervisor for the worker's descriptors")?;
+    sandbox::confine_worker(user)?;
+    let store = BrokeredStore::new(channel.clone(), events).context("setting up the event socket")?;
+    let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp)?;
+    sandbox::lock_down(Role::XenGuest, args.sandbox.seccomp)?;
+    shutdown.listen().context("cannot set up signal handling")?;
+
+    let serving = &args.serving;
+    let (grant_mode, copy_without_persistent) = super::grant_mode(serving.grant_mode);
+    let persistent_grants = !serving.no_persistent && grant_mode == transport_xen::grant_memory::GrantMode::Map;
+    let options = DataplaneOptions {
+        grant_mode,
+        copy_without_persistent,
+        stats: Some(Registry::new()),
+        worker_init: Some(worker_init),
+        poll_us: serving.poll_us,
+        ..DataplaneOptions::default()
+    };
+    let rings = DataplaneServer::new(
+        Arc::new(GntDev::from_file(grants)),
+        BrokeredEvtchn(channel.clone()),
+        serving.engine.into(),
+        options,
+    );
+    let config = BackendConfig {
+        domain_path: args.domain_path.clone(),
+        max_queues: serving.max_queues,
+        persistent_grants,
+        ..BackendConfig::default()
+    };
+    let mut backend = XenBackend::new(Arc::new(store), Arc::new(rings), config, Scope::Domain(args.domid))
+        .context("watching the guest's vbd directory")?
+        .with_disk_opener(Arc::new(BrokeredDisks { channel, domid: args.domid }));
+    tracing::info!(domid = args.domid, grant_mode = ?serving.grant_mode, "worker serving the guest's vbds");
+    let stop = backend.stop_handle();
+    shutdown.set_hook(Some(Box::new(move || stop.stop())));
+    let result = backend.run().context("the supervisor's channel or xenstore failed: every data plane was stopped");
+    shutdown.set_hook(None);
+    result?;
+    tracing::info!(domid = args.domid, "worker stopped");
+    Ok(())
+}
+
+/// The channel descriptor the supervisor left open for us: it must be a socket.
+fn inherited_channel(fd: i32) -> anyhow::Result<UnixDatagram> {
+    if fd < 3 {
+        bail!("--channel-fd {fd}: not an inherited descriptor");
+    }
+    // SAFETY: fstat on a descriptor number only reads its metadata; an unused number fails with EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid out-buffer.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        bail!(
+            "--channel-fd {fd}: {} (blkbackd xen-worker is started by blkbackd xen)",
+            std::io::Error::last_os_error()
+        );
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        bail!("--channel-fd {fd}: not a socket (blkbackd xen-worker is started by blkbackd xen)");
+    }
+    // SAFETY: the descriptor is open (fstat succeeded), a socket, and handed to this process to own; nothing else
+    // in the process uses it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(UnixDatagram::from(owned))
+}
