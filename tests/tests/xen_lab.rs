@@ -170,7 +170,7 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     let wrong_path = lab.share_bin().join("block-blkbackd-wrong-diskseq");
     std::fs::write(&wrong_path, wrong).expect("write the wrong-diskseq script");
     std::fs::set_permissions(&wrong_path, std::fs::Permissions::from_mode(0o755)).expect("chmod the script");
-    let userspace = "/mnt/host/bin/blkbackd xen";
+    let userspace = "/mnt/host/bin/blkbackd xen --user 65534:65534";
 
     // 1. The same fio job on the kernel blkback, QEMU qdisk and blkbackd, in one boot.
     let (ok, out) = lab.run(&["run-domu-fio", "--kernel", "--qdisk", "--userspace", userspace]);
@@ -198,7 +198,7 @@ fn blkbackd_serves_a_real_linux_blkfront() {
         "--userspace",
         // `exec`: the lab's SIGTERM and its wait (up to 10 s) then reach the watcher, which outlives blkbackd.
         // Adaptive polling on, so that a real blkfront also runs its verify job against a polling worker.
-        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen --poll-us 20",
+        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen --poll-us 20 --user 65534:65534",
         "--hotplug",
         "/mnt/host/bin/block-blkbackd",
         "--backing",
@@ -227,7 +227,7 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     // (The vbd was released before SIGTERM, checked above; the lab may send SIGTERM while this is sampled.)
     let after = check("after-domu sigterm=");
     assert!(
-        after.contains("gntdev_maps=0 loop_fds=0 loop_devices=0"),
+        after.contains("gntdev_maps=0 loop_fds=0 loop_devices=0 workers=0"),
         "blkbackd held grant mappings or loop devices after the domU left: {after}\n{backend_log}"
     );
     eprintln!("blkbackd with one connected vbd: {}", check("connected "));
