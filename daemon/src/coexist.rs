@@ -80,37 +80,29 @@ fn present(path: &Path) -> anyhow::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
 
-    /// A fresh fake sysfs root, removed on drop.
-    struct FakeSysfs(PathBuf);
+    /// A fresh fake sysfs root (a temporary directory, removed on drop).
+    struct FakeSysfs(tempfile::TempDir);
 
     impl FakeSysfs {
         fn new() -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let root = std::env::temp_dir().join(format!("blkbackd-coexist-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&root);
-            std::fs::create_dir_all(root.join("module")).expect("create the fake sysfs");
-            std::fs::create_dir_all(root.join("bus/xen-backend/drivers")).expect("create the fake sysfs");
+            let root = tempfile::tempdir().expect("create the fake sysfs");
+            std::fs::create_dir_all(root.path().join("module")).expect("create the fake sysfs");
+            std::fs::create_dir_all(root.path().join("bus/xen-backend/drivers")).expect("create the fake sysfs");
             FakeSysfs(root)
         }
 
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+
         fn mkdir(&self, relative: &str) {
-            std::fs::create_dir_all(self.0.join(relative)).expect("create a fake sysfs directory");
+            std::fs::create_dir_all(self.path().join(relative)).expect("create a fake sysfs directory");
         }
 
         fn write(&self, relative: &str, text: &str) {
-            std::fs::write(self.0.join(relative), text).expect("write a fake sysfs file");
-        }
-    }
-
-    impl Drop for FakeSysfs {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            std::fs::write(self.path().join(relative), text).expect("write a fake sysfs file");
         }
     }
 
@@ -125,7 +117,7 @@ mod tests {
         sysfs.mkdir("bus/xen-backend/drivers/vif");
         sysfs.mkdir("module/xen_netback/parameters");
         sysfs.write("module/xen_netback/initstate", "live\n");
-        check_kernel_blkback(&sysfs.0).expect("no xen-blkback: blkbackd may run");
+        check_kernel_blkback(sysfs.path()).expect("no xen-blkback: blkbackd may run");
     }
 
     #[test]
@@ -134,7 +126,7 @@ mod tests {
         sysfs.mkdir("module/xen_blkback/parameters");
         sysfs.write("module/xen_blkback/initstate", "live\n");
         sysfs.mkdir("bus/xen-backend/drivers/vbd");
-        let text = message(check_kernel_blkback(&sysfs.0));
+        let text = message(check_kernel_blkback(sysfs.path()));
         assert!(text.contains("backend/vbd"), "{text}");
         assert!(text.contains("modprobe -r xen-blkback"), "{text}");
         assert!(text.contains("blacklist xen-blkback"), "{text}");
@@ -147,7 +139,7 @@ mod tests {
         let sysfs = FakeSysfs::new();
         sysfs.mkdir("module/xen_blkback");
         sysfs.write("module/xen_blkback/initstate", "coming\n");
-        assert_eq!(detect(&sysfs.0).expect("detect"), KernelBlkback::Module);
+        assert_eq!(detect(sysfs.path()).expect("detect"), KernelBlkback::Module);
     }
 
     #[test]
@@ -156,7 +148,7 @@ mod tests {
         // A built-in driver with parameters has /sys/module/xen_blkback/parameters but no initstate.
         sysfs.mkdir("module/xen_blkback/parameters");
         sysfs.mkdir("bus/xen-backend/drivers/vbd");
-        let text = message(check_kernel_blkback(&sysfs.0));
+        let text = message(check_kernel_blkback(sysfs.path()));
         assert!(text.contains("built into this kernel"), "{text}");
         assert!(text.contains("cannot be unloaded"), "{text}");
         assert!(text.contains("initcall_blacklist=xen_blkif_init"), "{text}");
@@ -168,13 +160,13 @@ mod tests {
     fn built_in_without_parameters_directory_is_found_by_its_driver() {
         let sysfs = FakeSysfs::new();
         sysfs.mkdir("bus/xen-backend/drivers/vbd");
-        assert_eq!(detect(&sysfs.0).expect("detect"), KernelBlkback::BuiltIn);
+        assert_eq!(detect(sysfs.path()).expect("detect"), KernelBlkback::BuiltIn);
     }
 
     #[test]
     fn no_sysfs_at_all_passes() {
         let sysfs = FakeSysfs::new();
-        let missing = sysfs.0.join("no-such-dir");
+        let missing = sysfs.path().join("no-such-dir");
         assert_eq!(detect(&missing).expect("detect"), KernelBlkback::Absent);
     }
 }

@@ -109,29 +109,25 @@ mod tests {
         String::from_utf8(buf[..n].to_vec()).expect("UTF-8")
     }
 
-    /// A path socket in a fresh directory, removed on drop.
-    struct TempSocket(PathBuf);
+    /// A path socket `notify` in a fresh temporary directory (removed on drop).
+    struct TempSocket(tempfile::TempDir);
 
     impl TempSocket {
-        fn new(tag: &str) -> (Self, UnixDatagram) {
-            let dir = std::env::temp_dir().join(format!("blkbackd-notify-{}-{tag}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("create a temporary directory");
-            let listener = UnixDatagram::bind(dir.join("notify")).expect("bind the fake systemd socket");
+        fn new() -> (Self, UnixDatagram) {
+            let dir = tempfile::tempdir().expect("create a temporary directory");
+            let listener = UnixDatagram::bind(dir.path().join("notify")).expect("bind the fake systemd socket");
             (TempSocket(dir), listener)
         }
-    }
 
-    impl Drop for TempSocket {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+        fn join(&self, name: &str) -> PathBuf {
+            self.0.path().join(name)
         }
     }
 
     #[test]
     fn path_socket_receives_ready_status_and_stopping() {
-        let (dir, listener) = TempSocket::new("path");
-        let notifier = Notifier::connect(dir.0.join("notify").as_os_str()).expect("connect");
+        let (dir, listener) = TempSocket::new();
+        let notifier = Notifier::connect(dir.join("notify").as_os_str()).expect("connect");
         assert!(notifier.is_enabled());
         notifier.ready().expect("READY=1");
         assert_eq!(receive(&listener), "READY=1");
@@ -154,8 +150,8 @@ mod tests {
     #[test]
     fn socket_is_connected_at_construction() {
         // Connecting to a missing socket fails at once, not at the first message: nothing is created later.
-        let (dir, _listener) = TempSocket::new("missing");
-        let err = Notifier::connect(dir.0.join("absent").as_os_str()).expect_err("no such socket");
+        let (dir, _listener) = TempSocket::new();
+        let err = Notifier::connect(dir.join("absent").as_os_str()).expect_err("no such socket");
         assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
     }
 
@@ -171,8 +167,8 @@ mod tests {
     fn unset_or_empty_variable_disables_and_a_set_one_connects() {
         assert!(!Notifier::from_value(None).expect("unset").is_enabled());
         assert!(!Notifier::from_value(Some(OsStr::new(""))).expect("empty").is_enabled());
-        let (dir, listener) = TempSocket::new("value");
-        let notifier = Notifier::from_value(Some(dir.0.join("notify").as_os_str())).expect("set");
+        let (dir, listener) = TempSocket::new();
+        let notifier = Notifier::from_value(Some(dir.join("notify").as_os_str())).expect("set");
         notifier.ready().expect("READY=1");
         assert_eq!(receive(&listener), "READY=1");
     }
