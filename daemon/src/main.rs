@@ -4,9 +4,11 @@
 //! module. Any setup error ends the process with one line on stderr (`blkbackd: error: ...`) and exit code 1.
 
 mod cli;
+mod coexist;
 mod control;
 mod demo;
 mod logging;
+mod notify;
 mod sandbox;
 mod signals;
 mod vhost_user;
