@@ -38,7 +38,6 @@ enum KernelBlkback {
 
 /// Fails with one line if the kernel's `xen-blkback` is loaded or built in and registered, since it serves the very
 /// `backend/vbd` nodes blkbackd would serve. `sysfs` is `/sys` in production (a fake tree in tests).
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn check_kernel_blkback(sysfs: &Path) -> anyhow::Result<()> {
     let found = detect(sysfs)?;
     tracing::debug!(?found, sysfs = %sysfs.display(), "looked for the kernel's xen-blkback");

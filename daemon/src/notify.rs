@@ -19,16 +19,13 @@ const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// A connected notification socket, or nothing when the process was not started by systemd with `Type=notify`.
 #[derive(Debug)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub struct Notifier {
     socket: Option<UnixDatagram>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 impl Notifier {
     /// Connects to `$NOTIFY_SOCKET` now (before any seccomp filter), or a no-op notifier if it is unset or empty.
     // Not yet called: the `blkbackd xen` supervisor calls it first thing (tests use `from_value`, no env races).
-    #[allow(dead_code)]
     pub fn from_env() -> anyhow::Result<Self> {
         Self::from_value(std::env::var_os(NOTIFY_SOCKET).as_deref())
     }

@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::broker::{Broker, SessionEnd};
 use super::wire;
 use crate::cli::{value_name, LogFormat, XenArgs};
+use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
 use crate::signals::Shutdown;
 
@@ -70,6 +71,10 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
             )
         })?,
     };
+    if !args.allow_kernel_blkback {
+        crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
+    }
+    let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
     let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
     let store = Arc::new(super::open_store()?);
     let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
@@ -108,7 +113,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         user = %user, seccomp = ?args.sandbox.seccomp, scope = ?args.frontend_domid,
         "serving xen vbds: one worker process per guest"
     );
-    service.serve(shutdown)
+    service.serve(shutdown, &notifier)
 }
 
 struct Worker {
@@ -136,9 +141,13 @@ struct Service {
 }
 
 impl Service {
-    fn serve(&mut self, shutdown: &Shutdown) -> anyhow::Result<()> {
+    fn serve(&mut self, shutdown: &Shutdown, notifier: &Notifier) -> anyhow::Result<()> {
         self.store.watch(&self.root, TOKEN).context("watching backend/vbd")?;
         tracing::info!(watch = %self.root, "xen block service watching");
+        tracing::debug!(systemd = notifier.is_enabled(), "readiness");
+        if let Err(e) = notifier.ready() {
+            tracing::warn!(error = %format!("{e:#}"), "cannot tell systemd the service is ready");
+        }
         let mut events = Vec::new();
         while !shutdown.is_requested() {
             let mut fds = vec![self.store.watch_fd(), shutdown.wake_fd(), self.cleanup_wake.as_raw_fd()];
@@ -153,9 +162,14 @@ impl Service {
             while let Ok(domid) = self.cleanup_done.1.try_recv() {
                 self.cleaning.remove(&domid);
             }
+            let before = self.workers.len();
             self.reap();
             self.reconcile().context("xenstore connection lost")?;
+            if self.workers.len() != before {
+                let _ = notifier.status(&format!("serving {} guest(s)", self.workers.len()));
+            }
         }
+        let _ = notifier.stopping();
         self.stop_all();
         let _ = self.store.unwatch(&self.root, TOKEN);
         tracing::info!("stopped");
