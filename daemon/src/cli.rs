@@ -186,6 +186,10 @@ pub struct XenArgs {
     /// How each guest's worker serves its vbds.
     #[command(flatten)]
     pub serving: XenServingArgs,
+    /// Live statistics: each guest's worker answers `blkbackd stats --control DIR/dom<D>.ctl` (the supervisor
+    /// creates the socket when the worker starts and removes it when it ends).
+    #[arg(long, value_name = "DIR")]
+    pub control_dir: Option<PathBuf>,
     /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
     /// service manager after a blkbackd died), then exit.
     #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]

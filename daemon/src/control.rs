@@ -19,9 +19,10 @@ const MAX_REQUEST: u64 = 128;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
-/// A listening control socket; removed when dropped.
+/// A listening control socket; removed when dropped (if this process bound it).
 pub struct ControlServer {
     path: PathBuf,
+    remove_on_drop: bool,
     stop: Arc<AtomicBool>,
     /// Until [`start`](Self::start): the socket and what it answers from.
     pending: Option<(UnixListener, Arc<Registry>)>,
@@ -42,6 +43,20 @@ impl ControlServer {
         listener.set_nonblocking(true).context("control socket")?;
         Ok(ControlServer {
             path: path.to_path_buf(),
+            remove_on_drop: true,
+            stop: Arc::new(AtomicBool::new(false)),
+            pending: Some((listener, registry)),
+            thread: None,
+        })
+    }
+
+    /// Answer on a socket another process bound at `path` and handed over (a Xen guest's worker, whose
+    /// supervisor binds and removes the socket file).
+    pub fn from_listener(listener: UnixListener, path: PathBuf, registry: Arc<Registry>) -> anyhow::Result<Self> {
+        listener.set_nonblocking(true).context("control socket")?;
+        Ok(ControlServer {
+            path,
+            remove_on_drop: false,
             stop: Arc::new(AtomicBool::new(false)),
             pending: Some((listener, registry)),
             thread: None,
@@ -68,7 +83,9 @@ impl Drop for ControlServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

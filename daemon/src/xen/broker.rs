@@ -38,8 +38,9 @@ pub struct Broker {
     pub rpc: UnixDatagram,
     /// Watch events out.
     pub events: UnixDatagram,
-    /// Given to the worker with its `Hello`: its end of the event socket and its grant device.
-    pub welcome: Option<(OwnedFd, File)>,
+    /// Given to the worker with its `Hello`: its end of the event socket, its grant device, and its control
+    /// socket (bound by the supervisor) with its path.
+    pub welcome: Option<Welcome>,
     /// Opens event-channel handles.
     pub evtchn: EvtchnFactory,
     /// Opens disks (as root, with the diskseq pin).
@@ -52,6 +53,17 @@ impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker").field("domid", &self.domid).finish()
     }
+}
+
+/// What a worker gets with its `Hello`.
+#[derive(Debug)]
+pub struct Welcome {
+    /// Its end of the event socket.
+    pub events: OwnedFd,
+    /// Its grant device.
+    pub grants: File,
+    /// Its listening control socket and the socket's path.
+    pub control: Option<(std::os::unix::net::UnixListener, String)>,
 }
 
 /// How a worker's session ended.
@@ -117,10 +129,13 @@ impl Broker {
         let checked = |path: &str, access: Access| policy.check(path, access).map_err(|what| XenError::Access { what });
         let (reply, fds): (Reply, Vec<std::os::fd::RawFd>) = match request {
             Request::Hello => {
-                let Some((events, grants)) = self.welcome.take() else {
+                let Some(welcome) = self.welcome.take() else {
                     return Err(SessionEnd::Misbehaved("a second Hello".into()));
                 };
-                let sent = wire::send(&self.rpc, &Reply::Welcome, &[events.as_raw_fd(), grants.as_raw_fd()]);
+                let mut fds = vec![welcome.events.as_raw_fd(), welcome.grants.as_raw_fd()];
+                fds.extend(welcome.control.as_ref().map(|(listener, _)| listener.as_raw_fd()));
+                let reply = Reply::Welcome { control: welcome.control.as_ref().map(|(_, path)| path.clone()) };
+                let sent = wire::send(&self.rpc, &reply, &fds);
                 return sent.map_err(|e| SessionEnd::Misbehaved(format!("cannot answer Hello: {e}")));
             }
             Request::Read { tx, path } => {

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixDatagram;
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
@@ -22,6 +22,17 @@ use transport_xen::xenbus::VbdId;
 use super::wire::{self, DiskGrant, Event, Reply, Request, WireError, WireSource};
 
 const WHAT: &str = "supervisor channel";
+
+/// What `Hello` brought.
+#[derive(Debug)]
+pub struct Welcomed {
+    /// The event socket.
+    pub events: UnixDatagram,
+    /// The grant device.
+    pub grants: File,
+    /// The listening control socket and its path.
+    pub control: Option<(UnixListener, PathBuf)>,
+}
 
 /// The request socket, one request at a time.
 #[derive(Debug)]
@@ -47,13 +58,16 @@ impl Channel {
         }
     }
 
-    /// `Hello`: the event socket and the grant device.
-    pub fn hello(&self) -> Result<(UnixDatagram, File), XenError> {
+    /// `Hello`: the event socket, the grant device, and the control socket with its path if there is one.
+    pub fn hello(&self) -> Result<Welcomed, XenError> {
         match self.call(&Request::Hello)? {
-            (Reply::Welcome, fds) if fds.len() == 2 => {
+            (Reply::Welcome { control }, fds) if fds.len() == 2 + usize::from(control.is_some()) => {
                 let mut fds = fds.into_iter();
-                let (Some(events), Some(grants)) = (fds.next(), fds.next()) else { unreachable!("two descriptors") };
-                Ok((UnixDatagram::from(events), File::from(grants)))
+                let (Some(events), Some(grants)) = (fds.next(), fds.next()) else {
+                    return Err(XenError::Disconnected { what: WHAT });
+                };
+                let control = control.zip(fds.next()).map(|(path, fd)| (UnixListener::from(fd), PathBuf::from(path)));
+                Ok(Welcomed { events: UnixDatagram::from(events), grants: File::from(grants), control })
             }
             (other, _) => Err(unexpected(&other)),
         }

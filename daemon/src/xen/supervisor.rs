@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -35,7 +36,7 @@ use transport_xen::xenbus::device::LocalDiskOpener;
 use transport_xen::xenbus::{close_vbd_failing_io, VbdPaths, XenbusState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::broker::{Broker, SessionEnd};
+use super::broker::{Broker, SessionEnd, Welcome};
 use super::wire;
 use crate::cli::{value_name, LogFormat, XenArgs};
 use crate::notify::Notifier;
@@ -62,6 +63,13 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
     if let Some(domid) = args.cleanup {
         return super::run_cleanup(args.backend_domid, domid, args.devid);
     }
+    if !args.allow_kernel_blkback {
+        crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
+    }
+    let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
+    let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
+    let store = Arc::new(super::open_store()?);
+    let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
     let user = match &args.sandbox.user {
         Some(user) => user.clone(),
         None => UserSpec::parse(DEFAULT_USER).map_err(|e| {
@@ -71,13 +79,6 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
             )
         })?,
     };
-    if !args.allow_kernel_blkback {
-        crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
-    }
-    let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
-    let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
-    let store = Arc::new(super::open_store()?);
-    let domain_path = store.get_domain_path(args.backend_domid).context("reading the backend domain's path")?;
     // Fail now, not at the first guest.
     drop(GntDev::open().map_err(|e| anyhow!("cannot map guest grants: {e} (is xen-gntdev loaded?)"))?);
     drop(EvtchnDevice::open().map_err(|e| anyhow!("cannot bind event channels: {e} (is xen-evtchn loaded?)"))?);
@@ -102,6 +103,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         scope: args.frontend_domid.iter().copied().collect(),
         exe,
         worker_args,
+        control_dir: args.control_dir.clone(),
         workers: BTreeMap::new(),
         restarts: BTreeMap::new(),
         given_up: BTreeSet::new(),
@@ -131,6 +133,7 @@ struct Service {
     scope: BTreeSet<DomId>,
     exe: PathBuf,
     worker_args: Vec<String>,
+    control_dir: Option<PathBuf>,
     workers: BTreeMap<DomId, Worker>,
     restarts: BTreeMap<DomId, VecDeque<Instant>>,
     given_up: BTreeSet<DomId>,
@@ -248,6 +251,9 @@ impl Service {
                 let _ = broker.join();
             }
             let pid = worker.child.id();
+            if let Some(path) = self.control_path(domid) {
+                let _ = std::fs::remove_file(path);
+            }
             if worker.stopping.is_some() || status.success() {
                 tracing::info!(domid, pid, %status, "worker exited");
                 continue;
@@ -292,6 +298,7 @@ impl Service {
             .open(GNTDEV_DEVICE)
             .with_context(|| format!("opening {GNTDEV_DEVICE}"))?;
         let store: Arc<dyn XenStore> = Arc::new(super::open_store()?);
+        let control = self.control_socket(domid)?;
         let mut command = Command::new(&self.exe);
         command.args(&self.worker_args).args(["--domid", &domid.to_string()]).stdin(Stdio::null());
         let channel = worker_rpc.as_raw_fd();
@@ -312,7 +319,7 @@ impl Service {
             store,
             rpc: supervisor_rpc,
             events: supervisor_events,
-            welcome: Some((OwnedFd::from(worker_events), grants)),
+            welcome: Some(Welcome { events: OwnedFd::from(worker_events), grants, control }),
             evtchn: Box::new(restricted_evtchn),
             disks: Arc::new(LocalDiskOpener),
             direct_io: device_blk::disk::DirectIo::Auto,
@@ -322,6 +329,22 @@ impl Service {
             .spawn(move || broker.serve())
             .context("starting the broker thread")?;
         Ok(Worker { child, pidfd, broker: Some(broker), stopping: None })
+    }
+
+    /// The listening control socket of `domid`'s worker, if `--control-dir` asked for one (a stale file from a
+    /// worker that died is replaced).
+    fn control_socket(&self, domid: DomId) -> anyhow::Result<Option<(UnixListener, String)>> {
+        let Some(path) = self.control_path(domid) else { return Ok(None) };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        Ok(Some((listener, path.to_string_lossy().into_owned())))
+    }
+
+    fn control_path(&self, domid: DomId) -> Option<PathBuf> {
+        self.control_dir.as_ref().map(|dir| dir.join(format!("dom{domid}.ctl")))
     }
 
     /// Ask every worker to stop, wait for them (killing those that take too long), and clean up after those

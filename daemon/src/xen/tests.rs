@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use transport_xen::services::{TxId, WatchEvent, XenError, XenStore};
 use transport_xen::xenbus::device::{DeviceNodes, DiskOpener, LocalDiskOpener};
 use transport_xen::xenbus::VbdId;
 
-use super::broker::{Broker, SessionEnd};
+use super::broker::{Broker, SessionEnd, Welcome};
 use super::client::{BrokeredDisks, BrokeredStore, Channel};
 use super::wire;
 
@@ -37,6 +38,7 @@ fn session() -> Session {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
     File::create(&image).and_then(|f| f.set_len(1 << 20)).expect("image");
+    let control = dir.path().join("dom7.ctl");
     for domid in [7, 8] {
         let be = format!("{DOM0}/backend/vbd/{domid}/51712");
         for (node, value) in [("params", image.to_str().expect("utf8")), ("mode", "w"), ("state", "1")] {
@@ -52,15 +54,22 @@ fn session() -> Session {
         store: store.clone(),
         rpc: supervisor_rpc,
         events: supervisor_events,
-        welcome: Some((OwnedFd::from(worker_events), File::open("/dev/null").expect("null"))),
+        welcome: Some(Welcome {
+            events: OwnedFd::from(worker_events),
+            grants: File::open("/dev/null").expect("null"),
+            control: Some((UnixListener::bind(&control).expect("bind"), control.to_string_lossy().into_owned())),
+        }),
         evtchn: Box::new(|_| File::open("/dev/null").map_err(|e| XenError::os("open", &e))),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
     };
     let broker = std::thread::spawn(move || broker.serve());
     let channel = Arc::new(Channel::new(worker_rpc));
-    let (events, _grants) = channel.hello().expect("hello");
-    let worker = BrokeredStore::new(channel.clone(), events).expect("client");
+    let welcomed = channel.hello().expect("hello");
+    let (listener, path) = welcomed.control.expect("the control socket is handed over");
+    assert_eq!(path, control);
+    drop(listener);
+    let worker = BrokeredStore::new(channel.clone(), welcomed.events).expect("client");
     Session { store, worker, channel, broker, _dir: dir, image }
 }
 
@@ -142,7 +151,11 @@ fn a_worker_that_sends_garbage_is_cut_off() {
         store: Arc::new(EmulatedXenStore::new().expect("xenstore")),
         rpc: supervisor_rpc,
         events: supervisor_events,
-        welcome: Some((OwnedFd::from(worker_events), File::open("/dev/null").expect("null"))),
+        welcome: Some(Welcome {
+            events: OwnedFd::from(worker_events),
+            grants: File::open("/dev/null").expect("null"),
+            control: None,
+        }),
         evtchn: Box::new(|_| Err(XenError::Again)),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,

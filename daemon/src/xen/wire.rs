@@ -17,7 +17,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// directories a worker lists are small.
 pub const MAX_PACKET: usize = 64 * 1024;
 /// Most descriptors one answer carries.
-pub const MAX_FDS: usize = 2;
+pub const MAX_FDS: usize = 3;
 
 /// A worker's request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,8 +107,12 @@ pub enum WireSource {
 pub enum Reply {
     /// Done, nothing to return.
     Done,
-    /// `Hello`'s answer; the event socket and the grant device come attached, in that order.
-    Welcome,
+    /// `Hello`'s answer; the event socket, the grant device and (with `control`) the listening control socket
+    /// come attached, in that order.
+    Welcome {
+        /// The control socket's path (`blkbackd xen --control-dir`), if the supervisor bound one.
+        control: Option<String>,
+    },
     /// A node's value.
     Value(Vec<u8>),
     /// A directory's children.

@@ -20,6 +20,7 @@ use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
 
 use super::client::{BrokeredDisks, BrokeredEvtchn, BrokeredStore, Channel};
 use crate::cli::XenWorkerArgs;
+use crate::control::ControlServer;
 use crate::sandbox::{self, Role};
 use crate::signals::Shutdown;
 
@@ -30,12 +31,21 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     };
     let rpc = inherited_channel(args.channel_fd)?;
     let channel = Arc::new(Channel::new(rpc));
-    let (events, grants) = channel.hello().context("asking the supervisor for the worker's descriptors")?;
+    let welcomed = channel.hello().context("asking the supervisor for the worker's descriptors")?;
     sandbox::confine_worker(user)?;
-    let store = BrokeredStore::new(channel.clone(), events).context("setting up the event socket")?;
+    let store = BrokeredStore::new(channel.clone(), welcomed.events).context("setting up the event socket")?;
+    let grants = welcomed.grants;
+    let registry = Registry::new();
+    let mut control = welcomed
+        .control
+        .map(|(listener, path)| ControlServer::from_listener(listener, path, registry.clone()))
+        .transpose()?;
     let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp)?;
     sandbox::lock_down(Role::XenGuest, args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
+    if let Some(control) = &mut control {
+        control.start()?;
+    }
 
     let serving = &args.serving;
     let (grant_mode, copy_without_persistent) = super::grant_mode(serving.grant_mode);
@@ -43,7 +53,7 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     let options = DataplaneOptions {
         grant_mode,
         copy_without_persistent,
-        stats: Some(Registry::new()),
+        stats: Some(registry),
         worker_init: Some(worker_init),
         poll_us: serving.poll_us,
         ..DataplaneOptions::default()
