@@ -1,12 +1,13 @@
 #!/bin/bash
-# Resident memory of one `blkbackd xen` process per connected vbd, in the real Xen lab's dom0:
+# Resident memory of the `blkbackd xen` service (the supervisor and the guest's worker process) per connected
+# vbd, in the real Xen lab's dom0:
 #   xen-lab boot --no-blkback && xen-lab wait-dom0 && xen-lab exec 'bash /mnt/host/bin/rss-per-vbd.sh'
 # (with blkbackd and this script in $XENLAB_DIR/share/bin). A PV domU starts with one disk (running the lab's
 # fio job on it); three more are hot-plugged with `xl block-attach`. /proc/PID/status is sampled 2 s after each
 # vbd reached Connected, and once the domU is gone. Prints Markdown table rows, then blkbackd's exit status.
 set -u
 OUT=${XENLAB_OUT:-/mnt/host/out}
-/mnt/host/bin/blkbackd xen > "$OUT/rss-per-vbd-backend.log" 2>&1 &
+/mnt/host/bin/blkbackd xen --user 65534:65534 > "$OUT/rss-per-vbd-backend.log" 2>&1 &
 BE=$!
 sleep 1
 LOOPS=()
@@ -14,10 +15,23 @@ for i in 0 1 2 3; do
   truncate -s 64M "/tmp/rss-d$i.img"
   LOOPS[i]=$(losetup -f --show "/tmp/rss-d$i.img")
 done
+# The supervisor's children named blkbackd: the guests' workers.
+workers() {
+  local s
+  for s in /proc/[0-9]*/stat; do
+    read -r -a f 2>/dev/null <"$s" || continue
+    [ "${f[3]}" = "$BE" ] && [ "${f[1]}" = "(blkbackd)" ] && echo "${f[0]}"
+  done
+}
 sample() {
-  awk -v label="$1" '
-    /^Threads:/ { t = $2 } /^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 } /^RssShmem:/ { s = $2 }
-    END { printf "| %s | %s | %s | %s | %s | %s |\n", label, t, r, a, f, s }' "/proc/$BE/status"
+  local p role
+  for p in "$BE" $(workers); do
+    role=worker
+    [ "$p" = "$BE" ] && role=supervisor
+    awk -v label="$1" -v role="$role" '
+      /^Threads:/ { t = $2 } /^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 } /^RssShmem:/ { s = $2 }
+      END { printf "| %s | %s | %s | %s | %s | %s | %s |\n", label, role, t, r, a, f, s }' "/proc/$p/status"
+  done
 }
 connected() {
   local want=$1 n=0
@@ -29,8 +43,8 @@ connected() {
   echo "rss-per-vbd: only $n of $want vbds connected" >&2
   return 1
 }
-echo "| vbds connected | threads | VmRSS KiB | private (anon) KiB | binary (file) KiB | shmem KiB |"
-echo "|---|---|---|---|---|---|"
+echo "| vbds connected | process | threads | VmRSS KiB | private (anon) KiB | binary (file) KiB | shmem KiB |"
+echo "|---|---|---|---|---|---|---|"
 sample "0 (started, watching)"
 spec() { echo "format=raw, vdev=xvd$1, access=rw, backendtype=phy, script=block-userspace, target=$2"; }
 sh /etc/xenlab/domu.sh rss1 "'$(spec b "${LOOPS[0]}")'" "xenlab.runtime=25 xenlab.vsize=0" > "$OUT/rss-per-vbd-domu.log" 2>&1 &
