@@ -242,6 +242,20 @@ impl Disk {
         Ok(Disk { file, path, kind, geometry, buffer_alignment })
     }
 
+    /// The same disk (a duplicate of its descriptor) with discards refused: a guest that was told the disk
+    /// cannot discard (Xen's `discard-enable` = 0) gets "not supported" for every discard it sends anyway.
+    pub fn without_discard(&self) -> io::Result<Disk> {
+        let mut geometry = self.geometry;
+        geometry.discard = false;
+        Ok(Disk {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            kind: self.kind,
+            geometry,
+            buffer_alignment: self.buffer_alignment,
+        })
+    }
+
     /// The alignment in bytes that host memory buffers need for I/O on this disk: the direct-I/O memory alignment
     /// the kernel reports (statx `stx_dio_mem_align`, or the device's DMA alignment), 1 without O_DIRECT.
     ///

@@ -11,6 +11,7 @@ use transport_xen::blkif::{RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use transport_xen::dataplane::DataplaneOptions;
 use transport_xen::frontend::load::{check_pattern, fill_and_verify, fill_pattern, random_load, verify_blocks};
 use transport_xen::frontend::{Blkfront, BlkfrontConfig, IoRequest, XVDA};
+use transport_xen::services::TxId;
 use transport_xen::xenbus::{BackendConfig, VDISK_READONLY};
 use xenbus_support::Bed;
 
@@ -47,6 +48,27 @@ fn flush_barrier_and_discard() {
 
     let c = front.request(0, &IoRequest::Discard { sector: 96, sectors: 8, secure: true }).expect("secure discard");
     assert_eq!(c.status, RSP_EOPNOTSUPP, "secure discard was not offered");
+    front.close().expect("close");
+    assert_eq!(bed.host.live_mappings(), 0);
+}
+
+#[test]
+fn discard_enable_0_is_enforced_on_the_request_path() {
+    let bed = bed();
+    let guest = bed.big_guest(3, 256);
+    let id = bed.add_image_disk(3, false);
+    // xl's `no-discard`: the toolstack writes discard-enable = 0 before the frontend connects.
+    let node = bed.toolstack.paths(id).node("discard-enable");
+    bed.store().write(TxId::NONE, &node, b"0").expect("write discard-enable");
+    let mut front = Blkfront::connect(&guest, XVDA, BlkfrontConfig::default()).expect("connect");
+    assert!(!front.info().discard, "discard is not advertised");
+    let mut data = vec![0u8; 8 << 10];
+    fill_pattern(&mut data, 64, 3);
+    front.write(64, &data).expect("write");
+    // A frontend that discards anyway is answered "not supported", and the blocks keep their data.
+    let c = front.request(0, &IoRequest::Discard { sector: 64, sectors: 16, secure: false }).expect("discard");
+    assert_eq!(c.status, RSP_EOPNOTSUPP, "a discard against discard-enable = 0");
+    assert_eq!(check_pattern(&front.read(64, 8 << 10).expect("read"), 64, 3), None, "the data is still there");
     front.close().expect("close");
     assert_eq!(bed.host.live_mappings(), 0);
 }

@@ -576,7 +576,23 @@ impl VbdBackend {
         let geometry = *open.disk.geometry();
         let read_only = open.mode == Mode::ReadOnly || geometry.read_only;
         let cdrom = frontend_nodes::is_cdrom(store, &fe.path);
-        let running = match self.rings.start(open.disk.clone(), &config) {
+        // xl's `no-discard` (`discard-enable` = 0) is enforced on the request path, not only left unadvertised: a
+        // frontend that discards anyway is answered "not supported" and the image keeps its blocks.
+        let discard_enabled = read_optional(store, TxId::NONE, &self.paths.node("discard-enable"))?
+            .is_none_or(|v| nodes::parse_flag("discard-enable", &v).unwrap_or(true));
+        let discard = geometry.discard && discard_enabled && !read_only;
+        let disk = if geometry.discard && !discard {
+            match open.disk.without_discard() {
+                Ok(disk) => Arc::new(disk),
+                Err(e) => {
+                    self.fatal(Fatal::new(e.raw_os_error().unwrap_or(libc::EIO), format!("duplicating the disk: {e}")));
+                    return Ok(());
+                }
+            }
+        } else {
+            open.disk.clone()
+        };
+        let running = match self.rings.start(disk, &config) {
             Ok(running) => running,
             Err(fatal) => {
                 self.fatal(fatal);
@@ -584,9 +600,6 @@ impl VbdBackend {
             }
         };
         self.running = Some(running);
-        let discard_enabled = read_optional(store, TxId::NONE, &self.paths.node("discard-enable"))?
-            .is_none_or(|v| nodes::parse_flag("discard-enable", &v).unwrap_or(true));
-        let discard = geometry.discard && discard_enabled && !read_only;
         let info = if read_only { VDISK_READONLY } else { 0 } | if cdrom { VDISK_CDROM } else { 0 };
         let flag = |b: bool| if b { "1" } else { "0" };
         let mut info_nodes: Vec<(&str, String)> = vec![
