@@ -89,6 +89,11 @@ pub enum Command {
         blkbackd stats --control /run/blkbackd/vm1.ctl\n  \
         blkbackd stats --control /run/blkbackd/vm1.ctl --prometheus")]
     Stats(StatsArgs),
+    /// Make a running blkbackd look at its disks' sizes now, and tell its guests about a disk that grew (Xen:
+    /// new `sectors`, as Linux blkback does; a Xen worker also looks every second by itself).
+    #[command(after_help = "Example:\n  \
+        truncate -s +10G /srv/vm7.img && blkbackd resize --control /run/blkbackd-xen/dom7.ctl")]
+    Resize(ResizeArgs),
     /// Write the man pages (blkbackd.1, blkbackd-<subcommand>.1) into DIR (for packaging).
     #[command(hide = true)]
     Man {
@@ -172,6 +177,14 @@ pub struct StatsArgs {
     /// Prometheus text format instead of the human one.
     #[arg(long)]
     pub prometheus: bool,
+}
+
+/// `blkbackd resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The daemon's control socket (`--control`, or `DIR/dom<D>.ctl` of `blkbackd xen --control-dir DIR`).
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
 }
 
 /// `blkbackd xen`.

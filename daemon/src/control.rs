@@ -1,7 +1,7 @@
 //! The control socket (`--control PATH`): live statistics for `blkbackd stats`.
 //!
-//! Protocol: the client sends one line, `stats` or `stats prometheus`, and reads the report until the daemon closes
-//! the connection. Requests are bounded (128 bytes, 2 s) and answered by one thread that never touches the I/O path:
+//! Protocol: the client sends one line, `stats`, `stats prometheus` or `resize`, and reads the answer until the
+//! daemon closes the connection. Requests are bounded (128 bytes, 2 s) and answered by one thread that never touches the I/O path:
 //! the report is read from the queues' atomic counters.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,8 +19,12 @@ const MAX_REQUEST: u64 = 128;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
+/// What `resize` does: look at the disks' sizes now and say what happened, in one line.
+pub type ResizeHook = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// A listening control socket; removed when dropped (if this process bound it).
 pub struct ControlServer {
+    resize: Option<ResizeHook>,
     path: PathBuf,
     remove_on_drop: bool,
     stop: Arc<AtomicBool>,
@@ -42,6 +46,7 @@ impl ControlServer {
         let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         listener.set_nonblocking(true).context("control socket")?;
         Ok(ControlServer {
+            resize: None,
             path: path.to_path_buf(),
             remove_on_drop: true,
             stop: Arc::new(AtomicBool::new(false)),
@@ -55,6 +60,7 @@ impl ControlServer {
     pub fn from_listener(listener: UnixListener, path: PathBuf, registry: Arc<Registry>) -> anyhow::Result<Self> {
         listener.set_nonblocking(true).context("control socket")?;
         Ok(ControlServer {
+            resize: None,
             path,
             remove_on_drop: false,
             stop: Arc::new(AtomicBool::new(false)),
@@ -63,13 +69,19 @@ impl ControlServer {
         })
     }
 
+    /// Answer `resize` with `hook` (before [`start`](Self::start)).
+    pub fn set_resize(&mut self, hook: ResizeHook) {
+        self.resize = Some(hook);
+    }
+
     /// Start answering on a thread of its own (once; later calls do nothing).
     pub fn start(&mut self) -> anyhow::Result<()> {
         let Some((listener, registry)) = self.pending.take() else { return Ok(()) };
         let flag = self.stop.clone();
+        let resize = self.resize.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &registry, &flag))
+            .spawn(move || accept_loop(&listener, &registry, resize.as_ref(), &flag))
             .context("spawning the control thread")?;
         self.thread = Some(thread);
         tracing::info!(socket = %self.path.display(), "control socket listening");
@@ -89,11 +101,11 @@ impl Drop for ControlServer {
     }
 }
 
-fn accept_loop(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) {
+fn accept_loop(listener: &UnixListener, registry: &Registry, resize: Option<&ResizeHook>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = answer(stream, registry) {
+                if let Err(e) = answer(stream, registry, resize) {
                     tracing::debug!(error = %e, "control request failed");
                 }
             }
@@ -106,7 +118,7 @@ fn accept_loop(listener: &UnixListener, registry: &Registry, stop: &AtomicBool) 
     }
 }
 
-fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
+fn answer(stream: UnixStream, registry: &Registry, resize: Option<&ResizeHook>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -115,22 +127,58 @@ fn answer(stream: UnixStream, registry: &Registry) -> std::io::Result<()> {
     let reply = match line.trim() {
         "stats" => registry.render_text(),
         "stats prometheus" => registry.render_prometheus(),
-        other => format!("error: unknown request {other:?} (expected `stats` or `stats prometheus`)\n"),
+        "resize" => match resize {
+            Some(hook) => format!("{}\n", hook()),
+            None => "error: resizing is not supported here: over vhost-user the guest would have to be told with \
+                     the config-change message, which the vhost crate this build uses cannot send yet\n"
+                .to_string(),
+        },
+        other => format!("error: unknown request {other:?} (expected `stats`, `stats prometheus` or `resize`)\n"),
     };
     (&stream).write_all(reply.as_bytes())
 }
 
 /// `blkbackd stats`: ask the daemon behind `path` for its statistics.
 pub fn query(path: &Path, prometheus: bool) -> anyhow::Result<String> {
+    request(path, if prometheus { "stats prometheus" } else { "stats" })
+}
+
+/// `blkbackd resize`: ask the daemon behind `path` to look at its disks' sizes now.
+pub fn resize(path: &Path) -> anyhow::Result<String> {
+    request(path, "resize")
+}
+
+fn request(path: &Path, line: &str) -> anyhow::Result<String> {
     let mut stream = UnixStream::connect(path).with_context(|| {
         format!("cannot connect to {}: is blkbackd running with --control {}?", path.display(), path.display())
     })?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(if prometheus { b"stats prometheus\n" } else { b"stats\n" })?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply).context("reading the statistics")?;
     if let Some(error) = reply.strip_prefix("error: ") {
         bail!("{}", error.trim());
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_runs_the_hook_or_says_why_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with = dir.path().join("with.ctl");
+        let mut server = ControlServer::bind(&with, Registry::new()).expect("bind");
+        server.set_resize(Arc::new(|| "resize check requested".to_string()));
+        server.start().expect("start");
+        assert_eq!(resize(&with).expect("resize"), "resize check requested\n");
+
+        let without = dir.path().join("without.ctl");
+        let mut server = ControlServer::bind(&without, Registry::new()).expect("bind");
+        server.start().expect("start");
+        let e = resize(&without).expect_err("no resize over vhost-user");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
 }

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         Command::Xen(args) => xen::run(&args, &shutdown, cli.log_format),
         Command::XenWorker(args) => xen::run_worker(&args, &shutdown),
         Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
+        Command::Resize(args) => control::resize(&args.control).map(|report| print!("{report}")),
         Command::Man { dir } => man_pages(&dir),
         Command::Demo(args) => demo::run(args.seccomp),
     };

@@ -5,6 +5,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::geometry::Geometry;
 use crate::units::{BlockSize, Sector};
@@ -121,6 +123,19 @@ pub enum DiskError {
         /// Path.
         path: PathBuf,
     },
+    /// The disk became smaller while served.
+    #[error(
+        "{path} shrank from {} to {} sectors while served: refused (requests may address the blocks that went \
+         away; detach the disk from the guest before shrinking it)", from.0, to.0
+    )]
+    Shrunk {
+        /// Path.
+        path: PathBuf,
+        /// The size served.
+        from: Sector,
+        /// The size found.
+        to: Sector,
+    },
     /// The disk is smaller than one logical block.
     #[error("{path} is empty (smaller than one {block_size}-byte block)")]
     Empty {
@@ -141,6 +156,23 @@ pub struct Disk {
     kind: DiskKind,
     geometry: Geometry,
     buffer_alignment: usize,
+    /// The size in sectors now: it starts at `geometry.capacity` and only grows ([`Disk::refresh_size`]); the
+    /// queues serving the disk read it for every request ([`BlockQueue::follow_capacity`](crate::BlockQueue)).
+    capacity: Arc<AtomicU64>,
+}
+
+/// What [`Disk::refresh_size`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeChange {
+    /// The same size as before.
+    Unchanged(Sector),
+    /// The disk grew: guests may now address up to `to`.
+    Grown {
+        /// The size before.
+        from: Sector,
+        /// The size now.
+        to: Sector,
+    },
 }
 
 impl Disk {
@@ -193,7 +225,8 @@ impl Disk {
             "disk opened"
         );
         let buffer_alignment = if direct { direct_io_memory_alignment(&file, kind, &geometry) } else { 1 };
-        Ok(Disk { file, path, kind, geometry, buffer_alignment })
+        let capacity = Arc::new(AtomicU64::new(geometry.capacity.0));
+        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity })
     }
 
     /// A disk another process opened (and pinned) with [`Disk::open`] and handed over as a descriptor, with the
@@ -239,7 +272,8 @@ impl Disk {
             return Err(DiskError::Empty { path, block_size: geometry.logical_block_size.bytes() });
         }
         let buffer_alignment = if buffer_alignment.is_power_of_two() { buffer_alignment } else { 4096 };
-        Ok(Disk { file, path, kind, geometry, buffer_alignment })
+        let capacity = Arc::new(AtomicU64::new(geometry.capacity.0));
+        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity })
     }
 
     /// The same disk (a duplicate of its descriptor) with discards refused: a guest that was told the disk
@@ -253,7 +287,51 @@ impl Disk {
             kind: self.kind,
             geometry,
             buffer_alignment: self.buffer_alignment,
+            // The same disk: a resize is seen through both.
+            capacity: self.capacity.clone(),
         })
+    }
+
+    /// The size now, in sectors (what [`Disk::refresh_size`] last found; [`Geometry::capacity`] is the size at
+    /// open).
+    pub fn capacity(&self) -> Sector {
+        Sector(self.capacity.load(Ordering::Acquire))
+    }
+
+    /// The shared live size, for queues that follow it.
+    pub fn capacity_handle(&self) -> Arc<AtomicU64> {
+        self.capacity.clone()
+    }
+
+    /// Read the size of the file or block device again (a file extended, a loop device re-read with
+    /// `losetup -c`, a logical volume extended) and let every queue serve the new size. A disk only grows under a
+    /// running guest: a smaller size is refused with [`DiskError::Shrunk`] (requests in flight may address the
+    /// blocks that went away) and the old size stays in force.
+    pub fn refresh_size(&self) -> Result<SizeChange, DiskError> {
+        let geo_err = |what, source| DiskError::Geometry { path: self.path.clone(), what, source };
+        let bytes = match self.kind {
+            DiskKind::File => self.file.metadata().map_err(|e| geo_err("fstat", e))?.len(),
+            DiskKind::BlockDevice { .. } => {
+                let mut size: u64 = 0;
+                // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+                if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size) } < 0 {
+                    return Err(geo_err("BLKGETSIZE64", io::Error::last_os_error()));
+                }
+                size
+            }
+        };
+        let lbs_sectors = self.geometry.logical_block_size.sectors();
+        let now = Sector::from_bytes_floor(bytes).0 / lbs_sectors * lbs_sectors;
+        let before = self.capacity.load(Ordering::Acquire);
+        if now < before {
+            return Err(DiskError::Shrunk { path: self.path.clone(), from: Sector(before), to: Sector(now) });
+        }
+        if now == before {
+            return Ok(SizeChange::Unchanged(Sector(now)));
+        }
+        self.capacity.store(now, Ordering::Release);
+        tracing::info!(path = %self.path.display(), from = before, to = now, "disk grew");
+        Ok(SizeChange::Grown { from: Sector(before), to: Sector(now) })
     }
 
     /// The alignment in bytes that host memory buffers need for I/O on this disk: the direct-I/O memory alignment

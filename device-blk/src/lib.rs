@@ -61,7 +61,7 @@ pub mod units;
 pub mod vhost_user;
 pub mod virtio;
 
-pub use disk::{Disk, DiskError, DiskKind, DiskOptions};
+pub use disk::{Disk, DiskError, DiskKind, DiskOptions, SizeChange};
 pub use engine::{Completion, EngineError, EngineKind, IoEngine, IoOp};
 pub use geometry::Geometry;
 pub use queue::{BlockQueue, Finished};

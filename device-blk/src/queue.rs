@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +44,8 @@ unsafe impl<C: Send> Send for Slot<C> {}
 /// allocation per request once warm, and backpressure through [`has_room`](BlockQueue::has_room).
 pub struct BlockQueue<C> {
     geometry: Geometry,
+    /// The disk's live size, if the queue follows resizes ([`BlockQueue::follow_capacity`]).
+    capacity: Option<Arc<AtomicU64>>,
     serial: [u8; ID_BYTES],
     engine: Box<dyn IoEngine>,
     slots: Vec<Slot<C>>,
@@ -84,6 +87,7 @@ impl<C> BlockQueue<C> {
         let buffer_alignment = engine.buffer_alignment().max(1);
         BlockQueue {
             geometry,
+            capacity: None,
             serial,
             engine,
             slots,
@@ -102,8 +106,18 @@ impl<C> BlockQueue<C> {
         &self.stats
     }
 
-    /// The disk's geometry.
-    pub fn geometry(&self) -> &Geometry {
+    /// Serve the disk at the size `capacity` holds (in sectors) from now on, as it grows
+    /// ([`Disk::capacity_handle`](crate::Disk::capacity_handle)); read once per request.
+    pub fn follow_capacity(mut self, capacity: Arc<AtomicU64>) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// The disk's geometry, with its size as it is now.
+    pub fn geometry(&mut self) -> &Geometry {
+        if let Some(capacity) = &self.capacity {
+            self.geometry.capacity = crate::units::Sector(capacity.load(Ordering::Acquire));
+        }
         &self.geometry
     }
 
@@ -143,7 +157,7 @@ impl<C> BlockQueue<C> {
         let Some(&index) = self.free.last() else {
             return Err(cookie);
         };
-        let range = match request.validate(&self.geometry) {
+        let range = match request.validate(self.geometry()) {
             Ok(range) => range,
             Err(error) => {
                 self.finish_now(request.kind, cookie, Err(error));

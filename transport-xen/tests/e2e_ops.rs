@@ -10,7 +10,7 @@ use std::time::Duration;
 use transport_xen::blkif::{RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
 use transport_xen::dataplane::DataplaneOptions;
 use transport_xen::frontend::load::{check_pattern, fill_and_verify, fill_pattern, random_load, verify_blocks};
-use transport_xen::frontend::{Blkfront, BlkfrontConfig, IoRequest, XVDA};
+use transport_xen::frontend::{Blkfront, BlkfrontConfig, DiskSpec, IoRequest, XVDA};
 use transport_xen::services::TxId;
 use transport_xen::xenbus::{BackendConfig, VDISK_READONLY};
 use xenbus_support::Bed;
@@ -69,6 +69,40 @@ fn discard_enable_0_is_enforced_on_the_request_path() {
     let c = front.request(0, &IoRequest::Discard { sector: 64, sectors: 16, secure: false }).expect("discard");
     assert_eq!(c.status, RSP_EOPNOTSUPP, "a discard against discard-enable = 0");
     assert_eq!(check_pattern(&front.read(64, 8 << 10).expect("read"), 64, 3), None, "the data is still there");
+    front.close().expect("close");
+    assert_eq!(bed.host.live_mappings(), 0);
+}
+
+#[test]
+fn a_disk_that_grows_is_announced_and_served_at_its_new_size() {
+    let bed = bed();
+    let guest = bed.big_guest(4, 256);
+    let image = bed.image("grow.img", 4);
+    let id = bed.toolstack.add_disk(&DiskSpec::new(4, image.to_str().expect("utf-8"))).expect("attach");
+    let mut front = Blkfront::connect(&guest, XVDA, BlkfrontConfig::default()).expect("connect");
+    let old = front.info().sectors;
+    assert_eq!(old, 8192, "4 MiB");
+    let mut data = vec![0u8; 8 << 10];
+    fill_pattern(&mut data, old, 9);
+    let beyond = front.request(0, &IoRequest::Write { sector: old, data: &data }).expect("write");
+    assert_eq!(beyond.status, RSP_ERROR, "past the end before the resize");
+
+    // The image grows under the running guest (as `truncate -s`, `losetup -c` or `lvextend` would).
+    std::fs::OpenOptions::new().write(true).open(&image).and_then(|f| f.set_len(6 << 20)).expect("grow");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while bed.backend_node(id, "sectors").as_deref() != Some(&b"12288"[..]) {
+        assert!(std::time::Instant::now() < deadline, "the new size was never announced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(bed.backend_node(id, "state").as_deref(), Some(&b"4"[..]), "still Connected (written again)");
+    let c = front.request(0, &IoRequest::Write { sector: old, data: &data }).expect("write");
+    assert_eq!(c.status, RSP_OKAY, "the new blocks are served");
+    assert_eq!(check_pattern(&front.read(old, 8 << 10).expect("read"), old, 9), None);
+
+    // A disk that shrinks under the guest is not followed: the size served stays.
+    std::fs::OpenOptions::new().write(true).open(&image).and_then(|f| f.set_len(2 << 20)).expect("shrink");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(bed.backend_node(id, "sectors").as_deref(), Some(&b"12288"[..]), "a shrink is refused");
     front.close().expect("close");
     assert_eq!(bed.host.live_mappings(), 0);
 }

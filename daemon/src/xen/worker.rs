@@ -43,9 +43,6 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp)?;
     sandbox::lock_down(Role::XenGuest, args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
-    if let Some(control) = &mut control {
-        control.start()?;
-    }
 
     let serving = &args.serving;
     let (grant_mode, copy_without_persistent) = super::grant_mode(serving.grant_mode);
@@ -74,6 +71,16 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         .context("watching the guest's vbd directory")?
         .with_disk_opener(Arc::new(BrokeredDisks { channel, domid: args.domid }));
     tracing::info!(domid = args.domid, grant_mode = ?serving.grant_mode, "worker serving the guest's vbds");
+    if let Some(control) = &mut control {
+        let resize = backend.resize_handle();
+        control.set_resize(Arc::new(move || {
+            resize.request();
+            "resize check requested: a disk that grew is announced to the guest now (its frontend reads the new \
+             size); a disk that shrank is refused and logged"
+                .to_string()
+        }));
+        control.start()?;
+    }
     let stop = backend.stop_handle();
     shutdown.set_hook(Some(Box::new(move || stop.stop())));
     let result = backend.run().context("the supervisor's channel or xenstore failed: every data plane was stopped");

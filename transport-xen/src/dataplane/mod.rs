@@ -371,7 +371,7 @@ impl Dataplane {
             Some(wrapper) => wrapper.wrap(io),
             None => io,
         };
-        let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io);
+        let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io).follow_capacity(disk.capacity_handle());
         if let Some(registry) = &options.stats {
             let labels =
                 vec![("transport", "xen".to_string()), ("domid", domid.to_string()), ("queue", index.to_string())];

@@ -312,6 +312,33 @@ impl VbdBackend {
         self.fatal(Fatal::new(libc::EIO, format!("ring halted: {reason}")));
     }
 
+    /// Look at the disk's size again; if it grew while the vbd is connected, tell the frontend as Linux blkback
+    /// does: the new `sectors` and the state written again (Connected) in one transaction, which makes Linux
+    /// blkfront read `sectors` and resize the disk. `Ok(None)` when no disk is open.
+    pub fn refresh_size(&mut self) -> Result<Option<device_blk::SizeChange>, String> {
+        let Some(open) = &self.disk else { return Ok(None) };
+        let change = open.disk.refresh_size().map_err(|e| e.to_string())?;
+        let device_blk::SizeChange::Grown { from, to } = change else { return Ok(Some(change)) };
+        tracing::info!(vbd = %self.id, from = from.0, to = to.0, "the disk grew");
+        if self.state == XenbusState::Connected {
+            let (sectors, state) = (self.paths.node("sectors"), self.paths.node("state"));
+            let store = &*self.store;
+            let connected = XenbusState::Connected.as_node();
+            let written = with_transaction(store, TX_ATTEMPTS, |tx| {
+                if read_optional(store, tx, &state)?.is_none() {
+                    return Ok(false);
+                }
+                store.write(tx, &sectors, to.0.to_string().as_bytes())?;
+                store.write(tx, &state, connected.as_bytes())?;
+                Ok(true)
+            });
+            if let Err(e) = written {
+                return Err(format!("announcing the new size of vbd {}: {e}", self.id));
+            }
+        }
+        Ok(Some(change))
+    }
+
     /// The xenstore connection is gone: stop the data plane (answering what is in flight, unmapping every grant)
     /// and release the disk, writing nothing. The vbd is done for this backend.
     pub fn abandon(&mut self) {

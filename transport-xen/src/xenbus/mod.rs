@@ -20,4 +20,4 @@ pub use dataplane_server::DataplaneServer;
 pub use device::{DeviceSource, Fatal};
 pub use rings::{RingServer, RunningRings};
 pub use state::{VbdId, VbdPaths, XenbusState};
-pub use supervisor::{Scope, StopHandle, XenBackend};
+pub use supervisor::{ResizeHandle, Scope, StopHandle, XenBackend};

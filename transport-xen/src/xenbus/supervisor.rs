@@ -28,6 +28,9 @@ use crate::xenbus::state::{vbd_root, VbdId};
 const ROOT_TOKEN: &str = "blkback-vbds";
 /// How long the driver loop sleeps without any event (a safety net; every wake-up is event driven).
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How often the disks' sizes are looked at again (a file extended, a loop device re-read with `losetup -c`, a
+/// logical volume extended: one `fstat` or `BLKGETSIZE64` per vbd).
+const SIZE_CHECK: Duration = Duration::from_secs(1);
 
 /// Which frontends' vbds a supervisor serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +66,25 @@ pub struct XenBackend {
     vbds: BTreeMap<VbdId, VbdBackend>,
     events: Vec<WatchEvent>,
     stop: Arc<EventFd>,
+    /// Wakes the loop to look at the disks' sizes now.
+    resize: Arc<EventFd>,
+    /// When the sizes were last looked at.
+    sizes_checked: std::time::Instant,
     /// The vbds that existed at start were listed (and adopted).
     scanned: bool,
+}
+
+/// Asks a running [`XenBackend::run`] to look at its disks' sizes now (`blkbackd resize`).
+#[derive(Clone, Debug)]
+pub struct ResizeHandle(Arc<EventFd>);
+
+impl ResizeHandle {
+    /// Request the check; the loop does it at once.
+    pub fn request(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::error!(error = %e, "cannot signal the backend to check sizes");
+        }
+    }
 }
 
 impl std::fmt::Debug for XenBackend {
@@ -88,6 +108,7 @@ impl XenBackend {
             Scope::Domain(domid) => format!("{root}/{domid}"),
         };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("eventfd", &e))?;
+        let resize = EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("eventfd", &e))?;
         store.watch(&watch_path, ROOT_TOKEN)?;
         tracing::info!(watch = %watch_path, "xen block backend watching");
         Ok(XenBackend {
@@ -101,6 +122,8 @@ impl XenBackend {
             vbds: BTreeMap::new(),
             events: Vec::new(),
             stop: Arc::new(stop),
+            resize: Arc::new(resize),
+            sizes_checked: std::time::Instant::now(),
             scanned: false,
         })
     }
@@ -119,6 +142,21 @@ impl XenBackend {
     /// A handle that stops [`run`](Self::run) from another thread or a signal handler thread.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.stop.clone())
+    }
+
+    /// A handle that makes the loop look at the disks' sizes now.
+    pub fn resize_handle(&self) -> ResizeHandle {
+        ResizeHandle(self.resize.clone())
+    }
+
+    /// Look at every open disk's size again and announce those that grew (see [`VbdBackend::refresh_size`]).
+    pub fn refresh_sizes(&mut self) {
+        self.sizes_checked = std::time::Instant::now();
+        for (id, vbd) in &mut self.vbds {
+            if let Err(e) = vbd.refresh_size() {
+                tracing::warn!(vbd = %id, error = %e, "disk size");
+            }
+        }
     }
 
     /// A snapshot of every vbd.
@@ -184,14 +222,17 @@ impl XenBackend {
     /// Wait (up to `timeout`) for a watch event, a halted ring or a stop request, and handle it.
     /// Returns `false` once a stop was requested (after shutting every vbd down).
     pub fn poll_once(&mut self, timeout: Duration) -> Result<bool, XenError> {
-        let mut fds = vec![self.store.watch_fd(), self.stop.as_raw_fd()];
+        let mut fds = vec![self.store.watch_fd(), self.stop.as_raw_fd(), self.resize.as_raw_fd()];
         fds.extend(self.vbds.values().filter_map(VbdBackend::fatal_fd));
-        wait_readable(&fds, timeout).map_err(|e| XenError::os("poll", &e))?;
+        wait_readable(&fds, timeout.min(SIZE_CHECK)).map_err(|e| XenError::os("poll", &e))?;
         if self.stop.read().is_ok() {
             self.shutdown();
             return Ok(false);
         }
         self.process_events()?;
+        if self.resize.read().is_ok() || self.sizes_checked.elapsed() >= SIZE_CHECK {
+            self.refresh_sizes();
+        }
         Ok(true)
     }
 
