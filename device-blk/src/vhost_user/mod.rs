@@ -278,6 +278,11 @@ impl VhostUserBlkBackend {
         u64::from(self.options.num_queues) + 2
     }
 
+    /// Epoll id of a worker's resume eventfd (a round left chains for the next one).
+    fn resume_event(&self) -> u16 {
+        self.options.num_queues + 3
+    }
+
     /// Create queue `index`'s worker on the calling (worker) thread and watch its completion eventfd.
     fn start_worker(&self, index: usize) -> io::Result<QueueWorker> {
         let o = &self.options;
@@ -294,6 +299,7 @@ impl VhostUserBlkBackend {
         // is not reported again (epoll re-checks readiness before reporting).
         let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
         handler.register_listener(worker.completion_fd(), events, u64::from(self.completion_event()))?;
+        handler.register_listener(worker.resume_fd(), EventSet::IN, u64::from(self.resume_event()))?;
         if let Some(registry) = &o.stats {
             registry.register(vec![("transport", "vhost-user".into()), ("queue", index.to_string())], worker.stats());
         }
@@ -403,6 +409,10 @@ impl VhostUserBackend for VhostUserBlkBackend {
             }
             e if e == self.completion_event() => {
                 worker.on_completion(vring, &mem, !stopping);
+                true
+            }
+            e if e == self.resume_event() => {
+                worker.on_resume(vring, &mem, !stopping);
                 true
             }
             other => {

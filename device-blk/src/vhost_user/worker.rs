@@ -3,13 +3,14 @@
 //! It runs on the queue's own vring worker thread (one queue per thread), which owns the engine: an io_uring
 //! ring with `SINGLE_ISSUER` may only be submitted to from the thread that created it.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VhostUserBlkOptions;
 use crate::disk::Disk;
@@ -45,6 +46,9 @@ pub(super) struct QueueWorker {
     blocked: bool,
     /// Malformed chains seen: the first is logged as a warning, the rest at debug level.
     malformed: u64,
+    /// Signalled when a round stopped popping at its budget: the worker thread watches it and comes back for the
+    /// rest without waiting for a kick (which a guest need not send for chains it already published).
+    resume: EventFd,
 }
 
 impl QueueWorker {
@@ -61,6 +65,7 @@ impl QueueWorker {
             Some(wrapper) => wrapper.wrap(engine),
             None => engine,
         };
+        let resume = EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Io { what: "resume eventfd", source })?;
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,
@@ -69,7 +74,21 @@ impl QueueWorker {
             seg_max,
             blocked: false,
             malformed: 0,
+            resume,
         })
+    }
+
+    /// The eventfd signalled when a round left chains in the ring for the next one, for the worker's epoll
+    /// (level-triggered; [`on_resume`](Self::on_resume) clears it).
+    pub(super) fn resume_fd(&self) -> RawFd {
+        self.resume.as_raw_fd()
+    }
+
+    /// The worker's own wake-up after a round that used its budget: take the next share, as a kick would
+    /// (unless `may_pop` is false: the device is shutting down, and only completions are answered).
+    pub(super) fn on_resume(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, may_pop: bool) {
+        let _ = self.resume.read();
+        self.run(vring, mem, may_pop, false);
     }
 
     /// The engine's completion eventfd, for the worker's epoll.
@@ -122,7 +141,9 @@ impl QueueWorker {
         }
         if may_pop && self.queue.has_room() && avail_pending(&ring, mem) {
             let snapshot = mem.memory().into_inner();
-            self.pop_available(&mut ring, &snapshot, &mut used);
+            // What the budget leaves is taken by the next pass (polling goes on while there is work).
+            let mut budget = ring.get_queue().size();
+            self.pop_available(&mut ring, &snapshot, &mut used, &mut budget);
             if let Err(error) = self.queue.kick() {
                 tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
             }
@@ -172,8 +193,13 @@ impl QueueWorker {
         }
     }
 
-    /// Answer what finished (clearing the completion eventfd if `clear`), then with `pop` take every available
-    /// chain and submit them in one batch.
+    /// Answer what finished (clearing the completion eventfd if `clear`), then with `pop` take the available
+    /// chains, at most a ring's worth (counting malformed ones, answered at once), and submit them in one batch.
+    ///
+    /// The bound keeps a guest that always publishes one more chain (one answered at once frees its slot, so
+    /// backpressure never stops us) from holding the vring lock, and the worker thread, forever: the used entries
+    /// are published, the locks released, and the resume eventfd brings the worker back for the rest after it
+    /// has looked at its other events.
     fn run(&mut self, vring: &BlkVring, mem: &AtomicGuestMemory, pop: bool, clear: bool) {
         let mut ring = vring.get_mut();
         let mut used = false;
@@ -185,10 +211,12 @@ impl QueueWorker {
             notify_guest(&mut ring, self.index);
             used = false;
         }
+        let mut budget = ring.get_queue().size();
+        let mut exhausted = false;
         if pop {
             let snapshot = mem.memory().into_inner();
             loop {
-                self.pop_all(&mut ring, &snapshot, &mut used);
+                exhausted = self.pop_all(&mut ring, &snapshot, &mut used, &mut budget);
                 if let Err(error) = self.queue.kick() {
                     tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
                 }
@@ -198,7 +226,7 @@ impl QueueWorker {
                 }
                 // ...and may have made room for chains left in the ring, which no later event would bring back
                 // (their completion signal was consumed right here).
-                if !(self.blocked && self.queue.has_room()) {
+                if exhausted || !(self.blocked && self.queue.has_room()) {
                     break;
                 }
             }
@@ -206,50 +234,72 @@ impl QueueWorker {
         if used {
             notify_guest(&mut ring, self.index);
         }
+        drop(ring);
+        if exhausted {
+            if let Err(error) = self.resume.write(1) {
+                // Cannot happen short of a counter overflow; the guest's next kick resumes anyway.
+                tracing::error!(queue = self.index, %error, "cannot signal the resume eventfd");
+            }
+        }
     }
 
-    /// Pop chains until the ring is empty or the queue is full; with EVENT_IDX, re-arm the avail event and
-    /// re-check, so that a chain published meanwhile is not left without a kick.
-    fn pop_all(&mut self, ring: &mut RingState, mem: &Arc<GuestMemory>, used: &mut bool) {
+    /// Pop chains until the ring is empty, the queue is full or `budget` chains were taken; with EVENT_IDX,
+    /// re-arm the avail event and re-check, so that a chain published meanwhile is not left without a kick.
+    /// Returns whether the budget ran out (chains may be left that no kick will announce).
+    fn pop_all(&mut self, ring: &mut RingState, mem: &Arc<GuestMemory>, used: &mut bool, budget: &mut u16) -> bool {
         loop {
-            self.pop_available(ring, mem, used);
+            if self.pop_available(ring, mem, used, budget) {
+                return true;
+            }
             if self.blocked || !ring.get_queue().event_idx_enabled() {
-                return;
+                return false;
             }
             match ring.enable_notification() {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => return false,
                 Err(error) => {
                     tracing::debug!(queue = self.index, %error, "cannot re-arm guest notifications");
-                    return;
+                    return false;
                 }
             }
         }
     }
 
-    fn pop_available(&mut self, ring: &mut RingState, mem: &Arc<GuestMemory>, used: &mut bool) {
+    /// Pop chains until the ring is empty, the queue is full or `budget` chains were taken (each chain counts,
+    /// good or not). Returns whether the budget ran out.
+    fn pop_available(
+        &mut self,
+        ring: &mut RingState,
+        mem: &Arc<GuestMemory>,
+        used: &mut bool,
+        budget: &mut u16,
+    ) -> bool {
         self.blocked = false;
         loop {
             if !self.queue.has_room() {
                 // Backpressure: leave the rest in the avail ring; the next completion resumes.
                 self.blocked = true;
-                return;
+                return false;
+            }
+            if *budget == 0 {
+                return true;
             }
             let q = ring.get_queue_mut();
             if !q.ready() || q.avail_ring() == 0 {
-                return;
+                return false;
             }
             let chain = match q.iter(&**mem) {
                 Ok(mut available) => available.next(),
                 Err(error) => {
                     // E.g. an avail index more than a ring ahead: nothing can be taken until the driver resets.
                     self.log_bad_ring(&error);
-                    return;
+                    return false;
                 }
             };
             let Some(chain) = chain else {
-                return;
+                return false;
             };
+            *budget -= 1;
             let head = chain.head_index();
             match parse_chain(chain, &**mem, self.seg_max, &mut self.request) {
                 Parsed::Request { status } => {
@@ -259,7 +309,7 @@ impl QueueWorker {
                     if unsafe { self.queue.submit(&self.request, &**mem, cookie) }.is_err() {
                         ring.get_queue_mut().go_to_previous_position();
                         self.blocked = true;
-                        return;
+                        return false;
                     }
                 }
                 Parsed::Refused { status, error } => {

@@ -266,3 +266,112 @@ fn disk_errors_injected_under_the_worker_reach_the_guest_as_ioerr() {
         assert_eq!(worker.in_flight(), 0);
     }
 }
+
+/// The hostile driver: keeps a full ring of chains published ahead of what the worker returned (each slot of the
+/// avail ring is refilled as soon as its chain is in the used ring), all with head 0 (a lone header, no status
+/// byte: malformed, returned at once without taking a slot), until `quit` or a few seconds have passed. Counts
+/// every used entry it sees (the used index wraps at 2^16).
+struct ChainStorm {
+    quit: Arc<std::sync::atomic::AtomicBool>,
+    used_total: Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ChainStorm {
+    fn start(mem: Arc<GuestMemory>, avail: GuestAddress, used: GuestAddress) -> ChainStorm {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let quit = Arc::new(AtomicBool::new(false));
+        let used_total = Arc::new(AtomicU64::new(0));
+        let (q, total) = (Arc::clone(&quit), Arc::clone(&used_total));
+        let thread = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let idx = |base: GuestAddress| base.unchecked_add(2);
+            let mut published: u16 = mem.load(idx(avail), Ordering::Acquire).expect("avail idx");
+            let mut last_used: u16 = mem.load(idx(used), Ordering::Acquire).expect("used idx");
+            let mut seen = 0u64;
+            while !q.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let now: u16 = mem.load(idx(used), Ordering::Acquire).expect("used idx");
+                seen += u64::from(now.wrapping_sub(last_used));
+                last_used = now;
+                total.store(seen, Ordering::SeqCst);
+                if published.wrapping_sub(now) >= QUEUE_SIZE {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let entry = avail.unchecked_add(4 + 2 * u64::from(published % QUEUE_SIZE));
+                mem.write_obj(0u16, entry).expect("avail entry");
+                published = published.wrapping_add(1);
+                mem.store(published, idx(avail), Ordering::Release).expect("avail idx");
+            }
+        });
+        ChainStorm { quit, used_total, thread: Some(thread) }
+    }
+
+    /// Used entries seen so far, once the count has settled (call while the worker is not running).
+    fn settled_used(&self) -> u64 {
+        let mut last = self.used_total.load(Ordering::SeqCst);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = self.used_total.load(Ordering::SeqCst);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for ChainStorm {
+    fn drop(&mut self) {
+        self.quit.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+}
+
+#[test]
+fn a_guest_always_one_malformed_chain_ahead_gets_rounds_of_at_most_a_ring() {
+    let h = Harness::new();
+    let snapshot = h.atomic.memory();
+    let driver = h.driver(&snapshot);
+    let mut worker = h.worker(EngineKind::Sync);
+    // Rings of our own (the mock's used ring overlaps the second half of its avail ring, which a driver going
+    // round and round the ring reaches), over the mock's descriptor table.
+    let (avail, used) = (GuestAddress(0x8000), GuestAddress(0x9000));
+    h.vring.set_queue_info(driver.mq.desc_table_addr().0, avail.0, used.0).expect("ring addresses");
+    // Descriptor 0: a lone 16-byte header, no status byte.
+    let header = driver.mq.desc_table_addr();
+    snapshot.write_obj(HEADERS, header).expect("descriptor address");
+    snapshot.write_obj(16u32, header.unchecked_add(8)).expect("descriptor length");
+    snapshot.write_obj(0u32, header.unchecked_add(12)).expect("descriptor flags and next");
+    let storm = ChainStorm::start(h.atomic.memory().into_inner(), avail, used);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let mut total = 0;
+    for round in 0..8 {
+        let before = storm.settled_used();
+        if round == 0 {
+            worker.on_kick(&h.vring, &h.atomic);
+        } else {
+            assert!(readable(worker.resume_fd()), "round {round}: the worker asked to come back for the rest");
+            worker.on_resume(&h.vring, &h.atomic, true);
+        }
+        let taken = storm.settled_used() - before;
+        // Each round returns after at most a ring's worth of chains, releasing the vring, and asks to be resumed
+        // (the guest need not kick again for chains it already published).
+        assert!(taken <= u64::from(QUEUE_SIZE), "round {round} took {taken} chains (ring of {QUEUE_SIZE})");
+        assert!(taken > 0, "round {round} took nothing");
+        total += taken;
+    }
+    assert!(readable(worker.resume_fd()), "the storm still goes on: the worker will be back");
+    drop(storm);
+    assert!(total > u64::from(QUEUE_SIZE), "the storm kept the worker busy over several rounds ({total} chains)");
+    assert_eq!(worker.in_flight(), 0, "malformed chains take no slot");
+}

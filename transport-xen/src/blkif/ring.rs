@@ -328,6 +328,14 @@ impl<L: BlkifLayout> FrontRing<L> {
         has(self)
     }
 
+    /// Write a request into the next slot whether or not the ring has room for it (hostile frontends in tests:
+    /// one that refills slots as soon as the backend wrote their response, before the responses are published).
+    /// [`push_requests`](Self::push_requests) publishes it.
+    pub fn put_request_unchecked(&mut self, raw: &RawRequest) {
+        self.ring.write_entry(self.req_prod_pvt, &raw.bytes, L::REQUEST_SIZE);
+        self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
+    }
+
     /// Overwrite the shared `req_prod` (hostile frontends in tests).
     pub fn set_req_prod_raw(&mut self, value: u32) {
         fence(Ordering::Release);

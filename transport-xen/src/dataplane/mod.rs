@@ -2,10 +2,13 @@
 //!
 //! [`Dataplane::start`] maps each queue's ring, binds its event channel, builds its I/O engine, and spawns one
 //! worker thread per queue. A worker runs an epoll loop over the event channel, the engine's completion eventfd
-//! and a stop eventfd. Per wake-up it consumes every available request (copy out once, decode and check the copy,
-//! bind the data pages, submit to `device-blk`'s `BlockQueue`), kicks the engine once, drains completions into
-//! responses, releases their pages, and publishes the responses with at most one notification per batch, as
-//! ring.h's `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` and `RING_FINAL_CHECK_FOR_REQUESTS` require.
+//! and a stop eventfd. Per round it consumes the available requests, at most a ring's worth (copy out once, decode
+//! and check the copy, bind the data pages, submit to `device-blk`'s `BlockQueue`), kicks the engine once, drains
+//! completions into responses, releases their pages, and publishes the responses with at most one notification
+//! per batch, as ring.h's `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` and `RING_FINAL_CHECK_FOR_REQUESTS` require.
+//! A round that used its whole budget goes back to the event loop, which looks at its events without waiting and
+//! starts the next round at once: however fast a frontend queues requests, the stop request is seen within a
+//! round, so [`Dataplane::stop`] does not depend on the guest.
 //!
 //! Flush and barrier semantics:
 //! - `FLUSH_DISKCACHE` without data: `fdatasync` (every write completed before it is durable when it completes).

@@ -9,13 +9,14 @@ use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::slot::{blkif_status, Phase, Slot};
+use super::slot::{blkif_status, Slot};
 use super::{FatalState, QueueStats};
-use crate::blkif::{BackRing, BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError, RSP_EOPNOTSUPP, RSP_ERROR};
-use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_OKAY};
-use crate::grant_memory::{BindError, BouncePool, SegmentMapper};
+use crate::blkif::{BackRing, BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError};
+use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_ERROR, RSP_OKAY};
+use crate::grant_memory::{BouncePool, SegmentMapper};
 use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
 
+mod intake;
 mod poll;
 
 const TOKEN_EVTCHN: u64 = 0;
@@ -114,6 +115,9 @@ struct Worker<L, G: GrantTable, E> {
     answered: u64,
     /// In a polling pass: the ring's request event index is left behind (the frontend need not notify).
     polling: bool,
+    /// The last look at the ring stopped at its budget with requests left: the event loop comes back to the ring
+    /// without sleeping (it only looks at its events in between).
+    more_work: bool,
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
 }
@@ -179,6 +183,7 @@ pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setu
         unmask_at: None,
         answered: 0,
         polling: false,
+        more_work: false,
         fatal: setup.fatal,
         stats: setup.stats,
     };
@@ -211,9 +216,15 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             if self.stopping && self.in_use() == 0 {
                 return;
             }
-            let timeout = self.unmask_at.map_or(-1, |at| {
-                i32::try_from(at.saturating_duration_since(Instant::now()).as_millis() + 1).unwrap_or(i32::MAX)
-            });
+            // Work left on the ring by a round that used its budget: look at the events (the stop request) without
+            // waiting, then take the next share.
+            let timeout = if self.more_work {
+                0
+            } else {
+                self.unmask_at.map_or(-1, |at| {
+                    i32::try_from(at.saturating_duration_since(Instant::now()).as_millis() + 1).unwrap_or(i32::MAX)
+                })
+            };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -226,7 +237,9 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     2
                 }
             };
-            QueueStats::add(&self.stats.wakeups, 1);
+            if n > 0 || timeout != 0 {
+                QueueStats::add(&self.stats.wakeups, 1);
+            }
             self.dispatch(&events[..n]);
             self.round(&mut events);
         }
@@ -357,142 +370,6 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         self.stats.halted.store(true, Ordering::SeqCst);
         self.remove_fd(self.evtchn.fd());
         self.fatal.report(format!("queue {}: {err}", self.index));
-    }
-
-    /// Consume requests while there is room, then re-arm the event index and look once more.
-    fn process_ring(&mut self) {
-        self.start_held();
-        loop {
-            if self.halted || self.stopping {
-                return;
-            }
-            let avail = match self.ring.unconsumed() {
-                Ok(n) => n,
-                Err(e) => return self.halt(&e),
-            };
-            for _ in 0..avail {
-                if self.held.is_some() || self.barrier_active || self.free.is_empty() || !self.queue.has_room() {
-                    // Backpressure: completions bring us back here; no final check, so no event is asked for.
-                    self.kick();
-                    return;
-                }
-                if !self.ring.next_request(&mut self.raw) {
-                    break;
-                }
-                QueueStats::add(&self.stats.requests, 1);
-                if self.polling {
-                    QueueStats::add(&self.stats.polled_requests, 1);
-                }
-                self.taken += 1;
-                let Some(idx) = self.free.pop() else { break };
-                self.accept(idx);
-            }
-            self.kick();
-            if self.polling {
-                // The request event index stays behind: the frontend need not notify while we look anyway.
-                return;
-            }
-            match self.ring.final_check_for_requests() {
-                Ok(0) => return,
-                Ok(_) => continue,
-                Err(e) => return self.halt(&e),
-            }
-        }
-    }
-
-    fn kick(&mut self) {
-        if std::mem::take(&mut self.unkicked) {
-            match self.queue.kick() {
-                Ok(()) => QueueStats::add(&self.stats.kicks, 1),
-                Err(e) => {
-                    // Retried on the next wake-up; requests stay in flight (their pages mapped) until answered.
-                    self.unkicked = true;
-                    if !self.halted {
-                        self.halted = true;
-                        self.stats.halted.store(true, Ordering::SeqCst);
-                        self.fatal.report(format!("queue {}: I/O engine: {e}", self.index));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Decode and check a freshly copied request in slot `idx`, then start it (or answer it at once).
-    fn accept(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        if let Err(fault) = slot.req.decode::<L>(&self.raw, self.config.max_indirect) {
-            tracing::debug!(queue = self.index, %fault, "request refused");
-            return self.finish(idx, fault.status());
-        }
-        if slot.req.indirect.is_some() {
-            if let Err(fault) = self.mapper.load_indirect(&mut slot.req) {
-                tracing::debug!(queue = self.index, %fault, "indirect request refused");
-                return self.finish(idx, fault.status());
-            }
-        }
-        if matches!(slot.req.op, BlkifOp::Discard { secure: true }) && !self.config.discard_secure {
-            return self.finish(idx, RSP_EOPNOTSUPP);
-        }
-        slot.plan();
-        if slot.has_data_phase() {
-            if let Err(e) = slot.dev.validate(self.queue.geometry()) {
-                tracing::debug!(queue = self.index, error = %e, "request refused");
-                return self.finish(idx, blkif_status(e.status()));
-            }
-        }
-        if let Start::Held = self.start(idx) {
-            self.held = Some(idx);
-        }
-    }
-
-    fn start_held(&mut self) {
-        if let Some(idx) = self.held.take() {
-            if let Start::Held = self.start(idx) {
-                self.held = Some(idx);
-            }
-        }
-    }
-
-    /// Bind the pages of slot `idx` and submit its first phase; a barrier waits for every other request.
-    fn start(&mut self, idx: u32) -> Start {
-        let others = self.in_use() - 1;
-        let slot = &mut self.slots[idx as usize];
-        if slot.barrier && others > 0 {
-            return Start::Held;
-        }
-        if slot.pages.is_empty() && !slot.req.segments.is_empty() {
-            match self.mapper.bind(&slot.req, &mut slot.pages) {
-                Ok(()) => {}
-                Err(BindError::Busy) => return Start::Held,
-                Err(BindError::Fault(fault)) => {
-                    tracing::debug!(queue = self.index, %fault, "request refused");
-                    self.finish(idx, fault.status());
-                    return Start::Going;
-                }
-            }
-        }
-        if slot.barrier {
-            self.barrier_active = true;
-        }
-        self.submit_phase(idx);
-        Start::Going
-    }
-
-    /// Submit the next phase of slot `idx`.
-    fn submit_phase(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        let request = match slot.next_phase() {
-            Some(Phase::Data) => &slot.dev,
-            Some(Phase::Flush) => &self.flush,
-            None => return self.finish(idx, RSP_OKAY),
-        };
-        // SAFETY: the request's pages stay bound in `slot.pages` (and `slot.pages.memory` unchanged) until the
-        // slot is finished, which happens only after its cookie came out of `drain`.
-        if unsafe { self.queue.submit(request, &slot.pages.memory, idx) }.is_err() {
-            tracing::error!(queue = self.index, "engine full although a slot was free");
-            return self.finish(idx, RSP_ERROR);
-        }
-        self.unkicked = true;
     }
 
     /// Take the engine's completions (from its completion ring: the eventfd is edge-triggered and never read):
