@@ -13,6 +13,7 @@ pub mod emulated;
 #[cfg(feature = "test-utils")]
 pub mod frontend;
 pub mod grant_memory;
+pub mod separation;
 pub mod services;
 pub mod xen;
 pub mod xenbus;

@@ -1,23 +1,17 @@
 //! `blkbackd xen`: the Xen host service. A small privileged supervisor ([`supervisor`]) watches `backend/vbd`
 //! and runs one unprivileged worker process per guest domain ([`worker`], `blkbackd xen-worker`), which serves
 //! that guest's vbds through the transport's xenbus backend and data plane. The worker opens nothing itself: the
-//! supervisor's [`broker`] opens its disks (with the diskseq pin) and event-channel handles (restricted to the
-//! guest), hands it the descriptors over a socket, and carries its xenstore requests within [`policy`].
+//! supervisor's broker (`transport_xen::separation`) opens its disks (with the diskseq pin) and event-channel
+//! handles (restricted to the guest), hands it the descriptors over a socket, and carries its xenstore requests
+//! within the guest's policy.
 //!
 //! `blkbackd xen --cleanup D [--devid N]` is the path for a backend that died: it moves every vbd of domain D
 //! (or only `backend/vbd/D/N`) to Closed, writes an `error` node and answers the requests the dead backend left
 //! on the rings with an I/O error, so the guest's I/O fails instead of hanging.
 
-pub mod broker;
 pub mod cleanup;
-pub mod client;
-pub mod policy;
 pub mod supervisor;
-pub mod wire;
 pub mod worker;
-
-#[cfg(test)]
-mod tests;
 
 use std::path::Path;
 

@@ -36,12 +36,12 @@ use transport_xen::xenbus::device::LocalDiskOpener;
 use transport_xen::xenbus::{close_vbd_failing_io, VbdPaths, XenbusState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::broker::{Broker, SessionEnd, Welcome};
-use super::wire;
 use crate::cli::{value_name, LogFormat, XenArgs};
 use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
 use crate::signals::Shutdown;
+use transport_xen::separation::broker::{Broker, SessionEnd, Welcome};
+use transport_xen::separation::wire;
 
 /// The system user the package creates for the workers.
 pub const DEFAULT_USER: &str = "blkbackd";

@@ -18,11 +18,11 @@ use transport_xen::xen::GntDev;
 use transport_xen::xenbus::dataplane_server::DataplaneServer;
 use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
 
-use super::client::{BrokeredDisks, BrokeredEvtchn, BrokeredStore, Channel};
 use crate::cli::XenWorkerArgs;
 use crate::control::ControlServer;
 use crate::sandbox::{self, Role};
 use crate::signals::Shutdown;
+use transport_xen::separation::client::{BrokeredDisks, BrokeredEvtchn, BrokeredStore, Channel};
 
 /// Serve one guest until SIGTERM (or the supervisor goes away).
 pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ pub mod blkif_dataplane;
 pub mod blkif_request;
 pub mod blkif_ring;
 pub mod virtio_chain;
+pub mod worker_request;
 pub mod xenbus_frontend;
 pub mod xenbus_nodes;
 pub mod xenstore_frames;
@@ -43,4 +44,5 @@ targets!(
     blkif_dataplane,
     xenbus_nodes,
     xenbus_frontend,
+    worker_request,
 );

@@ -12,7 +12,7 @@
 //! Paths are compared component by component after a strict syntax check (absolute, no empty, `.` or `..`
 //! components, no NUL, at most 3072 bytes), so `backend/vbd/1` never matches `backend/vbd/12`.
 
-use transport_xen::services::DomId;
+use crate::services::DomId;
 
 /// xenstore's longest absolute path.
 const MAX_PATH: usize = 3072;

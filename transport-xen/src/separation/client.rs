@@ -8,16 +8,14 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
+use crate::services::{DomId, EventChannelOpener, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore};
+use crate::xen::EvtchnDevice;
+use crate::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, Fatal, OpenedDisk};
+use crate::xenbus::nodes::{Mode, PhysicalDevice};
+use crate::xenbus::VbdId;
 use device_blk::disk::DirectIo;
 use device_blk::units::{BlockSize, Sector};
 use device_blk::{Disk, DiskKind, Geometry};
-use transport_xen::services::{
-    DomId, EventChannelOpener, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore,
-};
-use transport_xen::xen::EvtchnDevice;
-use transport_xen::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, Fatal, OpenedDisk};
-use transport_xen::xenbus::nodes::{Mode, PhysicalDevice};
-use transport_xen::xenbus::VbdId;
 
 use super::wire::{self, DiskGrant, Event, Reply, Request, WireError, WireSource};
 

@@ -14,11 +14,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
+use crate::services::{with_transaction, DomId, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore};
+use crate::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, OpenedDisk};
+use crate::xenbus::{VbdId, VbdPaths};
 use device_blk::disk::DirectIo;
 use device_blk::DiskKind;
-use transport_xen::services::{with_transaction, DomId, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore};
-use transport_xen::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, OpenedDisk};
-use transport_xen::xenbus::{VbdId, VbdPaths};
 
 use super::policy::{Access, Policy};
 use super::wire::{self, DiskGrant, Event, Reply, Request, WireError, WireSource};
@@ -196,7 +196,7 @@ impl Broker {
         let id = VbdId { domid: self.domid, devid };
         let paths = VbdPaths::new(&self.domain_path, id);
         let store = &*self.store;
-        let read = |tx, name: &str| transport_xen::services::read_optional(store, tx, &paths.node(name));
+        let read = |tx, name: &str| crate::services::read_optional(store, tx, &paths.node(name));
         let nodes = with_transaction(store, 16, |tx| {
             Ok(DeviceNodes {
                 physical_device: read(tx, "physical-device")?,
@@ -232,7 +232,7 @@ fn grant_of(opened: &OpenedDisk) -> DiskGrant {
             }
             DeviceSource::ImageFile(path) => WireSource::ImageFile(path.to_string_lossy().into_owned()),
         },
-        read_only_mode: opened.mode == transport_xen::xenbus::nodes::Mode::ReadOnly,
+        read_only_mode: opened.mode == crate::xenbus::nodes::Mode::ReadOnly,
         read_only: g.read_only,
         path: disk.path().to_string_lossy().into_owned(),
         block_device: match disk.kind() {

@@ -8,11 +8,11 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::emulated::EmulatedXenStore;
+use crate::services::{TxId, WatchEvent, XenError, XenStore};
+use crate::xenbus::device::{DeviceNodes, DiskOpener, LocalDiskOpener};
+use crate::xenbus::VbdId;
 use device_blk::disk::DirectIo;
-use transport_xen::emulated::EmulatedXenStore;
-use transport_xen::services::{TxId, WatchEvent, XenError, XenStore};
-use transport_xen::xenbus::device::{DeviceNodes, DiskOpener, LocalDiskOpener};
-use transport_xen::xenbus::VbdId;
 
 use super::broker::{Broker, SessionEnd, Welcome};
 use super::client::{BrokeredDisks, BrokeredStore, Channel};

@@ -6,6 +6,10 @@
 //! may have taken over: it is decoded with `postcard` from a bounded buffer (a length field can never make it
 //! allocate more than the packet holds) and then judged by [`super::policy`].
 
+// The fields of the messages are the arguments and results of the `XenStore` methods and `Geometry` fields of
+// the same names, documented there.
+#![allow(missing_docs)]
+
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -52,7 +56,7 @@ pub enum Request {
     OpenEventChannel,
 }
 
-/// Why a request failed, as [`transport_xen::services::XenError`] says it.
+/// Why a request failed, as [`crate::services::XenError`] says it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireError {
     /// `NotFound`.
@@ -155,12 +159,26 @@ pub fn seqpacket_pair() -> io::Result<(UnixDatagram, UnixDatagram)> {
     Ok(unsafe { (UnixDatagram::from_raw_fd(fds[0]), UnixDatagram::from_raw_fd(fds[1])) })
 }
 
-/// Send `message` with `fds` attached, as one packet.
-pub fn send<T: Serialize>(socket: &UnixDatagram, message: &T, fds: &[RawFd]) -> io::Result<()> {
+/// One message as the bytes of its packet (refused if it would not fit one).
+pub fn encode<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
     let bytes = postcard::to_allocvec(message).map_err(io::Error::other)?;
     if bytes.len() >= MAX_PACKET {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("message of {} bytes", bytes.len())));
     }
+    Ok(bytes)
+}
+
+/// Decode one message from the bytes of its packet.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> io::Result<T> {
+    if bytes.len() >= MAX_PACKET {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "packet too large"));
+    }
+    postcard::from_bytes(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+}
+
+/// Send `message` with `fds` attached, as one packet.
+pub fn send<T: Serialize>(socket: &UnixDatagram, message: &T, fds: &[RawFd]) -> io::Result<()> {
+    let bytes = encode(message)?;
     if fds.is_empty() {
         socket.send(&bytes)?;
     } else {
@@ -176,7 +194,7 @@ pub fn recv<'a, T: Deserialize<'a>>(socket: &UnixDatagram, buf: &'a mut [u8]) ->
     if n == 0 {
         return Ok(None);
     }
-    decode(&buf[..n], buf.len()).map(Some)
+    checked(&buf[..n], buf.len()).map(Some)
 }
 
 /// Receive one packet with up to [`MAX_FDS`] descriptors. `Ok(None)` when the peer closed its end.
@@ -198,15 +216,16 @@ pub fn recv_with_fds<'a, T: Deserialize<'a>>(
     if n == 0 && fds.is_empty() {
         return Ok(None);
     }
-    let message = decode(&buf[..n], buf.len())?;
+    let message = checked(&buf[..n], buf.len())?;
     Ok(Some((message, fds)))
 }
 
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], capacity: usize) -> io::Result<T> {
+/// Decode a received packet; one that filled the whole buffer may have been cut short and is refused.
+fn checked<'a, T: Deserialize<'a>>(bytes: &'a [u8], capacity: usize) -> io::Result<T> {
     if bytes.len() >= capacity {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "packet too large (truncated)"));
     }
-    postcard::from_bytes(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
+    decode(bytes)
 }
 
 #[cfg(test)]

@@ -1,0 +1,3 @@
+#![no_main]
+//! See `blkback_fuzz::targets::worker_request` for the input layout and the invariants.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| blkback_fuzz::targets::worker_request::run(data));
