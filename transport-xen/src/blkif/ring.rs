@@ -103,7 +103,7 @@ pub struct BackRing<L> {
     ring: Shared<L>,
     req_cons: u32,
     rsp_prod_pvt: u32,
-    /// `rsp_prod` as we last published it (never re-read from the shared page).
+    /// `rsp_prod` when the frontend was last considered for an event (never re-read from the shared page).
     rsp_published: u32,
     /// Requests known to be available (`req_prod` as read, bounded).
     req_avail: u32,
@@ -195,8 +195,14 @@ impl<L: BlkifLayout> BackRing<L> {
         true
     }
 
-    /// Write a response into the next response slot (not yet visible to the frontend). Refused (`false`) if every
+    /// Write a response into the next response slot and publish it at once (`rsp_prod`), without an event:
+    /// [`push_responses`](Self::push_responses) decides whether the frontend gets one. Refused (`false`) if every
     /// consumed request is already answered.
+    ///
+    /// Responses and requests share the ring's slots, so a response written and left unpublished overwrites a
+    /// request that nothing else remembers: if this process died then, whoever answers what it left (the
+    /// supervisor, [`resume`](Self::resume)) would read that slot as a request. Publishing each response as it is
+    /// written leaves at most the slot being written ambiguous, for the few instructions it takes.
     pub fn put_response(&mut self, rsp: &BlkifResponse) -> bool {
         if self.outstanding() == 0 {
             return false;
@@ -204,10 +210,13 @@ impl<L: BlkifLayout> BackRing<L> {
         let bytes: [u8; MAX_RESPONSE_SIZE] = rsp.encode::<L>();
         self.ring.write_entry(self.rsp_prod_pvt, &bytes, L::RESPONSE_SIZE);
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+        // xen_wmb(): the frontend sees the response before the new producer index.
+        fence(Ordering::Release);
+        self.ring.index(RSP_PROD).store(self.rsp_prod_pvt, Ordering::Relaxed);
         true
     }
 
-    /// Publish the responses written so far and say whether the frontend wants an event
+    /// The responses since the last call are published already: say whether the frontend wants an event for them
     /// (`RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`).
     pub fn push_responses(&mut self) -> bool {
         let old = self.rsp_published;
@@ -215,9 +224,6 @@ impl<L: BlkifLayout> BackRing<L> {
         if old == new {
             return false;
         }
-        // xen_wmb(): the frontend sees the responses before the new producer index.
-        fence(Ordering::Release);
-        self.ring.index(RSP_PROD).store(new, Ordering::Relaxed);
         self.rsp_published = new;
         // xen_mb(): the producer index is visible before we read the frontend's event index.
         fence(Ordering::SeqCst);

@@ -174,6 +174,47 @@ mod tests {
         answers_everything_left::<X86_32>(BlkifAbi::X86_32);
     }
 
+    /// A backend killed in the middle of a batch (responses written, no event sent yet): what it answered keeps
+    /// its answer, and only the requests it never answered are failed, with their own ids and operations.
+    #[test]
+    fn a_backend_killed_mid_batch_leaves_its_answers_and_only_the_rest_fails() {
+        let host = EmulatedHost::new().expect("host");
+        let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
+        let mut fe = RingFrontend::<X86_64>::new(guest, 0, 0).expect("ring");
+        let batch: Vec<RawRequest> = (0..4).map(|i| request::<X86_64>(OP_READ + (i % 2) as u8, 20 + i)).collect();
+        assert_eq!(fe.submit(&batch).expect("submit"), 4);
+        {
+            let queue = fe.queue_ring();
+            let grants = host.grant_table(0);
+            let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
+            // SAFETY: the mapping outlives the ring.
+            let mut dead = unsafe { BackRing::<X86_64>::new(m.as_ptr(), m.len()) }.expect("ring");
+            dead.unconsumed().expect("requests");
+            let mut raw = RawRequest::default();
+            for _ in 0..4 {
+                assert!(dead.next_request(&mut raw));
+                // It answered the first two, then died before pushing (no event, no push_responses).
+                if raw.id::<X86_64>() < 22 {
+                    dead.put_response(&BlkifResponse { id: raw.id::<X86_64>(), operation: raw.operation(), status: 0 });
+                }
+            }
+        }
+        let config = ConnectConfig {
+            frontend_domid: 5,
+            abi: BlkifAbi::X86_64,
+            queues: vec![fe.queue_ring()],
+            persistent_grants: false,
+            max_indirect_segments: 0,
+        };
+        let answered =
+            fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO).expect("answered");
+        assert_eq!(answered, 2, "only the two it never answered");
+        let responses = fe.wait_responses(4, Duration::from_secs(5)).expect("four answers");
+        let got: Vec<(u64, u8, i16)> = responses.iter().map(|r| (r.id, r.operation, r.status)).collect();
+        let expected = vec![(20, OP_READ, 0), (21, OP_WRITE, 0), (22, OP_READ, RSP_ERROR), (23, OP_WRITE, RSP_ERROR)];
+        assert_eq!(got, expected, "each answer carries its own request's id and operation");
+    }
+
     #[test]
     fn a_producer_beyond_the_ring_is_refused() {
         let host = EmulatedHost::new().expect("host");
