@@ -60,10 +60,16 @@ impl Lab {
 
     /// Run `xen-lab ARGS`, returning (success, combined output).
     fn run(&self, args: &[&str]) -> (bool, String) {
+        self.run_with(args, &[])
+    }
+
+    /// Run `xen-lab ARGS` with more environment variables.
+    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         eprintln!("xen-lab {}", args.join(" "));
         let out = Command::new("bash")
             .arg(lab_script())
             .args(args)
+            .envs(env.iter().copied())
             .env("XENLAB_DIR", &self.dir)
             .output()
             .expect("run xen-lab");
@@ -193,17 +199,19 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     // 2. Delete-on-close: an image file, our hotplug script, an autoclear loop device; once the domU is gone,
     //    blkbackd (still running) holds no grant mapping, no loop device, and exits cleanly on SIGTERM. Its
     //    workers poll (`--poll-us`).
-    let (ok, out) = lab.run(&[
+    // loglevel=6: the guest kernel's "detected capacity change" (KERN_INFO) reaches its console.
+    let (ok, out) = lab.run_with(&[
         "run-domu-fio",
         "--userspace",
         // `exec`: the lab's SIGTERM and its wait (up to 10 s) then reach the watcher, which outlives blkbackd.
         // Adaptive polling on, so that a real blkfront also runs its verify job against a polling worker.
-        "exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen --poll-us 20 --user 65534:65534",
+        // `GROW_MIB`: the watcher grows the image by 64 MiB once the vbd is Connected (live resize, during fio).
+        "GROW_MIB=64 exec /mnt/host/bin/watched-blkbackd /mnt/host/bin/blkbackd xen --poll-us 20 --user 65534:65534",
         "--hotplug",
         "/mnt/host/bin/block-blkbackd",
         "--backing",
         "file",
-    ]);
+    ], &[("XENLAB_DOMU_EXTRA", "loglevel=6")]);
     let results = lab.latest();
     assert!(ok, "fio through the hotplug script failed:\n{}", tail(&out, 60));
     let dom0_log = read(&results.join("domu-fio.log"));
@@ -231,6 +239,16 @@ fn blkbackd_serves_a_real_linux_blkfront() {
         "blkbackd held grant mappings or loop devices after the domU left: {after}\n{backend_log}"
     );
     eprintln!("blkbackd with one connected vbd: {}", check("connected "));
+    // Live resize: the image grew by 64 MiB while the guest ran fio; the worker announced it and the guest's
+    // blkfront took the new size (Linux logs the capacity change), with fio's verify still clean (checked above).
+    eprintln!("live resize: {}", check("grow "));
+    assert!(backend_log.contains("the disk grew"), "blkbackd never noticed the disk grew:\n{backend_log}");
+    let console = read_prefixed(&results.join("console"), "guest-");
+    assert!(
+        console.contains("detected capacity change"),
+        "the guest never saw the new size (no 'detected capacity change' on its console):\n{}",
+        tail(&console, 40)
+    );
     let exit = check("exit rc=");
     assert!(exit.starts_with("0 ") && exit.ends_with("blkbackd_left=[]"), "blkbackd did not exit cleanly: {exit}");
 
