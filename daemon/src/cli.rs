@@ -19,7 +19,7 @@ use crate::sandbox::{SandboxArgs, SeccompMode};
     after_help = "Examples:\n  \
         blkbackd demo\n  \
         blkbackd xen --frontend-domid 7\n  \
-        blkbackd vhost-user --socket /run/blkbackd/vm1.sock --disk /dev/loop3 --diskseq 42\n\n\
+        blkbackd vhost-user --socket-path /run/blkbackd/vm1.sock --disk /dev/loop3 --diskseq 42\n\n\
         Logs go to stderr; RUST_LOG sets the level (e.g. RUST_LOG=debug)."
 )]
 pub struct Cli {
@@ -56,14 +56,19 @@ pub enum Command {
     /// Serve a disk to vhost-user-blk frontends (QEMU, cloud-hypervisor, ...) on a Unix socket, one connection
     /// after another, until SIGTERM or SIGINT.
     #[command(after_help = "Examples:\n  \
-        blkbackd vhost-user --socket /run/blkbackd/vm1.sock --disk /srv/vm1.img --queues 2\n  \
-        blkbackd vhost-user --socket /run/blkbackd/vm2.sock --disk /dev/loop3 --diskseq 42 --read-only\n  \
-        blkbackd vhost-user --socket /run/blkbackd/vm3.sock --disk /srv/vm3.img --user blkbackd\n\n\
+        blkbackd vhost-user --socket-path /run/blkbackd/vm1.sock --disk /srv/vm1.img --queues 2\n  \
+        blkbackd vhost-user --socket-path /run/blkbackd/vm2.sock --disk /dev/loop3 --diskseq 42 --read-only\n  \
+        blkbackd vhost-user --socket-path /run/blkbackd/vm3.sock --disk /srv/vm3.img --user blkbackd \\\n      \
+        --socket-group kvm --socket-mode 0660 --pidfile /run/blkbackd/vm3.pid\n  \
+        blkbackd vhost-user --fd 3 --disk /srv/vm4.img        (a listening socket the VMM passes)\n\n\
         Privileges: once the disk and sockets are open, blkbackd drops every capability (and with --user becomes that\n\
         user) and filters its system calls (--seccomp enforce: an unexpected call ends it with a log line naming the\n\
         call; --seccomp log while developing: see dmesg). For the socket files to be removed on exit, their directory\n\
         must be writable by the --user.\n\n\
-        QEMU: -chardev socket,id=blk0,path=/run/blkbackd/vm1.sock -device vhost-user-blk-pci,chardev=blk0,num-queues=2\n\
+        Socket activation: started by a systemd socket unit (LISTEN_FDS), blkbackd serves the socket it passes and\n\
+        tells systemd once it is ready (Type=notify).\n\n\
+        QEMU: -chardev socket,id=blk0,path=/run/blkbackd/vm1.sock,reconnect-ms=1000\n\
+        -device vhost-user-blk-pci,chardev=blk0,num-queues=2\n\
         (guest memory must be shared: -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem)")]
     VhostUser(VhostUserArgs),
     /// Serve Xen vbds (blkif over grant tables and event channels) from this domain, as a host service: a small
@@ -109,20 +114,43 @@ pub enum Command {
 /// `blkbackd vhost-user`.
 #[derive(Debug, Args)]
 pub struct VhostUserArgs {
-    /// Unix socket to listen on (a stale socket file nobody listens on is replaced).
+    /// Unix socket to listen on (a stale socket file nobody listens on is replaced). Without it: `--fd`, or the
+    /// socket systemd passes (socket activation, `LISTEN_FDS`).
+    #[arg(long = "socket-path", visible_alias = "socket", value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on this inherited descriptor: a Unix stream socket that already listens (the VMM or service manager
+    /// that starts blkbackd bound it).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..))]
+    pub fd: Option<i32>,
+    /// Print what this backend supports as the vhost-user backend conventions define it (JSON) and exit; every
+    /// other argument is ignored.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Permission bits of the socket file `--socket-path` creates, in octal (e.g. 0660 with --socket-group, or
+    /// 0666): who may connect. Default: as the umask leaves them.
+    #[arg(long, value_name = "MODE", requires = "socket_path", conflicts_with = "fd",
+          value_parser = crate::vhost_user::parse_mode)]
+    pub socket_mode: Option<u32>,
+    /// Group of the socket file `--socket-path` creates (NAME or GID), e.g. the group an unprivileged QEMU runs
+    /// in (needs root, or membership of that group).
+    #[arg(long, value_name = "NAME|GID", requires = "socket_path", conflicts_with = "fd",
+          value_parser = crate::vhost_user::parse_group)]
+    pub socket_group: Option<u32>,
+    /// Write the process id to this file once listening (removed on exit if its directory lets the --user).
     #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub pidfile: Option<PathBuf>,
     /// The disk to serve.
     #[command(flatten)]
     pub disk: DiskArgs,
     /// Request queues, each served by its own thread.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(device_blk::vhost_user::MAX_QUEUES)))]
     pub queues: u16,
-    /// Largest virtqueue size the frontend may set (a power of two).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE)]
+    /// Largest virtqueue size the frontend may set: a power of two from 4 to 32768.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE, value_parser = parse_queue_size)]
     pub queue_size: u16,
     /// Most requests in flight per queue (default: the queue size); more wait in the ring until some complete.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub io_depth: Option<u32>,
     /// Serial number returned by GET_ID (at most 20 bytes; default: `diskseq-<n>` for a block device, else the
     /// file name).
@@ -148,6 +176,31 @@ pub struct VhostUserArgs {
     /// (one system call per batch).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = BatchingArg::Unplugged)]
     pub io_batching: BatchingArg,
+}
+
+impl VhostUserArgs {
+    /// The one check clap cannot make: some socket to listen on (a path, a descriptor, or socket activation).
+    pub fn check_socket(&self) -> Result<(), clap::Error> {
+        if self.socket_path.is_some() || self.fd.is_some() || crate::vhost_user::activation_requested() {
+            return Ok(());
+        }
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let sub = command.find_subcommand_mut("vhost-user").map(|s| s.clone().bin_name("blkbackd vhost-user"));
+        Err(sub.unwrap_or(command).error(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "no socket to listen on: give --socket-path <PATH> or --fd <N>, or start blkbackd from a systemd \
+             socket unit (LISTEN_FDS)",
+        ))
+    }
+}
+
+/// `--queue-size`: a power of two the virtqueue code supports.
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let max = device_blk::vhost_user::MAX_QUEUE_SIZE;
+    match text.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (4..=u32::from(max)).contains(&n) => Ok(n as u16),
+        _ => Err(format!("not a power of two from 4 to {max} (4, 8, 16, ..., {max})")),
+    }
 }
 
 /// `--io-batching`.
@@ -313,13 +366,14 @@ pub enum GrantModeArg {
 /// Which disk, and how to open it.
 #[derive(Debug, Args)]
 pub struct DiskArgs {
-    /// Regular file or block device.
-    #[arg(long = "disk", value_name = "PATH")]
+    /// Regular file or block device (`--blk-file`, the vhost-user conventions' name, is the same option).
+    #[arg(long = "disk", visible_alias = "blk-file", value_name = "PATH")]
     pub path: PathBuf,
     /// Refuse the device unless its disk sequence number is N (decimal as in sysfs, or 0x hex).
     #[arg(long, value_name = "N", value_parser = parse_diskseq_arg)]
     pub diskseq: Option<u64>,
-    /// Serve the disk read-only.
+    /// Serve the disk read-only (needed for a file without write permission or on a read-only mount, and for a
+    /// read-only block device).
     #[arg(long)]
     pub read_only: bool,
     /// O_DIRECT: `auto` uses it where the file system allows, `on` requires it, `off` never uses it.

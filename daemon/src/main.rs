@@ -1,7 +1,9 @@
 //! `blkbackd`: a per-guest userspace block backend.
 //!
 //! `main` parses the command line, sets up logging and signal handling, and hands over to the subcommand's
-//! module. Any setup error ends the process with one line on stderr (`blkbackd: error: ...`) and exit code 1.
+//! module. A usage error (a missing or invalid argument) prints clap's whole message (what is missing, the valid
+//! values, the usage line) and exits with code 2; any setup error after that ends the process with one line on
+//! stderr (`blkbackd: error: ...`) and exit code 1.
 
 mod cli;
 mod coexist;
@@ -16,26 +18,23 @@ mod xen;
 
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
 use clap::Parser;
 
 use cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
+    // The vhost-user backend conventions: answer whatever else the command line holds.
+    if vhost_user::capabilities_requested(std::env::args_os()) {
+        print!("{}", vhost_user::capabilities_json());
+        return ExitCode::SUCCESS;
+    }
+    // Help and version: stdout, exit 0. Usage errors: clap's own message on stderr, exit 2.
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    if let Command::VhostUser(args) = &cli.command {
+        if let Err(e) = args.check_socket() {
             e.exit()
         }
-        Err(e) => return fail(usage_message(&e)),
-    };
+    }
     logging::init(cli.log_format);
     let shutdown = match signals::Shutdown::install() {
         Ok(shutdown) => shutdown,
@@ -103,11 +102,4 @@ fn fail(message: String) -> ExitCode {
     let one_line = message.replace('\n', " ");
     eprintln!("blkbackd: error: {one_line}");
     ExitCode::from(1)
-}
-
-/// clap's message (which spans several lines with usage hints) as one line.
-fn usage_message(e: &clap::Error) -> String {
-    let rendered = e.render().to_string();
-    let first = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid command line");
-    format!("{} (see 'blkbackd --help')", first.trim_start_matches("error: ").trim())
 }

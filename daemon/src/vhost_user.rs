@@ -1,11 +1,10 @@
 //! `blkbackd vhost-user`: serve a disk to one vhost-user-blk frontend after another.
 
-use std::fs;
+mod listen;
+
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +17,19 @@ use vhost::vhost_user::Listener;
 
 use crate::cli::VhostUserArgs;
 use crate::control::ControlServer;
+use crate::notify::Notifier;
 use crate::sandbox::{self, CapSet, Role};
 use crate::signals::Shutdown;
 
+pub use listen::{activation_requested, capabilities_json, capabilities_requested, parse_group, parse_mode};
+use listen::{Access, PidFile, SocketFile};
+
 /// Open the disk, listen on the socket, and serve until a shutdown is requested.
 pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
+    // Inherited descriptors first, before anything opened here could take the number of one that was not passed;
+    // the systemd notification socket before the system call filter forbids creating sockets.
+    let inherited = listen::inherited(args.fd, args.socket_path.as_deref())?;
+    let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
     let disk = Arc::new(Disk::open(&args.disk.path, &args.disk.options())?);
     let serial = match &args.serial {
         Some(s) => serial_from_str(s)?,
@@ -45,8 +52,19 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     };
     let server = VhostUserBlkServer::new(Arc::clone(&disk), options)?;
     probe_engine(&disk, args.engine.into(), server.options().effective_io_depth())?;
-    let socket = SocketFile::bind(&args.socket)?;
-    let mut listener = Listener::from(socket.listener.try_clone().context("cannot duplicate the socket")?);
+    let (socket, shown) = match (inherited, &args.socket_path) {
+        (Some(listener), _) => {
+            let shown = inherited_name(&listener, args.fd);
+            (Socket::Inherited(listener), shown)
+        }
+        (None, Some(path)) => {
+            let access = Access { mode: args.socket_mode, group: args.socket_group };
+            (Socket::Bound(SocketFile::bind(path, access)?), path.display().to_string())
+        }
+        (None, None) => bail!("no socket to listen on: give --socket-path PATH or --fd N"),
+    };
+    let mut listener = Listener::from(socket.listener().try_clone().context("cannot duplicate the socket")?);
+    let _pidfile = args.pidfile.as_deref().map(PidFile::write).transpose()?;
     // Everything is open: from here on no root, no capability, and only the system calls serving needs. The other
     // threads start afterwards and inherit it.
     sandbox::drop_privileges(args.sandbox.user.as_ref(), CapSet::EMPTY)?;
@@ -56,11 +74,14 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         control.start()?;
     }
     tracing::info!(
-        socket = %args.socket.display(), disk = %args.disk.path.display(), queues = args.queues,
+        socket = %shown, disk = %args.disk.path.display(), queues = args.queues,
         queue_size = args.queue_size, poll_us = args.poll_us, serial = %String::from_utf8_lossy(&serial).trim_end_matches('\0'),
         "serving vhost-user-blk"
     );
-    while wait_for_frontend(&socket.listener, shutdown)? {
+    if let Err(error) = notifier.ready() {
+        tracing::warn!(error = format!("{error:#}"), "cannot tell systemd that blkbackd is ready");
+    }
+    while wait_for_frontend(socket.listener(), shutdown)? {
         let connection = match server.accept(&mut listener) {
             Ok(connection) => connection,
             Err(e @ ServeError::Setup(_)) => return Err(e.into()),
@@ -79,8 +100,38 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
             tracing::warn!(%error, "frontend session ended with an error");
         }
     }
+    if let Err(error) = notifier.stopping() {
+        tracing::debug!(error = format!("{error:#}"), "cannot tell systemd that blkbackd stops");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The socket we listen on: bound here (its file removed on exit) or inherited (left to whoever made it).
+enum Socket {
+    Bound(SocketFile),
+    Inherited(UnixListener),
+}
+
+impl Socket {
+    fn listener(&self) -> &UnixListener {
+        match self {
+            Socket::Bound(file) => &file.listener,
+            Socket::Inherited(listener) => listener,
+        }
+    }
+}
+
+/// How an inherited socket is named in the log: its descriptor, how it came, and its path if it has one.
+fn inherited_name(listener: &UnixListener, fd: Option<i32>) -> String {
+    let how = match fd {
+        Some(fd) => format!("fd {fd} (--fd)"),
+        None => "fd 3 (socket activation)".to_string(),
+    };
+    match listener.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())) {
+        Some(path) => format!("{path}, {how}"),
+        None => how,
+    }
 }
 
 /// Fail at startup, not at the guest's first request, if the chosen engine cannot be built here. (Each queue
@@ -118,53 +169,6 @@ fn wait_for_frontend(listener: &UnixListener, shutdown: &Shutdown) -> anyhow::Re
         }
         if fds[0].revents != 0 {
             bail!("the vhost-user socket failed (poll events {:#x})", fds[0].revents);
-        }
-    }
-}
-
-/// The listening socket; its file is removed when this is dropped, if it is still ours.
-struct SocketFile {
-    path: PathBuf,
-    id: (u64, u64),
-    listener: UnixListener,
-}
-
-impl SocketFile {
-    /// Listen on `path`. A socket file nobody listens on (left by a crashed process) is replaced; a live one
-    /// or anything that is not a socket is an error.
-    fn bind(path: &Path) -> anyhow::Result<SocketFile> {
-        let shown = path.display();
-        let listener = match UnixListener::bind(path) {
-            Ok(listener) => listener,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                let meta = fs::symlink_metadata(path).with_context(|| format!("cannot listen on {shown}"))?;
-                if !meta.file_type().is_socket() {
-                    bail!("cannot listen on {shown}: it exists and is not a socket");
-                }
-                match UnixStream::connect(path) {
-                    Ok(_) => bail!("cannot listen on {shown}: the socket is in use by a running process"),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        tracing::info!(socket = %shown, "replacing a stale socket file nobody listens on");
-                        fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {shown}"))?;
-                        UnixListener::bind(path).with_context(|| format!("cannot listen on {shown}"))?
-                    }
-                    Err(e) => return Err(e).with_context(|| format!("cannot listen on {shown}: the socket exists")),
-                }
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot listen on {shown}")),
-        };
-        let meta = fs::metadata(path).with_context(|| format!("cannot stat the socket {shown}"))?;
-        Ok(SocketFile { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), listener })
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if ours {
-            if let Err(error) = fs::remove_file(&self.path) {
-                tracing::warn!(socket = %self.path.display(), %error, "cannot remove the socket");
-            }
         }
     }
 }
