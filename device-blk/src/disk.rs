@@ -74,6 +74,31 @@ pub enum DiskError {
         /// Cause.
         source: io::Error,
     },
+    /// Opening for writing was refused (a read-only mount, no write permission, a read-only device) but the disk
+    /// can be read: serving it read-only is what the user most likely wants.
+    #[error(
+        "cannot open {path} for writing: {source}; it can be read: serve it read-only (blkbackd vhost-user \
+         --read-only), or make it writable"
+    )]
+    NeedsReadOnly {
+        /// Path.
+        path: PathBuf,
+        /// Why writing was refused.
+        source: io::Error,
+    },
+    /// A regular file nobody may write (no `w` bit), asked for read-write: root could write it anyway, but the
+    /// mode says the image is meant to stay as it is.
+    #[error(
+        "{path} has no write permission (mode {mode:04o}), so it is not served read-write, even to root: serve it \
+         read-only (blkbackd vhost-user --read-only), or give it write permission (chmod u+w) if the guest may \
+         change it"
+    )]
+    WriteProtected {
+        /// Path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Neither a regular file nor a block device.
     #[error("{path} is neither a regular file nor a block device")]
     NotADisk {
@@ -183,10 +208,13 @@ impl Disk {
     /// a device node whose minor was reused for another disk is never served in its place.
     pub fn open(path: impl AsRef<Path>, options: &DiskOptions) -> Result<Disk, DiskError> {
         let path = path.as_ref().to_path_buf();
-        let (file, direct) = open_file(&path, options)?;
+        let (file, direct) = open_file(&path, options).map_err(|e| read_only_hint(e, options))?;
         let meta =
             file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
         let file_type = meta.file_type();
+        if file_type.is_file() && !options.read_only && meta.mode() & 0o222 == 0 {
+            return Err(DiskError::WriteProtected { path, mode: meta.mode() & 0o7777 });
+        }
         let (kind, mut geometry) = if file_type.is_block_device() {
             let rdev = meta.rdev();
             let (major, minor) = (libc::major(rdev), libc::minor(rdev));
@@ -212,13 +240,27 @@ impl Disk {
                 return Err(DiskError::DiskseqMismatch { path, expected, actual });
             }
         }
+        if geometry.read_only && !options.read_only {
+            tracing::warn!(path = %path.display(), "the block device is read-only (BLKROGET): serving it read-only");
+        }
         geometry.read_only |= options.read_only;
         geometry.direct_io = direct;
-        // Never expose a trailing partial logical block.
+        // Never expose a trailing partial logical block: the guest addresses whole blocks only, so the tail could
+        // be neither read nor written. Served with a warning rather than refused: images whose size is not a
+        // multiple of the block size are common (raw exports, hand-made files) and the tail holds no guest data.
+        let size = if kind == DiskKind::File { meta.len() } else { geometry.size_bytes() };
         let lbs_sectors = geometry.logical_block_size.sectors();
         geometry.capacity = Sector(geometry.capacity.0 / lbs_sectors * lbs_sectors);
         if geometry.capacity.0 == 0 {
             return Err(DiskError::Empty { path, block_size: geometry.logical_block_size.bytes() });
+        }
+        let left_out = size - geometry.size_bytes();
+        if left_out > 0 {
+            let block = geometry.logical_block_size.bytes();
+            tracing::warn!(
+                path = %path.display(), size, served = geometry.size_bytes(), left_out,
+                "the disk is not a whole number of {block}-byte blocks: its last {left_out} bytes are not served"
+            );
         }
         tracing::info!(
             path = %path.display(), ?kind, sectors = geometry.capacity.0, direct, read_only = geometry.read_only,
@@ -361,6 +403,21 @@ impl Disk {
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A refused read-write open of a disk that can be read becomes [`DiskError::NeedsReadOnly`] (the hint to pass
+/// `--read-only`); every other error stays as it is.
+fn read_only_hint(error: DiskError, options: &DiskOptions) -> DiskError {
+    match error {
+        DiskError::Open { path, source }
+            if !options.read_only
+                && matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
+                && OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path).is_ok() =>
+        {
+            DiskError::NeedsReadOnly { path, source }
+        }
+        other => other,
     }
 }
 
