@@ -1,11 +1,14 @@
 //! What an operator sees of the `blkbackd` command line: help with examples for every subcommand, a version
-//! line that names what the build can do, JSON logs on request, and one-line errors with exit code 1.
+//! line that names what the build can do, JSON logs on request, usage errors as clap renders them (what is
+//! missing or invalid, the valid values) with exit code 2, one-line setup errors with exit code 1 and a hint where
+//! there is one, and the vhost-user backend conventions' `--print-capabilities`.
 
 mod vhost_user_client;
 
 use std::process::Command;
 
 use vhost_user_client::daemon::blkbackd;
+use vhost_user_client::{Daemon, Scratch};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(blkbackd()).args(args).output().expect("run blkbackd");
@@ -78,7 +81,7 @@ fn xen_without_xenstore_is_a_one_line_error() {
 
 #[test]
 fn stats_report_live_counters_over_the_control_socket() {
-    use vhost_user_client::{BlkClient, Daemon, Op, Scratch};
+    use vhost_user_client::{BlkClient, Op};
     let scratch = Scratch::new(1 << 20, 0);
     let control = scratch.dir.path().join("ctl.sock");
     let control_arg = control.to_str().expect("utf-8");
@@ -111,4 +114,154 @@ fn stats_report_live_counters_over_the_control_socket() {
     let (code, _, stderr) = run(&["stats", "--control", "/nonexistent/ctl.sock"]);
     assert_eq!(code, 1);
     assert!(stderr.starts_with("blkbackd: error: cannot connect to /nonexistent/ctl.sock"), "{stderr}");
+}
+
+/// `blkbackd vhost-user --socket-path <dir>/s.sock --disk <disk> <extra...>`, run to exit.
+fn run_vhost_user(scratch: &Scratch, disk: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let socket = scratch.dir.path().join("s.sock");
+    let mut args = vec!["vhost-user", "--socket-path", socket.to_str().expect("UTF-8")];
+    args.extend(["--disk", disk.to_str().expect("UTF-8")]);
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn a_missing_argument_is_named_with_the_usage_and_exit_code_2() {
+    let (code, stdout, stderr) = run(&["vhost-user", "--socket-path", "/run/x.sock"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.starts_with("error: the following required arguments were not provided:"), "{stderr}");
+    assert!(stderr.contains("--disk <PATH>") && stderr.contains("Usage: blkbackd vhost-user"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_value_lists_the_valid_ones_with_exit_code_2() {
+    let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--engine", "aio"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid value 'aio' for '--engine <ENGINE>'"), "{stderr}");
+    assert!(stderr.contains("[possible values: auto, io-uring, sync]"), "{stderr}");
+}
+
+#[test]
+fn no_socket_is_a_usage_error_naming_the_ways_to_give_one() {
+    let out = Command::new(blkbackd())
+        .args(["vhost-user", "--disk", "/dev/null"])
+        .env_remove("LISTEN_FDS")
+        .output()
+        .expect("run blkbackd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: no socket to listen on: give --socket-path <PATH> or --fd <N>"), "{stderr}");
+    assert!(stderr.contains("LISTEN_FDS") && stderr.contains("Usage: blkbackd vhost-user"), "{stderr}");
+}
+
+#[test]
+fn socket_path_and_fd_are_mutually_exclusive() {
+    for path_option in ["--socket-path", "--socket"] {
+        let (code, _, stderr) = run(&["vhost-user", path_option, "s", "--fd", "3", "--disk", "d"]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains("'--socket-path <PATH>' cannot be used with '--fd <N>'"), "{stderr}");
+    }
+    let (code, _, stderr) = run(&["vhost-user", "--fd", "3", "--socket-mode", "0666", "--disk", "d"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("'--fd <N>' cannot be used with '--socket-mode <MODE>'"), "{stderr}");
+}
+
+#[test]
+fn out_of_range_queues_name_the_supported_range() {
+    for queues in ["70000", "0", "65"] {
+        let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--queues", queues]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(&format!("'{queues}' for '--queues <N>'")), "{stderr}");
+        assert!(stderr.contains("1..=64") && !stderr.contains("65535"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_queue_size_must_be_a_power_of_two_in_range() {
+    for size in ["100", "2", "65536", "0"] {
+        let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--queue-size", size]);
+        assert_eq!(code, 2, "{size}: {stderr}");
+        assert!(stderr.contains("not a power of two from 4 to 32768"), "{stderr}");
+    }
+    let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--io-depth", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("'0' for '--io-depth <N>'") && stderr.contains("1.."), "{stderr}");
+}
+
+#[test]
+fn a_bad_socket_mode_or_group_is_a_usage_error() {
+    let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--socket-mode", "0999"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not octal permission bits"), "{stderr}");
+    let (code, _, stderr) = run(&["vhost-user", "--socket-path", "s", "--disk", "d", "--socket-group", "no-such-grp"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no such group \"no-such-grp\""), "{stderr}");
+}
+
+#[test]
+fn print_capabilities_answers_json_whatever_else_is_given() {
+    for args in [&["vhost-user", "--print-capabilities"][..], &["vhost-user", "--queues", "0", "--print-capabilities"]]
+    {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        // The vhost-user.json schema's block capabilities; compared without the layout's white space.
+        let compact: String = stdout.chars().filter(|c| !c.is_whitespace()).collect();
+        assert_eq!(compact, r#"{"type":"block","features":["read-only","blk-file"]}"#, "{stdout}");
+    }
+}
+
+#[test]
+fn a_file_without_write_permission_is_refused_with_the_read_only_hint() {
+    let scratch = Scratch::new(1 << 20, 0);
+    std::fs::set_permissions(&scratch.disk, std::os::unix::fs::PermissionsExt::from_mode(0o444)).expect("chmod");
+    // As root the open succeeds; the mode is checked all the same.
+    let (code, _, stderr) = run_vhost_user(&scratch, &scratch.disk, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("blkbackd: error: "), "{stderr}");
+    assert!(last.contains("no write permission (mode 0444)") || last.contains("Permission denied"), "{last}");
+    assert!(last.contains("--read-only"), "{last}");
+    let socket = scratch.dir.path().join("ro.sock");
+    let mut daemon = Daemon::start(&socket, &scratch.disk, &["--read-only"]);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(vhost_user_client::daemon::PROCESS_TIMEOUT).code(), Some(0), "served read-only");
+}
+
+#[test]
+fn a_disk_on_a_read_only_mount_gets_the_read_only_hint() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipping: mounting a read-only file system needs root and unshare");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A private mount namespace: the read-only tmpfs vanishes with the shell.
+    let script = r#"mount -t tmpfs blkbackd-test "$1" && head -c 1048576 /dev/zero > "$1/disk.img" &&
+        mount -o remount,ro "$1" && exec "$0" vhost-user --socket-path "$1/../s.sock" --disk "$1/disk.img""#;
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(blkbackd())
+        .arg(&mnt)
+        .output()
+        .expect("unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("Read-only file system") && last.contains("--read-only"), "{last}");
+}
+
+#[test]
+fn an_image_with_a_partial_last_sector_is_served_with_a_warning_naming_the_bytes() {
+    let scratch = Scratch::new((1 << 20) + 100, 0);
+    let mut daemon = Daemon::start(&scratch.socket, &scratch.disk, &[]);
+    let log = daemon.stderr();
+    assert!(log.contains("WARN") && log.contains("its last 100 bytes are not served"), "{log}");
+    let client = vhost_user_client::BlkClient::connect(&scratch.socket, 1, 16, false, 4096).expect("connect");
+    assert_eq!(u64::from(client.config().capacity), 2048, "whole sectors only");
+    drop(client);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(vhost_user_client::daemon::PROCESS_TIMEOUT).code(), Some(0));
 }

@@ -1,6 +1,6 @@
 //! The `blkbackd vhost-user` process: graceful shutdown on SIGTERM/SIGINT (socket removed, in-flight requests
-//! answered), one-line setup errors with exit code 1, the socket file's life, and the diskseq pin on real loop
-//! devices.
+//! answered), one-line setup errors with exit code 1 (usage errors: exit code 2), the socket file's life, and the
+//! diskseq pin on real loop devices.
 
 // Test constants (status codes, offsets of a few MiB) are narrowed freely.
 #![allow(clippy::cast_possible_truncation)]
@@ -85,15 +85,16 @@ fn setup_errors_exit_1_with_one_line() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(error_line(&stderr).contains("regular file"), "{stderr}");
 
+    // Usage errors are clap's whole message and exit code 2 (tests/cli.rs checks their text).
     let (status, stderr) =
         Daemon::run_to_exit(&vhost_user_args(&scratch.socket, &scratch.disk, &["--diskseq", "seven"]));
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(error_line(&stderr).contains("--diskseq"), "{stderr}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: invalid value 'seven' for '--diskseq <N>'"), "{stderr}");
 
     let (status, stderr) =
         Daemon::run_to_exit(&vhost_user_args(&scratch.socket, &scratch.disk, &["--queue-size", "100"]));
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(error_line(&stderr).contains("queue size 100"), "{stderr}");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'100' for '--queue-size <N>'"), "{stderr}");
 
     let (status, stderr) =
         Daemon::run_to_exit(&vhost_user_args(&scratch.socket, &scratch.disk, &["--serial", "123456789012345678901"]));

@@ -87,7 +87,9 @@ pub fn inherited(fd: Option<RawFd>, socket_path: Option<&Path>) -> anyhow::Resul
         (Some(fd), None, _) => adopt(fd, &format!("--fd {fd}")).map(Some),
         (None, Some(count), None) => {
             if count != 1 {
-                bail!("socket activation passed {count} sockets (LISTEN_FDS={count}); the socket unit must listen on one");
+                bail!(
+                    "socket activation passed {count} sockets (LISTEN_FDS={count}); the socket unit must listen on one"
+                );
             }
             let listener = adopt(LISTEN_FDS_START, "the socket-activation descriptor (LISTEN_FDS)")?;
             for name in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
@@ -111,9 +113,10 @@ fn activation_fds() -> anyhow::Result<Option<u32>> {
     let Some(fds) = std::env::var_os("LISTEN_FDS") else { return Ok(None) };
     let pid = std::env::var_os("LISTEN_PID").unwrap_or_default();
     let number = |value: &OsStr, name: &str| {
-        value.to_str().and_then(|s| s.parse::<u32>().ok()).with_context(|| {
-            format!("socket activation: {name}={} is not a number", value.to_string_lossy())
-        })
+        value
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .with_context(|| format!("socket activation: {name}={} is not a number", value.to_string_lossy()))
     };
     if number(&pid, "LISTEN_PID")? != std::process::id() {
         tracing::debug!(listen_pid = %pid.to_string_lossy(), "LISTEN_FDS is meant for another process, ignored");
@@ -138,15 +141,15 @@ fn adopt(fd: RawFd, what: &str) -> anyhow::Result<UnixListener> {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `value`.
-        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+        let rc =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(value)
     };
     let query = |name, what_option| option(name).with_context(|| format!("{what}: cannot read {what_option}"));
-    if query(libc::SO_DOMAIN, "SO_DOMAIN")? != libc::AF_UNIX || query(libc::SO_TYPE, "SO_TYPE")? != libc::SOCK_STREAM
-    {
+    if query(libc::SO_DOMAIN, "SO_DOMAIN")? != libc::AF_UNIX || query(libc::SO_TYPE, "SO_TYPE")? != libc::SOCK_STREAM {
         bail!("{what}: descriptor {fd} is not a Unix stream socket (vhost-user needs AF_UNIX, SOCK_STREAM)");
     }
     if query(libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? == 0 {
@@ -297,7 +300,15 @@ mod tests {
     fn capabilities_are_asked_for_after_the_subcommand_only() {
         let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
         assert!(capabilities_requested(args(&["blkbackd", "vhost-user", "--print-capabilities"])));
-        assert!(capabilities_requested(args(&["blkbackd", "--log-format", "json", "vhost-user", "--queues", "0", "--print-capabilities"])));
+        assert!(capabilities_requested(args(&[
+            "blkbackd",
+            "--log-format",
+            "json",
+            "vhost-user",
+            "--queues",
+            "0",
+            "--print-capabilities"
+        ])));
         assert!(!capabilities_requested(args(&["blkbackd", "xen", "--print-capabilities"])));
         assert!(!capabilities_requested(args(&["blkbackd", "vhost-user", "--", "--print-capabilities"])));
     }

@@ -63,21 +63,32 @@ impl Daemon {
             vec!["vhost-user".into(), "--socket".into(), path_arg(socket), "--disk".into(), path_arg(disk)];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut daemon = Daemon::spawn(&args, socket);
+        daemon.wait_listening();
+        daemon
+    }
+
+    /// Wait until the daemon logs that it listens and its socket file exists.
+    pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + PROCESS_TIMEOUT;
-        while !(socket.exists() && daemon.stderr().contains(READY)) {
-            if let Some(status) = daemon.child.try_wait().expect("try_wait") {
-                panic!("blkbackd exited with {status} before listening:\n{}", daemon.stderr());
+        while !(self.socket.exists() && self.stderr().contains(READY)) {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("blkbackd exited with {status} before listening:\n{}", self.stderr());
             }
             assert!(Instant::now() < deadline, "blkbackd did not listen within {PROCESS_TIMEOUT:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
-        daemon
     }
 
     /// Start `blkbackd <args...>` without waiting for anything.
     pub fn spawn(args: &[String], socket: &Path) -> Daemon {
-        let mut child = Command::new(blkbackd())
-            .args(args)
+        let mut command = Command::new(blkbackd());
+        command.args(args);
+        Daemon::spawn_command(command, socket)
+    }
+
+    /// Start `command` (which runs blkbackd, maybe through a shell) with stderr collected, without waiting.
+    pub fn spawn_command(mut command: Command, socket: &Path) -> Daemon {
+        let mut child = command
             // BLKBACKD_TEST_LOG (e.g. `debug`) must keep info-level messages: readiness is read from the log.
             .env("RUST_LOG", std::env::var("BLKBACKD_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
