@@ -197,8 +197,8 @@ impl VhostUserArgs {
 /// `--queue-size`: a power of two the virtqueue code supports.
 fn parse_queue_size(text: &str) -> Result<u16, String> {
     let max = device_blk::vhost_user::MAX_QUEUE_SIZE;
-    match text.parse::<u32>() {
-        Ok(n) if n.is_power_of_two() && (4..=u32::from(max)).contains(&n) => Ok(n as u16),
+    match text.parse::<u16>() {
+        Ok(n) if n.is_power_of_two() && (4..=max).contains(&n) => Ok(n),
         _ => Err(format!("not a power of two from 4 to {max} (4, 8, 16, ..., {max})")),
     }
 }

@@ -3,6 +3,9 @@
 //! socket passed with `--fd`, a `--pidfile`, and a socket that `--socket-mode`/`--socket-group` open to an
 //! unprivileged VMM.
 
+// Test constants and C structure sizes are narrowed freely.
+#![allow(clippy::cast_possible_truncation)]
+
 mod vhost_user_client;
 
 use std::os::fd::{AsRawFd, RawFd};

@@ -139,8 +139,8 @@ fn adopt(fd: RawFd, what: &str) -> anyhow::Result<UnixListener> {
     }
     let option = |name: libc::c_int| -> io::Result<libc::c_int> {
         let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `value`.
+        let mut len: libc::socklen_t = 4; // size_of::<c_int>()
+                                          // SAFETY: getsockopt writes at most `len` bytes into `value`.
         let rc =
             unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
         if rc < 0 {
