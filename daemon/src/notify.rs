@@ -25,7 +25,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// Connects to `$NOTIFY_SOCKET` now (before any seccomp filter), or a no-op notifier if it is unset or empty.
-    // Not yet called: the `blkbackd xen` supervisor calls it first thing (tests use `from_value`, no env races).
+    // `blkbackd xen` and `blkbackd vhost-user` call it first thing (tests use `from_value`: no env races).
     pub fn from_env() -> anyhow::Result<Self> {
         Self::from_value(std::env::var_os(NOTIFY_SOCKET).as_deref())
     }
