@@ -199,7 +199,7 @@ fn blkbackd_serves_a_real_linux_blkfront() {
     // 2. Delete-on-close: an image file, our hotplug script, an autoclear loop device; once the domU is gone,
     //    blkbackd (still running) holds no grant mapping, no loop device, and exits cleanly on SIGTERM. Its
     //    workers poll (`--poll-us`).
-    // loglevel=6: the guest kernel's "detected capacity change" (KERN_INFO) reaches its console.
+    // ignore_loglevel: the guest kernel's "detected capacity change" (KERN_INFO) reaches its console.
     let (ok, out) = lab.run_with(&[
         "run-domu-fio",
         "--userspace",
@@ -211,7 +211,7 @@ fn blkbackd_serves_a_real_linux_blkfront() {
         "/mnt/host/bin/block-blkbackd",
         "--backing",
         "file",
-    ], &[("XENLAB_DOMU_EXTRA", "loglevel=6")]);
+    ], &[("XENLAB_DOMU_EXTRA", "ignore_loglevel")]);
     let results = lab.latest();
     assert!(ok, "fio through the hotplug script failed:\n{}", tail(&out, 60));
     let dom0_log = read(&results.join("domu-fio.log"));
