@@ -38,19 +38,22 @@ DEVID=51728                                        # xvdb
 BE=/local/domain/0/backend/vbd
 SVC_LOG=$OUT/service.log
 DOMUS="1 2 3"
+RING_RE='io_uring:? ring restricted'                 # the engine's line (debug level today: see RUST_LOG)
+export RUST_LOG=${RUST_LOG:-info,device_blk::engine::uring=debug}
 
 now() { local u _; read -r u _ < /proc/uptime; echo "$u"; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 note() { echo "svc-note: [$(now)] $*"; }
 check() { echo "svc-check: $*"; }
 
-# workers: one "PID DOMID" line per process whose command line has the argument `xen-worker`
-# (bash builtins only: a process started per /proc entry takes seconds in the TCG dom0).
+# workers: one "PID DOMID" line per process with an argument `xen-worker` (one grep over every command line,
+# then bash builtins: a process started per /proc entry takes seconds in the TCG dom0; `[r]` keeps grep's own
+# command line from matching)
 workers() {
   local f p i a d
-  for f in /proc/[0-9]*/cmdline; do
+  for f in $(grep -l -a 'xen-worke[r]' /proc/[0-9]*/cmdline 2>/dev/null); do
     a=()
-    mapfile -d '' -t a < "$f" 2>/dev/null || continue
+    mapfile -d '' -t a 2>/dev/null < "$f" || continue
     p=${f#/proc/}; p=${p%/cmdline}
     for ((i = 0; i < ${#a[@]}; i++)); do
       [ "${a[i]}" = xen-worker ] || continue
@@ -72,8 +75,8 @@ blkbackd_procs() {
   local f p c a
   for f in /proc/[0-9]*/comm; do
     p=${f#/proc/}; p=${p%/comm}
-    c=""; read -r c < "$f" 2>/dev/null
-    a=(); mapfile -d '' -t a < "/proc/$p/cmdline" 2>/dev/null
+    c=""; read -r c 2>/dev/null < "$f"
+    a=(); mapfile -d '' -t a 2>/dev/null < "/proc/$p/cmdline"
     case "$c ${a[0]:-}" in *blkbackd*) echo -n "$p(${a[1]:-}${a[2]:+ ${a[2]}}${a[3]:+ ${a[3]}}) " ;; esac
   done
 }
@@ -166,13 +169,13 @@ check "connected all=$conn after_s=$(since $T_CREATE)$states"
 sleep 1   # rings are set up just after Connected is written
 all=$(workers)
 check "workers count=$(echo -n "$all" | grep -c .) list=[$(echo "$all" | tr '\n' ';')]"
-restricted_total=$(grep -c 'io_uring ring restricted' "$SVC_LOG")
+restricted_total=$(grep -cE "$RING_RE" "$SVC_LOG")
 for n in $DOMUS; do
   d=${DID[$n]:-x}
   p=$(echo "$all" | awk -v d="$d" '$2 == d { print $1 }' | head -n1)
   WPID[$n]=$p
   # ring lines naming this guest (domid=D, domid: D, domain D, frontend_domid=D) or this pid
-  rr=$(grep 'io_uring ring restricted' "$SVC_LOG" | grep -cE "(domid|domain|frontend_domid|frontend-domid)[=: ]+\"?$d\b|pid[=: ]+$p\b")
+  rr=$(grep -E "$RING_RE" "$SVC_LOG" | grep -cE "(domid|domain|frontend_domid|frontend-domid)[=: ]+\"?$d\b|pid[=: ]+$p\b")
   if [ -n "$p" ]; then
     check "worker domu=$n domid=$d pid=$p ring_restricted=$rr$(status_kv $p) threads=$(awk '/^Threads:/ {print $2}' /proc/$p/status)"
     status_raw "worker domu=$n" "$p"
@@ -236,8 +239,8 @@ if alive ${DID[3]:-x}; then
   p3=$(worker_of ${DID[3]})
   T_D=$(now); xl destroy svc3; drc=$?; T_DD=$(now)
   END[3]=destroyed
-  gone=""
-  while [ "$(since $T_DD | cut -d. -f1)" -lt 15 ]; do
+  gone=""; [ -n "$p3" ] || gone=n/a
+  while [ -z "$gone" ] && [ "$(since $T_DD | cut -d. -f1)" -lt 15 ]; do
     p=$(worker_of ${DID[3]})
     if [ -z "$p" ]; then gone=$(since $T_DD); break; fi
     sleep 0.1
