@@ -15,7 +15,7 @@
 //!
 //! Root only (QEMU, losetup). Skipped with the reason printed when not root, with `BLKBACKD_SKIP_XEN_LAB=1`, or
 //! without the lab script. Lab work dir: `/tmp/xen-lab-service` (`XENLAB_DIR`); QEMU gets 3 GiB for the three
-//! 384 MiB guests next to the 1 GiB dom0. About 4 minutes on 2 cores.
+//! 384 MiB guests next to the 1 GiB dom0. 3.5 minutes on 2 idle cores (7.5 with two other builds running).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

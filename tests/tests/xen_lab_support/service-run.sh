@@ -26,8 +26,8 @@ set -u
 BIN=${BIN:-/mnt/host/bin/blkbackd}
 SVC_USER=${SVC_USER:-65534:65534}
 DISK_SIZE=${DISK_SIZE:-128M}
-VSIZE1=${VSIZE1:-8M}; RUNTIME1=${RUNTIME1:-20}
-VSIZE2=${VSIZE2:-32M}; RUNTIME2=${RUNTIME2:-20}     # a long verify job: the worker dies during it
+VSIZE1=${VSIZE1:-8M}; RUNTIME1=${RUNTIME1:-15}
+VSIZE2=${VSIZE2:-16M}; RUNTIME2=${RUNTIME2:-15}     # a long verify job: the worker dies during it
 VSIZE3=${VSIZE3:-8M}; RUNTIME3=${RUNTIME3:-900}    # runs until `xl destroy`
 KILL_DELAY=${KILL_DELAY:-4}                        # seconds into domU 2's verify job
 CONNECT_TIMEOUT=${CONNECT_TIMEOUT:-150}            # from the first xl create to every vbd Connected
