@@ -208,6 +208,8 @@ if [ -n "$old" ]; then
   else
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
   fi
+  d2=${DID[2]}
+  check "restart-log domu=2 died=$(grep -cE "worker died.*domid=$d2\b" "$SVC_LOG") started=$(grep -cE "worker started.*domid=$d2\b" "$SVC_LOG") closed=$(grep -cE "closed the dead worker's vbd" "$SVC_LOG")"
   check "after-kill service_alive=$(kill -0 $SVC 2>/dev/null && echo 1 || echo 0) other_workers=[$(workers | tr '\n' ';')]"
 else
   check "kill domu=2 domid=${DID[2]} pid=none phase=$phase (no xen-worker process for this guest)"
