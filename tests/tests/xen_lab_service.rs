@@ -263,6 +263,14 @@ fn judge(report: &Report, v: &mut Verdict) {
             ),
         );
     }
+    let closed = report.check("vbd-after-kill", Some("2"));
+    v.expect(
+        closed.is_some_and(|m| ["5", "6", "gone"].contains(&get(m, "backend_state"))),
+        format!(
+            "domU 2's vbd is closed once its worker died ({})",
+            closed.map(|m| format!("{m:?}")).unwrap_or_else(|| "not checked".into())
+        ),
+    );
     if let Some(a) = report.check("after-kill", None) {
         v.expect(get(a, "service_alive") == "1", "the supervisor survives its worker's death");
     }
@@ -292,8 +300,18 @@ fn judge(report: &Report, v: &mut Verdict) {
         r2.is_some_and(|m| {
             get(m, "verify") == "OK" || (get(m, "verify").starts_with("FAIL") && get(m, "eio_lines") != "0")
         }),
-        "domU 2's verify job passes or fails with I/O errors (never a silent data mismatch)",
+        "domU 2's verify job passes or fails with I/O errors",
     );
+    for domu in ["1", "2", "3"] {
+        let r = report.result(domu);
+        v.expect(
+            r.is_some_and(|m| get(m, "mismatch_lines") == "0"),
+            format!(
+                "domU {domu} never read back data other than it wrote (fio verify mismatch lines: {})",
+                r.map_or("?", |m| get(m, "mismatch_lines"))
+            ),
+        );
+    }
 
     // Workers end with their guests.
     for domu in ["1", "2"] {

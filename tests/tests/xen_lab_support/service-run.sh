@@ -127,6 +127,7 @@ fi
 sleep 1
 check "service up=1 pid=$SVC log_line=$up_ok cmd=[$BIN xen --user $SVC_USER]$(status_kv $SVC)"
 status_raw service $SVC
+check "service-threads pid=$SVC seccomp=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^Seccomp:/ { printf "%s", $2 }')] capeff=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^CapEff:/ { printf "%s ", $2 }')]"
 
 # ------------------------------------------------------------------ 2. three domUs at once
 declare -A VS RT
@@ -209,7 +210,15 @@ if [ -n "$old" ]; then
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
   fi
   d2=${DID[2]}
-  check "restart-log domu=2 died=$(grep -cE "worker died.*domid=$d2\b" "$SVC_LOG") started=$(grep -cE "worker started.*domid=$d2\b" "$SVC_LOG") closed=$(grep -cE "closed the dead worker's vbd" "$SVC_LOG")"
+  # the killed guest's vbd: closed by the supervisor (backend 5 Closing / 6 Closed), or already gone with the guest
+  T_S=$(now); bs=""
+  while [ "$(since $T_S | cut -d. -f1)" -lt 5 ]; do
+    bs=$(xenstore-read $BE/$d2/$DEVID/state 2>/dev/null || echo gone)
+    case "$bs" in 5|6|gone) break ;; esac
+    sleep 0.2
+  done
+  check "vbd-after-kill domu=2 backend_state=$bs frontend_state=$(xenstore-read /local/domain/$d2/device/vbd/$DEVID/state 2>/dev/null || echo gone) after_kill_s=$(since $T_KILL)"
+  check "restart-log domu=2 died=$(grep -cE "worker died.*domid=$d2\b" "$SVC_LOG") started=$(grep -cE "worker started.*domid=$d2\b" "$SVC_LOG") closed=$(grep -cE "closed the dead worker's vbd" "$SVC_LOG") answered=$(grep -E "closed the dead worker's vbd" "$SVC_LOG" | sed -n 's/.*answered=\([0-9]*\).*/\1/p' | tail -n1)"
   check "after-kill service_alive=$(kill -0 $SVC 2>/dev/null && echo 1 || echo 0) other_workers=[$(workers | tr '\n' ';')]"
 else
   check "kill domu=2 domid=${DID[2]} pid=none phase=$phase (no xen-worker process for this guest)"
@@ -279,9 +288,10 @@ for n in $DOMUS; do
   vrc=$(echo "$c" | sed -n 's/.*FIO-VERIFY-RC=\([0-9]*\).*/\1/p' | tail -n1)
   frc=$(echo "$c" | sed -n 's/.*FIO-RC=\([0-9]*\).*/\1/p' | tail -n1)
   case "$vrc" in 0) v=OK ;; "") v=none ;; *) v="FAIL(rc=$vrc)" ;; esac
-  eio=$(echo "$c" | grep -ciE 'input/output error|I/O error|EIO')
+  eio=$(echo "$c" | grep -cE 'Input/output error|I/O error')
+  bad=$(echo "$c" | grep -ciE 'verify: bad|verify failed|bad magic|bad header|crc32c.*(mismatch|wanted)')
   dev=$(echo "$c" | grep -q DOMU-DEVICE && echo 1 || echo 0)
-  echo "svc-result: domu=$n name=svc$n domid=${DID[$n]:-none} device=$dev verify=$v fio_rc=${frc:-none} end=${END[$n]:-unknown} eio_lines=$eio poweroff_line=$(echo "$c" | grep -c DOMU-POWEROFF)"
+  echo "svc-result: domu=$n name=svc$n domid=${DID[$n]:-none} device=$dev verify=$v fio_rc=${frc:-none} end=${END[$n]:-unknown} eio_lines=$eio mismatch_lines=$bad poweroff_line=$(echo "$c" | grep -c DOMU-POWEROFF)"
 done
 note "done in $(since $T0) s"
 exit 0
