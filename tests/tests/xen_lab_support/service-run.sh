@@ -289,7 +289,7 @@ for n in $DOMUS; do
   frc=$(echo "$c" | sed -n 's/.*FIO-RC=\([0-9]*\).*/\1/p' | tail -n1)
   case "$vrc" in 0) v=OK ;; "") v=none ;; *) v="FAIL(rc=$vrc)" ;; esac
   eio=$(echo "$c" | grep -cE 'Input/output error|I/O error')
-  bad=$(echo "$c" | grep -ciE 'verify: bad|verify failed|bad magic|bad header|crc32c.*(mismatch|wanted)')
+  bad=$(echo "$c" | grep -ciE 'verify: bad|verify failed|verify type mismatch|bad magic|bad header')
   dev=$(echo "$c" | grep -q DOMU-DEVICE && echo 1 || echo 0)
   echo "svc-result: domu=$n name=svc$n domid=${DID[$n]:-none} device=$dev verify=$v fio_rc=${frc:-none} end=${END[$n]:-unknown} eio_lines=$eio mismatch_lines=$bad poweroff_line=$(echo "$c" | grep -c DOMU-POWEROFF)"
 done
