@@ -305,6 +305,14 @@ fn judge(report: &Report, v: &mut Verdict) {
     for domu in ["1", "2", "3"] {
         let r = report.result(domu);
         v.expect(
+            r.is_some_and(|m| get(m, "blkfront_errors") == "0"),
+            format!(
+                "domU {domu}'s blkfront never saw a malformed response (`response has wrong operation`, `disabled for \
+                 further use`: {} lines)",
+                r.map_or("?", |m| get(m, "blkfront_errors"))
+            ),
+        );
+        v.expect(
             r.is_some_and(|m| get(m, "mismatch_lines") == "0"),
             format!(
                 "domU {domu} never read back data other than it wrote (fio verify mismatch lines: {})",

@@ -195,8 +195,8 @@ console 2 | grep -q FIO-VERIFY-START || phase=before-verify
 console 2 | grep -q FIO-VERIFY-RC && phase=after-verify
 old=$(worker_of ${DID[2]})
 if [ -n "$old" ]; then
-  kill -KILL "$old"; T_KILL=$(now)
-  check "kill domu=2 domid=${DID[2]} pid=$old signal=KILL phase=$phase"
+  kill -KILL "$old"; T_KILL=$(now); W_KILL=$(date -u +%H:%M:%S.%N 2>/dev/null || date -u +%T)
+  check "kill domu=2 domid=${DID[2]} pid=$old signal=KILL phase=$phase at=${W_KILL}Z"
   new=""; seen=""
   while [ "$(since $T_KILL | cut -d. -f1)" -lt "$RESTART_WAIT" ]; do
     new=$(worker_of ${DID[2]})
@@ -289,9 +289,11 @@ for n in $DOMUS; do
   frc=$(echo "$c" | sed -n 's/.*FIO-RC=\([0-9]*\).*/\1/p' | tail -n1)
   case "$vrc" in 0) v=OK ;; "") v=none ;; *) v="FAIL(rc=$vrc)" ;; esac
   eio=$(echo "$c" | grep -cE 'Input/output error|I/O error')
+  # blkfront giving up on the ring (a malformed response): the guest's in-flight I/O then never completes
+  fe=$(echo "$c" | grep -cE 'response has (wrong operation|incorrect id)|response references no pending|disabled for further use')
   bad=$(echo "$c" | grep -ciE 'verify: bad|verify failed|verify type mismatch|bad magic|bad header')
   dev=$(echo "$c" | grep -q DOMU-DEVICE && echo 1 || echo 0)
-  echo "svc-result: domu=$n name=svc$n domid=${DID[$n]:-none} device=$dev verify=$v fio_rc=${frc:-none} end=${END[$n]:-unknown} eio_lines=$eio mismatch_lines=$bad poweroff_line=$(echo "$c" | grep -c DOMU-POWEROFF)"
+  echo "svc-result: domu=$n name=svc$n domid=${DID[$n]:-none} device=$dev verify=$v fio_rc=${frc:-none} end=${END[$n]:-unknown} eio_lines=$eio mismatch_lines=$bad blkfront_errors=$fe poweroff_line=$(echo "$c" | grep -c DOMU-POWEROFF)"
 done
 note "done in $(since $T0) s"
 exit 0
