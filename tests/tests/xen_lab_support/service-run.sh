@@ -195,7 +195,7 @@ console 2 | grep -q FIO-VERIFY-START || phase=before-verify
 console 2 | grep -q FIO-VERIFY-RC && phase=after-verify
 old=$(worker_of ${DID[2]})
 if [ -n "$old" ]; then
-  kill -KILL "$old"; T_KILL=$(now); W_KILL=$(date -u +%H:%M:%S.%N 2>/dev/null || date -u +%T)
+  kill -KILL "$old"; T_KILL=$(now); W_KILL=$(date -u +%T)
   check "kill domu=2 domid=${DID[2]} pid=$old signal=KILL phase=$phase at=${W_KILL}Z"
   new=""; seen=""
   while [ "$(since $T_KILL | cut -d. -f1)" -lt "$RESTART_WAIT" ]; do
