@@ -244,11 +244,14 @@ fn judge(report: &Report, v: &mut Verdict) {
             format!("the kill landed during domU 2's verify job (phase {})", get(k, "phase")),
         );
     }
+    // When the new worker really started (its /proc start time), not when the dom0 script, slowed by a loaded
+    // TCG dom0, happened to see it.
     let restart = report.check("restart", Some("2"));
+    let restart_s = restart.and_then(|m| seconds(m, "started_after_s").or_else(|| seconds(m, "after_s")));
     v.expect(
-        restart.is_some_and(|m| get(m, "new") != "none" && seconds(m, "after_s").is_some_and(|s| s <= RESTART_MAX_S)),
+        restart.is_some_and(|m| get(m, "new") != "none") && restart_s.is_some_and(|s| s <= RESTART_MAX_S),
         format!(
-            "the supervisor started a new worker for domU 2 within {RESTART_MAX_S} s ({})",
+            "the supervisor started a new worker for domU 2 within {RESTART_MAX_S} s of the kill ({})",
             restart.map(|m| format!("{m:?}")).unwrap_or_else(|| "no restart check".into())
         ),
     );

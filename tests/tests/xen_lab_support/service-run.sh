@@ -69,6 +69,27 @@ workers() {
     done
   done
 }
+# Fork-free helpers for the timed loops (a fork can take 100+ ms in the TCG dom0 under load, which would be
+# measured as the service's latency): CS = dom0 uptime in centiseconds (= clock ticks, CLK_TCK 100).
+cs() { local u _; read -r u _ < /proc/uptime; CS=${u/./}; CS=$((10#$CS)); }
+secs() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }    # centiseconds -> seconds
+# CHILD_WORKER = the pid of the service's child process serving domain $1 (xen-worker --domid $1), or empty
+child_worker() {
+  local t c p a i
+  CHILD_WORKER=""
+  for t in /proc/$SVC/task/*/children; do
+    read -r -a c 2>/dev/null < "$t" || true
+    for p in "${c[@]}"; do
+      a=(); mapfile -d '' -t a 2>/dev/null < "/proc/$p/cmdline" || continue
+      for ((i = 0; i < ${#a[@]}; i++)); do
+        if [ "${a[i]}" = --domid ] && [ "${a[i+1]:-}" = "$1" ]; then CHILD_WORKER=$p; return; fi
+        if [ "${a[i]}" = "--domid=$1" ]; then CHILD_WORKER=$p; return; fi
+      done
+    done
+  done
+}
+# STARTED = when process $1 started, in dom0 uptime centiseconds (field 22 of /proc/PID/stat)
+started_cs() { local s; STARTED=""; read -r s 2>/dev/null < "/proc/$1/stat" || return; s=${s##*) }; set -- $s; STARTED=${20}; }
 worker_of() { workers | awk -v d="$1" '$2 == d { print $1 }' | head -n1; }
 # blkbackd processes: comm or argv[0] naming blkbackd
 blkbackd_procs() {
@@ -195,16 +216,20 @@ console 2 | grep -q FIO-VERIFY-START || phase=before-verify
 console 2 | grep -q FIO-VERIFY-RC && phase=after-verify
 old=$(worker_of ${DID[2]})
 if [ -n "$old" ]; then
-  kill -KILL "$old"; T_KILL=$(now); W_KILL=$(date -u +%T)
+  kill -KILL "$old"; cs; K=$CS; T_KILL=$(now); W_KILL=$(date -u +%T)
   check "kill domu=2 domid=${DID[2]} pid=$old signal=KILL phase=$phase at=${W_KILL}Z"
+  # a new child with --domid D: observed (after_s, includes this loop's own latency), and when it really
+  # started (started_after_s, from its /proc start time)
   new=""; seen=""
-  while [ "$(since $T_KILL | cut -d. -f1)" -lt "$RESTART_WAIT" ]; do
-    new=$(worker_of ${DID[2]})
-    if [ -n "$new" ] && [ "$new" != "$old" ]; then seen=$(since $T_KILL); break; fi
-    sleep 0.1
+  while cs; [ $((CS - K)) -lt $((RESTART_WAIT * 100)) ]; do
+    child_worker ${DID[2]}
+    if [ -n "$CHILD_WORKER" ] && [ "$CHILD_WORKER" != "$old" ]; then new=$CHILD_WORKER; seen=$(secs $((CS - K))); break; fi
+    sleep 0.05
   done
-  if [ -n "$seen" ]; then
-    check "restart domu=2 old=$old new=$new after_s=$seen$(status_kv $new)"
+  [ -n "$new" ] || { new=$(worker_of ${DID[2]}); [ "$new" != "$old" ] || new=""; [ -z "$new" ] || seen=$(since $T_KILL); }
+  if [ -n "$new" ]; then
+    started_cs $new
+    check "restart domu=2 old=$old new=$new after_s=$seen started_after_s=${STARTED:+$(secs $((STARTED - K)))}$(status_kv $new)"
     status_raw "restarted worker domu=2" "$new"
   else
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
@@ -248,15 +273,19 @@ T_V=$(now)
 while ! console 3 | grep -q FIO-VERIFY-RC && [ "$(since $T_V | cut -d. -f1)" -lt 180 ] && alive ${DID[3]:-x}; do sleep 1; done
 if alive ${DID[3]:-x}; then
   p3=$(worker_of ${DID[3]})
-  T_D=$(now); xl destroy svc3; drc=$?; T_DD=$(now)
+  cs; D0=$CS; xl destroy svc3; drc=$?; cs; D1=$CS
   END[3]=destroyed
-  gone=""; [ -n "$p3" ] || gone=n/a
-  while [ -z "$gone" ] && [ "$(since $T_DD | cut -d. -f1)" -lt 15 ]; do
-    p=$(worker_of ${DID[3]})
-    if [ -z "$p" ]; then gone=$(since $T_DD); break; fi
-    sleep 0.1
+  # the known worker pid: gone once the service reaped it (builtins only, see cs)
+  gone=""; from_start=""; [ -n "$p3" ] || gone=n/a
+  while [ -z "$gone" ]; do
+    cs
+    if [ ! -e /proc/$p3/stat ]; then gone=$(secs $((CS - D1))); from_start=$(secs $((CS - D0))); break; fi
+    [ $((CS - D1)) -lt 1500 ] || break
+    sleep 0.05
   done
-  check "destroy domu=3 domid=${DID[3]} worker=${p3:-none} xl_destroy_rc=$drc xl_destroy_s=$(awk -v a=$T_D -v b=$T_DD 'BEGIN {printf "%.1f", b-a}') worker_gone_s=${gone:-never} vbd_dir=$(xenstore-list $BE/${DID[3]} >/dev/null 2>&1 && echo present || echo gone)"
+  # gone before xl destroy returned: 0
+  case "$gone" in -*) gone=0.00 ;; esac
+  check "destroy domu=3 domid=${DID[3]} worker=${p3:-none} xl_destroy_rc=$drc xl_destroy_s=$(secs $((D1 - D0))) worker_gone_s=${gone:-never} gone_after_destroy_start_s=${from_start:-} vbd_dir=$(xenstore-list $BE/${DID[3]} >/dev/null 2>&1 && echo present || echo gone)"
 else
   END[3]=poweroff
   check "destroy domu=3 domid=${DID[3]:-none} skipped: the domU was already gone"
