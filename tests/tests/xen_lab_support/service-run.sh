@@ -181,6 +181,7 @@ while [ "$(since $T_CREATE | cut -d. -f1)" -lt "$CONNECT_TIMEOUT" ]; do
   if connected; then conn=1; break; fi
   sleep 0.5
 done
+connected && conn=1   # once more: the loop's own slowness must not count
 states=""
 for n in $DOMUS; do
   states+=" be$n=$(xenstore-read $BE/${DID[$n]:-x}/$DEVID/state 2>/dev/null || echo -) fe$n=$(xenstore-read /local/domain/${DID[$n]:-x}/device/vbd/$DEVID/state 2>/dev/null || echo -)"
