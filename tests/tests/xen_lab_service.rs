@@ -93,7 +93,8 @@ fn other_labs() -> Vec<String> {
             let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (comm.trim() == "qemu-system-x86" && !cmdline.contains(LAB_DIR)).then(|| {
+            // (An exiting QEMU, a zombie, has an empty command line.)
+            (comm.trim() == "qemu-system-x86" && !cmdline.trim().is_empty() && !cmdline.contains(LAB_DIR)).then(|| {
                 format!("pid {}: {}", e.file_name().to_string_lossy(), cmdline.chars().take(120).collect::<String>())
             })
         })
