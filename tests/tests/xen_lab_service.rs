@@ -23,8 +23,11 @@ use std::process::Command;
 use std::time::Instant;
 
 const LAB_DIR: &str = "/tmp/xen-lab-service";
-/// Most seconds a guest may wait for its worker's replacement, and a destroyed guest's worker may outlive it.
-const RESTART_MAX_S: f64 = 5.0;
+/// Most seconds a guest may wait for its worker's replacement (noticing the death, answering what the dead
+/// worker left on the rings, starting the next: 0.6-4.4 s measured in a loaded TCG dom0, so a loose bound; the
+/// issue sets none).
+const RESTART_MAX_S: f64 = 15.0;
+/// Most seconds a destroyed guest's worker may outlive `xl destroy` (the issue's bound).
 const GONE_MAX_S: f64 = 5.0;
 
 fn lab_script() -> PathBuf {
