@@ -141,6 +141,8 @@ fn run_abi<L: BlkifLayout>(pages: usize, small: usize, r: &mut Reader<'_>) {
                     let e = entry(rsp_pvt);
                     shadow[e..e + L::RESPONSE_SIZE].copy_from_slice(&rsp.encode::<L>()[..L::RESPONSE_SIZE]);
                     rsp_pvt = rsp_pvt.wrapping_add(1);
+                    // Each response is published as it is written (`rsp_prod`), the event decided at the push.
+                    shadow[RSP_PROD..RSP_PROD + 4].copy_from_slice(&rsp_pvt.to_ne_bytes());
                 }
             }
             6 => {
@@ -148,7 +150,6 @@ fn run_abi<L: BlkifLayout>(pages: usize, small: usize, r: &mut Reader<'_>) {
                 let want = if old == new {
                     false
                 } else {
-                    shadow[RSP_PROD..RSP_PROD + 4].copy_from_slice(&new.to_ne_bytes());
                     rsp_published = new;
                     new.wrapping_sub(mem.u32_at(RSP_EVENT)) < new.wrapping_sub(old)
                 };

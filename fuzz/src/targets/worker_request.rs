@@ -37,9 +37,7 @@ fn model(path: &str, access: Access, domid: u16) -> bool {
     };
     match access {
         Access::Read => under(&parts, &backend) || under(&parts, &errors) || under(&parts, &frontends),
-        Access::Write => {
-            leaf(&backend).is_some_and(|name| WRITABLE.contains(&name)) || leaf(&errors) == Some("error")
-        }
+        Access::Write => leaf(&backend).is_some_and(|name| WRITABLE.contains(&name)) || leaf(&errors) == Some("error"),
     }
 }
 
