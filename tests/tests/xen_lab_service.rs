@@ -242,6 +242,13 @@ impl Verdict {
 fn judge(report: &Report, v: &mut Verdict) {
     let service = report.check("service", None);
     v.expect(service.is_some_and(|m| get(m, "up") == "1"), "the service starts and stays up");
+    // The supervisor itself: no_new_privs, and only the capabilities it and its workers need (DAC_OVERRIDE, KILL,
+    // SETGID, SETUID, SETPCAP, SYS_CHROOT, SYS_ADMIN), in its effective and bounding sets.
+    let supervisor_caps = service.map(|m| (get(m, "CapEff"), get(m, "CapBnd"), get(m, "NoNewPrivs")));
+    v.expect(
+        supervisor_caps == Some(("00000000002401e2", "00000000002401e2", "1")),
+        format!("the supervisor is restricted (CapEff, CapBnd, NoNewPrivs: {supervisor_caps:?})"),
+    );
     let connected = report.check("connected", None);
     v.expect(
         connected.is_some_and(|m| get(m, "all") == "1"),

@@ -12,8 +12,18 @@ const VERSION_3: u32 = 0x2008_0522;
 
 /// `CAP_DAC_OVERRIDE`: open files whatever their owner and mode.
 pub const CAP_DAC_OVERRIDE: u32 = 1;
+/// `CAP_KILL`: signal processes of other users (the Xen supervisor's workers).
+pub const CAP_KILL: u32 = 5;
+/// `CAP_SETGID`: change group ids.
+pub const CAP_SETGID: u32 = 6;
+/// `CAP_SETUID`: change user ids.
+pub const CAP_SETUID: u32 = 7;
 /// `CAP_SETPCAP`: shrink the bounding set, set securebits.
-const CAP_SETPCAP: u32 = 8;
+pub const CAP_SETPCAP: u32 = 8;
+/// `CAP_SYS_CHROOT`: `chroot`.
+pub const CAP_SYS_CHROOT: u32 = 18;
+/// `CAP_SYS_ADMIN`: new mount and network namespaces, `mount`.
+pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// `SECBIT_NOROOT` and `SECBIT_NO_CAP_AMBIENT_RAISE` with their `_LOCKED` bits: uid 0 gains nothing by exec, and
 /// no ambient capability can be raised again (from `<linux/securebits.h>`).
@@ -42,7 +52,6 @@ impl CapSet {
     pub const EMPTY: CapSet = CapSet(0);
 
     /// The set of these capabilities.
-    #[cfg(test)]
     pub const fn of(caps: &[u32]) -> CapSet {
         let mut bits = 0u64;
         let mut i = 0;
@@ -75,6 +84,12 @@ impl fmt::Display for CapSet {
             first = false;
             match cap {
                 CAP_DAC_OVERRIDE => write!(f, "{sep}CAP_DAC_OVERRIDE")?,
+                CAP_KILL => write!(f, "{sep}CAP_KILL")?,
+                CAP_SETGID => write!(f, "{sep}CAP_SETGID")?,
+                CAP_SETUID => write!(f, "{sep}CAP_SETUID")?,
+                CAP_SETPCAP => write!(f, "{sep}CAP_SETPCAP")?,
+                CAP_SYS_CHROOT => write!(f, "{sep}CAP_SYS_CHROOT")?,
+                CAP_SYS_ADMIN => write!(f, "{sep}CAP_SYS_ADMIN")?,
                 _ => write!(f, "{sep}cap{cap}")?,
             }
         }
@@ -150,6 +165,20 @@ pub fn limit_bounding_set(keep: CapSet) -> io::Result<()> {
     if !get()?.effective.has(CAP_SETPCAP) {
         return Ok(());
     }
+    drop_bounding(keep)?;
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Remove every capability but `keep` from the bounding set, leaving uid 0 its usual meaning for exec (a root
+/// child still gets what the bounding set holds: the Xen supervisor's workers need that to confine themselves).
+pub fn drop_bounding(keep: CapSet) -> io::Result<()> {
+    if !get()?.effective.has(CAP_SETPCAP) {
+        return Ok(());
+    }
     for cap in 0..64u32 {
         if keep.has(cap) {
             continue;
@@ -162,10 +191,6 @@ pub fn limit_bounding_set(keep: CapSet) -> io::Result<()> {
             }
             return Err(e);
         }
-    }
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECURE_BITS, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -54,6 +54,14 @@ use clap::{Args, ValueEnum};
 use transport_xen::dataplane::WorkerInit;
 
 pub use caps::CapSet;
+use caps::{CAP_DAC_OVERRIDE, CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, CAP_SYS_ADMIN, CAP_SYS_CHROOT};
+
+/// What the Xen supervisor keeps: opening disks owned by others (`DAC_OVERRIDE`), signalling its workers, which
+/// run as another user (`KILL`), and what each worker, started as root, needs to confine itself before it drops
+/// everything (`SYS_ADMIN` for its namespaces and empty root, `SYS_CHROOT`, `SETPCAP` to empty its bounding set,
+/// `SETUID`/`SETGID` to become its user). The same set as `blkbackd-xen.service`'s `CapabilityBoundingSet=`.
+pub const XEN_SUPERVISOR_CAPS: CapSet =
+    CapSet::of(&[CAP_DAC_OVERRIDE, CAP_KILL, CAP_SYS_ADMIN, CAP_SYS_CHROOT, CAP_SETPCAP, CAP_SETUID, CAP_SETGID]);
 pub use confine::confine_worker;
 pub use seccomp::Role;
 pub use user::UserSpec;
@@ -104,6 +112,19 @@ pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet) -> anyhow::Result<
     // SAFETY: plain system calls without arguments.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     tracing::info!(user = user.map(|u| u.shown.as_str()), uid, gid, capabilities = %keep, "privileges dropped");
+    Ok(keep)
+}
+
+/// The Xen supervisor's restriction, while it has one thread: `no_new_privs`, and every capability outside
+/// [`XEN_SUPERVISOR_CAPS`] gone from all its sets, the bounding set included (so its workers cannot get them
+/// back either). Returns what it kept.
+pub fn restrict_supervisor() -> anyhow::Result<CapSet> {
+    ensure_single_threaded()?;
+    caps::no_new_privs().context("cannot set no_new_privs")?;
+    caps::drop_bounding(XEN_SUPERVISOR_CAPS).context("cannot limit the capability bounding set")?;
+    let keep = XEN_SUPERVISOR_CAPS.and(caps::get().context("cannot read the capabilities")?.permitted);
+    caps::set_only(keep).with_context(|| format!("cannot drop capabilities (keeping {keep})"))?;
+    tracing::info!(capabilities = %keep, "supervisor restricted: no_new_privs, bounding set limited");
     Ok(keep)
 }
 

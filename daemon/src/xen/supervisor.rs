@@ -66,6 +66,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
     if !args.allow_kernel_blkback {
         crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
     }
+    crate::sandbox::restrict_supervisor()?;
     let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
     let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
     let store = Arc::new(super::open_store()?);
