@@ -1,13 +1,18 @@
 //! Live statistics: per-queue counters and latency histograms that the queue's worker updates with relaxed
 //! atomics (no lock, no allocation on the I/O path) and that a control thread reads at any time.
 //!
+//! The [`Registry`] keeps every queue's counters for the life of the process: when a connection ends, its queues'
+//! totals are folded into a per-series base (same labels), so the next connection's counters continue from there
+//! and the exported counters stay monotonic across VMM reconnects. Rendering lives in [`render`].
+//!
 //! [`LatencyHistogram`] is log-linear: 16 linear steps in every power of two of nanoseconds, so quantiles are
 //! within ~6 % from 16 ns to hours. The benches and the demo use the same histogram, through
 //! [`LatencyHistogram::record`] and [`LatencyHistogram::quantile`].
 
-use std::fmt::Write as _;
+mod render;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::request::{RequestError, RequestKind, Status};
@@ -19,11 +24,13 @@ const BUCKETS: usize = 64 * SUB_BUCKETS;
 #[derive(Debug)]
 pub struct LatencyHistogram {
     buckets: Box<[AtomicU64]>,
+    /// Sum of the recorded latencies, in nanoseconds (Prometheus' `_sum`).
+    sum_ns: AtomicU64,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+        LatencyHistogram { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), sum_ns: AtomicU64::new(0) }
     }
 }
 
@@ -49,6 +56,12 @@ impl LatencyHistogram {
     pub fn record(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Sum of the recorded latencies.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
     }
 
     /// Samples recorded.
@@ -61,6 +74,7 @@ impl LatencyHistogram {
         for (a, b) in self.buckets.iter().zip(other.buckets.iter()) {
             a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        self.sum_ns.fetch_add(other.sum_ns.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// The `q` quantile (0.0..=1.0), as the lower bound of its bucket; zero when empty.
@@ -196,17 +210,48 @@ impl QueueStats {
     pub fn latency(&self, class: OpClass) -> &LatencyHistogram {
         &self.latency[class as usize]
     }
+
+    /// Add `other`'s counters and histograms to these (and its in-flight gauge if `gauge`).
+    fn absorb(&self, other: &QueueStats, gauge: bool) {
+        let add = |a: &AtomicU64, b: &AtomicU64| {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for (a, b) in self.requests.iter().zip(&other.requests) {
+            add(a, b);
+        }
+        for (a, b) in self.latency.iter().zip(&other.latency) {
+            a.merge(b);
+        }
+        add(&self.bytes_read, &other.bytes_read);
+        add(&self.bytes_written, &other.bytes_written);
+        add(&self.errors_invalid, &other.errors_invalid);
+        add(&self.errors_io, &other.errors_io);
+        add(&self.errors_unsupported, &other.errors_unsupported);
+        if gauge {
+            add(&self.in_flight, &other.in_flight);
+        }
+    }
 }
 
 /// Labels of a queue in the registry (e.g. `[("transport", "xen"), ("domid", "7"), ("devid", "51712"), ("queue",
 /// "0")]`).
 pub type Labels = Vec<(&'static str, String)>;
 
-/// Every live queue of the process, for the control socket. Queues register when created and disappear from
-/// reports when their stats are dropped.
+/// One series of the registry: the queues registered under the same labels over the process' life.
+#[derive(Debug)]
+struct Series {
+    labels: Labels,
+    /// Totals of the queues whose connection ended (their in-flight gauge is dropped: nothing is in flight).
+    ended: QueueStats,
+    /// Queues still held by a worker (and by the registry).
+    live: Vec<Arc<QueueStats>>,
+}
+
+/// Every queue of the process, for the control socket and the metrics endpoint. Queues register when created;
+/// a series (one set of labels) lives as long as the process, so its counters never go backwards.
 #[derive(Debug, Default)]
 pub struct Registry {
-    queues: Mutex<Vec<(Labels, Weak<QueueStats>)>>,
+    series: Mutex<Vec<Series>>,
 }
 
 impl Registry {
@@ -215,108 +260,42 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
-    /// Register a queue's stats under `labels`.
+    /// Register a queue's stats under `labels`. A queue registered again under labels already known (the same
+    /// queue index after a reconnect) adds to that series.
     pub fn register(&self, labels: Labels, stats: &Arc<QueueStats>) {
-        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        queues.retain(|(_, weak)| weak.strong_count() > 0);
-        queues.push((labels, Arc::downgrade(stats)));
-    }
-
-    fn live(&self) -> Vec<(Labels, Arc<QueueStats>)> {
-        let queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        queues.iter().filter_map(|(labels, weak)| Some((labels.clone(), weak.upgrade()?))).collect()
-    }
-
-    /// A human-readable report: one block per queue.
-    pub fn render_text(&self) -> String {
-        let mut out = String::new();
-        let live = self.live();
-        if live.is_empty() {
-            out.push_str("no active queues\n");
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        match series.iter_mut().find(|s| s.labels == labels) {
+            Some(s) => s.live.push(Arc::clone(stats)),
+            None => series.push(Series { labels, ended: QueueStats::default(), live: vec![Arc::clone(stats)] }),
         }
-        for (labels, s) in live {
-            let name: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let _ = writeln!(out, "[{}]", name.join(" "));
-            let _ = writeln!(
-                out,
-                "  in_flight {}  bytes_read {}  bytes_written {}  errors: invalid {} io {} unsupported {}",
-                s.in_flight.load(Ordering::Relaxed),
-                s.bytes_read.load(Ordering::Relaxed),
-                s.bytes_written.load(Ordering::Relaxed),
-                s.errors_invalid.load(Ordering::Relaxed),
-                s.errors_io.load(Ordering::Relaxed),
-                s.errors_unsupported.load(Ordering::Relaxed),
-            );
-            for class in OpClass::ALL {
-                let n = s.requests(class);
-                if n == 0 {
-                    continue;
+    }
+
+    /// Every series with its totals (ended connections plus live queues), in registration order. Queues only the
+    /// registry still holds are folded into their series' base here, off the I/O path.
+    pub fn snapshot(&self) -> Vec<(Labels, QueueStats)> {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series
+            .iter_mut()
+            .map(|s| {
+                let mut live = Vec::with_capacity(s.live.len());
+                for stats in s.live.drain(..) {
+                    // `try_unwrap` succeeds only for the last reference, and synchronises with the worker's drop:
+                    // every update it made is visible.
+                    match Arc::try_unwrap(stats) {
+                        Ok(ended) => s.ended.absorb(&ended, false),
+                        Err(stats) => live.push(stats),
+                    }
                 }
-                let h = s.latency(class);
-                let _ = writeln!(
-                    out,
-                    "  {:<8} {:>12} requests  p50 {:>9.1} us  p99 {:>9.1} us  p99.9 {:>9.1} us",
-                    class.name(),
-                    n,
-                    h.quantile(0.5).as_secs_f64() * 1e6,
-                    h.quantile(0.99).as_secs_f64() * 1e6,
-                    h.quantile(0.999).as_secs_f64() * 1e6,
-                );
-            }
-        }
-        out
-    }
-
-    /// The Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        const LE_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 100_000, 1_000_000];
-        let bounds_ns: Vec<u64> = LE_US.iter().map(|us| us * 1000).collect();
-        let live = self.live();
-        let mut out = String::new();
-        let label_set = |labels: &Labels, extra: &[(&str, &str)]| -> String {
-            let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-            parts.extend(extra.iter().map(|(k, v)| format!("{k}=\"{v}\"")));
-            format!("{{{}}}", parts.join(","))
-        };
-        type Getter = fn(&QueueStats) -> u64;
-        let gauges: [(&str, &str, Getter); 6] = [
-            ("blkbackd_in_flight", "gauge", |s| s.in_flight.load(Ordering::Relaxed)),
-            ("blkbackd_read_bytes_total", "counter", |s| s.bytes_read.load(Ordering::Relaxed)),
-            ("blkbackd_written_bytes_total", "counter", |s| s.bytes_written.load(Ordering::Relaxed)),
-            ("blkbackd_invalid_requests_total", "counter", |s| s.errors_invalid.load(Ordering::Relaxed)),
-            ("blkbackd_io_errors_total", "counter", |s| s.errors_io.load(Ordering::Relaxed)),
-            ("blkbackd_unsupported_requests_total", "counter", |s| s.errors_unsupported.load(Ordering::Relaxed)),
-        ];
-        for (name, kind, get) in gauges {
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, s) in &live {
-                let _ = writeln!(out, "{name}{} {}", label_set(labels, &[]), get(s));
-            }
-        }
-        let _ = writeln!(out, "# TYPE blkbackd_request_duration_seconds histogram");
-        for (labels, s) in &live {
-            for class in OpClass::ALL {
-                let (cumulative, total) = s.latency(class).cumulative(&bounds_ns);
-                if total == 0 {
-                    continue;
+                s.live = live;
+                let total = QueueStats::default();
+                total.absorb(&s.ended, false);
+                for stats in &s.live {
+                    total.absorb(stats, true);
                 }
-                for (le, n) in LE_US.iter().zip(&cumulative) {
-                    let le = format!("{}", *le as f64 / 1e6);
-                    let set = label_set(labels, &[("op", class.name()), ("le", &le)]);
-                    let _ = writeln!(out, "blkbackd_request_duration_seconds_bucket{set} {n}");
-                }
-                let set = label_set(labels, &[("op", class.name()), ("le", "+Inf")]);
-                let _ = writeln!(out, "blkbackd_request_duration_seconds_bucket{set} {total}");
-                let set = label_set(labels, &[("op", class.name())]);
-                let _ = writeln!(out, "blkbackd_request_duration_seconds_count{set} {total}");
-            }
-        }
-        out
+                (s.labels.clone(), total)
+            })
+            .collect()
     }
-}
-
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -364,7 +343,71 @@ mod tests {
         let prom = registry.render_prometheus();
         assert!(prom.contains(r#"blkbackd_read_bytes_total{transport="test",queue="0"} 4096"#), "{prom}");
         assert!(prom.contains(r#"op="read",le="+Inf"} 1"#), "{prom}");
-        drop(stats);
-        assert_eq!(registry.render_text(), "no active queues\n");
+        assert!(prom.contains(r#"blkbackd_request_duration_seconds_sum{transport="test",queue="0",op="read"} 0.00008"#));
+        assert_eq!(Registry::new().render_text(), "no queues yet\n");
+    }
+
+    #[test]
+    fn a_series_keeps_counting_after_its_queue_is_dropped_and_registered_again() {
+        let registry = Registry::new();
+        let labels = || vec![("transport", "test".into()), ("queue", "0".into())];
+        let write = |stats: &QueueStats| {
+            stats.started();
+            stats.finished(RequestKind::Write, Duration::from_micros(50), 4096, Status::Ok, None);
+        };
+        let first = Arc::new(QueueStats::default());
+        registry.register(labels(), &first);
+        write(&first);
+        write(&first);
+        first.started(); // left in flight when the connection went away: not counted afterwards
+        drop(first);
+        let prom = registry.render_prometheus();
+        assert!(prom.contains(r#"blkbackd_written_bytes_total{transport="test",queue="0"} 8192"#), "{prom}");
+        assert!(prom.contains(r#"blkbackd_in_flight_requests{transport="test",queue="0"} 0"#), "{prom}");
+
+        let second = Arc::new(QueueStats::default());
+        registry.register(labels(), &second);
+        write(&second);
+        let prom = registry.render_prometheus();
+        assert!(prom.contains(r#"blkbackd_written_bytes_total{transport="test",queue="0"} 12288"#), "{prom}");
+        assert!(prom.contains(r#"blkbackd_requests_total{transport="test",queue="0",op="write"} 3"#), "{prom}");
+        let count = r#"blkbackd_request_duration_seconds_count{transport="test",queue="0",op="write"} 3"#;
+        assert!(prom.contains(count), "{prom}");
+        assert_eq!(prom.matches("# TYPE blkbackd_written_bytes_total counter").count(), 1, "{prom}");
+        assert_eq!(registry.snapshot().len(), 1, "one series per label set");
+    }
+
+    #[test]
+    fn every_prometheus_family_has_help_and_type_and_histograms_are_complete() {
+        let registry = Registry::new();
+        let stats = Arc::new(QueueStats::default());
+        registry.register(vec![("queue", "0".into())], &stats);
+        for us in [5, 30, 700, 3_000_000] {
+            stats.finished(RequestKind::Read, Duration::from_micros(us), 512, Status::Ok, None);
+        }
+        let prom = registry.render_prometheus();
+        let mut family = "";
+        for line in prom.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                family = rest.split(' ').next().unwrap_or_default();
+                continue;
+            }
+            if line.starts_with("# TYPE ") {
+                assert!(line.starts_with(&format!("# TYPE {family} ")), "TYPE without HELP: {line}");
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(name.starts_with(family), "{name} outside its family {family}");
+        }
+        let buckets: Vec<u64> = prom
+            .lines()
+            .filter(|l| l.starts_with("blkbackd_request_duration_seconds_bucket") && l.contains(r#"op="read""#))
+            .map(|l| l.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count"))
+            .collect();
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "cumulative: {buckets:?}");
+        assert_eq!(buckets.first(), Some(&1));
+        assert_eq!(buckets.last(), Some(&4), "+Inf holds every sample");
+        assert!(prom.contains(r#"le="+Inf"} 4"#) && prom.contains(r#"_count{queue="0",op="read"} 4"#), "{prom}");
+        assert!(prom.contains(r#"_sum{queue="0",op="read"} 3.000735"#), "{prom}");
     }
 }
