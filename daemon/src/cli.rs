@@ -162,6 +162,10 @@ pub struct VhostUserArgs {
     /// Serve live statistics on this Unix socket (read them with `blkbackd stats --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Serve the statistics to Prometheus over HTTP: `GET /metrics` on IP:PORT (e.g. 127.0.0.1:9185; port 0 picks
+    /// a free one, logged) or on a Unix socket path (anything with a `/`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<crate::metrics_http::MetricsAddr>,
     /// Privileges.
     #[command(flatten)]
     pub sandbox: SandboxArgs,

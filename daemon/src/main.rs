@@ -10,6 +10,7 @@ mod coexist;
 mod control;
 mod demo;
 mod logging;
+mod metrics_http;
 mod notify;
 mod sandbox;
 mod signals;

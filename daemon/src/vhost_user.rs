@@ -17,6 +17,7 @@ use vhost::vhost_user::Listener;
 
 use crate::cli::VhostUserArgs;
 use crate::control::ControlServer;
+use crate::metrics_http::MetricsServer;
 use crate::notify::Notifier;
 use crate::sandbox::{self, CapSet, Role};
 use crate::signals::Shutdown;
@@ -50,6 +51,10 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         (Some(path), Some(registry)) => Some(ControlServer::bind(path, registry.clone())?),
         _ => None,
     };
+    let mut metrics = match (&args.metrics_listen, &options.stats) {
+        (Some(addr), Some(registry)) => Some(MetricsServer::bind(addr, registry.clone())?),
+        _ => None,
+    };
     let server = VhostUserBlkServer::new(Arc::clone(&disk), options)?;
     probe_engine(&disk, args.engine.into(), server.options().effective_io_depth())?;
     let (socket, shown) = match (inherited, &args.socket_path) {
@@ -72,6 +77,9 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     shutdown.listen().context("cannot set up signal handling")?;
     if let Some(control) = &mut control {
         control.start()?;
+    }
+    if let Some(metrics) = &mut metrics {
+        metrics.start()?;
     }
     tracing::info!(
         socket = %shown, disk = %args.disk.path.display(), queues = args.queues,
