@@ -106,6 +106,7 @@ fn stats_report_live_counters_over_the_control_socket() {
     let (code, prom, _) = run(&["stats", "--control", control_arg, "--prometheus"]);
     assert_eq!(code, 0);
     assert!(prom.contains(r#"blkbackd_written_bytes_total{transport="vhost-user",queue="0"} 65536"#), "{prom}");
+    assert!(prom.contains("# HELP blkbackd_written_bytes_total ") && prom.contains("_sum{"), "{prom}");
     assert!(
         prom.contains(r#"blkbackd_request_duration_seconds_count{transport="vhost-user",queue="0",op="read"} 9"#),
         "{prom}"

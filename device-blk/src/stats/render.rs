@@ -100,7 +100,12 @@ impl Registry {
             }
         }
         let name = "blkbackd_request_duration_seconds";
-        family(&mut out, name, "histogram", "Time from taking a request off the queue to answering it, by operation.");
+        family(
+            &mut out,
+            name,
+            "histogram",
+            "Time from submitting a request to the disk to its completion, by operation.",
+        );
         let bounds_ns: Vec<u64> = LE_US.iter().map(|us| us * 1000).collect();
         for (labels, s) in &series {
             for class in OpClass::ALL {
