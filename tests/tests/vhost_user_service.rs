@@ -79,6 +79,11 @@ fn socket_activation_serves_the_passed_socket_and_tells_systemd_it_is_ready() {
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).unwrap_or_else(|e| panic!("no readiness message ({e}):\n{}", daemon.stderr()));
     assert_eq!(&buf[..n], b"READY=1", "{}", daemon.stderr());
+    // The log line was written before READY=1, but the thread collecting stderr may not have read it yet.
+    let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+    while !daemon.stderr().contains("socket activation") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(daemon.stderr().contains("socket activation"), "{}", daemon.stderr());
     read_once(&scratch.socket);
     read_once(&scratch.socket); // a frontend that reconnects finds the same socket
