@@ -125,6 +125,26 @@ mod tests {
         raw
     }
 
+    /// A backend that takes every request on `fe`'s ring, answers those whose id `answer` picks (OK), pushes if
+    /// `push`, and dies.
+    fn dead_backend<L: BlkifLayout>(host: &EmulatedHost, fe: &RingFrontend<L>, answer: fn(u64) -> bool, push: bool) {
+        let queue = fe.queue_ring();
+        let grants = host.grant_table(0);
+        let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
+        // SAFETY: the mapping outlives the ring.
+        let mut dead = unsafe { BackRing::<L>::new(m.as_ptr(), m.len()) }.expect("ring");
+        dead.unconsumed().expect("requests");
+        let mut raw = RawRequest::default();
+        while dead.next_request(&mut raw) {
+            if answer(raw.id::<L>()) {
+                dead.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: 0 });
+            }
+        }
+        if push {
+            dead.push_responses();
+        }
+    }
+
     fn answers_everything_left<L: BlkifLayout>(abi: BlkifAbi) {
         let host = EmulatedHost::new().expect("host");
         let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
@@ -132,19 +152,8 @@ mod tests {
         // A dead backend answered the first two requests; the next three are left.
         let first: Vec<RawRequest> = (0..2).map(|i| request::<L>(OP_READ, 100 + i)).collect();
         assert_eq!(fe.submit(&first).expect("submit"), 2);
-        {
-            let queue = fe.queue_ring();
-            let grants = host.grant_table(0);
-            let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
-            // SAFETY: the mapping outlives the ring.
-            let mut dead = unsafe { BackRing::<L>::new(m.as_ptr(), m.len()) }.expect("ring");
-            dead.unconsumed().expect("requests");
-            let mut raw = RawRequest::default();
-            while dead.next_request(&mut raw) {
-                dead.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: 0 });
-            }
-            dead.push_responses();
-        }
+        // It answered both and pushed.
+        dead_backend::<L>(&host, &fe, |_| true, true);
         assert_eq!(fe.wait_responses(2, Duration::from_secs(5)).expect("first answers").len(), 2);
         let left: Vec<RawRequest> = (0..3).map(|i| request::<L>(OP_WRITE, 7 + i)).collect();
         assert_eq!(fe.submit(&left).expect("submit"), 3);
@@ -183,22 +192,8 @@ mod tests {
         let mut fe = RingFrontend::<X86_64>::new(guest, 0, 0).expect("ring");
         let batch: Vec<RawRequest> = (0..4).map(|i| request::<X86_64>(OP_READ + (i % 2) as u8, 20 + i)).collect();
         assert_eq!(fe.submit(&batch).expect("submit"), 4);
-        {
-            let queue = fe.queue_ring();
-            let grants = host.grant_table(0);
-            let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
-            // SAFETY: the mapping outlives the ring.
-            let mut dead = unsafe { BackRing::<X86_64>::new(m.as_ptr(), m.len()) }.expect("ring");
-            dead.unconsumed().expect("requests");
-            let mut raw = RawRequest::default();
-            for _ in 0..4 {
-                assert!(dead.next_request(&mut raw));
-                // It answered the first two, then died before pushing (no event, no push_responses).
-                if raw.id::<X86_64>() < 22 {
-                    dead.put_response(&BlkifResponse { id: raw.id::<X86_64>(), operation: raw.operation(), status: 0 });
-                }
-            }
-        }
+        // It took all four, answered the first two, then died before pushing (no event, no push_responses).
+        dead_backend::<X86_64>(&host, &fe, |id| id < 22, false);
         let config = ConnectConfig {
             frontend_domid: 5,
             abi: BlkifAbi::X86_64,

@@ -48,9 +48,25 @@ pub struct StopHandle(Arc<EventFd>);
 impl StopHandle {
     /// Ask the driver loop to shut down (stop the data planes, write Closed, return).
     pub fn stop(&self) {
-        if let Err(e) = self.0.write(1) {
-            tracing::error!(error = %e, "cannot signal the backend to stop");
-        }
+        wake(&self.0, "stop");
+    }
+}
+
+/// Asks a running [`XenBackend::run`] to look at its disks' sizes now (`blkbackd resize`).
+#[derive(Clone, Debug)]
+pub struct ResizeHandle(Arc<EventFd>);
+
+impl ResizeHandle {
+    /// Request the check; the loop does it at once.
+    pub fn request(&self) {
+        wake(&self.0, "check sizes");
+    }
+}
+
+/// Wake the driver loop through one of its eventfds.
+fn wake(event: &EventFd, what: &str) {
+    if let Err(e) = event.write(1) {
+        tracing::error!(error = %e, "cannot signal the backend to {what}");
     }
 }
 
@@ -72,19 +88,6 @@ pub struct XenBackend {
     sizes_checked: std::time::Instant,
     /// The vbds that existed at start were listed (and adopted).
     scanned: bool,
-}
-
-/// Asks a running [`XenBackend::run`] to look at its disks' sizes now (`blkbackd resize`).
-#[derive(Clone, Debug)]
-pub struct ResizeHandle(Arc<EventFd>);
-
-impl ResizeHandle {
-    /// Request the check; the loop does it at once.
-    pub fn request(&self) {
-        if let Err(e) = self.0.write(1) {
-            tracing::error!(error = %e, "cannot signal the backend to check sizes");
-        }
-    }
 }
 
 impl std::fmt::Debug for XenBackend {
