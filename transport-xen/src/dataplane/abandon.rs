@@ -145,6 +145,17 @@ mod tests {
         }
     }
 
+    /// The connection of guest 5 with `fe`'s one ring.
+    fn one_queue<L: BlkifLayout>(fe: &RingFrontend<L>, abi: BlkifAbi) -> ConnectConfig {
+        ConnectConfig {
+            frontend_domid: 5,
+            abi,
+            queues: vec![fe.queue_ring()],
+            persistent_grants: false,
+            max_indirect_segments: 0,
+        }
+    }
+
     fn answers_everything_left<L: BlkifLayout>(abi: BlkifAbi) {
         let host = EmulatedHost::new().expect("host");
         let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
@@ -157,13 +168,7 @@ mod tests {
         assert_eq!(fe.wait_responses(2, Duration::from_secs(5)).expect("first answers").len(), 2);
         let left: Vec<RawRequest> = (0..3).map(|i| request::<L>(OP_WRITE, 7 + i)).collect();
         assert_eq!(fe.submit(&left).expect("submit"), 3);
-        let config = ConnectConfig {
-            frontend_domid: 5,
-            abi,
-            queues: vec![fe.queue_ring()],
-            persistent_grants: false,
-            max_indirect_segments: 0,
-        };
+        let config = one_queue(&fe, abi);
         let answered =
             fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO).expect("answered");
         assert_eq!(answered, 3);
@@ -194,13 +199,7 @@ mod tests {
         assert_eq!(fe.submit(&batch).expect("submit"), 4);
         // It took all four, answered the first two, then died before pushing (no event, no push_responses).
         dead_backend::<X86_64>(&host, &fe, |id| id < 22, false);
-        let config = ConnectConfig {
-            frontend_domid: 5,
-            abi: BlkifAbi::X86_64,
-            queues: vec![fe.queue_ring()],
-            persistent_grants: false,
-            max_indirect_segments: 0,
-        };
+        let config = one_queue(&fe, BlkifAbi::X86_64);
         let answered =
             fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO).expect("answered");
         assert_eq!(answered, 2, "only the two it never answered");
@@ -216,13 +215,7 @@ mod tests {
         let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
         let mut fe = RingFrontend::<X86_64>::new(guest, 0, 0).expect("ring");
         fe.ring().set_req_prod_raw(1000);
-        let config = ConnectConfig {
-            frontend_domid: 5,
-            abi: BlkifAbi::X86_64,
-            queues: vec![fe.queue_ring()],
-            persistent_grants: false,
-            max_indirect_segments: 0,
-        };
+        let config = one_queue(&fe, BlkifAbi::X86_64);
         let result = fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO);
         assert!(matches!(result, Err(DataplaneError::Ring { .. })), "{result:?}");
         assert_eq!(host.live_mappings(), 0);
