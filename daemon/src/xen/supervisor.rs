@@ -119,6 +119,17 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
     service.serve(shutdown, &notifier)
 }
 
+/// What a change under `backend/vbd` may mean for the workers.
+#[derive(Debug, PartialEq, Eq)]
+enum Touched {
+    /// The directory itself: look at every guest.
+    Everything,
+    /// This guest may have gained or lost vbds.
+    Guest(DomId),
+    /// Nothing the supervisor acts on.
+    Nothing,
+}
+
 struct Worker {
     child: Child,
     pidfd: OwnedFd,
@@ -153,7 +164,18 @@ impl Service {
             tracing::warn!(error = %format!("{e:#}"), "cannot tell systemd the service is ready");
         }
         let mut events = Vec::new();
+        // The first round looks at every guest; later ones only at the guests the events name.
+        let mut all = true;
+        let mut dirty = BTreeSet::new();
         while !shutdown.is_requested() {
+            let before = self.workers.len();
+            dirty.extend(self.reap());
+            if all { self.reconcile(None) } else { self.reconcile(Some(&dirty)) }
+                .context("xenstore connection lost")?;
+            (all, dirty) = (false, BTreeSet::new());
+            if self.workers.len() != before {
+                let _ = notifier.status(&format!("serving {} guest(s)", self.workers.len()));
+            }
             let mut fds = vec![self.store.watch_fd(), shutdown.wake_fd(), self.cleanup_wake.as_raw_fd()];
             fds.extend(self.workers.values().map(|w| w.pidfd.as_raw_fd()));
             wait_readable(&fds, Duration::from_secs(1)).context("poll")?;
@@ -162,15 +184,19 @@ impl Service {
             }
             events.clear();
             self.store.take_watch_events(&mut events).context("xenstore connection lost")?;
+            for event in &events {
+                match self.touched(&event.path) {
+                    Touched::Everything => all = true,
+                    Touched::Guest(domid) => {
+                        dirty.insert(domid);
+                    }
+                    Touched::Nothing => {}
+                }
+            }
             let _ = self.cleanup_wake.read();
             while let Ok(domid) = self.cleanup_done.1.try_recv() {
                 self.cleaning.remove(&domid);
-            }
-            let before = self.workers.len();
-            self.reap();
-            self.reconcile().context("xenstore connection lost")?;
-            if self.workers.len() != before {
-                let _ = notifier.status(&format!("serving {} guest(s)", self.workers.len()));
+                dirty.insert(domid);
             }
         }
         let _ = notifier.stopping();
@@ -180,19 +206,20 @@ impl Service {
         Ok(())
     }
 
-    /// The guests that have vbds, in scope.
-    fn guests_with_vbds(&self) -> Result<BTreeSet<DomId>, XenError> {
-        let domains = match self.store.directory(TxId::NONE, &self.root) {
-            Ok(domains) => domains,
-            Err(XenError::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(e),
-        };
+    /// Which guests a changed path under `backend/vbd` may have given or taken vbds (see [`touched`]).
+    fn touched(&self, path: &str) -> Touched {
+        touched(&self.root, path, |domid| self.workers.contains_key(&domid))
+    }
+
+    /// Whether the service serves `domid` (not dom0; in `--frontend-domid` if given).
+    fn in_scope(&self, domid: DomId) -> bool {
+        domid != 0 && (self.scope.is_empty() || self.scope.contains(&domid))
+    }
+
+    /// Of `candidates`, the guests in scope that have vbds.
+    fn with_vbds(&self, candidates: impl IntoIterator<Item = DomId>) -> Result<BTreeSet<DomId>, XenError> {
         let mut guests = BTreeSet::new();
-        for domain in domains {
-            let Ok(domid) = domain.parse::<DomId>() else { continue };
-            if domid == 0 || (!self.scope.is_empty() && !self.scope.contains(&domid)) {
-                continue;
-            }
+        for domid in candidates.into_iter().filter(|&d| self.in_scope(d)) {
             if !vbds_of(&*self.store, &self.domain_path, domid)?.is_empty() {
                 guests.insert(domid);
             }
@@ -200,10 +227,22 @@ impl Service {
         Ok(guests)
     }
 
-    /// Start the workers that are missing, stop those whose guest has no vbd left.
-    fn reconcile(&mut self) -> Result<(), XenError> {
-        let guests = self.guests_with_vbds()?;
-        self.given_up.retain(|domid| guests.contains(domid));
+    /// Start the workers that are missing, stop those whose guest has no vbd left: of every guest (`None`: lists
+    /// `backend/vbd`) or of the guests `only` names. Also ends workers that overstay a stop or broke the protocol.
+    fn reconcile(&mut self, only: Option<&BTreeSet<DomId>>) -> Result<(), XenError> {
+        let guests = match only {
+            Some(only) => self.with_vbds(only.iter().copied())?,
+            None => {
+                let domains = match self.store.directory(TxId::NONE, &self.root) {
+                    Ok(domains) => domains,
+                    Err(XenError::NotFound { .. }) => Vec::new(),
+                    Err(e) => return Err(e),
+                };
+                self.with_vbds(domains.iter().filter_map(|d| d.parse::<DomId>().ok()))?
+            }
+        };
+        let looked_at = |domid: &DomId| only.is_none_or(|only| only.contains(domid));
+        self.given_up.retain(|domid| !looked_at(domid) || guests.contains(domid));
         for &domid in &guests {
             if self.workers.contains_key(&domid) || self.given_up.contains(&domid) || self.cleaning.contains(&domid) {
                 continue;
@@ -217,7 +256,7 @@ impl Service {
             }
         }
         for (domid, worker) in &mut self.workers {
-            if !guests.contains(domid) && worker.stopping.is_none() {
+            if looked_at(domid) && !guests.contains(domid) && worker.stopping.is_none() {
                 tracing::info!(domid, pid = worker.child.id(), "the guest has no vbd left: stopping its worker");
                 signal(&worker.child, libc::SIGTERM);
                 worker.stopping = Some(Instant::now());
@@ -239,13 +278,15 @@ impl Service {
         Ok(())
     }
 
-    /// Collect the workers that exited, and clean up after those that died.
-    fn reap(&mut self) {
+    /// Collect the workers that exited, and clean up after those that died; returns the guests whose worker
+    /// exited.
+    fn reap(&mut self) -> Vec<DomId> {
         let exited: Vec<(DomId, std::process::ExitStatus)> = self
             .workers
             .iter_mut()
             .filter_map(|(&domid, w)| w.child.try_wait().ok().flatten().map(|status| (domid, status)))
             .collect();
+        let domids = exited.iter().map(|(domid, _)| *domid).collect();
         for (domid, status) in exited {
             let Some(worker) = self.workers.remove(&domid) else { continue };
             if let Some(broker) = worker.broker {
@@ -287,6 +328,7 @@ impl Service {
                 self.cleaning.remove(&domid);
             }
         }
+        domids
     }
 
     fn spawn(&self, domid: DomId) -> anyhow::Result<Worker> {
@@ -379,6 +421,26 @@ impl Service {
     }
 }
 
+/// Which guests a changed `path` under `root` (`.../backend/vbd`) may have given or taken vbds. Writes inside
+/// the vbds of a guest that already has a worker (its own state changes, every one of them) cost the supervisor
+/// nothing: only `root`, `root/<domid>` and `root/<domid>/<devid>` (a vbd came or went), or anything under a
+/// guest without a worker (its first vbd being written), are looked at.
+fn touched(root: &str, path: &str, has_worker: impl Fn(DomId) -> bool) -> Touched {
+    let Some(rest) = path.strip_prefix(root) else { return Touched::Nothing };
+    if rest.is_empty() {
+        return Touched::Everything;
+    }
+    let Some(rest) = rest.strip_prefix('/') else { return Touched::Nothing };
+    let mut parts = rest.split('/');
+    let Some(Ok(domid)) = parts.next().map(str::parse::<DomId>) else { return Touched::Nothing };
+    let deeper = parts.nth(1).is_some();
+    if deeper && has_worker(domid) {
+        Touched::Nothing
+    } else {
+        Touched::Guest(domid)
+    }
+}
+
 /// In the child, before exec: the channel at descriptor 3 (inheritable), a process group of its own, SIGTERM
 /// when the supervisor dies.
 fn child_setup(channel: RawFd, supervisor: libc::pid_t) -> std::io::Result<()> {
@@ -463,4 +525,24 @@ fn wait_readable(fds: &[RawFd], timeout: Duration) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_that_may_add_or_remove_a_guests_vbds_are_looked_at() {
+        let root = "/local/domain/0/backend/vbd";
+        let with_worker = |domid: DomId| domid == 7;
+        let t = |path: &str| touched(root, path, with_worker);
+        assert_eq!(t(root), Touched::Everything);
+        assert_eq!(t(&format!("{root}/7")), Touched::Guest(7));
+        assert_eq!(t(&format!("{root}/7/51712")), Touched::Guest(7), "a vbd came or went");
+        assert_eq!(t(&format!("{root}/7/51712/state")), Touched::Nothing, "the worker's own writes");
+        assert_eq!(t(&format!("{root}/8/51712/frontend")), Touched::Guest(8), "a guest without a worker yet");
+        assert_eq!(t(&format!("{root}/x/51712")), Touched::Nothing);
+        assert_eq!(t(&format!("{root}7/1")), Touched::Nothing, "not under the root");
+        assert_eq!(t("/local/domain/0/backend/vif/7"), Touched::Nothing);
+    }
 }
