@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use transport_xen::dataplane::DataplaneOptions;
 use transport_xen::emulated::GuestDomain;
 use transport_xen::frontend::load::{check_pattern, fill_pattern};
-use transport_xen::frontend::{Blkfront, BlkfrontConfig, IoRequest, XVDA};
+use transport_xen::frontend::{Blkfront, BlkfrontConfig, DiskSpec, IoRequest, XVDA};
 use transport_xen::xenbus::{BackendConfig, VbdId, XenbusState};
 use xenbus_support::{Bed, T};
 
@@ -132,4 +132,30 @@ fn a_hostile_ring_is_halted_and_the_other_vbd_keeps_working() {
     bystander_works(&mut other, 6);
     other.close().expect("close");
     assert_eq!(bed.host.live_mappings(), 0);
+}
+
+/// The toolstack removes a closed vbd and creates it again (another image) before the backend saw the removal
+/// (`add_disk` does both in one transaction, the tightest such race): the backend must treat it as a new vbd,
+/// with its feature nodes published again and the new image opened, not as the old one's frontend starting over.
+#[test]
+fn a_vbd_recreated_before_the_backend_saw_its_removal_is_probed_anew() {
+    let bed = bed();
+    let guest = bed.big_guest(1, 512);
+    let (id, mut front) = connect(&bed, &guest, false);
+    bystander_works(&mut front, 1);
+    front.close().expect("close");
+    bed.wait_state(id, XenbusState::Closed);
+
+    let img = bed.image("recreated.img", 16);
+    let spec = DiskSpec::new(1, img.to_str().expect("utf-8 path"));
+    assert_eq!(bed.toolstack.add_disk(&spec).expect("re-create"), id);
+    let config = BlkfrontConfig { ring_page_order: 1, ..BlkfrontConfig::default() };
+    let mut front = Blkfront::connect(&guest, XVDA, config).expect("connect to the re-created vbd");
+    assert_eq!(front.ring_size(), 64, "max-ring-page-order published again");
+    assert_eq!(front.info().sectors, 16 << 11, "the new image is served");
+    bystander_works(&mut front, 2);
+    front.close().expect("close");
+    bed.wait_state(id, XenbusState::Closed);
+    bed.toolstack.remove(id).expect("remove");
+    wait_until("every mapping to go", || bed.host.live_mappings() == 0);
 }

@@ -38,6 +38,10 @@ use crate::xenbus::nodes::{self, Mode};
 use crate::xenbus::rings::{RingServer, RunningRings};
 use crate::xenbus::state::{VbdId, VbdPaths, XenbusState};
 
+mod probe;
+mod writes;
+use writes::Directory;
+
 /// `VDISK_CDROM` in the `info` node.
 pub const VDISK_CDROM: u32 = 1;
 /// `VDISK_REMOVABLE` in the `info` node.
@@ -171,6 +175,8 @@ pub struct VbdBackend {
     error: Option<Fatal>,
     /// Take over a vbd a previous backend served (probe it in any state), until the first reconcile.
     adopt: bool,
+    /// This round found the directory re-created: [`reconcile`](Self::reconcile) starts over.
+    recreated: bool,
 }
 
 impl std::fmt::Debug for VbdBackend {
@@ -205,6 +211,7 @@ impl VbdBackend {
             connection: None,
             error: None,
             adopt: false,
+            recreated: false,
         }
     }
 
@@ -261,6 +268,20 @@ impl VbdBackend {
 
     /// Re-read the nodes this vbd depends on and act on what changed.
     pub fn reconcile(&mut self) -> Result<(), XenError> {
+        // A round that finds the directory re-created under it (see `Directory::Recreated`) starts over as a new
+        // vbd; one more round probes it. Bounded: the toolstack re-creating it again and again only delays us.
+        for _ in 0..3 {
+            self.reconcile_round()?;
+            if !std::mem::take(&mut self.recreated) {
+                return Ok(());
+            }
+            tracing::info!(vbd = %self.id, "backend re-created: probing again");
+            self.reset();
+        }
+        Ok(())
+    }
+
+    fn reconcile_round(&mut self) -> Result<(), XenError> {
         if self.phase == Phase::Removed {
             return Ok(());
         }
@@ -275,12 +296,12 @@ impl VbdBackend {
             return Ok(());
         };
         let store_state = XenbusState::parse(&state_node).ok();
+        if self.directory(store_state) == Directory::Recreated {
+            self.recreated = true;
+            return Ok(());
+        }
         if self.phase == Phase::Done {
             match store_state {
-                Some(XenbusState::Initialising) => {
-                    tracing::info!(vbd = %self.id, "backend re-created: probing again");
-                    self.reset();
-                }
                 Some(XenbusState::Closed) => return Ok(()),
                 // The toolstack wrote over our Closed (libxl's detach writes Closing): say Closed again.
                 _ => return self.switch_state(XenbusState::Closed),
@@ -325,7 +346,8 @@ impl VbdBackend {
             let store = &*self.store;
             let connected = XenbusState::Connected.as_node();
             let written = with_transaction(store, TX_ATTEMPTS, |tx| {
-                if read_optional(store, tx, &state)?.is_none() {
+                let Some(current) = read_optional(store, tx, &state)? else { return Ok(false) };
+                if self.directory(XenbusState::parse(&current).ok()) == Directory::Recreated {
                     return Ok(false);
                 }
                 store.write(tx, &sectors, to.0.to_string().as_bytes())?;
@@ -364,104 +386,6 @@ impl VbdBackend {
     }
 
     // -----------------------------------------------------------------------------------------------------------
-
-    fn probe(&mut self, store_state: Option<XenbusState>) -> Result<bool, XenError> {
-        // `Some(previous)`: taking over from a previous backend that left the vbd in `previous`.
-        let previous = match store_state {
-            Some(XenbusState::Initialising) => None,
-            Some(
-                s @ (XenbusState::InitWait
-                | XenbusState::Initialised
-                | XenbusState::Connected
-                | XenbusState::Closing
-                | XenbusState::Closed),
-            ) if self.adopt => Some(s),
-            _ => return Ok(false),
-        };
-        let store = &*self.store;
-        let fe_path = read_optional(store, TxId::NONE, &self.paths.node("frontend"))?;
-        let fe_id = read_optional(store, TxId::NONE, &self.paths.node("frontend-id"))?;
-        let (Some(fe_path), Some(fe_id)) = (fe_path, fe_id) else { return Ok(false) };
-        // From here on a store error leaves the vbd unprobed (the next event retries); a bad node fails it.
-        let frontend = nodes::parse_xenstore_path("frontend", &fe_path)
-            .and_then(|path| Ok(Frontend { path, domid: nodes::parse_domid("frontend-id", &fe_id)? }));
-        let frontend = match frontend {
-            Ok(f) if f.domid == self.id.domid => f,
-            Ok(f) => {
-                let msg = format!("frontend-id {} does not match the vbd's domain {}", f.domid, self.id.domid);
-                self.phase = Phase::Active;
-                self.fatal(Fatal::new(libc::EINVAL, msg));
-                return Ok(false);
-            }
-            Err(e) => {
-                self.phase = Phase::Active;
-                self.fatal(Fatal::new(e.errno(), format!("reading other end details: {e}")));
-                return Ok(false);
-            }
-        };
-
-        let c = &*self.config;
-        let flag = |b: bool| if b { "1" } else { "0" };
-        let mut probe_nodes: Vec<(&str, String)> = vec![
-            // The seed: "opened" = "0" tells userspace diskseq is supported and that "1" will follow the open.
-            ("opened", "0".into()),
-            ("multi-queue-max-queues", c.max_queues.to_string()),
-            ("max-ring-page-order", c.max_ring_page_order.to_string()),
-            ("feature-persistent", flag(c.persistent_grants).into()),
-            ("feature-flush-cache", "1".into()),
-            ("feature-barrier", "1".into()),
-        ];
-        if c.max_indirect_segments > 0 {
-            probe_nodes.push(("feature-max-indirect-segments", c.max_indirect_segments.to_string()));
-        }
-        self.write_nodes(&probe_nodes)?;
-        let token = frontend_token(self.id);
-        let fe_state = format!("{}/state", frontend.path);
-        self.store.watch(&fe_state, &token)?;
-        self.watching = Some(fe_state);
-        self.frontend = Some(frontend);
-        self.phase = Phase::Active;
-        match previous {
-            None => self.switch_state(XenbusState::InitWait)?,
-            Some(previous) => self.take_over(previous)?,
-        }
-        tracing::info!(vbd = %self.id, frontend = %self.frontend.as_ref().map_or("", |f| &f.path), "probed");
-        Ok(true)
-    }
-
-    /// Continue from the state `previous` a previous backend left the vbd in (see [`adopt`](Self::adopt)); the
-    /// frontend's state is then handled by [`check_frontend`](Self::check_frontend) as usual.
-    fn take_over(&mut self, previous: XenbusState) -> Result<(), XenError> {
-        let fe_state = self.frontend_state()?;
-        tracing::info!(vbd = %self.id, previous = %previous, frontend = %fe_state, "taking over from a previous backend");
-        match (previous, fe_state) {
-            (_, XenbusState::Initialising) | (XenbusState::InitWait, _) => self.switch_state(XenbusState::InitWait),
-            (XenbusState::Closed, _) => {
-                self.state = XenbusState::Closed;
-                let online = read_optional(&*self.store, TxId::NONE, &self.paths.node("online"))?;
-                if !nodes::parse_online(online.as_deref()) {
-                    // Detached (online = 0): nothing to open, only the toolstack's removal to wait for.
-                    tracing::info!(vbd = %self.id, "closed and offline: nothing to take over");
-                    self.release();
-                    self.phase = Phase::Done;
-                }
-                Ok(())
-            }
-            (_, XenbusState::Initialised | XenbusState::Connected) => {
-                tracing::warn!(
-                    vbd = %self.id,
-                    "the frontend still uses the rings of a backend that is gone: asking it to close and start over"
-                );
-                // Requests the previous backend left unanswered are answered by `blkbackd xen --cleanup` only.
-                self.state = previous;
-                self.switch_state(XenbusState::Closing)
-            }
-            _ => {
-                self.state = previous;
-                Ok(())
-            }
-        }
-    }
 
     fn check_device(&mut self) -> Result<(), XenError> {
         if self.frontend.is_none() {
@@ -508,7 +432,7 @@ impl VbdBackend {
         };
         let (disk, source, mode) = (Arc::new(opened.disk), opened.source, opened.mode);
         // The seed: tell userspace we hold the device, so it may drop its own reference (autoclear loop devices).
-        if let Err(e) = self.store.write(TxId::NONE, &self.paths.node("opened"), b"1") {
+        if let Err(e) = self.write_nodes(&[("opened", "1".into())]) {
             if matches!(e, XenError::Disconnected { .. }) {
                 // Not this vbd's failure: the supervisor reports the lost connection and closes everything.
                 return Err(e);
@@ -655,79 +579,6 @@ impl VbdBackend {
         );
         self.connection = Some(config);
         self.switch_state(XenbusState::Connected)
-    }
-
-    /// `xenbus_dev_fatal`: the error node, then Closing.
-    fn fatal(&mut self, mut fatal: Fatal) {
-        if fatal.message.len() > MAX_ERROR_MESSAGE {
-            let mut end = MAX_ERROR_MESSAGE;
-            while !fatal.message.is_char_boundary(end) {
-                end -= 1;
-            }
-            fatal.message.truncate(end);
-        }
-        tracing::error!(vbd = %self.id, errno = fatal.errno, "{}", fatal.message);
-        let value = format!("{} {}", fatal.errno, fatal.message);
-        if let Err(e) = self.store.write(TxId::NONE, &self.paths.error, value.as_bytes()) {
-            tracing::warn!(vbd = %self.id, error = %e, "cannot write the error node");
-        }
-        self.error = Some(fatal);
-        if self.state < XenbusState::Closing {
-            if let Err(e) = self.switch_state(XenbusState::Closing) {
-                tracing::warn!(vbd = %self.id, error = %e, "cannot switch to Closing");
-            }
-        }
-    }
-
-    /// `xenbus_switch_state`: write `state` unless the directory is gone (never re-create a removed device),
-    /// and never write over a close the toolstack asked for (its Closing) with an earlier state.
-    fn switch_state(&mut self, new: XenbusState) -> Result<(), XenError> {
-        #[derive(PartialEq)]
-        enum Outcome {
-            Written,
-            Removed,
-            CloseRequested,
-        }
-        let path = self.paths.node("state");
-        let store = &*self.store;
-        let ours = self.state;
-        let outcome = with_transaction(store, TX_ATTEMPTS, |tx| {
-            let Some(current) = read_optional(store, tx, &path)? else { return Ok(Outcome::Removed) };
-            let requested_close =
-                XenbusState::parse(&current) == Ok(XenbusState::Closing) && ours < XenbusState::Closing;
-            if requested_close && new < XenbusState::Closing {
-                return Ok(Outcome::CloseRequested);
-            }
-            store.write(tx, &path, new.as_node().as_bytes())?;
-            Ok(Outcome::Written)
-        })?;
-        match outcome {
-            Outcome::Written => {
-                tracing::debug!(vbd = %self.id, from = %self.state, to = %new, "state");
-                self.state = new;
-            }
-            Outcome::CloseRequested => {
-                tracing::info!(vbd = %self.id, "the toolstack asked the device to close");
-                self.state = XenbusState::Closing;
-            }
-            Outcome::Removed => {}
-        }
-        Ok(())
-    }
-
-    /// Write backend nodes in one transaction, unless the directory is gone.
-    fn write_nodes(&self, values: &[(&str, String)]) -> Result<(), XenError> {
-        let store = &*self.store;
-        let state = self.paths.node("state");
-        with_transaction(store, TX_ATTEMPTS, |tx| {
-            if read_optional(store, tx, &state)?.is_none() {
-                return Ok(());
-            }
-            for (name, value) in values {
-                store.write(tx, &self.paths.node(name), value.as_bytes())?;
-            }
-            Ok(())
-        })
     }
 
     fn stop_rings(&mut self) {
