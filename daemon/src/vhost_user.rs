@@ -38,6 +38,7 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     };
     let options = VhostUserBlkOptions {
         num_queues: args.queues,
+        io_threads: args.io_threads,
         queue_size: args.queue_size,
         io_depth: args.io_depth,
         engine: args.engine.into(),
@@ -83,6 +84,7 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     }
     tracing::info!(
         socket = %shown, disk = %args.disk.path.display(), queues = args.queues,
+        io_threads = server.options().effective_io_threads(),
         queue_size = args.queue_size, poll_us = args.poll_us, serial = %String::from_utf8_lossy(&serial).trim_end_matches('\0'),
         "serving vhost-user-blk"
     );

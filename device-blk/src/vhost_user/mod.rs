@@ -1,26 +1,31 @@
 //! vhost-user-blk: the [`VhostUserBackend`] serving a [`Disk`], and a server that accepts one frontend
 //! connection after another.
 //!
-//! Threads: vhost-user-backend runs the protocol on one thread and a vring worker thread per queue (we map one
-//! queue to each thread). A queue's worker owns its [`BlockQueue`](crate::BlockQueue) and engine, created on
-//! that thread at the first kick; the engine's completion eventfd is registered in the same epoll as the kick,
-//! so one thread does all of a queue's work with no locking on the data path (the per-queue mutex is only ever
-//! contended by `GET_VRING_BASE` and teardown, which wait for in-flight requests).
+//! Threads: vhost-user-backend runs the protocol on one thread and vring worker threads, our I/O threads
+//! ([`VhostUserBlkOptions::io_threads`] of them; queue `q` is served by thread `q % io_threads`, see
+//! [`threads`]). A queue's worker owns its [`BlockQueue`](crate::BlockQueue) and engine, created on its thread at
+//! the first kick; the engine's completion eventfd is registered in the same epoll as the kicks of all the
+//! thread's queues, so one thread does all of a queue's work with no locking shared between threads on the data
+//! path (the per-queue mutex is only ever contended by `GET_VRING_BASE` and teardown, which wait for in-flight
+//! requests).
 //!
 //! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
 //! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
 
 mod poll;
 mod server;
+mod threads;
 mod worker;
 
 pub use server::{Connection, ServeError, VhostUserBlkServer};
+pub use threads::IO_THREAD_NAME;
 pub use worker::{AtomicGuestMemory, BlkVring, GuestMemory};
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -29,12 +34,12 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::stats::Registry;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::Disk;
 use crate::engine::{Batching, EngineKind};
 use crate::request::ID_BYTES;
 use crate::virtio::{device_features, seg_max_for, BlkConfig};
+use threads::{Event, HandlerRegistrar, Layout, Registrar, ThreadSlot};
 use worker::QueueWorker;
 
 /// Most queues a device may have (vhost-user-backend maps queues to threads with a 64-bit mask).
@@ -52,8 +57,11 @@ pub type BlkEpollHandler = VringEpollHandler<Arc<VhostUserBlkBackend>>;
 /// How a disk is served over vhost-user-blk.
 #[derive(Clone, Debug)]
 pub struct VhostUserBlkOptions {
-    /// Request queues (each served by its own thread).
+    /// Request queues.
     pub num_queues: u16,
+    /// I/O threads serving them (queue `q` by thread `q % io_threads`), at most `num_queues`. `None`:
+    /// [`default_io_threads`].
+    pub io_threads: Option<u16>,
     /// Largest queue size the frontend may set (a power of two).
     pub queue_size: u16,
     /// Most requests in flight per queue (the engine's depth); further chains wait in the avail ring until
@@ -81,6 +89,7 @@ impl VhostUserBlkOptions {
     pub fn new(serial: [u8; ID_BYTES]) -> Self {
         VhostUserBlkOptions {
             num_queues: 1,
+            io_threads: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             io_depth: None,
             engine: EngineKind::default(),
@@ -100,6 +109,11 @@ impl VhostUserBlkOptions {
         if !self.queue_size.is_power_of_two() || !(4..=MAX_QUEUE_SIZE).contains(&self.queue_size) {
             return Err(OptionsError::QueueSize(self.queue_size));
         }
+        if let Some(threads) = self.io_threads {
+            if !(1..=self.num_queues).contains(&threads) {
+                return Err(OptionsError::IoThreads { threads, queues: self.num_queues });
+            }
+        }
         if self.io_depth == Some(0) {
             return Err(OptionsError::IoDepth);
         }
@@ -107,6 +121,11 @@ impl VhostUserBlkOptions {
             return Err(OptionsError::PollUs(self.poll_us));
         }
         Ok(())
+    }
+
+    /// I/O threads serving the queues.
+    pub fn effective_io_threads(&self) -> u16 {
+        self.io_threads.unwrap_or_else(|| default_io_threads(self.num_queues))
     }
 
     /// Requests in flight per queue.
@@ -124,6 +143,14 @@ pub enum OptionsError {
     /// Queue size out of range.
     #[error("queue size {0} is not a power of two between 4 and {max}", max = MAX_QUEUE_SIZE)]
     QueueSize(u16),
+    /// An I/O thread count out of range.
+    #[error("{threads} I/O threads requested for {queues} queues; between 1 and the number of queues are supported")]
+    IoThreads {
+        /// Threads requested.
+        threads: u16,
+        /// Queues.
+        queues: u16,
+    },
     /// An I/O depth of zero.
     #[error("the I/O depth must be at least 1")]
     IoDepth,
@@ -132,14 +159,25 @@ pub enum OptionsError {
     PollUs(u32),
 }
 
+/// I/O threads when none are asked for: one per [`QUEUES_PER_IO_THREAD`] queues (rounded up), and no more than
+/// the CPUs this process may run on. Measured (docs/performance.md): a thread that serves a single queue wakes
+/// for a small share of the I/O and spends most of its CPU time going to sleep and waking up, so CPU per I/O
+/// grows with the queue count; a thread serving several queues batches their work per wake-up.
+pub fn default_io_threads(queues: u16) -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    let cpus = u16::try_from(cpus).unwrap_or(u16::MAX);
+    queues.div_ceil(QUEUES_PER_IO_THREAD).clamp(1, cpus.max(1)).min(queues.max(1))
+}
+
+/// Queues per I/O thread by default (see [`default_io_threads`]).
+pub const QUEUES_PER_IO_THREAD: u16 = 4;
+
 /// A queue's worker and what others use to wait for it.
 struct QueueSlot {
     worker: Mutex<Option<QueueWorker>>,
     /// Signalled when the worker has nothing in flight and someone waits (`waiters > 0`).
     idle: Condvar,
     waiters: AtomicUsize,
-    /// Written to stop the worker thread.
-    exit: EventFd,
 }
 
 impl QueueSlot {
@@ -178,7 +216,9 @@ pub struct VhostUserBlkBackend {
     seg_max: usize,
     mem: RwLock<AtomicGuestMemory>,
     queues: Vec<QueueSlot>,
-    handlers: OnceLock<Vec<Weak<BlkEpollHandler>>>,
+    layout: Layout,
+    threads: Vec<ThreadSlot>,
+    registrars: OnceLock<Vec<Box<dyn Registrar>>>,
     /// Set by [`shutdown`](Self::shutdown): kicks are ignored, no chain is popped any more.
     stopping: AtomicBool,
 }
@@ -188,6 +228,7 @@ impl std::fmt::Debug for VhostUserBlkBackend {
         f.debug_struct("VhostUserBlkBackend")
             .field("disk", &self.disk.path())
             .field("options", &self.options)
+            .field("io_threads", &self.layout.threads)
             .field("features", &format_args!("{:#x}", self.features))
             .finish()
     }
@@ -200,15 +241,11 @@ impl VhostUserBlkBackend {
         let geometry = *disk.geometry();
         let seg_max = seg_max_for(options.queue_size);
         let queues = (0..options.num_queues)
-            .map(|_| {
-                Ok(QueueSlot {
-                    worker: Mutex::new(None),
-                    idle: Condvar::new(),
-                    waiters: AtomicUsize::new(0),
-                    exit: EventFd::new(EFD_NONBLOCK)?,
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+            .map(|_| QueueSlot { worker: Mutex::new(None), idle: Condvar::new(), waiters: AtomicUsize::new(0) })
+            .collect();
+        let layout = Layout { queues: options.num_queues, threads: options.effective_io_threads() };
+        let threads =
+            (0..layout.threads).map(|t| ThreadSlot::new(layout.queues_of(t))).collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserBlkBackend {
             config: BlkConfig::new(&geometry, options.num_queues, seg_max),
             features: device_features(&geometry) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
@@ -217,7 +254,9 @@ impl VhostUserBlkBackend {
             disk,
             options,
             queues,
-            handlers: OnceLock::new(),
+            layout,
+            threads,
+            registrars: OnceLock::new(),
             stopping: AtomicBool::new(false),
         })
     }
@@ -232,22 +271,29 @@ impl VhostUserBlkBackend {
         &self.config
     }
 
-    /// Hand over the daemon's epoll handlers (one per queue), so that workers can register their engine's
-    /// completion eventfd, and register each worker's exit eventfd. Call once, before serving.
+    /// Hand over the daemon's epoll handlers (one per I/O thread), so that workers can register their engine's
+    /// eventfds; registers each thread's exit eventfd, and has each thread name itself. Call once, before serving.
     pub fn attach(&self, handlers: &[Arc<BlkEpollHandler>]) -> io::Result<()> {
-        if handlers.len() != self.queues.len() {
+        let registrars =
+            handlers.iter().map(|h| Box::new(HandlerRegistrar(Arc::downgrade(h))) as Box<dyn Registrar>).collect();
+        self.attach_registrars(registrars)
+    }
+
+    fn attach_registrars(&self, registrars: Vec<Box<dyn Registrar>>) -> io::Result<()> {
+        if registrars.len() != self.threads.len() {
             return Err(io::Error::other(format!(
-                "{} epoll handlers for {} queues",
-                handlers.len(),
-                self.queues.len()
+                "{} epoll handlers for {} I/O threads",
+                registrars.len(),
+                self.threads.len()
             )));
         }
-        for (slot, handler) in self.queues.iter().zip(handlers) {
-            handler.register_listener(slot.exit.as_raw_fd(), EventSet::IN, self.exit_event())?;
+        let n = self.options.num_queues;
+        for (thread, registrar) in self.threads.iter().zip(&registrars) {
+            registrar.register(thread.exit.as_raw_fd(), EventSet::IN, Event::exit_id(n))?;
+            registrar.register(thread.name.as_raw_fd(), EventSet::IN, Event::name_id(n))?;
+            thread.name.write(1)?;
         }
-        self.handlers
-            .set(handlers.iter().map(Arc::downgrade).collect())
-            .map_err(|_| io::Error::other("epoll handlers attached twice"))
+        self.registrars.set(registrars).map_err(|_| io::Error::other("epoll handlers attached twice"))
     }
 
     /// Wait until no queue has a request in flight (each finished request answered to the guest).
@@ -257,49 +303,41 @@ impl VhostUserBlkBackend {
         }
     }
 
-    /// Stop taking requests, finish (and answer) those in flight, and end every worker thread.
+    /// Stop taking requests, finish (and answer) those in flight, and end every I/O thread.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.quiesce();
-        for (index, slot) in self.queues.iter().enumerate() {
-            if let Err(error) = slot.exit.write(1) {
-                tracing::error!(queue = index, %error, "cannot stop the queue's worker");
+        for (index, thread) in self.threads.iter().enumerate() {
+            if let Err(error) = thread.exit.write(1) {
+                tracing::error!(thread = index, %error, "cannot stop the I/O thread");
             }
         }
     }
 
-    /// Epoll id of a worker's engine completions (ids up to `num_queues` belong to vhost-user-backend).
-    fn completion_event(&self) -> u16 {
-        self.options.num_queues + 1
+    /// The number of I/O threads.
+    pub fn io_threads(&self) -> usize {
+        self.threads.len()
     }
 
-    /// Epoll id of a worker's exit eventfd.
-    fn exit_event(&self) -> u64 {
-        u64::from(self.options.num_queues) + 2
-    }
-
-    /// Epoll id of a worker's resume eventfd (a round left chains for the next one).
-    fn resume_event(&self) -> u16 {
-        self.options.num_queues + 3
-    }
-
-    /// Create queue `index`'s worker on the calling (worker) thread and watch its completion eventfd.
-    fn start_worker(&self, index: usize) -> io::Result<QueueWorker> {
+    /// Create queue `index`'s worker on the calling (I/O) thread, whose `local`th queue it is, and watch its
+    /// completion and resume eventfds.
+    fn start_worker(&self, index: usize, local: usize) -> io::Result<QueueWorker> {
         let o = &self.options;
         let worker = QueueWorker::new(index, &self.disk, o, self.seg_max)
             .map_err(|e| io::Error::other(format!("queue {index}: cannot create the I/O engine: {e}")))?;
-        let handler = self
-            .handlers
+        let thread = index % usize::from(self.layout.threads.max(1));
+        let registrar = self
+            .registrars
             .get()
-            .and_then(|h| h.get(index))
-            .and_then(Weak::upgrade)
+            .and_then(|r| r.get(thread))
             .ok_or_else(|| io::Error::other(format!("queue {index}: no epoll handler attached")))?;
         // Edge-triggered: each completion signal wakes the worker once, and the worker need not read the eventfd
         // (one system call less per wake-up); a poller clears it before sleeping, so a signal it already served
         // is not reported again (epoll re-checks readiness before reporting).
         let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        handler.register_listener(worker.completion_fd(), events, u64::from(self.completion_event()))?;
-        handler.register_listener(worker.resume_fd(), EventSet::IN, u64::from(self.resume_event()))?;
+        let n = o.num_queues;
+        registrar.register(worker.completion_fd(), events, Event::completion_id(n, local))?;
+        registrar.register(worker.resume_fd(), EventSet::IN, Event::resume_id(n, local))?;
         if let Some(registry) = &o.stats {
             registry.register(vec![("transport", "vhost-user".into()), ("queue", index.to_string())], worker.stats());
         }
@@ -357,7 +395,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.options.num_queues).map(|q| 1u64 << q).collect()
+        self.layout.masks()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -376,58 +414,6 @@ impl VhostUserBackend for VhostUserBlkBackend {
         vrings: &[BlkVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let slot = self.queues.get(thread_id).ok_or_else(|| io::Error::other("event for an unknown queue"))?;
-        let Some(vring) = vrings.first() else {
-            return Ok(());
-        };
-        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
-        if u64::from(device_event) == self.exit_event() {
-            let _ = slot.exit.read();
-            if let Some(worker) = slot.lock().as_mut() {
-                worker.finish_in_flight(vring, &mem);
-            }
-            // The only way to end a vring worker's loop from the backend is an error from this function:
-            // vhost-user-backend 0.24's own `exit_event` leaks its eventfd on every connection.
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "queue worker stopped"));
-        }
-        let stopping = self.stopping.load(Ordering::SeqCst);
-        if stopping && device_event == 0 {
-            return Ok(());
-        }
-        let mut guard = slot.lock();
-        let worker = match (&mut *guard, device_event) {
-            (Some(worker), _) => worker,
-            (None, 0) => guard.insert(self.start_worker(thread_id).inspect_err(|error| {
-                tracing::error!(queue = thread_id, %error, "cannot start the queue");
-            })?),
-            (None, _) => return Ok(()),
-        };
-        let poll = match device_event {
-            0 => {
-                worker.on_kick(vring, &mem);
-                true
-            }
-            e if e == self.completion_event() => {
-                worker.on_completion(vring, &mem, !stopping);
-                true
-            }
-            e if e == self.resume_event() => {
-                worker.on_resume(vring, &mem, !stopping);
-                true
-            }
-            other => {
-                tracing::debug!(queue = thread_id, event = other, "unexpected event");
-                false
-            }
-        };
-        if worker.in_flight() == 0 && slot.waiters.load(Ordering::SeqCst) > 0 {
-            slot.idle.notify_all();
-        }
-        drop(guard);
-        drop(mem);
-        if poll && self.options.poll_us > 0 {
-            self.poll_queue(slot, vring);
-        }
-        Ok(())
+        self.thread_event(device_event, vrings, thread_id)
     }
 }

@@ -1,7 +1,7 @@
 //! One queue's worker: pops descriptor chains, feeds the [`BlockQueue`], and answers completions.
 //!
-//! It runs on the queue's own vring worker thread (one queue per thread), which owns the engine: an io_uring
-//! ring with `SINGLE_ISSUER` may only be submitted to from the thread that created it.
+//! It runs on the I/O thread that serves the queue (see [`threads`](super::threads)), which owns the engine: an
+//! io_uring ring with `SINGLE_ISSUER` may only be submitted to from the thread that created it.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -99,6 +99,16 @@ impl QueueWorker {
     /// The queue's live counters.
     pub(super) fn stats(&self) -> &Arc<crate::stats::QueueStats> {
         self.queue.stats()
+    }
+
+    /// Whether requests finished that are not answered yet (no system call).
+    pub(super) fn has_finished(&mut self) -> bool {
+        self.queue.has_finished()
+    }
+
+    /// Whether the engine takes another request.
+    pub(super) fn has_room(&self) -> bool {
+        self.queue.has_room()
     }
 
     /// Requests submitted and not yet answered.
@@ -382,7 +392,7 @@ impl QueueWorker {
 }
 
 /// Whether the guest published chains not taken yet (one load from the avail ring).
-fn avail_pending(ring: &RingState, mem: &AtomicGuestMemory) -> bool {
+pub(super) fn avail_pending(ring: &RingState, mem: &AtomicGuestMemory) -> bool {
     let q = ring.get_queue();
     q.ready() && q.avail_idx(&*mem.memory(), Ordering::Acquire).is_ok_and(|idx| idx.0 != q.next_avail())
 }
