@@ -294,3 +294,7 @@ pub(super) fn notify_idle(slot: &super::QueueSlot, worker: &QueueWorker) {
         slot.idle.notify_all();
     }
 }
+
+#[cfg(test)]
+#[path = "threads_tests.rs"]
+mod tests;
