@@ -12,6 +12,7 @@
 mod client;
 mod lab;
 mod micro;
+mod scaling;
 mod servers;
 mod xen_emulated;
 
@@ -113,15 +114,15 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "seqread 128k QD8", read: true, random: false, block_size: 128 * 1024, queue_depth: 8 },
 ];
 
-struct Row {
-    workload: &'static str,
-    queues: usize,
-    server: String,
-    iops: f64,
-    p50_us: f64,
-    p99_us: f64,
-    cpu_us_per_io: f64,
-    errors: u64,
+pub(crate) struct Row {
+    pub(crate) workload: &'static str,
+    pub(crate) queues: usize,
+    pub(crate) server: String,
+    pub(crate) iops: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) cpu_us_per_io: f64,
+    pub(crate) errors: u64,
 }
 
 fn main() -> Result<()> {
@@ -204,6 +205,15 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
     let disk_bytes = args.size_mib * 1024 * 1024;
     fill_disk(&disk, disk_bytes).with_context(|| format!("creating {}", disk.display()))?;
     let _cleanup = RemoveOnDrop(disk.clone());
+    // Everyone opens the file with O_DIRECT (tmpfs supports it since Linux 6.6); say so when it does not work.
+    let direct_note = match direct_io_works(&disk) {
+        Ok(()) => format!("O_DIRECT on {}: works.", args.dir.display()),
+        Err(error) => {
+            let note = format!("O_DIRECT on {}: FAILS ({error}); the servers fall back or fail.", args.dir.display());
+            eprintln!("note: {note}");
+            note
+        }
+    };
     let mut servers = vec![Server::Qsd, Server::Blkbackd { binary: args.blkbackd.clone(), extra: vec![] }];
     for v in &args.variant {
         servers.push(Server::Blkbackd {
@@ -248,7 +258,17 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
             }
         }
     }
-    let table = render(&rows);
+    let mut table = format!("{direct_note}\n\n{}", render(&rows));
+    if let Some(scaling) = scaling::render_scaling(&rows) {
+        table.push_str(
+            "\nCPU per I/O per queue count (×qsd: same queue count; ×own 1-queue: the same server with one queue):\n\n",
+        );
+        table.push_str(&scaling);
+    }
+    if let Some(vs_raw) = scaling::render_vs_raw(&rows) {
+        table.push_str("\nAgainst raw fio on the same file (latency added: the server's percentile minus fio's):\n\n");
+        table.push_str(&vs_raw);
+    }
     println!("{table}");
     if let Some(path) = args.markdown {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
@@ -387,6 +407,23 @@ pub(crate) fn fill_disk(path: &std::path::Path, bytes: u64) -> Result<()> {
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// Open `path` with O_DIRECT and read its first 4 KiB into an aligned buffer.
+fn direct_io_works(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).map_err(std::io::Error::other)?;
+    // SAFETY: a non-zero size layout; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    if buf.is_null() {
+        return Err(std::io::Error::other("out of memory"));
+    }
+    // SAFETY: `buf` points to 4096 writable bytes, owned here until the dealloc below.
+    let result = file.read_at(unsafe { std::slice::from_raw_parts_mut(buf, 4096) }, 0).map(|_| ());
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    result
 }
 
 struct RemoveOnDrop(PathBuf);

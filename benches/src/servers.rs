@@ -132,6 +132,20 @@ fn parse_terse(line: &str, read: bool) -> Result<FioFigures> {
     })
 }
 
+/// A variant's `--io-threads N` is at most the queue count (`--io-threads 64`: one thread per queue), so that one
+/// variant can run at every queue count.
+fn cap_io_threads(extra: &[&String], queues: usize) -> Vec<String> {
+    let mut out: Vec<String> = extra.iter().map(|w| w.to_string()).collect();
+    for i in 1..out.len() {
+        if out[i - 1] == "--io-threads" {
+            if let Ok(n) = out[i].parse::<usize>() {
+                out[i] = n.min(queues.max(1)).to_string();
+            }
+        }
+    }
+    out
+}
+
 /// A started server; killed on drop.
 pub struct Running {
     child: Child,
@@ -148,6 +162,7 @@ impl Running {
                 // `NAME=VALUE` words of a variant set the environment; the rest are arguments.
                 let (env, extra): (Vec<&String>, Vec<&String>) =
                     extra.iter().partition(|w| !w.starts_with('-') && w.contains('='));
+                let extra = cap_io_threads(&extra, queues);
                 let mut c = Command::new(binary);
                 c.envs(env.iter().filter_map(|w| w.split_once('=')));
                 c.arg("vhost-user")
