@@ -148,9 +148,9 @@ pub struct VhostUserArgs {
     pub queues: u16,
     /// I/O threads serving the queues, from 1 to --queues: queue q is served by thread q % N, which batches the
     /// work of all its queues per wake-up (bounded per queue, so that a busy queue cannot starve the others).
-    /// Default: one thread per 4 queues (rounded up), at most one per CPU. One thread per queue measured the
-    /// highest CPU time per I/O (each thread wakes for a small share of the I/O); fewer threads cost less CPU
-    /// per I/O for the same IOPS until a thread's CPU is saturated (see docs/performance.md).
+    /// Default: 1. Measured (docs/performance.md): CPU time per I/O grows with the number of threads (a thread
+    /// serving fewer queues wakes for a smaller share of the I/O: at 8 queues, 3.1 µs per I/O with one thread,
+    /// 4.9 with eight) and IOPS did not improve; raise it when the one thread uses a whole CPU.
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=i64::from(device_blk::vhost_user::MAX_QUEUES)))]
     pub io_threads: Option<u16>,
