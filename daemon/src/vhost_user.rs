@@ -145,7 +145,7 @@ fn inherited_name(listener: &UnixListener, fd: Option<i32>) -> String {
 }
 
 /// Fail at startup, not at the guest's first request, if the chosen engine cannot be built here. (Each queue
-/// builds its own engine on its own thread later.)
+/// builds its own engine on the I/O thread that serves it, later.)
 fn probe_engine(disk: &Arc<Disk>, kind: EngineKind, depth: u32) -> anyhow::Result<()> {
     let engine = kind.build(Arc::clone(disk), depth).context("cannot create the I/O engine")?;
     tracing::debug!(engine = engine.name(), "I/O engine available");

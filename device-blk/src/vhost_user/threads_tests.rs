@@ -327,3 +327,22 @@ fn a_flooded_queue_does_not_starve_the_other_queues_of_its_thread() {
     assert!(readable(resume), "the flooded queue still asks to come back");
     assert!(flooded.used_idx() == 0, "the flooded queue used its own rings");
 }
+
+#[test]
+fn io_threads_are_between_one_and_the_queue_count() {
+    let options = |queues, threads| VhostUserBlkOptions {
+        num_queues: queues,
+        io_threads: threads,
+        ..VhostUserBlkOptions::new([0; ID_BYTES])
+    };
+    assert_eq!(options(8, None).effective_io_threads(), 1, "one thread by default");
+    assert_eq!(options(8, Some(3)).effective_io_threads(), 3);
+    assert!(options(4, Some(4)).validate().is_ok());
+    for (queues, threads) in [(4, 0), (4, 5), (1, 2)] {
+        assert_eq!(
+            options(queues, Some(threads)).validate(),
+            Err(crate::vhost_user::OptionsError::IoThreads { threads, queues }),
+            "{threads} threads for {queues} queues"
+        );
+    }
+}
