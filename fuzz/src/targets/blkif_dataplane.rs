@@ -143,11 +143,16 @@ struct Front<L: BlkifLayout> {
 }
 
 impl<L: BlkifLayout> Front<L> {
-    /// The ring of page order `order`, zeroed (no request of an earlier input stays in a slot) and initialised.
+    /// The ring of page order `order`, initialised. Every ring is zeroed first: no request of an earlier input
+    /// stays in a slot, and a page of another ring that an earlier input read into is blank again.
     fn new(f: &mut Fixture, order: u32) -> (Front<L>, QueueRing) {
+        let zeros = vec![0; 4 * XEN_PAGE_SIZE];
+        for (first, grefs) in &f.rings {
+            let addr = GuestDomain::page_addr(*first);
+            f.guest.memory().write_slice(&zeros[..grefs.len() * XEN_PAGE_SIZE], addr).expect("clear ring");
+        }
         let (first, ref grefs) = f.rings[order as usize];
         let bytes = grefs.len() * XEN_PAGE_SIZE;
-        f.guest.memory().write_slice(&vec![0; bytes], GuestDomain::page_addr(first)).expect("clear ring");
         let base = f.guest.page_ptr(first).expect("ring page");
         // SAFETY: `grefs.len()` consecutive guest pages, contiguous in the guest's mapping, allocated for the
         // fixture's life (never freed); the ring lives only while one input runs on the fixture.
@@ -337,7 +342,7 @@ fn status<L: BlkifLayout>(
             } else if g == f.ro[0].1 || g == f.ro[1].1 {
                 copy.extend_from_slice(&[0x5a; XEN_PAGE_SIZE]);
             } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
-                // Another ring's page (zeroed, but earlier requests of this input may have read into it).
+                // Another ring's page (zeroed for this input, but its earlier requests may have read into it).
                 return None;
             } else {
                 return Some(RSP_ERROR);
