@@ -35,6 +35,9 @@ const MEM_END: u64 = 0x1_4000;
 const FILE_LEN: u64 = 128 * 512 + 100;
 const SERIAL: [u8; ID_BYTES] = *b"fuzz-serial-0123456\0";
 
+/// Built once per process. Between inputs the guest memory, the file and the model hold the patterns again:
+/// each input restores only what it changed ([`Model::mem_dirty`], [`Model::file_dirty`]), after checking that
+/// nothing else changed.
 struct Fixture {
     _dir: tempfile::TempDir,
     rw: Arc<Disk>,
@@ -42,6 +45,11 @@ struct Fixture {
     mem: GuestMemoryMmap,
     mem_pattern: Vec<u8>,
     disk_pattern: Vec<u8>,
+    model: Model,
+    /// Scratch for reading the guest memory and the file back.
+    scratch: Vec<u8>,
+    /// An input is running (or panicked): the next one starts with a full reset.
+    busy: bool,
 }
 
 thread_local! {
@@ -60,7 +68,64 @@ fn fixture() -> Fixture {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS.iter().map(|&(s, l)| (GuestAddress(s), l)).collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
     let (mem_pattern, disk_pattern) = (pattern(MEM_END as usize, 7, 3), pattern(FILE_LEN as usize, 13, 5));
-    Fixture { _dir: dir, rw, ro, mem, mem_pattern, disk_pattern }
+    let model = Model {
+        mem: mem_pattern.clone(),
+        unknown: vec![false; MEM_END as usize],
+        file: disk_pattern.clone(),
+        file_unknown: vec![false; FILE_LEN as usize],
+        mem_dirty: 0..MEM_END as usize,
+        file_dirty: 0..FILE_LEN as usize,
+    };
+    let scratch = Vec::with_capacity(MEM_END as usize);
+    Fixture { _dir: dir, rw, ro, mem, mem_pattern, disk_pattern, model, scratch, busy: true }
+}
+
+/// `a ∪ b` as one range (an empty range adds nothing).
+fn span(a: &std::ops::Range<usize>, start: usize, end: usize) -> std::ops::Range<usize> {
+    if start >= end {
+        a.clone()
+    } else if a.is_empty() {
+        start..end
+    } else {
+        a.start.min(start)..a.end.max(end)
+    }
+}
+
+impl Fixture {
+    /// Put the patterns back where the last input changed them (everywhere after a panic or at the start), in the
+    /// guest memory, the file and the model.
+    fn restore(&mut self) {
+        if self.busy {
+            self.model.mem_dirty = 0..MEM_END as usize;
+            self.model.file_dirty = 0..FILE_LEN as usize;
+        }
+        let m = &mut self.model;
+        let dirty = std::mem::replace(&mut m.mem_dirty, 0..0);
+        for &(start, len) in &REGIONS {
+            let (s, e) = ((start as usize).max(dirty.start), (start as usize + len).min(dirty.end));
+            if s < e {
+                self.mem.write_slice(&self.mem_pattern[s..e], GuestAddress(s as u64)).expect("reset memory");
+            }
+        }
+        let (s, e) = (dirty.start.min(m.mem.len()), dirty.end.min(m.mem.len()));
+        m.mem[s..e].copy_from_slice(&self.mem_pattern[s..e]);
+        m.unknown[s..e].fill(false);
+
+        let dirty = std::mem::replace(&mut m.file_dirty, 0..0);
+        let file = self.rw.file();
+        if m.file.len() != FILE_LEN as usize || self.busy {
+            file.set_len(FILE_LEN).expect("truncate");
+            m.file.truncate(FILE_LEN as usize);
+            m.file_unknown.truncate(FILE_LEN as usize);
+        }
+        let (s, e) = (dirty.start.min(FILE_LEN as usize), dirty.end.min(FILE_LEN as usize));
+        if s < e {
+            file.write_all_at(&self.disk_pattern[s..e], s as u64).expect("reset disk");
+            m.file[s..e].copy_from_slice(&self.disk_pattern[s..e]);
+            m.file_unknown[s..e].fill(false);
+        }
+        self.busy = false;
+    }
 }
 
 fn mapped(addr: u64, len: u64) -> bool {
@@ -77,9 +142,19 @@ struct Model {
     unknown: Vec<bool>,
     file: Vec<u8>,
     file_unknown: Vec<bool>,
+    /// Guest addresses this input may have changed.
+    mem_dirty: std::ops::Range<usize>,
+    /// File offsets this input may have changed (past the end too: the file may grow).
+    file_dirty: std::ops::Range<usize>,
 }
 
 impl Model {
+    fn touch_mem(&mut self, start: usize, end: usize) {
+        self.mem_dirty = span(&self.mem_dirty, start, end);
+    }
+    fn touch_file(&mut self, start: usize, end: usize) {
+        self.file_dirty = span(&self.file_dirty, start, end);
+    }
     fn segment(&self, s: &Segment) -> std::ops::Range<usize> {
         s.addr.0 as usize..s.addr.0 as usize + s.len as usize
     }
@@ -89,6 +164,7 @@ impl Model {
             let start = (s.addr.0 as usize).min(self.unknown.len());
             let end = (s.addr.0 as usize + s.len as usize).min(self.unknown.len());
             self.unknown[start..end].fill(true);
+            self.touch_mem(start, end);
         }
     }
 }
@@ -116,6 +192,7 @@ fn apply(m: &mut Model, req: &Request, geometry: &device_blk::Geometry) -> (Opti
                 if n > 0 {
                     let a = s.addr.0 as usize;
                     m.mem[a..a + n].copy_from_slice(&SERIAL[written..written + n]);
+                    m.touch_mem(a, a + n);
                 }
                 written += n;
             }
@@ -128,16 +205,17 @@ fn apply(m: &mut Model, req: &Request, geometry: &device_blk::Geometry) -> (Opti
             if req.kind == RequestKind::Write {
                 let mut pos = off;
                 for s in &req.segments {
-                    let data = m.mem[m.segment(s)].to_vec();
-                    let unknown = m.unknown[m.segment(s)].to_vec();
-                    if m.file.len() < pos + data.len() {
-                        m.file.resize(pos + data.len(), 0);
-                        m.file_unknown.resize(pos + data.len(), false);
+                    let seg = m.segment(s);
+                    let n = seg.len();
+                    if m.file.len() < pos + n {
+                        m.file.resize(pos + n, 0);
+                        m.file_unknown.resize(pos + n, false);
                     }
-                    m.file[pos..pos + data.len()].copy_from_slice(&data);
+                    m.file[pos..pos + n].copy_from_slice(&m.mem[seg.clone()]);
                     // Bytes a failed read left undefined stay undefined on the disk.
-                    m.file_unknown[pos..pos + data.len()].copy_from_slice(&unknown);
-                    pos += data.len();
+                    m.file_unknown[pos..pos + n].copy_from_slice(&m.unknown[seg]);
+                    m.touch_file(pos, pos + n);
+                    pos += n;
                 }
                 return (Some(Status::Ok), 0);
             }
@@ -150,10 +228,9 @@ fn apply(m: &mut Model, req: &Request, geometry: &device_blk::Geometry) -> (Opti
             for s in &req.segments {
                 let r = m.segment(s);
                 let n = r.len();
-                let data = m.file[pos..pos + n].to_vec();
-                let unknown = m.file_unknown[pos..pos + n].to_vec();
-                m.mem[r.clone()].copy_from_slice(&data);
-                m.unknown[r].copy_from_slice(&unknown);
+                m.mem[r.clone()].copy_from_slice(&m.file[pos..pos + n]);
+                m.unknown[r.clone()].copy_from_slice(&m.file_unknown[pos..pos + n]);
+                m.touch_mem(r.start, r.end);
                 pos += n;
             }
             (Some(Status::Ok), len as u32)
@@ -165,6 +242,7 @@ fn apply(m: &mut Model, req: &Request, geometry: &device_blk::Geometry) -> (Opti
             if off < end {
                 m.file[off..end].fill(0);
                 m.file_unknown[off..end].fill(true);
+                m.touch_file(off, end);
             }
             (None, 0)
         }
@@ -186,6 +264,21 @@ fn decode_requests(r: &mut Reader<'_>) -> Vec<Request> {
     out
 }
 
+/// `actual` equals `model` except where `unknown` says the model cannot tell (`base`: the first byte's address).
+/// Compared in blocks first: most blocks are equal, and a comparison per byte costs much under the fuzzer.
+fn same_but_unknown(actual: &[u8], model: &[u8], unknown: &[bool], base: usize, what: &str) {
+    const BLOCK: usize = 256;
+    for (k, (a, m)) in actual.chunks(BLOCK).zip(model.chunks(BLOCK)).enumerate() {
+        if a == m {
+            continue;
+        }
+        for (j, (&b, &want)) in a.iter().zip(m).enumerate() {
+            let i = k * BLOCK + j;
+            assert!(unknown[i] || b == want, "{what} {:#x} is {b:#x}, model {want:#x}", base + i);
+        }
+    }
+}
+
 fn pattern(len: usize, mul: usize, add: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * mul + add) % 251) as u8).collect()
 }
@@ -199,35 +292,22 @@ pub fn run(data: &[u8]) {
     });
 }
 
-fn run_on(f: &Fixture, data: &[u8]) {
+fn run_on(f: &mut Fixture, data: &[u8]) {
     let mut r = Reader::new(data);
     let flags = r.u8();
     let depth = u32::from(r.u8() % 8) + 1;
     let requests = decode_requests(&mut r);
 
-    let disk = if flags & 1 != 0 { &f.ro } else { &f.rw };
+    // The disk and the memory hold the known patterns again (what the last input changed is put back).
+    f.restore();
+    f.busy = true;
+    let disk = if flags & 1 != 0 { f.ro.clone() } else { f.rw.clone() };
     let mut geometry = *disk.geometry();
     if flags & 2 != 0 {
         geometry.capacity = Sector(geometry.capacity.0 + 16);
     }
     geometry.logical_block_size = block_size((flags >> 2) & 3);
     geometry.physical_block_size = geometry.logical_block_size;
-
-    // Reset the disk and the memory to known patterns.
-    let file = f.rw.file();
-    file.set_len(FILE_LEN).expect("truncate");
-    let disk_bytes = f.disk_pattern.clone();
-    file.write_all_at(&disk_bytes, 0).expect("reset disk");
-    let mut model = Model {
-        mem: f.mem_pattern.clone(),
-        unknown: vec![false; MEM_END as usize],
-        file: disk_bytes.clone(),
-        file_unknown: vec![false; FILE_LEN as usize],
-    };
-    for &(start, len) in &REGIONS {
-        let s = start as usize;
-        f.mem.write_slice(&model.mem[s..s + len], GuestAddress(start)).expect("reset memory");
-    }
 
     let engine = EngineKind::Sync.build(disk.clone(), depth).expect("engine");
     let mut queue: BlockQueue<usize> = BlockQueue::new(geometry, SERIAL, engine);
@@ -241,8 +321,9 @@ fn run_on(f: &Fixture, data: &[u8]) {
             finished[i] = Some(done);
         });
     };
+    let model = &mut f.model;
     for (i, req) in requests.iter().enumerate() {
-        expected.push(apply(&mut model, req, &geometry));
+        expected.push(apply(model, req, &geometry));
         let mut cookie = i;
         loop {
             // SAFETY: the guest memory lives in the fixture, mapped for the whole run.
@@ -272,28 +353,24 @@ fn run_on(f: &Fixture, data: &[u8]) {
         }
     }
 
+    // All of the memory and all of the file, not only what the model changed: nothing else may change.
+    let actual = &mut f.scratch;
     for &(start, len) in &REGIONS {
         let s = start as usize;
-        let mut actual = vec![0u8; len];
-        f.mem.read_slice(&mut actual, GuestAddress(start)).expect("read memory");
-        if actual[..] == model.mem[s..s + len] {
-            continue;
-        }
-        for (j, &b) in actual.iter().enumerate() {
-            let a = s + j;
-            assert!(model.unknown[a] || b == model.mem[a], "guest byte {a:#x} is {b:#x}, model {:#x}", model.mem[a]);
-        }
+        actual.resize(len, 0);
+        f.mem.read_slice(actual, GuestAddress(start)).expect("read memory");
+        same_but_unknown(actual, &model.mem[s..s + len], &model.unknown[s..s + len], s, "guest byte");
     }
-    let actual = std::fs::read(disk.path()).expect("read disk");
-    assert_eq!(actual.len(), model.file.len(), "disk length");
-    if actual != model.file {
-        for (j, &b) in actual.iter().enumerate() {
-            assert!(model.file_unknown[j] || b == model.file[j], "disk byte {j} is {b:#x}, model {:#x}", model.file[j]);
-        }
-    }
+    let file = disk.file();
+    let len = file.metadata().expect("disk metadata").len() as usize;
+    assert_eq!(len, model.file.len(), "disk length");
+    actual.resize(len, 0);
+    file.read_exact_at(actual, 0).expect("read disk");
+    same_but_unknown(actual, &model.file, &model.file_unknown, 0, "disk byte");
     if flags & 2 == 0 {
-        assert_eq!(&actual[128 * 512..], &disk_bytes[128 * 512..], "the partial last sector changed");
+        assert_eq!(&actual[128 * 512..], &f.disk_pattern[128 * 512..], "the partial last sector changed");
     }
+    f.busy = false;
 }
 
 /// Seed inputs.

@@ -2,8 +2,10 @@
 //! decode, indirect pages, grant map / persistent grants / grant copy, `device-blk` queue with the synchronous
 //! engine on a real file, responses and notifications) serving a fuzzed frontend on the emulated Xen host.
 //!
-//! The host, one guest and its granted pages (8 read-write data pages, 2 read-only pages, 2 indirect-descriptor
-//! pages) live for the whole process; each input gets a fresh ring and data plane.
+//! The host, one guest, its granted pages (8 read-write data pages, 2 read-only pages, 2 indirect-descriptor
+//! pages), its ring pages (one ring per page order, zeroed and initialised again for each input) and its event
+//! channel port live for the whole process, so the grant refs an input sees never depend on the inputs before
+//! it; each input gets a fresh data plane.
 //!
 //! Layout: `u8` flags (bit 0: x86_32; bits 1-2: ring page order 0..2; bit 3: persistent grants; bit 4: grant
 //! copy; bit 5: indirect segments advertised; bit 6: secure discard advertised; bit 7: read-only disk), `u8`
@@ -26,15 +28,18 @@ use std::time::Duration;
 
 use device_blk::disk::DirectIo;
 use device_blk::{Disk, DiskOptions, EngineKind, Status};
+use transport_xen::blkif::FrontRing;
 use transport_xen::blkif::{
-    encode, BlkifLayout, BlkifOp, BlkifRequest, BlkifSegment, RawRequest, OP_DISCARD, OP_INDIRECT, RSP_EOPNOTSUPP,
-    RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE, X86_32, X86_64,
+    encode, BlkifLayout, BlkifOp, BlkifRequest, BlkifResponse, BlkifSegment, RawRequest, OP_DISCARD, OP_INDIRECT,
+    RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE, X86_32, X86_64,
 };
+use transport_xen::connect::QueueRing;
 use transport_xen::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS};
 use transport_xen::dataplane::{Dataplane, DataplaneOptions};
-use transport_xen::emulated::{EmulatedHost, GuestDomain, RingFrontend};
+use transport_xen::emulated::evtchn::EmulatedEventChannel;
+use transport_xen::emulated::{EmulatedHost, GuestDomain};
 use transport_xen::grant_memory::{segment_address, GrantMode};
-use transport_xen::services::{GrantRef, XEN_PAGE_SIZE};
+use transport_xen::services::{EventChannel, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
 use vm_memory::Bytes;
 
 use crate::input::{Reader, Writer};
@@ -42,6 +47,10 @@ use crate::input::{Reader, Writer};
 const DOMID: u16 = 7;
 const DISK_BYTES: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(20);
+/// The first grant ref of the rings.
+const RING_REFS_FROM: GrantRef = 0x1_0000;
+/// How long a guest that corrupts its own ring is given before its data plane is stopped.
+const SELF_HARM_WAIT: Duration = Duration::from_millis(20);
 
 struct Fixture {
     host: EmulatedHost,
@@ -55,8 +64,17 @@ struct Fixture {
     ro: Vec<(usize, GrantRef)>,
     /// Indirect-descriptor pages (granted read-only).
     ind: Vec<(usize, GrantRef)>,
-    /// Inputs run so far (request ids carry it, so stale ring entries never match).
-    runs: u64,
+    /// Both indirect pages before the overrides: 1024 valid descriptors (the same for every input).
+    indirect_base: Vec<u8>,
+    /// What a read-only page holds.
+    ro_pattern: Vec<u8>,
+    /// Scratch for reading a page back.
+    page: Vec<u8>,
+    /// The ring of each page order: its first page and its grant refs (granted writable to dom0).
+    rings: Vec<(usize, Vec<GrantRef>)>,
+    /// The frontend's event channel and its port, offered to dom0 (unbound again when a data plane stops).
+    evtchn: EmulatedEventChannel,
+    port: EvtchnPort,
 }
 
 fn fixture() -> Fixture {
@@ -79,7 +97,120 @@ fn fixture() -> Fixture {
         Arc::new(Disk::open(&path, &options).expect("disk"))
     };
     let (rw_disk, ro_disk) = (open(false), open(true));
-    Fixture { host, guest, _dir: dir, rw_disk, ro_disk, rw, ro, ind, runs: 0 }
+    let mut indirect_base = Vec::with_capacity(2 * XEN_PAGE_SIZE);
+    for j in 0..2 * SEGMENTS_PER_INDIRECT_PAGE {
+        indirect_base.extend_from_slice(&BlkifSegment { gref: rw[j % 8].1, first_sect: 0, last_sect: 7 }.encode());
+    }
+    let (ro_pattern, page) = (vec![0x5a; XEN_PAGE_SIZE], vec![0; XEN_PAGE_SIZE]);
+    // Ring refs far from the data pages' (8..20), which fuzzed bytes name all the time: a guest that points a
+    // buffer at its own ring harms only itself, and then its responses are not checked, so that must stay rare.
+    loop {
+        let g = guest.grant_access(rw[0].0, true).expect("grant");
+        guest.end_access(g).expect("end access");
+        if g >= RING_REFS_FROM - 1 {
+            break;
+        }
+    }
+    let rings = (0..=2u32)
+        .map(|order| {
+            let pages = grant(1 << order, false);
+            (pages[0].0, pages.iter().map(|&(_, g)| g).collect())
+        })
+        .collect();
+    let mut evtchn = guest.evtchn().expect("event channel");
+    let port = evtchn.alloc_unbound(0).expect("unbound port");
+    Fixture {
+        host,
+        guest,
+        _dir: dir,
+        rw_disk,
+        ro_disk,
+        rw,
+        ro,
+        ind,
+        indirect_base,
+        ro_pattern,
+        page,
+        rings,
+        evtchn,
+        port,
+    }
+}
+
+/// The frontend's side of one input's ring (on the fixture's ring pages: it must not outlive the fixture).
+struct Front<L: BlkifLayout> {
+    ring: FrontRing<L>,
+}
+
+impl<L: BlkifLayout> Front<L> {
+    /// The ring of page order `order`, initialised. Every ring is zeroed first: no request of an earlier input
+    /// stays in a slot, and a page of another ring that an earlier input read into is blank again.
+    fn new(f: &mut Fixture, order: u32) -> (Front<L>, QueueRing) {
+        let zeros = vec![0; 4 * XEN_PAGE_SIZE];
+        for (first, grefs) in &f.rings {
+            let addr = GuestDomain::page_addr(*first);
+            f.guest.memory().write_slice(&zeros[..grefs.len() * XEN_PAGE_SIZE], addr).expect("clear ring");
+        }
+        let (first, ref grefs) = f.rings[order as usize];
+        let bytes = grefs.len() * XEN_PAGE_SIZE;
+        let base = f.guest.page_ptr(first).expect("ring page");
+        // SAFETY: `grefs.len()` consecutive guest pages, contiguous in the guest's mapping, allocated for the
+        // fixture's life (never freed); the ring lives only while one input runs on the fixture.
+        let ring = unsafe { FrontRing::<L>::init(base, bytes) }.expect("ring");
+        let queue = QueueRing { ring_refs: grefs.clone(), remote_port: f.port };
+        // An event the last data plane sent after its input was done: clear it.
+        let mut ports = Vec::new();
+        let _ = f.evtchn.pending(&mut ports);
+        for p in ports {
+            let _ = f.evtchn.unmask(p);
+        }
+        (Front { ring }, queue)
+    }
+
+    /// At least `count` responses (every published one), waiting on the event channel up to `timeout`; as
+    /// blkfront, re-arms the response event index before returning (`RingFrontend::wait_responses`).
+    fn wait_responses(
+        &mut self,
+        evtchn: &mut EmulatedEventChannel,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<BlkifResponse>, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::with_capacity(count);
+        loop {
+            while let Some(r) = self.ring.take_response() {
+                out.push(r);
+            }
+            let more = self.ring.final_check_for_responses();
+            if out.len() >= count && !more {
+                return Ok(out);
+            }
+            if more {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!("{} of {count} responses after {timeout:?}", out.len()));
+            }
+            let mut pfd = libc::pollfd { fd: evtchn.fd(), events: libc::POLLIN, revents: 0 };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let mut ports = Vec::new();
+            let _ = evtchn.pending(&mut ports);
+            for p in ports {
+                let _ = evtchn.unmask(p);
+            }
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack`: libc's `memmem`, one call instead of a comparison per byte (this runs
+/// over every request and both indirect pages for each input).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    // SAFETY: both pointers and lengths describe live slices; memmem only reads them and returns a pointer into
+    // `haystack` or null.
+    !unsafe { libc::memmem(haystack.as_ptr().cast(), haystack.len(), needle.as_ptr().cast(), needle.len()) }.is_null()
 }
 
 thread_local! {
@@ -111,9 +242,12 @@ fn indirect_gref(f: &Fixture, sel: u8) -> GrantRef {
     }
 }
 
+/// The page `gref` grants and whether it is writable. The pages of the rings of the other page orders are
+/// writable pages like any other (the ring in use is caught earlier: see `self_harm`).
 fn page_of(f: &Fixture, gref: GrantRef) -> Option<(usize, bool)> {
     let find = |list: &[(usize, GrantRef)]| list.iter().find(|&&(_, g)| g == gref).map(|&(p, _)| p);
-    find(&f.rw).map(|p| (p, true)).or_else(|| find(&f.ro).or_else(|| find(&f.ind)).map(|p| (p, false)))
+    let ring = || f.rings.iter().find_map(|(first, grefs)| grefs.iter().position(|&g| g == gref).map(|i| first + i));
+    find(&f.rw).or_else(ring).map(|p| (p, true)).or_else(|| find(&f.ro).or_else(|| find(&f.ind)).map(|p| (p, false)))
 }
 
 struct Plan {
@@ -131,10 +265,7 @@ fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
     let in_flight = u32::from(r.u8() % 64) + 1;
     let count = usize::from(r.u8() % 65);
     // Both indirect pages: 1024 valid descriptors, then the overrides.
-    let mut indirect = Vec::with_capacity(2 * XEN_PAGE_SIZE);
-    for j in 0..2 * SEGMENTS_PER_INDIRECT_PAGE {
-        indirect.extend_from_slice(&BlkifSegment { gref: f.rw[j % 8].1, first_sect: 0, last_sect: 7 }.encode());
-    }
+    let mut indirect = f.indirect_base.clone();
     for _ in 0..r.u8() {
         let j = usize::from(r.u16()) % (2 * SEGMENTS_PER_INDIRECT_PAGE);
         let seg = BlkifSegment { gref: data_gref(f, r.u8()), first_sect: r.u8(), last_sect: r.u8() };
@@ -210,6 +341,9 @@ fn status<L: BlkifLayout>(
                 copy.extend_from_slice(&plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
             } else if g == f.ro[0].1 || g == f.ro[1].1 {
                 copy.extend_from_slice(&[0x5a; XEN_PAGE_SIZE]);
+            } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
+                // Another ring's page (zeroed for this input, but its earlier requests may have read into it).
+                return None;
             } else {
                 return Some(RSP_ERROR);
             }
@@ -260,45 +394,45 @@ fn status<L: BlkifLayout>(
 }
 
 fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
-    f.runs += 1;
     let plan = decode::<L>(f, r);
     for (k, &(page, _)) in f.ind.iter().enumerate() {
         let bytes = &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE];
         f.guest.memory().write_slice(bytes, GuestDomain::page_addr(page)).expect("indirect page");
     }
     let order = u32::from((plan.flags >> 1) & 3).min(2);
-    let mut front = RingFrontend::<L>::new(f.guest.clone(), order, 0).expect("ring");
-    let size = front.ring().size();
+    let (mut front, queue_ring) = Front::<L>::new(f, order);
+    let size = front.ring.size();
     let mut ids = HashMap::new();
     let disk = if plan.flags & 0x80 != 0 { &f.ro_disk } else { &f.rw_disk };
     let geometry = *disk.geometry();
     for (i, raw) in plan.requests.iter().take(size as usize).enumerate() {
         let mut raw = *raw;
-        let id = 0xF00D_0000_0000_0000 | (f.runs << 16) | i as u64;
+        // The ring was zeroed: no entry of an earlier input can carry one of these ids.
+        let id = 0xF00D_0000_0000_0000 | i as u64;
         raw.put(L::REQ_ID, &id.to_le_bytes());
-        assert!(front.ring().put_request(&raw));
+        assert!(front.ring.put_request(&raw));
         ids.insert(id, expected::<L>(f, &plan, &raw, &geometry));
     }
     // A guest that points its own buffers at its own ring pages corrupts its ring: it may only harm itself, so
     // then nothing is asserted about its responses (the backend must still stop cleanly).
-    let ring_refs = front.queue_ring().ring_refs;
-    let names_ring = |bytes: &[u8]| bytes.windows(4).any(|w| ring_refs.iter().any(|g| w == g.to_le_bytes()));
+    let ring_refs = &queue_ring.ring_refs;
+    let names_ring = |bytes: &[u8]| ring_refs.iter().any(|g| contains(bytes, &g.to_le_bytes()));
     let self_harm = plan.requests.iter().any(|r| names_ring(&r.bytes)) || names_ring(&plan.indirect);
     let published = match plan.forged {
         Some(v) => {
-            front.ring().set_req_prod_raw(v);
+            front.ring.set_req_prod_raw(v);
             v
         }
         None => {
-            front.ring().push_requests();
-            front.ring().req_prod_pvt()
+            front.ring.push_requests();
+            front.ring.req_prod_pvt()
         }
     };
 
     let config = ConnectConfig {
         frontend_domid: DOMID,
         abi: L::ABI,
-        queues: vec![front.queue_ring()],
+        queues: vec![queue_ring.clone()],
         persistent_grants: plan.flags & 0x08 != 0,
         max_indirect_segments: if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 },
     };
@@ -314,7 +448,7 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         .expect("data plane");
 
     if self_harm {
-        let _ = front.wait_responses(published.min(size) as usize, Duration::from_millis(200));
+        let _ = front.wait_responses(&mut f.evtchn, published.min(size) as usize, SELF_HARM_WAIT);
     } else if published > size {
         let deadline = std::time::Instant::now() + WAIT;
         let ready = loop {
@@ -330,9 +464,11 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         };
         assert_eq!(ready, 1, "a producer {published} entries ahead of a {size}-entry ring did not halt it");
         assert!(dp.halted());
-        assert_eq!(front.ring().rsp_prod(), 0, "requests of a bogus producer were answered");
+        assert_eq!(front.ring.rsp_prod(), 0, "requests of a bogus producer were answered");
     } else {
-        let responses = front.wait_responses(published as usize, WAIT).unwrap_or_else(|e| panic!("worker hung: {e}"));
+        let responses = front
+            .wait_responses(&mut f.evtchn, published as usize, WAIT)
+            .unwrap_or_else(|e| panic!("worker hung: {e}"));
         assert!(!dp.halted(), "halted on a valid producer: {:?}", dp.fatal_error());
         let mut seen = HashMap::new();
         for rsp in &responses {
@@ -351,15 +487,14 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
     dp.stop();
     assert_eq!(f.host.live_mappings(), 0, "grant mappings leaked");
     assert_eq!(f.host.evtchn_switch().open_ports(0), 0, "backend ports left bound");
-    drop(front);
 
-    let mut page = vec![0u8; XEN_PAGE_SIZE];
+    let page = &mut f.page;
     for &(p, _) in &f.ro {
-        f.guest.memory().read_slice(&mut page, GuestDomain::page_addr(p)).expect("read");
-        assert!(page.iter().all(|&b| b == 0x5a), "a read-only grant was written");
+        f.guest.memory().read_slice(page, GuestDomain::page_addr(p)).expect("read");
+        assert!(*page == f.ro_pattern, "a read-only grant was written");
     }
     for (k, &(p, _)) in f.ind.iter().enumerate() {
-        f.guest.memory().read_slice(&mut page, GuestDomain::page_addr(p)).expect("read");
+        f.guest.memory().read_slice(page, GuestDomain::page_addr(p)).expect("read");
         assert_eq!(
             &page[..],
             &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE],

@@ -25,8 +25,14 @@ use crate::input::{Reader, Writer};
 
 const FRONTEND: &str = "/local/domain/7/device/vbd/51712";
 
-/// The node names the selector picks from.
-fn node_names() -> Vec<String> {
+/// The node names the selector picks from, and their full paths (built once per process: the names are the
+/// same for every input).
+fn node_names() -> &'static [(String, String)] {
+    static NAMES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| build_node_names().into_iter().map(|n| (format!("{FRONTEND}/{n}"), n)).collect())
+}
+
+fn build_node_names() -> Vec<String> {
     let mut names: Vec<String> =
         ["protocol", "feature-persistent", "multi-queue-num-queues", "ring-page-order"].map(String::from).to_vec();
     for dir in ["".to_string(), "queue-0/".into(), "queue-1/".into(), "queue-2/".into(), "queue-3/".into()] {
@@ -153,7 +159,7 @@ pub fn run(data: &[u8]) {
     let names = node_names();
     let mut store = Nodes::default();
     while !r.is_empty() {
-        let name = &names[usize::from(r.u8()) % names.len()];
+        let (path, name) = &names[usize::from(r.u8()) % names.len()];
         let kind = r.u8() % 4;
         let value = r.short_bytes().to_vec();
         let entry = match kind {
@@ -162,7 +168,7 @@ pub fn run(data: &[u8]) {
             2 => Err(XenError::Again),
             _ => Err(XenError::Os { what: name.clone(), errno: libc::EIO }),
         };
-        store.map.insert(format!("{FRONTEND}/{name}"), entry);
+        store.map.insert(path.clone(), entry);
     }
 
     let got = read_connect_config(&store, TxId(9), FRONTEND, 7, adv);
@@ -198,7 +204,7 @@ pub fn run(data: &[u8]) {
 /// Seed inputs.
 pub fn seeds() -> Vec<Vec<u8>> {
     let names = node_names();
-    let sel = |n: &str| names.iter().position(|x| x == n).expect("node") as u8;
+    let sel = |n: &str| names.iter().position(|(_, x)| x == n).expect("node") as u8;
     let node = |w: &mut Writer, n: &str, kind: u8, v: &[u8]| {
         w.u8(sel(n)).u8(kind).short_bytes(v);
     };

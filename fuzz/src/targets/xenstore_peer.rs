@@ -151,7 +151,7 @@ fn expected(op: u8, reply: &Frame) -> Outcome {
     }
 }
 
-fn decode_steps(data: &[u8]) -> Vec<(u8, Vec<u8>, Vec<Piece>)> {
+fn decode_steps(data: &[u8]) -> Script {
     let mut r = Reader::new(data);
     let mut steps = Vec::new();
     while !r.is_empty() && steps.len() < MAX_STEPS {
@@ -183,7 +183,7 @@ enum Piece {
 }
 
 /// The peer: read each request, check it, answer, report what the client must see; close at the end.
-fn peer(mut sock: UnixStream, script: Vec<(u8, Vec<u8>, Vec<Piece>)>, tx: mpsc::Sender<Seen>) -> Vec<WatchEvent> {
+fn peer(mut sock: UnixStream, script: Script, tx: mpsc::Sender<Seen>) -> Vec<WatchEvent> {
     let mut events = Vec::new();
     let mut requests = FrameDecoder::new();
     let mut model = FrameDecoder::new();
@@ -256,14 +256,56 @@ fn peer(mut sock: UnixStream, script: Vec<(u8, Vec<u8>, Vec<Piece>)>, tx: mpsc::
     events
 }
 
+type Script = Vec<(u8, Vec<u8>, Vec<Piece>)>;
+
+/// One input's peer: its end of the socket pair, its script, where it reports each step.
+type PeerJob = (UnixStream, Script, mpsc::Sender<Seen>);
+
+/// The peer thread, started once per process and given one job per input (a thread per input cost more than
+/// the input); it keeps no state from one job to the next. It stops when the runner is dropped, and dies on a
+/// failed check (then `events` reports no result).
+struct PeerRunner {
+    jobs: mpsc::Sender<PeerJob>,
+    events: mpsc::Receiver<Vec<WatchEvent>>,
+}
+
+impl PeerRunner {
+    fn start() -> PeerRunner {
+        let (jobs, job_rx) = mpsc::channel::<PeerJob>();
+        let (events_tx, events) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("xenstore-peer".into())
+            .spawn(move || {
+                for (sock, script, tx) in job_rx {
+                    if events_tx.send(peer(sock, script, tx)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("peer thread");
+        PeerRunner { jobs, events }
+    }
+}
+
+thread_local! {
+    static PEER: std::cell::RefCell<Option<PeerRunner>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Run one input.
 pub fn run(data: &[u8]) {
+    PEER.with(|p| {
+        let mut p = p.borrow_mut();
+        run_with(p.get_or_insert_with(PeerRunner::start), data);
+    });
+}
+
+fn run_with(runner: &PeerRunner, data: &[u8]) {
     let script = decode_steps(data);
     let steps: Vec<Step> = script.iter().map(|(op, value, _)| Step { op: *op, value: value.clone() }).collect();
     let (client, server) = UnixStream::pair().expect("socket pair");
     let store = XenBusStore::from_stream(client).expect("client").with_request_timeout(HANG);
     let (tx, rx) = mpsc::channel();
-    let peer = std::thread::spawn(move || peer(server, script, tx));
+    runner.jobs.send((server, script, tx)).expect("peer thread gone (a check failed there)");
 
     let mut broken = false;
     for step in &steps {
@@ -284,7 +326,7 @@ pub fn run(data: &[u8]) {
             }
         }
     }
-    let sent_events = peer.join().expect("peer thread");
+    let sent_events = runner.events.recv().expect("peer thread died (a check failed there)");
 
     // The peer has closed: collect every event until the client reports the loss.
     let mut events = Vec::new();
