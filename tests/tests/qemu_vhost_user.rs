@@ -15,10 +15,10 @@
 //! the daemon still runs and stops cleanly. The guest's script is `qemu_support/init`, its initramfs is built by
 //! `qemu_support/build-initramfs` once per input (cached under `CARGO_TARGET_TMPDIR`).
 //!
-//! What it needs (QEMU, the Debian kernel with its modules, busybox, fio, cpio, zstd) is installed by
+//! What it needs (QEMU, the Debian kernel with its modules, busybox, fio, cpio) is installed by
 //! `../shared/xen-lab/xen-lab setup` when missing (root only). It is skipped, with a message, only when it cannot
 //! run at all: something missing and no way to install it, no memfd, not x86_64, or `BLKBACKD_SKIP_QEMU=1`.
-//! About 45 s on 2 cores.
+//! 45 s on 2 cores (QEMU 1: 25-30 s, QEMU 2: 16 s; building the initramfs the first time: 2 s).
 
 mod vhost_user_client;
 
@@ -55,8 +55,14 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Where tools are looked for: `PATH`, then the sbin directories (`modprobe`) a user's `PATH` may lack.
+fn search_path() -> Vec<PathBuf> {
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&paths).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).collect()
+}
+
 fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
+    search_path().iter().any(|dir| dir.join(name).is_file())
 }
 
 /// The guest kernel's version: the one `linux-image-amd64` depends on (as the lab picks it), else the newest
@@ -86,15 +92,27 @@ fn kernel_version() -> Option<String> {
 
 /// What is missing to build and boot the guest.
 fn missing_tools() -> Vec<String> {
-    let mut missing: Vec<String> = ["qemu-system-x86_64", "busybox", "fio", "cpio", "zstd", "modprobe"]
+    let mut missing: Vec<String> = ["qemu-system-x86_64", "busybox", "fio", "cpio", "modprobe"]
         .into_iter()
         .filter(|tool| !on_path(tool))
         .map(str::to_string)
         .collect();
+    if missing.is_empty() && !qemu_knows_reconnect_ms() {
+        missing.push("QEMU 9.2 or later (`reconnect-ms`; Debian 12's own is 7.2)".into());
+    }
     if kernel_version().is_none() {
         missing.push("a kernel (/boot/vmlinuz-* with /lib/modules)".into());
     }
     missing
+}
+
+/// Whether QEMU is 9.2 or later: `reconnect-ms` replaced `reconnect` there (the lab installs 10.0 from backports).
+fn qemu_knows_reconnect_ms() -> bool {
+    let out = Command::new("qemu-system-x86_64").arg("--version").output().expect("run qemu-system-x86_64");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text.split_whitespace().skip_while(|w| *w != "version").nth(1).unwrap_or_default();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (9, 2)
 }
 
 /// Why the test cannot run here at all, if it cannot. Installs what is missing when it can.
@@ -157,10 +175,15 @@ fn initramfs(kver: &str) -> PathBuf {
     }
     let deps = std::fs::metadata(format!("/lib/modules/{kver}/modules.dep")).map(|m| m.mtime()).unwrap_or(0);
     deps.hash(&mut hasher);
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-guest-{:016x}.cpio.zst", hasher.finish()));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-guest-{:016x}.cpio", hasher.finish()));
     if out.exists() {
         eprintln!("initramfs: cached {}", out.display());
         return out;
+    }
+    // Images built from other inputs are stale: ~90 MB each.
+    let stale = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")).into_iter().flatten().filter_map(Result::ok);
+    for entry in stale.filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("qemu-guest-"))) {
+        let _ = std::fs::remove_file(entry.path());
     }
     let start = Instant::now();
     let status = Command::new("bash")
@@ -175,8 +198,7 @@ fn initramfs(kver: &str) -> PathBuf {
 }
 
 fn which(tool: &str) -> PathBuf {
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths).map(|dir| dir.join(tool)).find(|p| p.is_file()).expect("a tool on PATH")
+    search_path().iter().map(|dir| dir.join(tool)).find(|p| p.is_file()).expect("a tool on PATH")
 }
 
 /// One QEMU process; killed if still running when dropped.
@@ -251,11 +273,11 @@ impl Qemu {
     /// What to read when something went wrong: the console's and the logs' tails.
     fn report(&self, daemon: &Daemon) -> String {
         let qemu_log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let qemu_log = if qemu_log.trim().is_empty() { "(nothing)".to_string() } else { tail(&qemu_log, 30) };
         format!(
-            "--- guest console ({}), last 60 lines:\n{}\n--- QEMU's output:\n{}\n--- blkbackd's log, last 30 lines:\n{}",
+            "--- guest console ({}), last 60 lines:\n{}\n--- QEMU's output:\n{qemu_log}\n--- blkbackd's log, last 30 lines:\n{}",
             self.console.display(),
             tail(&self.console(), 60),
-            tail(&qemu_log, 30),
             tail(&daemon.stderr(), 30)
         )
     }
