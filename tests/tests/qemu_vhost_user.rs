@@ -25,6 +25,7 @@ mod vhost_user_client;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -215,7 +216,19 @@ impl Qemu {
         let log = dir.join(format!("qemu-{run}.log"));
         let out = std::fs::File::create(&log).expect("create the QEMU log");
         let err = out.try_clone().expect("dup the QEMU log");
-        let child = Command::new("qemu-system-x86_64")
+        let mut command = Command::new("qemu-system-x86_64");
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+        unsafe {
+            // Dropping `Qemu` kills it; a test process killed outright must not leave it running either.
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command
             .args(["-accel", "tcg,thread=multi", "-smp", "2", "-m", "512"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
