@@ -3,8 +3,8 @@
 //!
 //! One daemon serves one disk image for the whole test:
 //! 1. QEMU 1, boot 1: fio writes region 1 (two jobs pinned to the two vCPUs, so both virtqueues carry I/O) and
-//!    verifies every block, then the guest reboots: QEMU resets the device on the same vhost-user connection (the
-//!    daemon sees the vrings stopped and started again);
+//!    verifies every block, then the guest reboots: QEMU resets the device on the same vhost-user connection (it
+//!    stops the vrings, and starts them again with features negotiated anew when the next kernel's driver loads);
 //! 2. QEMU 1, boot 2: a verify-only pass over region 1 (the data outlived the reset), then write + verify region 2,
 //!    power off: QEMU exits and the connection closes;
 //! 3. QEMU 2 (a new process, a new connection to the same daemon), boot 3: verify-only over regions 1 and 2 (the
@@ -18,7 +18,7 @@
 //! What it needs (QEMU, the Debian kernel with its modules, busybox, fio, cpio) is installed by
 //! `../shared/xen-lab/xen-lab setup` when missing (root only). It is skipped, with a message, only when it cannot
 //! run at all: something missing and no way to install it, no memfd, not x86_64, or `BLKBACKD_SKIP_QEMU=1`.
-//! 45 s on 2 cores (QEMU 1: 25-30 s, QEMU 2: 16 s; building the initramfs the first time: 2 s).
+//! 45-50 s on 2 cores (QEMU 1: 25-31 s, QEMU 2: 16-18 s; building the initramfs the first time: 1-3 s).
 
 mod vhost_user_client;
 
@@ -39,7 +39,7 @@ const MARK_MIB: u64 = 60;
 /// A QEMU run that takes longer than this hangs (a run takes 15 to 40 s).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
 /// The guest's lines the test reads start with this.
-const MARK: &str = "BLKT-";
+const GUEST_PREFIX: &str = "BLKT-";
 
 fn support_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qemu_support")
@@ -348,7 +348,7 @@ fn run_qemu(dir: &Path, kver: &str, initrd: &Path, daemon: &Daemon, run: u32, bo
     let ok = passes.len() == want.len() && passes.iter().zip(&want).all(|(line, w)| line.starts_with(w.as_str()));
     assert!(ok && !console.contains("BLKT-FAIL"), "QEMU {run}: want {want:?}, got {passes:?}\n{}", qemu.report(daemon));
     eprintln!("QEMU {run}: {:.1} s wall; guest milestones:", took.as_secs_f64());
-    for line in console.lines().filter(|l| l.starts_with(MARK)) {
+    for line in console.lines().filter(|l| l.starts_with(GUEST_PREFIX)) {
         eprintln!("  {line}");
     }
     took
