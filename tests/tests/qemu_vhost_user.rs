@@ -10,9 +10,14 @@
 //! 3. QEMU 2 (a new process, a new connection to the same daemon), boot 3: verify-only over regions 1 and 2 (the
 //!    data outlived the reconnect), write + verify region 3, power off.
 //!
+//! `blkbackd_restart_under_guest_io` (ignored: it shows a bug, see its comment) does the same, but in boot 3
+//! blkbackd is restarted (SIGTERM, a new process on the same socket) while fio writes region 3, and QEMU
+//! reconnects (`reconnect-ms`) with the guest's I/O in flight; once the new daemon listens the test writes
+//! "restarted" into a mailbox block of the image, which the guest polls before it verifies regions 1 to 3 again.
+//!
 //! The guest checks `/sys/block/vda/mq` has two queues; the host checks both queues' byte counters grew in each
-//! QEMU run, one connection per QEMU process, the stage marker the guest wrote last in the image file, and that
-//! the daemon still runs and stops cleanly. The guest's script is `qemu_support/init`, its initramfs is built by
+//! phase, one connection per QEMU process and per daemon, the stage marker the guest wrote last in the image
+//! file, and that each daemon stops cleanly (exit 0 on SIGTERM, the first one with QEMU connected). The guest's script is `qemu_support/init`, its initramfs is built by
 //! `qemu_support/build-initramfs` once per input (cached under `CARGO_TARGET_TMPDIR`).
 //!
 //! What it needs (QEMU, the Debian kernel with its modules, busybox, fio, cpio) is installed by
@@ -33,11 +38,14 @@ use std::time::{Duration, Instant};
 use vhost_user_client::daemon::{blkbackd, PROCESS_TIMEOUT};
 use vhost_user_client::Daemon;
 
-/// The guest disk: three 16 MiB fio regions, the stage marker at 60 MiB.
+/// The guest disk: three 16 MiB fio regions, the host's mailbox block at 56 MiB, the stage marker at 60 MiB.
 const DISK_MIB: u64 = 64;
+const MBOX_MIB: u64 = 56;
 const MARK_MIB: u64 = 60;
 /// A QEMU run that takes longer than this hangs (a run takes 15 to 40 s).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(300);
+/// A guest that printed no milestone for this long hangs (they come every few seconds).
+const GUEST_STALL: Duration = Duration::from_secs(120);
 /// The guest's lines the test reads start with this.
 const GUEST_PREFIX: &str = "BLKT-";
 
@@ -211,7 +219,7 @@ struct Qemu {
 
 impl Qemu {
     /// Boot the guest against the daemon's `socket`; `run` is the guest's `blkt.qemu` (which boots to expect).
-    fn start(dir: &Path, kver: &str, initrd: &Path, socket: &Path, run: u32) -> Qemu {
+    fn start(dir: &Path, kver: &str, initrd: &Path, socket: &Path, run: u32, restart: bool) -> Qemu {
         let console = dir.join(format!("console-{run}.log"));
         let log = dir.join(format!("qemu-{run}.log"));
         let out = std::fs::File::create(&log).expect("create the QEMU log");
@@ -240,7 +248,11 @@ impl Qemu {
             .arg("-initrd")
             .arg(initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 blkt.qemu={run} blkt.mark_mib={MARK_MIB}"))
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 blkt.qemu={run} blkt.restart={} \
+                 blkt.mark_mib={MARK_MIB} blkt.mbox_mib={MBOX_MIB}",
+                u8::from(restart)
+            ))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .stdin(Stdio::null())
@@ -255,29 +267,42 @@ impl Qemu {
         std::fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
-    /// Wait for QEMU to exit (the guest powers off). A guest that fails or panics gets a few seconds to print
-    /// and power off, then QEMU is killed; so is one that hangs.
-    fn wait(&mut self, daemon: &Daemon) -> ExitStatus {
+    /// Wait for QEMU to exit (the guest powers off), calling `restart` once when the guest asks for it. A guest
+    /// that fails or panics gets a few seconds to print and power off, then QEMU is killed; so is one that hangs.
+    fn wait(&mut self, daemon: &mut Daemon, mut restart: Option<&dyn Fn(&mut Daemon)>) -> ExitStatus {
         let start = Instant::now();
         let mut failed_at: Option<Instant> = None;
+        let (mut milestones, mut progress_at) = (0, Instant::now());
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait qemu") {
                 return status;
             }
             let console = self.console();
+            let seen = console.lines().filter(|l| l.starts_with(GUEST_PREFIX) && !l.contains("WAITING")).count();
+            if seen > milestones {
+                (milestones, progress_at) = (seen, Instant::now());
+            }
+            if console.contains("BLKT-RESTART-DAEMON") {
+                if let Some(restart) = restart.take() {
+                    restart(daemon);
+                }
+            }
             if failed_at.is_none() && (console.contains("BLKT-FAIL") || console.contains("Kernel panic")) {
                 failed_at = Some(Instant::now());
             }
-            let give_up =
-                failed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) || start.elapsed() > QEMU_TIMEOUT;
-            if give_up {
+            let why = if failed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                Some("the guest failed".to_string())
+            } else if progress_at.elapsed() > GUEST_STALL {
+                Some(format!("the guest hangs: no milestone for {GUEST_STALL:?}"))
+            } else if start.elapsed() > QEMU_TIMEOUT {
+                Some(format!("QEMU did not exit within {QEMU_TIMEOUT:?}"))
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!(
-                    "{}\n{}",
-                    if failed_at.is_some() { "the guest failed" } else { "QEMU did not exit in time" },
-                    self.report(daemon)
-                );
+                panic!("{why}\n{}", self.report(daemon));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -335,11 +360,23 @@ fn wait_log_count(daemon: &Daemon, line: &str, count: usize) {
     assert_eq!(seen, count, "blkbackd logged {line:?} {seen} times, want {count}:\n{}", tail(&daemon.stderr(), 30));
 }
 
-/// Run one QEMU process to its end; asserts it exited 0 and the guest passed every boot in `boots`.
-fn run_qemu(dir: &Path, kver: &str, initrd: &Path, daemon: &Daemon, run: u32, boots: &[u32]) -> Duration {
+/// Run one QEMU process to its end; asserts it exited 0 and the guest passed every boot in `boots`. `restart` is
+/// called when the guest prints `BLKT-RESTART-DAEMON`.
+fn run_qemu(
+    dir: &Path,
+    kver: &str,
+    initrd: &Path,
+    daemon: &mut Daemon,
+    run: u32,
+    boots: &[u32],
+    restart: Option<&dyn Fn(&mut Daemon)>,
+) -> Duration {
     let start = Instant::now();
-    let mut qemu = Qemu::start(dir, kver, initrd, &daemon.socket, run);
-    let status = qemu.wait(daemon);
+    let mut qemu = Qemu::start(dir, kver, initrd, &daemon.socket, run, restart.is_some());
+    let status = qemu.wait(daemon, restart);
+    if restart.is_some() {
+        assert!(qemu.console().contains("BLKT-RESTART-DAEMON"), "the guest never asked for the restart");
+    }
     let took = start.elapsed();
     let console = qemu.console();
     assert!(status.success(), "QEMU {run} exited with {status}\n{}", qemu.report(daemon));
@@ -356,6 +393,27 @@ fn run_qemu(dir: &Path, kver: &str, initrd: &Path, daemon: &Daemon, run: u32, bo
 
 #[test]
 fn qemu_guest_verifies_through_reboot_and_vmm_reconnect() {
+    scenario(false);
+}
+
+/// Restarting blkbackd under a guest's I/O: QEMU reconnects, but the guest's in-flight writes never complete.
+///
+/// On SIGTERM the daemon shuts the vhost-user socket down first (vhost-user-backend's `ShutdownHandle::shutdown`,
+/// `shutdown(Both)`) and only then finishes its in-flight requests (`Connection::wait`: `daemon.wait()`, then
+/// `finish()`, which quiesces the queues). QEMU handles the disconnect at once ("vhost VQ n ring restore failed":
+/// it takes the used index in guest memory as the next avail index, and stops watching the call eventfds), so the
+/// used-ring entries and interrupts the old daemon writes afterwards race with QEMU's teardown. Seen here: after
+/// the reconnect, the guest keeps 16 or 32 writes in flight forever (`/sys/block/vda/inflight`), no interrupt
+/// arrives on the queue, the new daemon logs no error. Ignored until the daemon answers its in-flight requests
+/// before it closes the connection: `cargo test --test qemu_vhost_user -- --ignored` shows it (about 4 runs in 6).
+#[test]
+#[ignore = "blkbackd closes the connection before finishing in-flight requests on SIGTERM: the guest hangs"]
+fn blkbackd_restart_under_guest_io() {
+    scenario(true);
+}
+
+/// The whole test; `restart`: blkbackd restarted during boot 3's region-3 writes.
+fn scenario(restart: bool) {
     if let Some(reason) = skip_reason() {
         eprintln!("skipping the QEMU vhost-user-blk test: {reason}");
         return;
@@ -375,7 +433,7 @@ fn qemu_guest_verifies_through_reboot_and_vmm_reconnect() {
     let mut daemon = Daemon::start(&socket, &disk, &["--queues", "2", "--control", control_arg]);
 
     // QEMU 1: boot 1, a guest reboot (device reset on the same connection), boot 2, power off.
-    let first = run_qemu(dir.path(), &kver, &initrd, &daemon, 1, &[1, 2]);
+    let first = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 1, &[1, 2], None);
     wait_log_count(&daemon, "vhost-user frontend disconnected", 1);
     wait_log_count(&daemon, "vhost-user frontend connected", 1);
     let after_first = queue_bytes(&control);
@@ -383,19 +441,60 @@ fn qemu_guest_verifies_through_reboot_and_vmm_reconnect() {
         assert!(*read > 0.0 && *written > 0.0, "queue {queue} carried no I/O in QEMU 1: {after_first:?}");
     }
 
-    // QEMU 2: a new process and connection to the same daemon; boot 3 reads back what boots 1 and 2 wrote.
+    // QEMU 2: a new process and connection to the same daemon; boot 3 reads back what boots 1 and 2 wrote (and
+    // with `restart`, asks for the daemon restart below during its writes, and verifies everything again through
+    // the new daemon).
     assert!(daemon.is_running(), "blkbackd exited after QEMU 1:\n{}", daemon.stderr());
-    let second = run_qemu(dir.path(), &kver, &initrd, &daemon, 2, &[3]);
-    wait_log_count(&daemon, "vhost-user frontend disconnected", 2);
-    wait_log_count(&daemon, "vhost-user frontend connected", 2);
-    let after_second = queue_bytes(&control);
-    for queue in 0..2 {
-        let (before, after) = (after_first[queue], after_second[queue]);
-        assert!(
-            after.0 > before.0 && after.1 > before.1,
-            "queue {queue} carried no I/O in QEMU 2: {before:?} then {after:?}"
-        );
-    }
+    let control2 = dir.path().join("ctl2.sock");
+    let control2_arg = control2.to_str().expect("UTF-8 path");
+    let restart_took = std::cell::Cell::new(Duration::ZERO);
+    let restart_daemon = |daemon: &mut Daemon| {
+        let start = Instant::now();
+        // The guest verified regions 1 and 2 on both queues through the first daemon's second connection.
+        let before = queue_bytes(&control);
+        for queue in 0..2 {
+            let (earlier, now) = (after_first[queue].0, before[queue].0);
+            assert!(now > earlier, "queue {queue} read nothing on QEMU 2's connection: {earlier} then {now} bytes");
+        }
+        daemon.signal(libc::SIGTERM);
+        let status = daemon.wait(PROCESS_TIMEOUT);
+        let log = daemon.stderr();
+        assert_eq!(status.code(), Some(0), "blkbackd did not stop cleanly with QEMU connected:\n{}", tail(&log, 30));
+        assert_eq!(log.matches("vhost-user frontend connected").count(), 2, "{}", tail(&log, 30));
+        eprintln!("restart: the first blkbackd's log ends with:\n{}", tail(&log, 6));
+        *daemon = Daemon::start(&socket, &disk, &["--queues", "2", "--control", control2_arg]);
+        let mut mailbox = [0u8; 4096];
+        mailbox[..9].copy_from_slice(b"restarted");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.write_all_at(&mailbox, MBOX_MIB << 20).and_then(|()| f.sync_data()))
+            .expect("write the mailbox");
+        restart_took.set(start.elapsed());
+    };
+    let second = if restart {
+        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], Some(&restart_daemon));
+        wait_log_count(&daemon, "vhost-user frontend disconnected", 1);
+        wait_log_count(&daemon, "vhost-user frontend connected", 1);
+        let after_restart = queue_bytes(&control2);
+        for (queue, (read, _)) in after_restart.iter().enumerate() {
+            assert!(*read > 0.0, "queue {queue} of the restarted daemon read nothing: {after_restart:?}");
+        }
+        second
+    } else {
+        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], None);
+        wait_log_count(&daemon, "vhost-user frontend disconnected", 2);
+        wait_log_count(&daemon, "vhost-user frontend connected", 2);
+        let after_second = queue_bytes(&control);
+        for queue in 0..2 {
+            let (before, after) = (after_first[queue], after_second[queue]);
+            assert!(
+                after.0 > before.0 && after.1 > before.1,
+                "queue {queue} carried no I/O in QEMU 2: {before:?} then {after:?}"
+            );
+        }
+        second
+    };
 
     // The last stage marker the guest wrote is in the image file.
     let mut block = [0u8; 4096];
@@ -406,9 +505,11 @@ fn qemu_guest_verifies_through_reboot_and_vmm_reconnect() {
     let status = daemon.wait(PROCESS_TIMEOUT);
     assert_eq!(status.code(), Some(0), "blkbackd did not stop cleanly:\n{}", tail(&daemon.stderr(), 30));
     eprintln!(
-        "phases: initramfs {:.1} s, QEMU 1 (2 boots) {:.1} s, QEMU 2 (1 boot) {:.1} s, total {:.1} s",
+        "phases: initramfs {:.1} s, QEMU 1 (2 boots) {:.1} s, QEMU 2 (1 boot; daemon restart {:.2} s) {:.1} s, \
+         total {:.1} s",
         build.as_secs_f64(),
         first.as_secs_f64(),
+        restart_took.get().as_secs_f64(),
         second.as_secs_f64(),
         total.elapsed().as_secs_f64()
     );
