@@ -102,7 +102,14 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
             }
         };
         if let Some(handle) = connection.shutdown_handle() {
-            shutdown.set_hook(Some(Box::new(move || handle.shutdown())));
+            let backend = Arc::clone(connection.backend());
+            shutdown.set_hook(Some(Box::new(move || {
+                // Answer (and signal) every request in flight while the frontend still listens, then close the
+                // socket: a frontend that sees the disconnect first takes the used index as where to resume and
+                // never looks at answers (or interrupts) that come later, and a guest would wait for them forever.
+                backend.shutdown();
+                handle.shutdown();
+            })));
         }
         let result = connection.wait();
         shutdown.set_hook(None);
