@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use device_blk::disk::DirectIo;
 use device_blk::EngineKind;
-use transport_xen::dataplane::DataplaneOptions;
+use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 use transport_xen::emulated::EmulatedHost;
 use transport_xen::frontend::load::Rng;
 use transport_xen::frontend::{
@@ -42,6 +42,10 @@ pub struct ScalingArgs {
     /// Backend variant of the scaling part.
     #[arg(long, value_enum, default_value = "map-persistent")]
     scaling_variant: Variant,
+    /// Data-plane I/O threads of the backend (a pool shared by every ring, as `blkbackd xen --io-threads`); 0: one
+    /// thread per ring.
+    #[arg(long, default_value_t = 0)]
+    scaling_io_threads: usize,
 }
 
 /// The most rings a shape may have (the guest's memory and the thread count stay small).
@@ -251,6 +255,7 @@ impl Measurement<'_> {
             grant_mode: variant.grant_mode(),
             register_bounce_pool: variant != Variant::CopyUnregistered,
             poll_us: if variant == Variant::MapPersistentPoll { 50 } else { 0 },
+            io_threads: (args.scaling_io_threads > 0).then(|| IoThreads::new(args.scaling_io_threads)),
             ..DataplaneOptions::default()
         };
         let rings =
@@ -432,6 +437,7 @@ mod tests {
             scaling_vbds: vbds,
             scaling_depth: 32,
             scaling_variant: Variant::MapPersistent,
+            scaling_io_threads: 0,
         };
         let s = shapes(&args(vec![1, 2, 4], vec![1, 4, 16])).expect("valid");
         let labels: Vec<String> = s.iter().map(|s| s.label()).collect();
