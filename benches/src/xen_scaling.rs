@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use device_blk::disk::DirectIo;
 use device_blk::EngineKind;
-use transport_xen::dataplane::{DataplaneOptions, IoThreads};
+use transport_xen::dataplane::{DataplaneOptions, IoThreads, MAX_IO_THREADS};
 use transport_xen::emulated::EmulatedHost;
 use transport_xen::frontend::load::Rng;
 use transport_xen::frontend::{
@@ -42,10 +42,10 @@ pub struct ScalingArgs {
     /// Backend variant of the scaling part.
     #[arg(long, value_enum, default_value = "map-persistent")]
     scaling_variant: Variant,
-    /// Data-plane I/O threads of the backend (a pool shared by every ring, as `blkbackd xen --io-threads`); 0: one
-    /// thread per ring.
-    #[arg(long, default_value_t = 0)]
-    scaling_io_threads: usize,
+    /// Data-plane I/O threads of the backend, one set of rows each: N > 0 a pool of N threads shared by every ring
+    /// (`blkbackd xen --io-threads N`; 1 is its default), 0 one thread per ring (the model before the pool).
+    #[arg(long, value_delimiter = ',', default_value = "1,0")]
+    scaling_io_threads: Vec<usize>,
 }
 
 /// The most rings a shape may have (the guest's memory and the thread count stay small).
@@ -62,6 +62,8 @@ const DEVID_STEP: u32 = 16;
 struct Shape {
     queues: u32,
     vbds: u32,
+    /// The backend's I/O thread pool (0: one thread per ring).
+    io_threads: usize,
 }
 
 impl Shape {
@@ -72,6 +74,18 @@ impl Shape {
     fn label(self) -> String {
         let s = |n: u32| if n == 1 { "" } else { "s" };
         format!("{} vbd{} × {} queue{}", self.vbds, s(self.vbds), self.queues, s(self.queues))
+    }
+
+    fn threads_label(self) -> String {
+        match self.io_threads {
+            0 => "one per ring".to_string(),
+            n => format!("pool of {n}"),
+        }
+    }
+
+    /// The shape this one's ratios are against: 1 vbd × 1 queue, same threads.
+    fn base(self) -> Shape {
+        Shape { queues: 1, vbds: 1, io_threads: self.io_threads }
     }
 }
 
@@ -106,16 +120,21 @@ struct Row {
     guest_cpu_us: f64,
 }
 
-/// The shapes: the queue counts of one vbd, then the vbd counts of one queue each (1 × 1 once, first).
+/// The shapes, per thread setting: the queue counts of one vbd, then the vbd counts of one queue each (1 × 1
+/// once, first).
 fn shapes(args: &ScalingArgs) -> Result<Vec<Shape>> {
-    let mut out = vec![Shape { queues: 1, vbds: 1 }];
-    let more = args.scaling_queues.iter().map(|&queues| Shape { queues, vbds: 1 });
-    for s in more.chain(args.scaling_vbds.iter().map(|&vbds| Shape { queues: 1, vbds })) {
-        ensure!(s.queues >= 1 && s.vbds >= 1, "queue and vbd counts must be positive");
-        ensure!(s.rings() <= MAX_RINGS, "{}: at most {MAX_RINGS} rings", s.label());
-        ensure!(args.scaling_depth >= s.rings() as usize, "--scaling-depth below the ring count of {}", s.label());
-        if !out.contains(&s) {
-            out.push(s);
+    let mut out = Vec::new();
+    for &io_threads in &args.scaling_io_threads {
+        ensure!(io_threads <= MAX_IO_THREADS, "--scaling-io-threads: at most {MAX_IO_THREADS}");
+        let base = Shape { queues: 1, vbds: 1, io_threads };
+        let more = args.scaling_queues.iter().map(|&queues| Shape { queues, ..base });
+        for s in [base].into_iter().chain(more).chain(args.scaling_vbds.iter().map(|&vbds| Shape { vbds, ..base })) {
+            ensure!(s.queues >= 1 && s.vbds >= 1, "queue and vbd counts must be positive");
+            ensure!(s.rings() <= MAX_RINGS, "{}: at most {MAX_RINGS} rings", s.label());
+            ensure!(args.scaling_depth >= s.rings() as usize, "--scaling-depth below the ring count of {}", s.label());
+            if !out.contains(&s) {
+                out.push(s);
+            }
         }
     }
     Ok(out)
@@ -145,8 +164,9 @@ pub fn run(
                 let m = Measurement { disk, bytes, load, shape, depth, seconds, ring_order, seed };
                 let sample = m.run(args).with_context(|| format!("{} {}", shape.label(), load.name))?;
                 eprintln!(
-                    "  scaling {:<20} {:<13} round {}: {:>8.0} IOPS, backend {:.2} µs/IO, {} data-plane threads",
+                    "  scaling {:<20} {:<12} {:<13} round {}: {:>8.0} IOPS, backend {:.2} µs/IO, {} threads",
                     shape.label(),
+                    shape.threads_label(),
                     load.name,
                     round + 1,
                     sample.ios as f64 / sample.elapsed.as_secs_f64().max(1e-9),
@@ -179,24 +199,25 @@ fn merge(load: &'static str, shape: Shape, samples: &[Sample]) -> Row {
     }
 }
 
-/// The row of the 1-queue / 1-vbd shape of `load`.
-fn base<'a>(rows: &'a [Row], load: &str) -> Option<&'a Row> {
-    rows.iter().find(|r| r.load == load && r.shape == Shape { queues: 1, vbds: 1 })
+/// The row `shape`'s ratios are against.
+fn base<'a>(rows: &'a [Row], load: &str, shape: Shape) -> Option<&'a Row> {
+    rows.iter().find(|r| r.load == load && r.shape == shape.base())
 }
 
 fn render(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| workload | shape | rings | data-plane threads | IOPS | IOPS ×1×1 | backend CPU µs/IO | CPU ×1×1 | \
-         backend wake-ups/IO | guest CPU µs/IO |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| workload | I/O threads | shape | rings | data-plane threads | IOPS | IOPS ×1×1 | backend CPU µs/IO | \
+         CPU ×1×1 | backend wake-ups/IO | guest CPU µs/IO |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = |of: &dyn Fn(&Row) -> f64| {
-            base(rows, r.load).map_or_else(|| "—".to_string(), |b| format!("{:.2}", of(r) / of(b).max(1e-9)))
+            base(rows, r.load, r.shape).map_or_else(|| "—".to_string(), |b| format!("{:.2}", of(r) / of(b).max(1e-9)))
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {:.2} | {} | {:.2} | {:.2} |",
             r.load,
+            r.shape.threads_label(),
             r.shape.label(),
             r.shape.rings(),
             r.threads,
@@ -211,19 +232,25 @@ fn render(rows: &[Row]) -> String {
     out
 }
 
-/// Whether the backend's CPU per I/O stays within [`FLAT_WITHIN`] of the 1 × 1 figure, per workload.
+/// Whether the backend's CPU per I/O stays within [`FLAT_WITHIN`] of the 1 × 1 figure, per thread setting and
+/// workload.
 fn verdict(rows: &[Row]) -> String {
     let mut parts = Vec::new();
-    for load in LOADS {
-        let Some(b) = base(rows, load.name) else { continue };
-        let worst = rows
-            .iter()
-            .filter(|r| r.load == load.name)
-            .map(|r| (r.backend_cpu_us / b.backend_cpu_us.max(1e-9), r.shape))
-            .max_by(|x, y| x.0.total_cmp(&y.0));
-        if let Some((ratio, shape)) = worst {
-            let met = if ratio <= FLAT_WITHIN { "met" } else { "not met" };
-            parts.push(format!("{} worst {ratio:.2}× at {} ({met})", load.name, shape.label()));
+    let mut settings: Vec<Shape> = rows.iter().map(|r| r.shape.base()).collect();
+    settings.dedup();
+    for setting in settings {
+        for load in LOADS {
+            let Some(b) = base(rows, load.name, setting) else { continue };
+            let worst = rows
+                .iter()
+                .filter(|r| r.load == load.name && r.shape.base() == setting)
+                .map(|r| (r.backend_cpu_us / b.backend_cpu_us.max(1e-9), r.shape))
+                .max_by(|x, y| x.0.total_cmp(&y.0));
+            if let Some((ratio, shape)) = worst {
+                let met = if ratio <= FLAT_WITHIN { "met" } else { "not met" };
+                let threads = setting.threads_label();
+                parts.push(format!("{threads}, {}: worst {ratio:.2}× at {} ({met})", load.name, shape.label()));
+            }
         }
     }
     if parts.is_empty() {
@@ -255,7 +282,7 @@ impl Measurement<'_> {
             grant_mode: variant.grant_mode(),
             register_bounce_pool: variant != Variant::CopyUnregistered,
             poll_us: if variant == Variant::MapPersistentPoll { 50 } else { 0 },
-            io_threads: (args.scaling_io_threads > 0).then(|| IoThreads::new(args.scaling_io_threads)),
+            io_threads: (self.shape.io_threads > 0).then(|| IoThreads::new(self.shape.io_threads)),
             ..DataplaneOptions::default()
         };
         let rings =
@@ -411,42 +438,51 @@ mod tests {
     use super::*;
 
     fn row(load: &'static str, queues: u32, vbds: u32, iops: f64, cpu: f64) -> Row {
-        let shape = Shape { queues, vbds };
+        let shape = Shape { queues, vbds, io_threads: 1 };
         Row { load, shape, threads: 1, iops, backend_cpu_us: cpu, backend_wakeups: 0.5, guest_cpu_us: 1.0 }
     }
 
     #[test]
-    fn ratios_are_against_one_vbd_one_queue() {
-        let rows = [
+    fn ratios_are_against_one_vbd_one_queue_of_the_same_threads() {
+        let mut rows = vec![
             row("randread 4k", 1, 1, 100.0, 2.0),
             row("randread 4k", 4, 1, 150.0, 2.5),
             row("randread 4k", 1, 16, 80.0, 4.0),
         ];
+        let mut per_ring = row("randread 4k", 1, 1, 50.0, 1.0);
+        per_ring.shape.io_threads = 0;
+        rows.push(per_ring);
         let table = render(&rows);
-        assert!(table.contains("| randread 4k | 1 vbd × 4 queues | 4 | 1 | 150 | 1.50 | 2.50 | 1.25 |"), "{table}");
-        assert!(table.contains("| randread 4k | 16 vbds × 1 queue | 16 | 1 | 80 | 0.80 | 4.00 | 2.00 |"), "{table}");
+        let line = "| randread 4k | pool of 1 | 1 vbd × 4 queues | 4 | 1 | 150 | 1.50 | 2.50 | 1.25 |";
+        assert!(table.contains(line), "{table}");
+        let line = "| randread 4k | pool of 1 | 16 vbds × 1 queue | 16 | 1 | 80 | 0.80 | 4.00 | 2.00 |";
+        assert!(table.contains(line), "{table}");
+        let line = "| randread 4k | one per ring | 1 vbd × 1 queue | 1 | 1 | 50 | 1.00 | 1.00 | 1.00 |";
+        assert!(table.contains(line), "{table}");
         let v = verdict(&rows);
-        assert!(v.contains("randread 4k worst 2.00× at 16 vbds × 1 queue (not met)"), "{v}");
+        assert!(v.contains("pool of 1, randread 4k: worst 2.00× at 16 vbds × 1 queue (not met)"), "{v}");
+        assert!(v.contains("one per ring, randread 4k: worst 1.00× at 1 vbd × 1 queue (met)"), "{v}");
         assert!(verdict(&rows[..2]).contains("worst 1.25× at 1 vbd × 4 queues (met)"));
     }
 
     #[test]
     fn shapes_start_with_one_by_one_and_bound_the_rings() {
-        let args = |queues: Vec<u32>, vbds: Vec<u32>| ScalingArgs {
+        let args = |queues: Vec<u32>, vbds: Vec<u32>, io_threads: Vec<usize>| ScalingArgs {
             scaling_queues: queues,
             scaling_vbds: vbds,
             scaling_depth: 32,
             scaling_variant: Variant::MapPersistent,
-            scaling_io_threads: 0,
+            scaling_io_threads: io_threads,
         };
-        let s = shapes(&args(vec![1, 2, 4], vec![1, 4, 16])).expect("valid");
-        let labels: Vec<String> = s.iter().map(|s| s.label()).collect();
-        assert_eq!(
-            labels,
-            ["1 vbd × 1 queue", "1 vbd × 2 queues", "1 vbd × 4 queues", "4 vbds × 1 queue", "16 vbds × 1 queue"]
-        );
-        assert!(shapes(&args(vec![0], vec![1])).is_err());
-        assert!(shapes(&args(vec![1], vec![65])).is_err());
-        assert!(shapes(&args(vec![1], vec![33])).is_err(), "depth 32 below 33 rings");
+        let s = shapes(&args(vec![1, 2, 4], vec![1, 4, 16], vec![1, 0])).expect("valid");
+        let labels: Vec<String> = s.iter().map(|s| format!("{} {}", s.threads_label(), s.label())).collect();
+        let one = ["1 vbd × 1 queue", "1 vbd × 2 queues", "1 vbd × 4 queues", "4 vbds × 1 queue", "16 vbds × 1 queue"];
+        let want: Vec<String> =
+            ["pool of 1", "one per ring"].iter().flat_map(|t| one.iter().map(move |l| format!("{t} {l}"))).collect();
+        assert_eq!(labels, want);
+        assert!(shapes(&args(vec![0], vec![1], vec![1])).is_err());
+        assert!(shapes(&args(vec![1], vec![65], vec![1])).is_err());
+        assert!(shapes(&args(vec![1], vec![33], vec![1])).is_err(), "depth 32 below 33 rings");
+        assert!(shapes(&args(vec![1], vec![1], vec![65])).is_err());
     }
 }

@@ -170,13 +170,14 @@ impl Rings<'_> {
 
     /// One turn for every ring that had events or wants one now; rings that finished (or panicked) go.
     fn turns(&mut self) {
-        let now = Instant::now();
         for slot in 0..self.slots.len() {
             let Some(task) = self.slots[slot].as_mut() else { continue };
-            if !std::mem::take(&mut self.ready[slot]) && !task.wake_at().is_some_and(|at| at <= now) {
+            let evented = std::mem::take(&mut self.ready[slot]);
+            // (`wake_at` says "now" as the time it is called.)
+            if !evented && task.wake_at().is_none_or(|at| at > Instant::now()) {
                 continue;
             }
-            let alive = match catch_unwind(AssertUnwindSafe(|| task.turn())) {
+            let alive = match catch_unwind(AssertUnwindSafe(|| task.turn(evented))) {
                 Ok(alive) => alive,
                 Err(_) => {
                     task.report("worker died");
@@ -184,12 +185,13 @@ impl Rings<'_> {
                 }
             };
             if !alive {
+                // Counted out first: `Dataplane::stop` returns as soon as the ring is dropped.
+                self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 if let Some(task) = self.slots[slot].take() {
                     let _ = self.epoll.ctl(ControlOperation::Delete, task.fd(), EpollEvent::default());
                     // Dropping the ring releases what is left and tells `Dataplane::stop` it is gone.
                     drop(task);
                 }
-                self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }

@@ -172,9 +172,10 @@ where
 pub(crate) trait RingTask {
     /// The ring's epoll descriptor (readable when one of its sources is).
     fn fd(&self) -> RawFd;
-    /// Take in the ring's events without waiting and do one round (at most a ring's worth of requests, and a
-    /// bounded polling period). Returns `false` once the ring stopped and released everything.
-    fn turn(&mut self) -> bool;
+    /// Take in the ring's events without waiting (if `evented`: its descriptor was readable) and do one round (at
+    /// most a ring's worth of requests, and a bounded polling period). Returns `false` once the ring stopped and
+    /// released everything.
+    fn turn(&mut self, evented: bool) -> bool;
     /// When the ring wants a turn without an event: now (work left by a round that used its budget), or when a
     /// delayed unmask is due.
     fn wake_at(&self) -> Option<Instant>;
@@ -187,10 +188,10 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E
         self.epoll.as_raw_fd()
     }
 
-    fn turn(&mut self) -> bool {
+    fn turn(&mut self, evented: bool) -> bool {
         let mut events = [EpollEvent::default(); 3];
         if !self.finished() {
-            let n = match self.epoll.wait(0, &mut events) {
+            let n = match if evented { self.epoll.wait(0, &mut events) } else { Ok(0) } {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(queue = self.index, error = %e, "epoll_wait (turn) failed");
