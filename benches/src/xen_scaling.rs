@@ -357,13 +357,7 @@ impl Measurement<'_> {
         let (backend0, guest0) = backend_usage()?;
         let (ios, elapsed) = self.drive(fronts, per_ring, blocks)?;
         let (backend1, guest1) = backend_usage()?;
-        Ok(Sample {
-            ios,
-            elapsed,
-            backend: backend1.0 - backend0.0,
-            guest: guest1 - guest0,
-            threads: backend1.1,
-        })
+        Ok(Sample { ios, elapsed, backend: backend1.0 - backend0.0, guest: guest1 - guest0, threads: backend1.1 })
     }
 
     fn depth_per_ring(&self, ring_size: usize) -> Result<usize> {

@@ -5,7 +5,8 @@
 //! to the thread serving the fewest rings (threads are started as rings come, up to N). A thread waits in one
 //! epoll on the rings' own epoll descriptors and gives every ring that has events (or work left, or a delayed
 //! unmask due) one turn per pass: one round, at most a ring's worth of requests, and a polling period cut at the
-//! polling time. A ring whose frontend keeps it busy therefore gets one round per pass like every other ring on
+//! polling time (the thread's epoll watches the rings' sources themselves: a turn needs no further system call
+//! to learn what fired). A ring whose frontend keeps it busy therefore gets one round per pass like every other ring on
 //! its thread, and cannot starve them.
 
 use std::os::fd::AsRawFd;
@@ -17,14 +18,19 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::RingTask;
+use super::worker::{RingTask, SOURCES};
 use super::WorkerInit;
 
 /// The most threads a pool may have.
 pub const MAX_IO_THREADS: usize = 64;
 
-/// The token of a thread's wake-up eventfd (rings use their slot index).
+/// The token of a thread's wake-up eventfd (a ring's sources use `slot * STRIDE + kind`).
 const TOKEN_NEW: u64 = u64::MAX;
+const STRIDE: u64 = 4;
+/// A ring's first turn (its frontend may have queued requests before its port was bound), in its `ready` bits.
+const FIRST_TURN: u8 = 0x80;
+/// The event channel and the completions (the kinds before the stop request's, see `RingTask::sources`).
+const SOURCES_BUT_STOP: u8 = (1 << (SOURCES - 1)) - 1;
 /// Most epoll events taken per wait.
 const EVENTS: usize = 64;
 
@@ -88,7 +94,7 @@ impl IoThreads {
                     new: Mutex::new(Vec::new()),
                     wake: EventFd::new(EFD_NONBLOCK)?,
                 });
-                let epoll = Epoll::new()?;
+                let epoll = Arc::new(Epoll::new()?);
                 epoll.ctl(ControlOperation::Add, inbox.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_NEW))?;
                 let (served, init) = (inbox.clone(), init.cloned());
                 std::thread::Builder::new()
@@ -117,9 +123,9 @@ impl Drop for Pool {
 /// A pool thread's rings, by slot (the slot is the ring's epoll token).
 struct Rings<'a> {
     slots: Vec<Option<Box<dyn RingTask>>>,
-    /// The ring had events since its last turn.
-    ready: Vec<bool>,
-    epoll: &'a Epoll,
+    /// The ring's sources that fired since its last turn (bits by kind, or [`FIRST_TURN`]).
+    ready: Vec<u8>,
+    epoll: &'a Arc<Epoll>,
     inbox: &'a Inbox,
 }
 
@@ -130,7 +136,7 @@ impl Rings<'_> {
         let _ = self.inbox.wake.read();
         let new = std::mem::take(&mut *self.inbox.new.lock().unwrap_or_else(PoisonError::into_inner));
         for build in new {
-            let task = match catch_unwind(AssertUnwindSafe(build)) {
+            let mut task = match catch_unwind(AssertUnwindSafe(build)) {
                 Ok(Some(task)) => task,
                 Ok(None) | Err(_) => {
                     self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
@@ -143,18 +149,30 @@ impl Rings<'_> {
                 continue;
             }
             let slot = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
-            let event = EpollEvent::new(EventSet::IN, slot as u64);
-            if let Err(e) = self.epoll.ctl(ControlOperation::Add, task.fd(), event) {
+            let base = slot as u64 * STRIDE;
+            let added = (base..).zip(task.sources()).try_for_each(|(token, (fd, events))| {
+                self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+            });
+            if let Err(e) = added {
+                self.forget(task.as_ref());
                 task.report(&format!("epoll_ctl (I/O thread): {e}"));
                 self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
+            task.attach(self.epoll.clone());
             if slot == self.slots.len() {
                 self.slots.push(None);
-                self.ready.push(false);
+                self.ready.push(0);
             }
             self.slots[slot] = Some(task);
-            self.ready[slot] = true;
+            self.ready[slot] = FIRST_TURN;
+        }
+    }
+
+    /// Stop watching `task`'s sources (before it is dropped: their descriptors close).
+    fn forget(&self, task: &dyn RingTask) {
+        for (fd, _) in task.sources() {
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
     }
 
@@ -172,12 +190,12 @@ impl Rings<'_> {
     fn turns(&mut self) {
         for slot in 0..self.slots.len() {
             let Some(task) = self.slots[slot].as_mut() else { continue };
-            let evented = std::mem::take(&mut self.ready[slot]);
+            let fired = std::mem::take(&mut self.ready[slot]);
             // (`wake_at` says "now" as the time it is called.)
-            if !evented && task.wake_at().is_none_or(|at| at > Instant::now()) {
+            if fired == 0 && task.wake_at().is_none_or(|at| at > Instant::now()) {
                 continue;
             }
-            let alive = match catch_unwind(AssertUnwindSafe(|| task.turn(evented))) {
+            let alive = match catch_unwind(AssertUnwindSafe(|| task.turn(fired & !FIRST_TURN))) {
                 Ok(alive) => alive,
                 Err(_) => {
                     task.report("worker died");
@@ -188,7 +206,7 @@ impl Rings<'_> {
                 // Counted out first: `Dataplane::stop` returns as soon as the ring is dropped.
                 self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 if let Some(task) = self.slots[slot].take() {
-                    let _ = self.epoll.ctl(ControlOperation::Delete, task.fd(), EpollEvent::default());
+                    self.forget(task.as_ref());
                     // Dropping the ring releases what is left and tells `Dataplane::stop` it is gone.
                     drop(task);
                 }
@@ -198,7 +216,7 @@ impl Rings<'_> {
 }
 
 /// A pool thread's body: ends when every handle of the pool is gone and its last ring stopped.
-fn serve(inbox: &Inbox, epoll: &Epoll, init: Option<&WorkerInit>, index: usize) {
+fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: usize) {
     let init_error = init.and_then(|i| i.run(index).err()).map(|e| e.to_string());
     let mut rings = Rings { slots: Vec::new(), ready: Vec::new(), epoll, inbox };
     let mut events = [EpollEvent::default(); EVENTS];
@@ -210,16 +228,18 @@ fn serve(inbox: &Inbox, epoll: &Epoll, init: Option<&WorkerInit>, index: usize) 
                 // Never abandon a ring (its pages stay mapped while I/O is in flight): look at every ring.
                 tracing::error!(thread = index, error = %e, "epoll_wait failed, polling");
                 std::thread::sleep(std::time::Duration::from_millis(10));
-                rings.ready.iter_mut().for_each(|r| *r = true);
+                // (Not the stop request: only its eventfd says it came.)
+                rings.ready.iter_mut().for_each(|r| *r |= SOURCES_BUT_STOP);
                 0
             }
         };
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_NEW => rings.take_new(init_error.as_deref()),
-                slot => {
+                token => {
+                    let (slot, kind) = (token / STRIDE, token % STRIDE);
                     if let Some(r) = usize::try_from(slot).ok().and_then(|s| rings.ready.get_mut(s)) {
-                        *r = true;
+                        *r |= 1 << kind;
                     }
                 }
             }

@@ -98,6 +98,9 @@ struct Worker<L, G: GrantTable, E> {
     ports: Vec<EvtchnPort>,
     config: WorkerConfig,
     epoll: Epoll,
+    /// On a pool thread: the thread's epoll, which watches the ring's sources too (a source taken off the ring's
+    /// epoll is taken off this one as well).
+    pool_epoll: Option<Arc<Epoll>>,
     stop: Arc<EventFd>,
     stopping: bool,
     halted: bool,
@@ -167,15 +170,19 @@ where
     Worker::build(setup).map(|w| Box::new(w) as Box<dyn RingTask>)
 }
 
-/// A ring as a thread of the I/O thread pool sees it: a descriptor that becomes readable when the ring has
-/// events (its own epoll), and a bounded turn.
+/// The kinds of a ring's event sources, as indexes of [`RingTask::sources`] and bits of a turn's `fired`.
+pub(crate) const SOURCES: usize = 3;
+
+/// A ring as a thread of the I/O thread pool sees it: its event sources, which the thread watches in its own
+/// epoll, and a bounded turn.
 pub(crate) trait RingTask {
-    /// The ring's epoll descriptor (readable when one of its sources is).
-    fn fd(&self) -> RawFd;
-    /// Take in the ring's events without waiting (if `evented`: its descriptor was readable) and do one round (at
-    /// most a ring's worth of requests, and a bounded polling period). Returns `false` once the ring stopped and
-    /// released everything.
-    fn turn(&mut self, evented: bool) -> bool;
+    /// The ring's event sources (event channel, engine completions, stop request) and how to watch them.
+    fn sources(&self) -> [(RawFd, EventSet); SOURCES];
+    /// The thread's epoll now watches the sources: a source the ring stops watching leaves it too.
+    fn attach(&mut self, pool_epoll: Arc<Epoll>);
+    /// Take in the events of the sources whose bits are set in `fired` and do one round (at most a ring's worth
+    /// of requests, and a bounded polling period). Returns `false` once the ring stopped and released everything.
+    fn turn(&mut self, fired: u8) -> bool;
     /// When the ring wants a turn without an event: now (work left by a round that used its budget), or when a
     /// delayed unmask is due.
     fn wake_at(&self) -> Option<Instant>;
@@ -184,20 +191,28 @@ pub(crate) trait RingTask {
 }
 
 impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E> {
-    fn fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+    fn sources(&self) -> [(RawFd, EventSet); SOURCES] {
+        [
+            (self.evtchn.fd(), EventSet::IN),
+            (self.queue.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (self.stop.as_raw_fd(), EventSet::IN),
+        ]
     }
 
-    fn turn(&mut self, evented: bool) -> bool {
-        let mut events = [EpollEvent::default(); 3];
+    fn attach(&mut self, pool_epoll: Arc<Epoll>) {
+        self.pool_epoll = Some(pool_epoll);
+    }
+
+    fn turn(&mut self, fired: u8) -> bool {
+        let mut events = [EpollEvent::default(); SOURCES];
         if !self.finished() {
-            let n = match if evented { self.epoll.wait(0, &mut events) } else { Ok(0) } {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(queue = self.index, error = %e, "epoll_wait (turn) failed");
-                    0
+            let mut n = 0;
+            for token in [TOKEN_EVTCHN, TOKEN_COMPLETION, TOKEN_STOP] {
+                if fired & (1 << token) != 0 {
+                    events[n] = EpollEvent::new(EventSet::IN, token);
+                    n += 1;
                 }
-            };
+            }
             if n > 0 {
                 QueueStats::add(&self.stats.wakeups, 1);
             }
@@ -255,6 +270,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             ports: Vec::new(),
             config: setup.config,
             epoll,
+            pool_epoll: None,
             stop: setup.stop,
             stopping: false,
             halted: false,
@@ -275,11 +291,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so
         // it never needs to be read (a system call per round saved; `complete` looks at the completion ring
         // itself).
-        for (fd, token, events) in [
-            (w.evtchn.fd(), TOKEN_EVTCHN, EventSet::IN),
-            (w.queue.completion_fd(), TOKEN_COMPLETION, EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (w.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN),
-        ] {
+        for (token, (fd, events)) in (0u64..).zip(w.sources()) {
             if let Err(e) = w.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
                 w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
                 return None;
@@ -426,6 +438,9 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     fn remove_fd(&self, fd: RawFd) {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Some(pool) = &self.pool_epoll {
+            let _ = pool.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
     }
 
     fn on_evtchn(&mut self) {
