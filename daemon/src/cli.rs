@@ -328,7 +328,8 @@ pub struct XenServingArgs {
     /// I/O threads serving the guest's rings (every queue of every vbd), each thread several rings with a bounded
     /// share of work per ring per pass (a busy ring cannot starve the others); 0: one thread per ring. Default: 1.
     /// Measured (docs/performance.md, emulated host): with one thread per ring the CPU time per I/O grew with the
-    /// ring count (16 vbds: about 3× the one-vbd figure), with one thread it stays near flat.
+    /// ring count (16 vbds: 2.2–3.6× the one-vbd figure); with one thread, 1.2–1.6× up to 4 rings and 1.5–2.0× at
+    /// 16 vbds. Raise it when the one thread uses a whole CPU.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(0..=transport_xen::dataplane::MAX_IO_THREADS as i64))]
     pub io_threads: u16,

@@ -106,7 +106,10 @@ impl IoThreads {
         };
         inbox.rings.fetch_add(1, Ordering::Relaxed);
         inbox.new.lock().unwrap_or_else(PoisonError::into_inner).push(ring);
-        inbox.wake.write(1)
+        // The ring is handed over: it must not fail now. A write fails only on a counter at its maximum, which
+        // wakes the thread all the same.
+        let _ = inbox.wake.write(1);
+        Ok(())
     }
 }
 
