@@ -12,9 +12,11 @@
 mod client;
 mod lab;
 mod micro;
+mod proc_usage;
 mod scaling;
 mod servers;
 mod xen_emulated;
+mod xen_scaling;
 
 use std::io::Write;
 use std::path::PathBuf;

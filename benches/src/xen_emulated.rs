@@ -32,6 +32,9 @@ use transport_xen::frontend::{
 use transport_xen::grant_memory::GrantMode;
 use transport_xen::xenbus::{BackendConfig, DataplaneServer, Scope};
 
+use crate::proc_usage::{thread_usage, worker_usage, Usage};
+use crate::xen_scaling::ScalingArgs;
+
 /// Options of the run.
 #[derive(clap::Args, Debug)]
 pub struct XenEmulatedArgs {
@@ -69,6 +72,21 @@ pub struct XenEmulatedArgs {
     /// Append the Markdown table (and where we stand against the target) to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// The parts to run: `comparison` (the variants against raw host io_uring), `scaling` (the backend's CPU per
+    /// I/O across queues and vbds, see the `--scaling-*` options).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "comparison,scaling")]
+    parts: Vec<Part>,
+    #[command(flatten)]
+    scaling: ScalingArgs,
+}
+
+/// A part of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// The backend variants against raw host io_uring (fio) per workload.
+    Comparison,
+    /// The backend's CPU per I/O and IOPS at 1, 2, 4 queues and 1, 4, 16 vbds, against 1 queue / 1 vbd.
+    Scaling,
 }
 
 /// How our backend reaches the guest's pages.
@@ -97,14 +115,14 @@ impl Variant {
         }
     }
 
-    fn grant_mode(self) -> GrantMode {
+    pub(crate) fn grant_mode(self) -> GrantMode {
         match self {
             Variant::Copy | Variant::CopyUnregistered => GrantMode::Copy,
             Variant::MapPersistent | Variant::Map | Variant::MapPersistentPoll => GrantMode::Map,
         }
     }
 
-    fn persistent(self) -> bool {
+    pub(crate) fn persistent(self) -> bool {
         matches!(self, Variant::MapPersistent | Variant::MapPersistentPoll)
     }
 }
@@ -153,33 +171,6 @@ impl Contender {
             Contender::Raw => "raw io_uring (fio)",
             Contender::Ours(v) => v.label(),
         }
-    }
-}
-
-/// CPU time and wake-ups (voluntary context switches: the thread slept and was woken) of some threads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Usage {
-    cpu: Duration,
-    wakeups: u64,
-}
-
-impl std::ops::Add for Usage {
-    type Output = Usage;
-    fn add(self, o: Usage) -> Usage {
-        Usage { cpu: self.cpu + o.cpu, wakeups: self.wakeups + o.wakeups }
-    }
-}
-
-impl std::ops::Sub for Usage {
-    type Output = Usage;
-    fn sub(self, o: Usage) -> Usage {
-        Usage { cpu: self.cpu.saturating_sub(o.cpu), wakeups: self.wakeups.saturating_sub(o.wakeups) }
-    }
-}
-
-impl std::iter::Sum for Usage {
-    fn sum<I: Iterator<Item = Usage>>(iter: I) -> Usage {
-        iter.fold(Usage::default(), |a, b| a + b)
     }
 }
 
@@ -233,6 +224,29 @@ pub fn run(args: &XenEmulatedArgs) -> Result<String> {
     // Real data everywhere: reads of a sparse file's holes would flatter the raw baseline.
     crate::fill_disk(&disk, bytes).with_context(|| format!("creating {}", disk.display()))?;
     let _cleanup = Remove(disk.clone());
+    let mut out = String::new();
+    if args.parts.contains(&Part::Comparison) {
+        out.push_str(&comparison(args, &disk, bytes)?);
+    }
+    if args.parts.contains(&Part::Scaling) {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(
+            "Backend CPU per I/O across queues (one vbd) and vbds (one queue each) served by one backend, at a \
+             fixed total queue depth (×1×1: against 1 vbd × 1 queue):\n\n",
+        );
+        let s = &args.scaling;
+        out.push_str(&crate::xen_scaling::run(s, &disk, bytes, args.seconds, args.rounds, args.ring_order)?);
+    }
+    if let Some(path) = &args.markdown {
+        append(path, &out)?;
+    }
+    Ok(out)
+}
+
+/// The comparison part: every variant against raw host io_uring, per workload.
+fn comparison(args: &XenEmulatedArgs, disk: &Path, bytes: u64) -> Result<String> {
     let mut contenders = vec![Contender::Raw];
     contenders.extend(args.variants.iter().map(|&v| Contender::Ours(v)));
     let mut rows = Vec::new();
@@ -248,8 +262,8 @@ pub fn run(args: &XenEmulatedArgs) -> Result<String> {
             for i in order {
                 let c = contenders[i];
                 let sample = match c {
-                    Contender::Raw => fio(&disk, w, args.seconds),
-                    Contender::Ours(v) => emulated(&disk, bytes, w, v, args, round as u64 + 1),
+                    Contender::Raw => fio(disk, w, args.seconds),
+                    Contender::Ours(v) => emulated(disk, bytes, w, v, args, round as u64 + 1),
                 }
                 .with_context(|| format!("{} {}", c.label(), w.name))?;
                 eprintln!(
@@ -266,9 +280,6 @@ pub fn run(args: &XenEmulatedArgs) -> Result<String> {
     }
     let mut out = render(&rows);
     out.push_str(&summary(&rows));
-    if let Some(path) = &args.markdown {
-        append(path, &out)?;
-    }
     Ok(out)
 }
 
@@ -426,7 +437,7 @@ fn measure(
 }
 
 /// Read 64 KiB somewhere through the ring and compare it with the file.
-fn sanity_read(front: &mut Blkfront<'_>, disk: &Path, blocks: usize, seed: u64) -> Result<()> {
+pub(crate) fn sanity_read(front: &mut Blkfront<'_>, disk: &Path, blocks: usize, seed: u64) -> Result<()> {
     const LEN: usize = 64 << 10;
     let block = Rng::new(seed).below(blocks.saturating_sub(LEN / BLOCK).max(1));
     let sector = block as u64 * (BLOCK / 512) as u64;
@@ -478,41 +489,6 @@ fn drive(
             free.push(slot);
         }
     }
-}
-
-/// CPU time and wake-ups of this process's data-plane worker threads (`blkif-*`).
-fn worker_usage() -> Result<Usage> {
-    let mut total = Usage::default();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        let dir = entry?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
-        if comm.starts_with("blkif-") {
-            // A worker may end between the listing and the reads: it counts for nothing then.
-            total = total + usage(&dir).unwrap_or_default();
-        }
-    }
-    Ok(total)
-}
-
-/// CPU time and wake-ups of the calling thread.
-fn thread_usage() -> Result<Usage> {
-    usage(Path::new("/proc/thread-self"))
-}
-
-/// A thread's usage from its `/proc/<pid>/task/<tid>` directory: CPU time from `schedstat` (ns on CPU), wake-ups
-/// from `status` (voluntary context switches; preemptions by other work on the machine are not counted).
-fn usage(dir: &Path) -> Result<Usage> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
-    };
-    let ns: u64 = read("schedstat")?.split_whitespace().next().context("empty schedstat")?.parse()?;
-    let wakeups = read("status")?
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .context("no voluntary_ctxt_switches in status")?;
-    Ok(Usage { cpu: Duration::from_nanos(ns), wakeups })
 }
 
 /// Raw host io_uring on the same file: fio, O_DIRECT, same block size and depth, uniform random offsets.
@@ -602,18 +578,6 @@ mod tests {
         assert_eq!(s.backend, Usage { cpu: Duration::from_secs(1), wakeups: 0 });
         assert!(parse_fio_json(text, false).expect("parses").p50_us.is_nan());
         assert!(parse_fio_json("fio: error", true).is_err());
-    }
-
-    #[test]
-    fn thread_usage_comes_from_proc() {
-        let before = thread_usage().expect("own usage");
-        let spin = Instant::now();
-        while spin.elapsed() < Duration::from_millis(20) {
-            std::hint::spin_loop();
-        }
-        let used = thread_usage().expect("own usage") - before;
-        assert!(used.cpu >= Duration::from_millis(5), "{used:?}");
-        assert_eq!(worker_usage().expect("no workers"), Usage::default(), "no blkif-* thread in this test");
     }
 
     #[test]

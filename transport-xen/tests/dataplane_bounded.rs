@@ -1,7 +1,8 @@
 //! Bounded work per round: a frontend that always has one more refused request queued (an unknown operation, a
 //! grant it never gave; each is answered at once and frees its slot) must not keep a worker in its ring loop.
 //! Another guest's I/O keeps completing meanwhile, and `Dataplane::stop` of the hostile guest returns quickly
-//! (it is called from the xenbus control thread, so every other guest's attach and detach waits for it).
+//! (it is called from the xenbus control thread, so every other guest's attach and detach waits for it). With an
+//! I/O thread pool of one thread, both rings are on that thread: the hostile ring must not starve the other.
 
 mod dataplane_util;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use dataplane_util::{pattern, Bed, BedConfig, Shape};
 use transport_xen::blkif::{encode, BlkifResponse, BlkifSegment, RawRequest, OP_READ, RSP_EOPNOTSUPP, RSP_ERROR};
 use transport_xen::blkif::{RSP_OKAY, X86_64};
-use transport_xen::dataplane::{DataplaneOptions, QueueStats};
+use transport_xen::dataplane::{DataplaneOptions, IoThreads, QueueStats};
 use transport_xen::emulated::RingFrontend;
 
 /// What the issue asks of `stop`, whatever the guest does.
@@ -98,11 +99,14 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn refused_requests_do_not_hold_a_worker(poll_us: u32) {
-    let options = DataplaneOptions { poll_us, ..DataplaneOptions::default() };
+fn refused_requests_do_not_hold_a_worker(poll_us: u32, io_threads: Option<IoThreads>) {
+    let options = DataplaneOptions { poll_us, io_threads: io_threads.clone(), ..DataplaneOptions::default() };
     let config = BedConfig { options, ..BedConfig::default() };
     let mut hostile = Bed::<X86_64>::new(config.clone());
     let mut bystander = Bed::<X86_64>::new(config);
+    if let Some(pool) = &io_threads {
+        assert_eq!(pool.rings_per_thread(), [2], "both rings on the one I/O thread");
+    }
     let size = u64::from(hostile.fronts[0].ring().size());
 
     let quit = Arc::new(AtomicBool::new(false));
@@ -140,7 +144,7 @@ fn refused_requests_do_not_hold_a_worker(poll_us: u32) {
     let (front, seen) = frontend.join().expect("hostile frontend");
     let took = took.unwrap_or_else(|_| panic!("stop() still waiting after {GIVE_UP:?} while the guest kept queueing"));
     eprintln!(
-        "poll_us {poll_us}: {} refused requests answered, at most {} before publishing; {rounds} bystander rounds; \
+        "poll_us {poll_us}, {io_threads:?}: {} refused requests answered, at most {} before publishing; {rounds} bystander rounds; \
          stop took {took:?}",
         seen.answered, seen.max_unpublished
     );
@@ -163,10 +167,20 @@ fn refused_requests_do_not_hold_a_worker(poll_us: u32) {
 
 #[test]
 fn a_frontend_always_one_refused_request_ahead_does_not_hold_its_worker() {
-    refused_requests_do_not_hold_a_worker(0);
+    refused_requests_do_not_hold_a_worker(0, None);
 }
 
 #[test]
 fn a_frontend_always_one_refused_request_ahead_does_not_hold_a_polling_worker() {
-    refused_requests_do_not_hold_a_worker(50);
+    refused_requests_do_not_hold_a_worker(50, None);
+}
+
+#[test]
+fn a_frontend_always_one_refused_request_ahead_does_not_starve_the_rings_sharing_its_io_thread() {
+    refused_requests_do_not_hold_a_worker(0, Some(IoThreads::new(1)));
+}
+
+#[test]
+fn a_frontend_always_one_refused_request_ahead_does_not_starve_the_rings_sharing_a_polling_io_thread() {
+    refused_requests_do_not_hold_a_worker(50, Some(IoThreads::new(1)));
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use device_blk::stats::Registry;
-use transport_xen::dataplane::DataplaneOptions;
+use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 use transport_xen::xen::GntDev;
 use transport_xen::xenbus::dataplane_server::DataplaneServer;
 use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
@@ -53,6 +53,7 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         stats: Some(registry),
         worker_init: Some(worker_init),
         poll_us: serving.poll_us,
+        io_threads: (serving.io_threads > 0).then(|| IoThreads::new(serving.io_threads.into())),
         ..DataplaneOptions::default()
     };
     let rings = DataplaneServer::new(

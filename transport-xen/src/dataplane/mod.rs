@@ -1,7 +1,9 @@
 //! The data plane: serve a connected frontend's rings on a disk.
 //!
 //! [`Dataplane::start`] maps each queue's ring, binds its event channel, builds its I/O engine, and spawns one
-//! worker thread per queue. A worker runs an epoll loop over the event channel, the engine's completion eventfd
+//! worker thread per queue, or hands the queue to an I/O thread pool ([`DataplaneOptions::io_threads`], see
+//! [`IoThreads`]: a bounded set of threads serving the rings of every data plane of the process, one bounded
+//! round per ring per pass). A worker runs an epoll loop over the event channel, the engine's completion eventfd
 //! and a stop eventfd. Per round it consumes the available requests, at most a ring's worth (copy out once, decode
 //! and check the copy, bind the data pages, submit to `device-blk`'s `BlockQueue`), kicks the engine once, drains
 //! completions into responses, releases their pages, and publishes the responses with at most one notification
@@ -23,12 +25,15 @@
 //! every grant (ring pages, persistent grants) and unbinds the event channels.
 
 pub mod abandon;
+mod pool;
 mod slot;
 mod worker;
 
+pub use pool::{IoThreads, MAX_IO_THREADS};
+
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use device_blk::{BlockQueue, Disk, EngineError, EngineKind, ID_BYTES, MAX_SEGMENTS};
@@ -75,6 +80,10 @@ pub struct DataplaneOptions {
     /// its completions, with the frontend's notifications turned off, until nothing happened for this many
     /// microseconds; then it sleeps until the next event. 0: never poll. At most [`MAX_POLL_US`].
     pub poll_us: u32,
+    /// Serve the rings on this bounded set of I/O threads, shared by every data plane started with (a clone of)
+    /// it, several rings per thread, instead of one thread per ring. `worker_init` then runs once per pool thread
+    /// (with the thread's index), and a polling period ends after `poll_us` even while its ring keeps it busy.
+    pub io_threads: Option<IoThreads>,
 }
 
 /// The longest polling time [`DataplaneOptions::poll_us`] takes (the same bound as vhost-user's).
@@ -116,6 +125,7 @@ impl Default for DataplaneOptions {
             engine_wrapper: None,
             register_bounce_pool: true,
             poll_us: 0,
+            io_threads: None,
         }
     }
 }
@@ -249,11 +259,13 @@ impl FatalState {
 struct QueueHandle {
     engine: &'static str,
     stop: Arc<EventFd>,
+    /// The queue's own worker thread, or (on an I/O thread pool) the channel that closes when its worker is gone.
     thread: Option<JoinHandle<()>>,
+    done: Option<mpsc::Receiver<()>>,
     stats: Arc<QueueStats>,
 }
 
-/// A running data plane: one worker thread per queue. Dropping it stops it.
+/// A running data plane: one worker thread per queue, or its queues on an I/O thread pool. Dropping it stops it.
 #[derive(Debug)]
 pub struct Dataplane {
     queues: Vec<QueueHandle>,
@@ -403,19 +415,29 @@ impl Dataplane {
                 persistent: config.persistent_grants.then_some(options.persistent_grants_limit),
                 discard_secure: options.discard_secure,
                 poll: std::time::Duration::from_micros(u64::from(options.poll_us.min(MAX_POLL_US))),
+                shared: options.io_threads.is_some(),
             },
             stop: stop.clone(),
             fatal: self.fatal.clone(),
             stats: stats.clone(),
             init: options.worker_init.clone(),
+            done: None,
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);
+        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", source };
+        if let Some(pool) = &options.io_threads {
+            let (done, gone) = mpsc::channel();
+            let setup = QueueSetup { init: None, done: Some(done), ..setup };
+            let ring: pool::NewRing = Box::new(move || span.in_scope(|| worker::task(setup)));
+            pool.add(ring, options.worker_init.as_ref()).map_err(spawn_error)?;
+            return Ok(QueueHandle { stop, thread: None, done: Some(gone), stats, engine: engine_name });
+        }
         let thread = std::thread::Builder::new()
             .name(format!("blkif-d{domid}-q{index}"))
             .spawn(move || span.in_scope(|| worker::run(setup)))
-            .map_err(|source| DataplaneError::Io { queue: index, what: "spawn worker", source })?;
-        Ok(QueueHandle { stop, thread: Some(thread), stats, engine: engine_name })
+            .map_err(spawn_error)?;
+        Ok(QueueHandle { stop, thread: Some(thread), done: None, stats, engine: engine_name })
     }
 
     /// The I/O engine the queues use (`io_uring`, or `sync` where io_uring is unavailable).
@@ -469,6 +491,10 @@ impl Dataplane {
                 if t.join().is_err() {
                     tracing::error!("data plane worker panicked");
                 }
+            }
+            if let Some(gone) = q.done.take() {
+                // Nothing is ever sent: this returns when the pool thread dropped the worker.
+                let _ = gone.recv();
             }
         }
     }

@@ -43,6 +43,9 @@ pub(crate) struct WorkerConfig {
     /// Adaptive polling: after a round that did work, keep looking at the ring and the completions until
     /// nothing happened for this long (zero: never poll).
     pub poll: Duration,
+    /// The ring shares its thread with others (an I/O thread pool): a polling period ends after the polling time
+    /// even while the ring keeps it busy, so that the other rings get their turn.
+    pub shared: bool,
 }
 
 /// Everything a worker gets from `Dataplane::start` (all of it `Send`).
@@ -62,6 +65,8 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub stats: Arc<QueueStats>,
     /// Run on this thread before serving.
     pub init: Option<super::WorkerInit>,
+    /// Dropped when the worker is gone (everything released): what `Dataplane::stop` waits for on a pool thread.
+    pub done: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// What starting a request did.
@@ -93,6 +98,9 @@ struct Worker<L, G: GrantTable, E> {
     ports: Vec<EvtchnPort>,
     config: WorkerConfig,
     epoll: Epoll,
+    /// On a pool thread: the thread's epoll, which watches the ring's sources too (a source taken off the ring's
+    /// epoll is taken off this one as well).
+    pool_epoll: Option<Arc<Epoll>>,
     stop: Arc<EventFd>,
     stopping: bool,
     halted: bool,
@@ -120,6 +128,8 @@ struct Worker<L, G: GrantTable, E> {
     more_work: bool,
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
+    /// Last: dropped after everything above was released.
+    _done: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Reports a worker that ends without being stopped (a panic) on the fatal channel.
@@ -143,64 +153,157 @@ pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setu
         setup.fatal.report(format!("queue {}: cannot prepare the worker thread: {e}", setup.index));
         return;
     }
-    let epoll = match Epoll::new() {
-        Ok(e) => e,
-        Err(e) => {
-            setup.fatal.report(format!("queue {}: epoll: {e}", setup.index));
-            // Nothing was consumed yet: dropping the setup unmaps and unbinds.
-            return;
+    if let Some(mut w) = Worker::build(setup) {
+        w.event_loop();
+        w.shutdown();
+    }
+}
+
+/// A ring served by a thread of an I/O thread pool, built on that thread (`None`: it could not be set up, and
+/// said so on the fatal channel).
+pub(crate) fn task<L, G, E>(setup: QueueSetup<L, G, E>) -> Option<Box<dyn RingTask>>
+where
+    L: BlkifLayout + 'static,
+    G: GrantTable + 'static,
+    E: EventChannel + 'static,
+{
+    Worker::build(setup).map(|w| Box::new(w) as Box<dyn RingTask>)
+}
+
+/// The kinds of a ring's event sources, as indexes of [`RingTask::sources`] and bits of a turn's `fired`.
+pub(crate) const SOURCES: usize = 3;
+
+/// A ring as a thread of the I/O thread pool sees it: its event sources, which the thread watches in its own
+/// epoll, and a bounded turn.
+pub(crate) trait RingTask {
+    /// The ring's event sources (event channel, engine completions, stop request) and how to watch them.
+    fn sources(&self) -> [(RawFd, EventSet); SOURCES];
+    /// The thread's epoll now watches the sources: a source the ring stops watching leaves it too.
+    fn attach(&mut self, pool_epoll: Arc<Epoll>);
+    /// Take in the events of the sources whose bits are set in `fired` and do one round (at most a ring's worth
+    /// of requests, and a bounded polling period). Returns `false` once the ring stopped and released everything.
+    fn turn(&mut self, fired: u8) -> bool;
+    /// When the ring wants a turn without an event: now (work left by a round that used its budget), or when a
+    /// delayed unmask is due.
+    fn wake_at(&self) -> Option<Instant>;
+    /// Report a fatal error of the ring (its pool thread could not be prepared, or a turn panicked).
+    fn report(&self, message: &str);
+}
+
+impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E> {
+    fn sources(&self) -> [(RawFd, EventSet); SOURCES] {
+        [
+            (self.evtchn.fd(), EventSet::IN),
+            (self.queue.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (self.stop.as_raw_fd(), EventSet::IN),
+        ]
+    }
+
+    fn attach(&mut self, pool_epoll: Arc<Epoll>) {
+        self.pool_epoll = Some(pool_epoll);
+    }
+
+    fn turn(&mut self, fired: u8) -> bool {
+        let mut events = [EpollEvent::default(); SOURCES];
+        if !self.finished() {
+            let mut n = 0;
+            for token in [TOKEN_EVTCHN, TOKEN_COMPLETION, TOKEN_STOP] {
+                if fired & (1 << token) != 0 {
+                    events[n] = EpollEvent::new(EventSet::IN, token);
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                QueueStats::add(&self.stats.wakeups, 1);
+            }
+            self.dispatch(&events[..n]);
+            self.round(&mut events);
         }
-    };
-    let max_segments = MAX_DIRECT_SEGMENTS.max(setup.config.max_indirect);
-    let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
-    let mut w = Worker {
-        index: setup.index,
-        slots: (0..setup.config.depth).map(|_| Slot::new(max_segments)).collect(),
-        mapper,
-        queue: setup.queue,
-        ring: setup.ring,
-        ring_mapping: setup.ring_mapping,
-        evtchn: setup.evtchn,
-        port: setup.port,
-        free: (0..u32::try_from(setup.config.depth).unwrap_or(u32::MAX)).rev().collect(),
-        held: None,
-        barrier_active: false,
-        flush: Request::new(RequestKind::Flush),
-        raw: RawRequest::default(),
-        finished: Vec::with_capacity(setup.config.depth),
-        ports: Vec::new(),
-        config: setup.config,
-        epoll,
-        stop: setup.stop,
-        stopping: false,
-        halted: false,
-        unpushed: false,
-        unkicked: false,
-        evtchn_fired: false,
-        taken: 0,
-        taken_at_event: 0,
-        spurious: 0,
-        unmask_at: None,
-        answered: 0,
-        polling: false,
-        more_work: false,
-        fatal: setup.fatal,
-        stats: setup.stats,
-    };
-    // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so it
-    // never needs to be read (a system call per round saved; `complete` looks at the completion ring itself).
-    for (fd, token, events) in [
-        (w.evtchn.fd(), TOKEN_EVTCHN, EventSet::IN),
-        (w.queue.completion_fd(), TOKEN_COMPLETION, EventSet::IN | EventSet::EDGE_TRIGGERED),
-        (w.stop.as_raw_fd(), TOKEN_STOP, EventSet::IN),
-    ] {
-        if let Err(e) = w.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
-            w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
-            return;
+        if self.finished() {
+            self.shutdown();
+            return false;
+        }
+        true
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        if self.more_work {
+            Some(Instant::now())
+        } else {
+            self.unmask_at
         }
     }
-    w.event_loop();
-    w.shutdown();
+
+    fn report(&self, message: &str) {
+        self.fatal.report(format!("queue {}: {message}", self.index));
+    }
+}
+
+impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
+    /// Set up the worker from `setup` on the calling thread; `None` after a fatal error (reported).
+    fn build(setup: QueueSetup<L, G, E>) -> Option<Self> {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                setup.fatal.report(format!("queue {}: epoll: {e}", setup.index));
+                // Nothing was consumed yet: dropping the setup unmaps and unbinds.
+                return None;
+            }
+        };
+        let max_segments = MAX_DIRECT_SEGMENTS.max(setup.config.max_indirect);
+        let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
+        let w = Worker {
+            index: setup.index,
+            slots: (0..setup.config.depth).map(|_| Slot::new(max_segments)).collect(),
+            mapper,
+            queue: setup.queue,
+            ring: setup.ring,
+            ring_mapping: setup.ring_mapping,
+            evtchn: setup.evtchn,
+            port: setup.port,
+            free: (0..u32::try_from(setup.config.depth).unwrap_or(u32::MAX)).rev().collect(),
+            held: None,
+            barrier_active: false,
+            flush: Request::new(RequestKind::Flush),
+            raw: RawRequest::default(),
+            finished: Vec::with_capacity(setup.config.depth),
+            ports: Vec::new(),
+            config: setup.config,
+            epoll,
+            pool_epoll: None,
+            stop: setup.stop,
+            stopping: false,
+            halted: false,
+            unpushed: false,
+            unkicked: false,
+            evtchn_fired: false,
+            taken: 0,
+            taken_at_event: 0,
+            spurious: 0,
+            unmask_at: None,
+            answered: 0,
+            polling: false,
+            more_work: false,
+            fatal: setup.fatal,
+            stats: setup.stats,
+            _done: setup.done,
+        };
+        // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so
+        // it never needs to be read (a system call per round saved; `complete` looks at the completion ring
+        // itself).
+        for (token, (fd, events)) in (0u64..).zip(w.sources()) {
+            if let Err(e) = w.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
+                w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
+                return None;
+            }
+        }
+        Some(w)
+    }
+
+    /// Stopped, and nothing in flight any more.
+    fn finished(&self) -> bool {
+        self.stopping && self.in_use() == 0
+    }
 }
 
 impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
@@ -213,7 +316,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         // The frontend may have queued requests before we bound the port.
         self.round(&mut events);
         loop {
-            if self.stopping && self.in_use() == 0 {
+            if self.finished() {
                 return;
             }
             // Work left on the ring by a round that used its budget: look at the events (the stop request) without
@@ -335,6 +438,9 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     fn remove_fd(&self, fd: RawFd) {
         let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Some(pool) = &self.pool_epoll {
+            let _ = pool.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
     }
 
     fn on_evtchn(&mut self) {

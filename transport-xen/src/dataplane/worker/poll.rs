@@ -30,7 +30,8 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     pub(super) fn poll_for_work(&mut self, events: &mut [EpollEvent]) {
         QueueStats::add(&self.stats.poll_periods, 1);
         let budget = self.config.poll;
-        let mut last_work = Instant::now();
+        let started = Instant::now();
+        let mut last_work = started;
         let mut passes = 0u32;
         self.polling = true;
         loop {
@@ -44,6 +45,13 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             }
             if !busy || passes % PASSES_PER_EPOLL_CHECK == 0 {
                 self.look_at_epoll(events);
+            }
+            if self.config.shared && started.elapsed() >= budget {
+                // Other rings wait for this thread: end the period; a final look decides whether the pool comes
+                // back to this ring at once (the request event index is set again either way).
+                let found = self.rearm();
+                self.more_work = self.more_work || found;
+                break;
             }
             if busy {
                 continue;
