@@ -4,6 +4,9 @@
 //! Read data lands through host pointers behind vm-memory's back, so the queue marks it itself when the read
 //! completes ([`BlockQueue::drain_logged`]); GET_ID strings go through vm-memory, which marks them.
 
+// Test addresses are a few pages (far below 32 bits).
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::sync::Arc;
@@ -29,8 +32,8 @@ fn cookie_memory(cookie: &Cookie) -> &Mem {
 
 /// Two adjacent 64 KiB regions (a segment can span both), zeroed, with every bit clear.
 fn bitmap_memory() -> Arc<Mem> {
-    let mem = Mem::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(REGION as u64), REGION)])
-        .expect("guest memory");
+    let mem =
+        Mem::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(REGION as u64), REGION)]).expect("guest memory");
     Arc::new(mem)
 }
 
@@ -86,11 +89,7 @@ fn reads_and_get_id_dirty_exactly_the_pages_they_write() {
         ];
         let done = run_logged(&mut queue, &mem, &requests);
         let statuses: Vec<Status> = done.iter().map(|f| f.status).collect();
-        assert_eq!(
-            statuses,
-            [Status::Ok, Status::Ok, Status::Ok, Status::Ok, Status::Ok, Status::IoError],
-            "{kind:?}"
-        );
+        assert_eq!(statuses, [Status::Ok, Status::Ok, Status::Ok, Status::Ok, Status::Ok, Status::IoError], "{kind:?}");
         assert_eq!(dirty_pages(&mem), [2, 3, 5, 15, 16, 20, 25], "{kind:?}: dirty pages");
 
         // The data really landed where the dirty bits say.

@@ -91,17 +91,8 @@ impl LogClient {
         frontend.set_mem_table(&[region]).map_err(io::Error::other)?;
         let kick = EventFd::new(EFD_NONBLOCK)?;
         let call = EventFd::new(EFD_NONBLOCK)?;
-        let mut client = LogClient {
-            frontend,
-            mem,
-            log,
-            kick,
-            call,
-            acked,
-            offered_features,
-            offered_protocol,
-            avail_idx: 0,
-        };
+        let mut client =
+            LogClient { frontend, mem, log, kick, call, acked, offered_features, offered_protocol, avail_idx: 0 };
         client.frontend.set_vring_num(0, QUEUE_SIZE).map_err(io::Error::other)?;
         client.frontend.set_vring_addr(0, &client.vring_config(false)).map_err(io::Error::other)?;
         client.frontend.set_vring_base(0, 0).map_err(io::Error::other)?;
@@ -129,7 +120,8 @@ impl LogClient {
     /// Start migration logging the way QEMU does: `SET_LOG_BASE` with the log memfd, `SET_FEATURES` with
     /// `VHOST_F_LOG_ALL`, and `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`.
     pub fn enable_logging(&mut self) -> io::Result<()> {
-        let region = VhostUserDirtyLogRegion { mmap_size: LOG_BYTES as u64, mmap_offset: 0, mmap_handle: self.log.fd() };
+        let region =
+            VhostUserDirtyLogRegion { mmap_size: LOG_BYTES as u64, mmap_offset: 0, mmap_handle: self.log.fd() };
         self.frontend.set_log_base(0, Some(region)).map_err(io::Error::other)?;
         self.acked |= VhostUserVirtioFeatures::LOG_ALL.bits();
         self.frontend.set_features(self.acked).map_err(io::Error::other)?;
@@ -192,7 +184,7 @@ impl LogClient {
 
     /// The 16-bit ring index at byte `offset` of guest RAM.
     fn index(&self, offset: usize) -> &AtomicU16 {
-        assert!(offset % 2 == 0 && offset + 2 <= self.mem.len());
+        assert!(offset.is_multiple_of(2) && offset + 2 <= self.mem.len());
         // SAFETY: in bounds (checked), 2-aligned (the mapping is page-aligned), and only ever accessed atomically
         // or by the backend's own atomics; the reference lives no longer than `self.mem`.
         unsafe { &*self.mem.ptr(offset).cast::<AtomicU16>() }
