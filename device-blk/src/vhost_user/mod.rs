@@ -12,11 +12,13 @@
 //! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
 //! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
 
+mod dirty;
 mod poll;
 mod server;
 mod threads;
 mod worker;
 
+pub use dirty::DirtyBitmap;
 pub use server::{Connection, ServeError, VhostUserBlkServer};
 pub use threads::IO_THREAD_NAME;
 pub use worker::{AtomicGuestMemory, BlkVring, GuestMemory};
@@ -28,7 +30,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vm_memory::GuestMemoryAtomic;
 
@@ -350,11 +351,11 @@ impl VhostUserBlkBackend {
 }
 
 impl VhostUserBackend for VhostUserBlkBackend {
-    /// The crate's replaceable bitmap: `SET_LOG_BASE` points every region's bitmap at the frontend's log, and
-    /// from then on every write into guest memory (read data, see
+    /// The crate's replaceable bitmap behind a cheap check ([`DirtyBitmap`]): `SET_LOG_BASE` points every
+    /// region's bitmap at the frontend's log, and from then on every write into guest memory (read data, see
     /// [`BlockQueue::drain_logged`](crate::BlockQueue::drain_logged); status bytes, GET_ID strings and the used
     /// ring, through vm-memory) sets the bits of its pages.
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = DirtyBitmap;
     type Vring = BlkVring;
 
     fn num_queues(&self) -> usize {

@@ -7,12 +7,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::dirty::DirtyBitmap;
 use super::VhostUserBlkOptions;
 use crate::disk::Disk;
 use crate::engine::EngineError;
@@ -21,9 +21,9 @@ use crate::request::Request;
 use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
 
 /// Guest memory as vhost-user-backend maps it, with the dirty bitmap that logs our writes into the frontend's
-/// log once it sends `SET_LOG_BASE` (live migration, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`). Until then each region's
-/// bitmap is empty and marking a range costs an uncontended read lock.
-pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// log once it sends `SET_LOG_BASE` (live migration, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`); until then a write
+/// costs one flag load (see [`DirtyBitmap`]).
+pub type GuestMemory = GuestMemoryMmap<DirtyBitmap>;
 /// The memory handle the vhost-user handler updates on `SET_MEM_TABLE`/`ADD_MEM_REGION`.
 pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 /// The vring type of our backend.
