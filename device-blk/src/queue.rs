@@ -253,9 +253,9 @@ impl<C> BlockQueue<C> {
     /// The engine writes the data with the guest's pages resolved to host pointers, behind the bitmap's back, at
     /// some moment between submission and completion. A migrating VMM copies the pages whose bit is set and
     /// clears the bit, pass after pass, until the last pass with the device stopped (for vhost-user, after
-    /// `GET_VRING_BASE`, which waits for every request in flight). Marking only at submission (as
-    /// cloud-hypervisor's block device does) loses data: a pass between submission and the data landing copies
-    /// the stale page and clears the bit, and nothing sets it again. Marking here, after the engine reported the
+    /// `GET_VRING_BASE`, which waits for every request in flight). Marking only at submission (where
+    /// cloud-hypervisor's block device marks) is not enough: a pass between submission and the data landing
+    /// copies the stale page and clears the bit, and nothing sets it again. Marking here, after the engine reported the
     /// data written and before the used ring tells the guest, is right in every case: a pass before this mark
     /// sees the bit again on the next pass (the page is copied once more, with the data), and the last pass
     /// comes after every in-flight request has been drained, so after every mark. Reads that failed or came
