@@ -14,6 +14,7 @@ use std::sync::Arc;
 use common::*;
 use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
@@ -96,5 +97,34 @@ fn reads_and_get_id_dirty_exactly_the_pages_they_write() {
         let mut page2 = vec![0u8; 8192];
         mem.read_slice(&mut page2, GuestAddress(2 * PAGE)).expect("read back");
         assert_eq!(page2, pattern(1 << 20, 3)[..8192], "{kind:?}");
+    }
+}
+
+#[test]
+fn a_pass_between_submission_and_completion_does_not_lose_the_read() {
+    // A migrating VMM copies the dirty pages and clears their bits while requests are in flight. A read whose
+    // page was copied (and its bit cleared) before its data landed must leave the bit set again, or the last
+    // pass skips the page and the destination keeps the stale data: the mark comes when the read completes.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = open(&image(dir.path(), "disk.img", &pattern(1 << 20, 5)), false);
+    for kind in ENGINES {
+        let mem = bitmap_memory();
+        let mut queue: BlockQueue<Cookie> = queue(&disk, kind, 4);
+        let read = data_request(RequestKind::Read, 8, &[(6 * PAGE, 8192)]);
+        // SAFETY: the cookie holds an `Arc` of `mem`, which stays mapped until the cookie is drained.
+        let submitted = unsafe { queue.submit(&read, &*mem, Cookie { id: 0, mem: Arc::clone(&mem) }) };
+        assert!(submitted.is_ok());
+        queue.kick().expect("kick");
+        // The VMM's pass: copy, then clear every bit.
+        for region in mem.iter() {
+            MmapRegion::bitmap(region).reset();
+        }
+        let mut done = Vec::new();
+        while done.is_empty() {
+            queue.drain_logged(true, cookie_memory, |f| done.push(f));
+            wait_readable(queue.completion_fd(), std::time::Duration::from_millis(50));
+        }
+        assert_eq!(done[0].status, Status::Ok, "{kind:?}");
+        assert_eq!(dirty_pages(&mem), [6, 7], "{kind:?}: the completed read is dirty after the pass");
     }
 }
