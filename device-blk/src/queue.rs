@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::engine::{Completion, EngineError, IoEngine, IoOp, IOV_MAX};
 use crate::geometry::Geometry;
-use crate::request::{Request, RequestError, RequestKind, Status, ID_BYTES};
+use crate::request::{Request, RequestError, RequestKind, Segment, Status, ID_BYTES};
 use crate::stats::QueueStats;
 
 /// A request the queue is done with.
@@ -31,6 +32,8 @@ pub struct Finished<C> {
 struct Slot<C> {
     cookie: Option<C>,
     iovecs: Vec<libc::iovec>,
+    /// A read's guest segments, marked dirty when it completes (see [`BlockQueue::drain_logged`]).
+    reads: Vec<Segment>,
     expected: u64,
     kind: RequestKind,
     started: Instant,
@@ -78,6 +81,7 @@ impl<C> BlockQueue<C> {
             .map(|_| Slot {
                 cookie: None,
                 iovecs: Vec::with_capacity(16),
+                reads: Vec::with_capacity(16),
                 expected: 0,
                 kind: RequestKind::Flush,
                 started: Instant::now(),
@@ -172,6 +176,11 @@ impl<C> BlockQueue<C> {
         let slot_index = index as usize;
         let slot = &mut self.slots[slot_index];
         slot.iovecs.clear();
+        slot.reads.clear();
+        if request.kind == RequestKind::Read {
+            // Copied, not allocated once warm: the slot's vector keeps its capacity.
+            slot.reads.extend_from_slice(&request.segments);
+        }
         if request.kind.has_data() {
             if let Err(error) = resolve_segments(request, mem, self.buffer_alignment, &mut slot.iovecs) {
                 self.finish_now(request.kind, cookie, Err(error));
@@ -221,15 +230,46 @@ impl<C> BlockQueue<C> {
 
     /// Hand every finished request to `on_finished`: immediate ones first, then the engine's completions.
     /// Clears the completion eventfd.
+    ///
+    /// Marks nothing dirty: for guest memory without a dirty bitmap (a Xen grant mapping, `GuestMemoryMmap<()>`).
+    /// With a bitmap, use [`drain_logged`](BlockQueue::drain_logged).
     pub fn drain(&mut self, on_finished: impl FnMut(Finished<C>)) {
-        self.drain_with(true, on_finished);
+        self.drain_with::<GuestMemoryMmap<()>>(true, None, on_finished);
     }
 
     /// Like [`drain`](BlockQueue::drain), but leave the completion eventfd alone (see
     /// [`IoEngine::reap_ready`]): for pollers, and for event handlers other than the completion eventfd's own,
     /// which then need no system call when nothing has finished.
     pub fn drain_ready(&mut self, on_finished: impl FnMut(Finished<C>)) {
-        self.drain_with(false, on_finished);
+        self.drain_with::<GuestMemoryMmap<()>>(false, None, on_finished);
+    }
+
+    /// Like [`drain`](BlockQueue::drain) (or [`drain_ready`](BlockQueue::drain_ready) if `clear` is false), and
+    /// mark the guest pages each completed read wrote dirty in the bitmap of its memory, `mem_of(&cookie)`,
+    /// before `on_finished` sees it. Everything else the device writes into guest memory (the GET_ID string,
+    /// through [`Bytes`]; the transport's status byte and used ring) goes through `vm-memory`, which marks it.
+    ///
+    /// # Why at completion, not at submission
+    /// The engine writes the data with the guest's pages resolved to host pointers, behind the bitmap's back, at
+    /// some moment between submission and completion. A migrating VMM copies the pages whose bit is set and
+    /// clears the bit, pass after pass, until the last pass with the device stopped (for vhost-user, after
+    /// `GET_VRING_BASE`, which waits for every request in flight). Marking only at submission (where
+    /// cloud-hypervisor's block device marks) is not enough: a pass between submission and the data landing
+    /// copies the stale page and clears the bit, and nothing sets it again. Marking here, after the engine reported the
+    /// data written and before the used ring tells the guest, is right in every case: a pass before this mark
+    /// sees the bit again on the next pass (the page is copied once more, with the data), and the last pass
+    /// comes after every in-flight request has been drained, so after every mark. Reads that failed or came
+    /// short are marked too: the kernel may have written part of the buffer.
+    ///
+    /// Cost: per completed read, one `get_slices` walk and one `mark_dirty` per segment; with a `()` bitmap this
+    /// compiles to the region look-up alone.
+    pub fn drain_logged<M: GuestMemoryBackend>(
+        &mut self,
+        clear: bool,
+        mem_of: fn(&C) -> &M,
+        on_finished: impl FnMut(Finished<C>),
+    ) {
+        self.drain_with(clear, Some(mem_of), on_finished);
     }
 
     /// Whether a drain may hand out something now, judged without a system call where the engine can.
@@ -243,7 +283,12 @@ impl<C> BlockQueue<C> {
         self.engine.clear_completion_signal();
     }
 
-    fn drain_with(&mut self, clear: bool, mut on_finished: impl FnMut(Finished<C>)) {
+    fn drain_with<M: GuestMemoryBackend>(
+        &mut self,
+        clear: bool,
+        mem_of: Option<fn(&C) -> &M>,
+        mut on_finished: impl FnMut(Finished<C>),
+    ) {
         while let Some(f) = self.ready.pop_front() {
             on_finished(f);
         }
@@ -267,6 +312,9 @@ impl<C> BlockQueue<C> {
                 Err(errno) => Err(RequestError::Io { errno }),
             };
             let to_guest = if slot.kind == RequestKind::Read { slot.expected } else { 0 };
+            if let (RequestKind::Read, Some(mem_of)) = (slot.kind, mem_of) {
+                mark_dirty(mem_of(&cookie), &slot.reads);
+            }
             // `token` came from a u32 slot index.
             free.push(u32::try_from(token).unwrap_or(0));
             let done = finished(cookie, outcome.map(|_| to_guest));
@@ -312,6 +360,16 @@ fn finished<C>(cookie: C, result: Result<u64, RequestError>) -> Finished<C> {
             error: None,
         },
         Err(error) => Finished { cookie, status: error.status(), bytes_to_guest: 0, error: Some(error) },
+    }
+}
+
+/// Mark the pages of `segments` dirty in `mem`'s bitmap. A segment (or the part of it) no longer in guest memory
+/// is skipped: there is no page to log.
+fn mark_dirty<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) {
+    for seg in segments {
+        for slice in mem.get_slices(seg.addr, seg.len as usize).map_while(Result::ok) {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
     }
 }
 

@@ -12,11 +12,13 @@
 //! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
 //! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
 
+mod dirty;
 mod poll;
 mod server;
 mod threads;
 mod worker;
 
+pub use dirty::DirtyBitmap;
 pub use server::{Connection, ServeError, VhostUserBlkServer};
 pub use threads::IO_THREAD_NAME;
 pub use worker::{AtomicGuestMemory, BlkVring, GuestMemory};
@@ -247,7 +249,11 @@ impl VhostUserBlkBackend {
             (0..layout.threads).map(|t| ThreadSlot::new(layout.queues_of(t))).collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserBlkBackend {
             config: BlkConfig::new(&geometry, options.num_queues, seg_max),
-            features: device_features(&geometry) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            // LOG_ALL: we log our writes to guest memory (and the used ring) once the frontend gives us a log
+            // (frontends refuse to migrate a VM whose device lacks it).
+            features: device_features(&geometry)
+                | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                | VhostUserVirtioFeatures::LOG_ALL.bits(),
             seg_max: seg_max as usize,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemory::new())),
             disk,
@@ -345,7 +351,11 @@ impl VhostUserBlkBackend {
 }
 
 impl VhostUserBackend for VhostUserBlkBackend {
-    type Bitmap = ();
+    /// The crate's replaceable bitmap behind a cheap check ([`DirtyBitmap`]): `SET_LOG_BASE` points every
+    /// region's bitmap at the frontend's log, and from then on every write into guest memory (read data, see
+    /// [`BlockQueue::drain_logged`](crate::BlockQueue::drain_logged); status bytes, GET_ID strings and the used
+    /// ring, through vm-memory) sets the bits of its pages.
+    type Bitmap = DirtyBitmap;
     type Vring = BlkVring;
 
     fn num_queues(&self) -> usize {
@@ -369,6 +379,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {

@@ -12,6 +12,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::dirty::DirtyBitmap;
 use super::VhostUserBlkOptions;
 use crate::disk::Disk;
 use crate::engine::EngineError;
@@ -19,8 +20,10 @@ use crate::queue::{BlockQueue, Finished};
 use crate::request::Request;
 use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
 
-/// Guest memory as vhost-user-backend maps it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as vhost-user-backend maps it, with the dirty bitmap that logs our writes into the frontend's
+/// log once it sends `SET_LOG_BASE` (live migration, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`); until then a write
+/// costs one flag load (see [`DirtyBitmap`]).
+pub type GuestMemory = GuestMemoryMmap<DirtyBitmap>;
 /// The memory handle the vhost-user handler updates on `SET_MEM_TABLE`/`ADD_MEM_REGION`.
 pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 /// The vring type of our backend.
@@ -344,6 +347,7 @@ impl QueueWorker {
     /// eventfd if `clear`).
     fn answer_finished(&mut self, ring: &mut RingState, used: &mut bool, clear: bool) {
         let index = self.index;
+        // Read data is logged in the drain, before the status byte and the used ring (both logged by vm-memory).
         let answer = |Finished { cookie: Cookie { head, status, mem }, status: result, bytes_to_guest, error }| {
             if let Some(error) = error {
                 tracing::debug!(queue = index, head, %error, "request failed");
@@ -358,11 +362,7 @@ impl QueueWorker {
             add_used(ring, head, len, index);
             *used = true;
         };
-        if clear {
-            self.queue.drain(answer);
-        } else {
-            self.queue.drain_ready(answer);
-        }
+        self.queue.drain_logged(clear, cookie_memory, answer);
     }
 
     fn log_bad_ring(&mut self, error: &virtio_queue::Error) {
@@ -389,6 +389,11 @@ impl QueueWorker {
             tracing::debug!(queue = self.index, head, %error, answered, count = self.malformed, "malformed request");
         }
     }
+}
+
+/// The memory snapshot a request's buffers are in (where its read data is logged dirty).
+fn cookie_memory(cookie: &Cookie) -> &GuestMemory {
+    &cookie.mem
 }
 
 /// Whether the guest published chains not taken yet (one load from the avail ring).

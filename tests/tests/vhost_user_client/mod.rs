@@ -9,6 +9,7 @@
 
 pub mod blk;
 pub mod daemon;
+pub mod frontend;
 pub mod memory;
 pub mod raw;
 
