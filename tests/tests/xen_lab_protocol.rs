@@ -4,6 +4,10 @@
 //!
 //! The dom0 side is `xen_lab_support/protocol-run.sh`, the guests' `/init` is `xen_lab_support/protocol-init`
 //! (put into a copy of the lab's domU initramfs); both report `KEY k=v` lines and judge nothing. Asserted:
+//! * **script**: `block-blkbackd` on hand-written vbds (before the service starts): an earlier attach's error
+//!   node does not fail an add, a second add is a no-op, an image another guest has writable is refused (the same
+//!   VM's second domain may attach it), a 0444 image is not attached writable, the loop device is detached when
+//!   blkbackd never opens it, and `remove` leaves a loop device alone once it backs another attach (diskseq);
 //! * **shape**: 16-page rings (`ring-page-order` 4) and 2 queues negotiated, the guest's two hardware queues
 //!   each carrying I/O; fio crc32c verify at 4 KiB on both queues, at 1 MiB (split by blkfront into 128 KiB
 //!   requests through indirect descriptors), with `fsync=1` (flushes reach the backend), and `blkdiscard`
@@ -80,6 +84,46 @@ fn loops(m: Option<&BTreeMap<String, String>>, field: &str) -> usize {
 fn fio_ok(r: &Report, guest: &str, job: &str) -> (bool, String) {
     let m = r.guest(guest, "fio", &[("job", job)]);
     (m.is_some_and(|m| get(m, "rc") == "0"), format!("{guest}'s fio job {job} passes crc32c verify ({})", show(m)))
+}
+
+fn judge_script(r: &Report, v: &mut Verdict) {
+    let case = |name: &str| r.dom0(&format!("script-{name}"), &[]);
+    let c = case("stale-error");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "0" && get(m, "status") == "connected" && get(m, "error_left") == "0"),
+        format!("block-blkbackd: an error node left by an earlier attach does not fail this one ({})", show(c)),
+    );
+    let c = case("second-add");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "0" && get(m, "status") == "connected") && loops(c, "loops") == 1,
+        format!("block-blkbackd: a second add of a pinned vbd changes nothing and exits 0 ({})", show(c)),
+    );
+    let c = case("shared");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "1" && get(m, "msg").contains("already_attached")) && loops(c, "loops") == 1,
+        format!("block-blkbackd: an image another guest has writable is refused, nothing attached ({})", show(c)),
+    );
+    let c = case("same-vm");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "0" && get(m, "status") == "connected"),
+        format!("block-blkbackd: the same VM's second domain (migration, restore) may attach it ({})", show(c)),
+    );
+    let c = case("readonly-file");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "1" && get(m, "msg").contains("no_write_permission"))
+            && loops(c, "loops") == 0,
+        format!("block-blkbackd: a 0444 image is not attached writable ({})", show(c)),
+    );
+    let c = case("never-opened");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "1") && loops(c, "loops") == 0,
+        format!("block-blkbackd: the loop device is detached when blkbackd never opens it ({})", show(c)),
+    );
+    let c = case("remove-reused");
+    v.expect(
+        c.is_some_and(|m| get(m, "rc") == "0") && loops(c, "loops") == 1,
+        format!("block-blkbackd remove: a loop device that now backs another attach is left alone ({})", show(c)),
+    );
 }
 
 fn judge_shape(r: &Report, v: &mut Verdict) {
@@ -262,6 +306,7 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
         (bin, "blkbackd"),
         (support("../../../scripts/xen/block-blkbackd"), "block-blkbackd"),
         (support("protocol-run.sh"), "protocol-run.sh"),
+        (support("hotplug-script-run.sh"), "hotplug-script-run.sh"),
     ] {
         std::fs::copy(&from, lab.share_bin().join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     }
@@ -275,6 +320,7 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
     let report = Report::parse(&out);
 
     let mut v = Verdict::default();
+    judge_script(&report, &mut v);
     judge_shape(&report, &mut v);
     judge_big(&report, &mut v);
     judge_hotplug(&report, &mut v);

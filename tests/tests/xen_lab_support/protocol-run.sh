@@ -8,7 +8,10 @@
 #   proto-note: ...            progress, for the human reading a failure
 # It asserts nothing itself; the Rust test judges the lines.
 #
-# Phases (PHASES, default "shape hotplug save migrate"):
+# Phases (PHASES, default "script shape big hotplug save migrate"):
+#   script   the hotplug script alone (hotplug-script-run.sh): stale error node, second add, sharing refused,
+#            same VM allowed, read-only file refused, loop device detached when blkbackd never opens it, remove
+#            leaving a loop device that now backs another attach
 #   shape    2 vCPUs, blkfront asked for 2 queues and 16-page rings: the negotiated nodes, the guest's queues,
 #            fio verify at 4 KiB on both queues, at 1 MiB (128 KiB requests: blkfront's default 32 indirect
 #            segments), with fsync=1, and discard; the worker's per-operation counters
@@ -24,7 +27,7 @@ set -u
 
 BIN=${BIN:-/mnt/host/bin/blkbackd}
 SVC_USER=${SVC_USER:-65534:65534}
-PHASES=" ${PHASES:-shape big hotplug save migrate} "
+PHASES=" ${PHASES:-script shape big hotplug save migrate} "
 RAMDISK=/mnt/host/bin/proto-domu.cpio.zst
 SCRIPT=/mnt/host/bin/block-blkbackd
 CTL=/run/blkbackd
@@ -86,6 +89,8 @@ family_sum() { awk -v f="$2" 'index($1, f "{") == 1 { s += $2 } END { print s + 
 vbd_states() { local d; for d in $(xenstore-list /local/domain/0/backend/vbd/$1 2>/dev/null); do echo -n "$d:$(xenstore-read /local/domain/0/backend/vbd/$1/$d/state 2>/dev/null) "; done; }
 
 [ -x "$BIN" ] || { echo "proto-error: $BIN missing"; exit 2; }
+# The hotplug script on hand-written vbds, before the service starts (it would serve them).
+if [[ $PHASES == *" script "* ]]; then SCRIPT=$SCRIPT bash /mnt/host/bin/hotplug-script-run.sh; fi
 note "dom0 $(uname -r); phases:$PHASES"
 mkdir -p $CTL
 : > "$SVC_LOG"
