@@ -19,7 +19,11 @@
 #   5. domUs 1 and 2 must power off by themselves (else `xl destroy`, reported as hung);
 #   6. once domU 3's verify job passed: `xl destroy` it; its worker must be gone within 5 s;
 #   7. SIGTERM to the service: its exit code, and anything left (processes, gntdev mappings, vbds, loop users).
-# Knobs (environment): BIN, SVC_USER, DISK_SIZE, VSIZE1..3, RUNTIME1..3, KILL_DELAY, DOMU_TIMEOUT, CONNECT_TIMEOUT.
+# The service runs with `--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`: once every vbd is
+# Connected and again after the kill (3b, 4), its one endpoint for all guests is fetched with busybox wget
+# (`svc-check: metrics ...`, `svc-check: metrics-after-kill ...`; the texts in $OUT/metrics-*.txt).
+# Knobs (environment): BIN, SVC_USER, DISK_SIZE, VSIZE1..3, RUNTIME1..3, KILL_DELAY, DOMU_TIMEOUT, CONNECT_TIMEOUT,
+# METRICS (the endpoint's address).
 set -u
 . /etc/xenlab/common.sh    # OUT, mkdomcfg, up
 
@@ -34,6 +38,8 @@ CONNECT_TIMEOUT=${CONNECT_TIMEOUT:-150}            # from the first xl create to
 DOMU_TIMEOUT=${DOMU_TIMEOUT:-240}                  # from Connected to domUs 1 and 2 gone
 RESTART_WAIT=${RESTART_WAIT:-10}
 GONE_WAIT=${GONE_WAIT:-5}
+METRICS=${METRICS:-127.0.0.1:9469}
+CONTROL_DIR=/run/blkbackd
 DEVID=51728                                        # xvdb
 BE=/local/domain/0/backend/vbd
 SVC_LOG=$OUT/service.log
@@ -116,6 +122,27 @@ loop_users() {
                                            / -> \/dev\/loop/ { printf "%s:%s ", p, $NF }'
 }
 domid_name() { xl domid "$1" 2>/dev/null; }
+# metrics_check KEY: fetch the service's /metrics once and report what it holds: the distinct domid labels, the
+# HELP lines (each family once: help = help_distinct), blkbackd_xen_workers, how many workers' statistics the
+# scrape has, read requests per guest and worker restarts per guest
+metrics_check() {
+  local key=$1 m rc helps names domids ndom workers ok reads restarts
+  m=$(wget -q -T 10 -O - "http://$METRICS/metrics" 2>"$OUT/metrics-$key.err"); rc=$?
+  printf '%s\n' "$m" > "$OUT/metrics-$key.txt"
+  helps=$(printf '%s\n' "$m" | grep -c '^# HELP ')
+  names=$(printf '%s\n' "$m" | awk '/^# HELP / { print $3 }' | sort -u | grep -c .)
+  domids=$(printf '%s\n' "$m" | grep -o 'domid="[0-9]*"' | tr -dc '0-9\n' | sort -n -u | tr '\n' ',' | sed 's/,$//')
+  ndom=$(printf '%s' "$domids" | tr ',' '\n' | grep -c .)
+  workers=$(printf '%s\n' "$m" | awk '$1 == "blkbackd_xen_workers" { print $2 }')
+  ok=$(printf '%s\n' "$m" | awk '/^blkbackd_xen_worker_scrape_ok\{/ && $2 == 1 { n++ } END { print n + 0 }')
+  reads=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_requests_total\{/ && /op="read"/ {
+      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); r[d] += v[1] } }
+    END { for (d in r) printf "%s:%d,", d, r[d] }')
+  restarts=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_xen_worker_restarts_total\{/ {
+      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); printf "%s:%s,", d, v[1] } }')
+  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) wget_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}]"
+  [ "$rc" = 0 ] || sed 's/^/svc-note: wget: /' "$OUT/metrics-$key.err"
+}
 alive() { xenstore-read "/local/domain/$1/name" >/dev/null 2>&1; }
 console() { tr -d '\r' < "$OUT/console/guest-svc$1.log" 2>/dev/null; }
 
@@ -132,7 +159,8 @@ done
 note "loop devices: ${LOOP[1]} ${LOOP[2]} ${LOOP[3]}"
 
 : > "$SVC_LOG"
-( cd /tmp && exec setsid "$BIN" xen --user "$SVC_USER" ) >> "$SVC_LOG" 2>&1 &
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up    # the metrics endpoint listens on 127.0.0.1
+( cd /tmp && exec setsid "$BIN" xen --user "$SVC_USER" --control-dir "$CONTROL_DIR" --metrics-listen "$METRICS" ) >> "$SVC_LOG" 2>&1 &
 SVC=$!
 trap 'kill -KILL $SVC 2>/dev/null' EXIT
 up_ok=0
@@ -146,7 +174,7 @@ if ! kill -0 $SVC 2>/dev/null; then
   check "service up=0 exited_rc=$rc"; echo "svc-error: the service exited at once (rc=$rc)"; tail -20 "$SVC_LOG"; exit 0
 fi
 sleep 1
-check "service up=1 pid=$SVC log_line=$up_ok cmd=[$BIN xen --user $SVC_USER]$(status_kv $SVC)"
+check "service up=1 pid=$SVC log_line=$up_ok cmd=[$BIN xen --user $SVC_USER --control-dir $CONTROL_DIR --metrics-listen $METRICS]$(status_kv $SVC)"
 status_raw service $SVC
 check "service-threads pid=$SVC seccomp=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^Seccomp:/ { printf "%s", $2 }')] capeff=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^CapEff:/ { printf "%s ", $2 }')]"
 
@@ -208,6 +236,9 @@ for n in $DOMUS; do
 done
 check "rings restricted_total=$restricted_total gntdev_maps_service=$(gntdev_maps /proc/$SVC/maps)"
 
+# ------------------------------------------------------------------ 3b. one metrics endpoint for every guest
+metrics_check metrics
+
 # ------------------------------------------------------------------ 4. kill domU 2's worker during its verify job
 T_V=$(now)
 while ! console 2 | grep -q FIO-VERIFY-START && [ "$(since $T_V | cut -d. -f1)" -lt 120 ] && alive ${DID[2]}; do sleep 0.5; done
@@ -246,6 +277,7 @@ if [ -n "$old" ]; then
   check "vbd-after-kill domu=2 backend_state=$bs frontend_state=$(xenstore-read /local/domain/$d2/device/vbd/$DEVID/state 2>/dev/null || echo gone) after_kill_s=$(since $T_KILL)"
   check "restart-log domu=2 died=$(grep -cE "worker died.*domid=$d2\b" "$SVC_LOG") started=$(grep -cE "worker started.*domid=$d2\b" "$SVC_LOG") closed=$(grep -cE "closed the dead worker's vbd" "$SVC_LOG") answered=$(grep -E "closed the dead worker's vbd" "$SVC_LOG" | sed -n 's/.*answered=\([0-9]*\).*/\1/p' | tail -n1)"
   check "after-kill service_alive=$(kill -0 $SVC 2>/dev/null && echo 1 || echo 0) other_workers=[$(workers | tr '\n' ';')]"
+  metrics_check metrics-after-kill
 else
   check "kill domu=2 domid=${DID[2]} pid=none phase=$phase (no xen-worker process for this guest)"
 fi
