@@ -7,7 +7,7 @@
 //!   effective capability, a seccomp filter (`Seccomp: 2`), `NoNewPrivs: 1`, and io_uring rings registered with
 //!   `IORING_REGISTER_RESTRICTIONS` (`io_uring ring restricted` in the service log);
 //! * one metrics endpoint for every guest (`--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`, fetched
-//!   with busybox wget once every vbd is Connected): each `# HELP` once, the three guests' domids, every worker's
+//!   over bash's /dev/tcp once every vbd is Connected: busybox-static's wget segfaults): each `# HELP` once, the three guests' domids, every worker's
 //!   statistics in the scrape (`blkbackd_xen_worker_scrape_ok` 1 ×3, read requests of each guest),
 //!   `blkbackd_xen_workers` 3; after the kill, `blkbackd_xen_worker_restarts_total` 1 for guest 2;
 //! * guests 1 and 3 pass fio's crc32c verify job;

@@ -20,8 +20,9 @@
 #   6. once domU 3's verify job passed: `xl destroy` it; its worker must be gone within 5 s;
 #   7. SIGTERM to the service: its exit code, and anything left (processes, gntdev mappings, vbds, loop users).
 # The service runs with `--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`: once every vbd is
-# Connected and again after the kill (3b, 4), its one endpoint for all guests is fetched with busybox wget
-# (`svc-check: metrics ...`, `svc-check: metrics-after-kill ...`; the texts in $OUT/metrics-*.txt).
+# Connected and again after the kill (3b, 4), its one endpoint for all guests is fetched (`svc-check: metrics ...`,
+# `svc-check: metrics-after-kill ...`; the texts in $OUT/metrics-*.txt) with bash's /dev/tcp: dom0's HTTP client,
+# busybox-static's wget, dies of SIGSEGV (rc 139) even on 127.0.0.1 (static glibc's resolver; the host's does too).
 # Knobs (environment): BIN, SVC_USER, DISK_SIZE, VSIZE1..3, RUNTIME1..3, KILL_DELAY, DOMU_TIMEOUT, CONNECT_TIMEOUT,
 # METRICS (the endpoint's address).
 set -u
@@ -122,12 +123,23 @@ loop_users() {
                                            / -> \/dev\/loop/ { printf "%s:%s ", p, $NF }'
 }
 domid_name() { xl domid "$1" 2>/dev/null; }
+# http_get HOST:PORT PATH: the body of an HTTP/1.0 GET on stdout; 0 if the answer was 200
+http_get() {
+  local host=${1%:*} port=${1##*:} status line
+  exec 9<>"/dev/tcp/$host/$port" || return 7
+  printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$2" "$1" >&9
+  IFS= read -r -t 10 status <&9 || { exec 9<&-; return 8; }
+  while IFS= read -r -t 10 line <&9 && [ -n "${line%$'\r'}" ]; do :; done    # the headers
+  timeout 15 cat <&9
+  exec 9<&-
+  case "$status" in *" 200 "*) return 0 ;; *) echo "status: $status" >&2; return 9 ;; esac
+}
 # metrics_check KEY: fetch the service's /metrics once and report what it holds: the distinct domid labels, the
 # HELP lines (each family once: help = help_distinct), blkbackd_xen_workers, how many workers' statistics the
 # scrape has, read requests per guest and worker restarts per guest
 metrics_check() {
   local key=$1 m rc helps names domids ndom workers ok reads restarts
-  m=$(wget -q -T 10 -O - "http://$METRICS/metrics" 2>"$OUT/metrics-$key.err"); rc=$?
+  m=$(http_get "$METRICS" /metrics 2>"$OUT/metrics-$key.err"); rc=$?
   printf '%s\n' "$m" > "$OUT/metrics-$key.txt"
   helps=$(printf '%s\n' "$m" | grep -c '^# HELP ')
   names=$(printf '%s\n' "$m" | awk '/^# HELP / { print $3 }' | sort -u | grep -c .)
@@ -140,8 +152,8 @@ metrics_check() {
     END { for (d in r) printf "%s:%d,", d, r[d] }')
   restarts=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_xen_worker_restarts_total\{/ {
       if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); printf "%s:%s,", d, v[1] } }')
-  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) wget_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}]"
-  [ "$rc" = 0 ] || sed 's/^/svc-note: wget: /' "$OUT/metrics-$key.err"
+  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) http_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}]"
+  [ "$rc" = 0 ] || sed 's/^/svc-note: http_get: /' "$OUT/metrics-$key.err"
 }
 alive() { xenstore-read "/local/domain/$1/name" >/dev/null 2>&1; }
 console() { tr -d '\r' < "$OUT/console/guest-svc$1.log" 2>/dev/null; }
