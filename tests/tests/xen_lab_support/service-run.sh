@@ -275,6 +275,8 @@ if [ -n "$old" ]; then
     started_cs $new
     check "restart domu=2 old=$old new=$new after_s=$seen started_after_s=${STARTED:+$(secs $((STARTED - K)))}$(status_kv $new)"
     status_raw "restarted worker domu=2" "$new"
+    # at once: the guest powers off some seconds later (its I/O failed), and its series go with its vbds
+    metrics_check metrics-after-kill
   else
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
   fi
@@ -289,7 +291,6 @@ if [ -n "$old" ]; then
   check "vbd-after-kill domu=2 backend_state=$bs frontend_state=$(xenstore-read /local/domain/$d2/device/vbd/$DEVID/state 2>/dev/null || echo gone) after_kill_s=$(since $T_KILL)"
   check "restart-log domu=2 died=$(grep -cE "worker died.*domid=$d2\b" "$SVC_LOG") started=$(grep -cE "worker started.*domid=$d2\b" "$SVC_LOG") closed=$(grep -cE "closed the dead worker's vbd" "$SVC_LOG") answered=$(grep -E "closed the dead worker's vbd" "$SVC_LOG" | sed -n 's/.*answered=\([0-9]*\).*/\1/p' | tail -n1)"
   check "after-kill service_alive=$(kill -0 $SVC 2>/dev/null && echo 1 || echo 0) other_workers=[$(workers | tr '\n' ';')]"
-  metrics_check metrics-after-kill
 else
   check "kill domu=2 domid=${DID[2]} pid=none phase=$phase (no xen-worker process for this guest)"
 fi
