@@ -285,6 +285,13 @@ pub struct XenArgs {
     /// creates the socket when the worker starts and removes it when it ends).
     #[arg(long, value_name = "DIR")]
     pub control_dir: Option<PathBuf>,
+    /// One Prometheus endpoint for every guest: `GET /metrics` on IP:PORT (e.g. 127.0.0.1:9469) or a Unix socket
+    /// path, answered by the supervisor with every worker's statistics (read through `--control-dir`'s sockets,
+    /// which it therefore requires: 2 s and 1 MiB at most per worker, checked and merged) and its own series
+    /// (`blkbackd_xen_workers`, `blkbackd_xen_vbds`, `blkbackd_xen_worker_restarts_total`). Off by default; the
+    /// packaged unit has no network: see the README for the drop-in that allows it.
+    #[arg(long, value_name = "ADDR", requires = "control_dir", conflicts_with = "cleanup")]
+    pub metrics_listen: Option<crate::metrics_http::MetricsAddr>,
     /// Do not serve: move every vbd of domain D to Closed with an `error` node (for a hotplug script or a
     /// service manager after a blkbackd died), then exit.
     #[arg(long, value_name = "D", conflicts_with = "frontend_domid")]

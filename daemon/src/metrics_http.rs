@@ -1,5 +1,6 @@
 //! `--metrics-listen ADDR`: the Prometheus endpoint. A tiny HTTP/1.1 server on a thread of its own: `GET /metrics`
-//! answers the registry's text exposition (`text/plain; version=0.0.4`), anything else 404. One request per
+//! answers the text exposition (`text/plain; version=0.0.4`) of a registry (`blkbackd vhost-user`) or of any
+//! [`Render`] function (`blkbackd xen`: every guest's worker, merged by `xen::metrics`), anything else 404. One request per
 //! connection, answered in turn; a request is bounded in size and in time (as a whole, not per read), so a slow
 //! or silent client holds the thread for [`REQUEST_DEADLINE`] at most. Like the control socket it only reads the
 //! queues' atomic counters, never the I/O path.
@@ -27,6 +28,9 @@ const MAX_REQUEST: usize = 4096;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What `GET /metrics` answers: the whole text exposition, rendered at each request on the endpoint's thread.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Where the endpoint listens: `IP:PORT` or the path of a Unix socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,14 +73,19 @@ enum Listener {
 pub struct MetricsServer {
     /// Where it listens (with the port the kernel chose for port 0).
     pub address: MetricsAddr,
-    pending: Option<(Listener, Arc<Registry>)>,
+    pending: Option<(Listener, Render)>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MetricsServer {
-    /// Bind `addr` (before the lock-down: creating a socket is not allowed afterwards).
+    /// Bind `addr` (before the lock-down: creating a socket is not allowed afterwards) to serve `registry`.
     pub fn bind(addr: &MetricsAddr, registry: Arc<Registry>) -> anyhow::Result<MetricsServer> {
+        Self::bind_with(addr, Arc::new(move || registry.render_prometheus()))
+    }
+
+    /// Bind `addr` to serve what `render` returns.
+    pub fn bind_with(addr: &MetricsAddr, render: Render) -> anyhow::Result<MetricsServer> {
         let context = || format!("cannot listen on --metrics-listen {addr}");
         let (listener, address) = match addr {
             MetricsAddr::Tcp(tcp) => {
@@ -99,7 +108,7 @@ impl MetricsServer {
         };
         Ok(MetricsServer {
             address,
-            pending: Some((listener, registry)),
+            pending: Some((listener, render)),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
         })
@@ -107,11 +116,11 @@ impl MetricsServer {
 
     /// Start serving on a thread of its own (once; later calls do nothing).
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let Some((listener, registry)) = self.pending.take() else { return Ok(()) };
+        let Some((listener, render)) = self.pending.take() else { return Ok(()) };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || serve(&listener, &registry, &stop))
+            .spawn(move || serve(&listener, render.as_ref(), &stop))
             .context("spawning the metrics thread")?;
         self.thread = Some(thread);
         tracing::info!(address = %self.address, "metrics endpoint listening (GET /metrics)");
@@ -131,7 +140,7 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(listener: &Listener, registry: &Registry, stop: &AtomicBool) {
+fn serve(listener: &Listener, render: &(dyn Fn() -> String + Send + Sync), stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let accepted = match listener {
             Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
@@ -145,7 +154,7 @@ fn serve(listener: &Listener, registry: &Registry, stop: &AtomicBool) {
         };
         match accepted {
             Ok(mut conn) => {
-                if let Err(error) = answer(conn.as_mut(), registry) {
+                if let Err(error) = answer(conn.as_mut(), render) {
                     tracing::debug!(%error, "metrics request failed");
                 }
             }
@@ -177,9 +186,9 @@ impl Conn for UnixStream {
     }
 }
 
-fn answer(conn: &mut dyn Conn, registry: &Registry) -> io::Result<()> {
+fn answer(conn: &mut dyn Conn, render: &(dyn Fn() -> String + Send + Sync)) -> io::Result<()> {
     let (status, body) = match read_head(conn)? {
-        Head::Complete(head) => route(&head, registry),
+        Head::Complete(head) => route(&head, render),
         Head::TooLarge => ("431 Request Header Fields Too Large", "request head too large\n".to_string()),
     };
     conn.timeouts(REQUEST_DEADLINE, REQUEST_DEADLINE)?;
@@ -224,14 +233,12 @@ fn read_head(conn: &mut dyn Conn) -> io::Result<Head> {
 }
 
 /// The answer to a request head: `GET /metrics` (with or without a query string) or 404.
-fn route(head: &str, registry: &Registry) -> (&'static str, String) {
+fn route(head: &str, render: &(dyn Fn() -> String + Send + Sync)) -> (&'static str, String) {
     let mut words = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target, version) = (words.next(), words.next(), words.next());
     let path = target.map(|t| t.split('?').next().unwrap_or_default());
     match (method, path, version) {
-        (Some("GET"), Some("/metrics"), Some(v)) if v.starts_with("HTTP/1.") => {
-            ("200 OK", registry.render_prometheus())
-        }
+        (Some("GET"), Some("/metrics"), Some(v)) if v.starts_with("HTTP/1.") => ("200 OK", render()),
         _ => ("404 Not Found", "not found: the metrics are at GET /metrics\n".to_string()),
     }
 }

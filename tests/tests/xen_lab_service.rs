@@ -6,6 +6,10 @@
 //! * three worker processes (`blkbackd xen-worker --domid D`), one per guest, each with a uid other than 0, no
 //!   effective capability, a seccomp filter (`Seccomp: 2`), `NoNewPrivs: 1`, and io_uring rings registered with
 //!   `IORING_REGISTER_RESTRICTIONS` (`io_uring ring restricted` in the service log);
+//! * one metrics endpoint for every guest (`--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`, fetched
+//!   over bash's /dev/tcp once every vbd is Connected: busybox-static's wget segfaults): each `# HELP` once, the three guests' domids, every worker's
+//!   statistics in the scrape (`blkbackd_xen_worker_scrape_ok` 1 ×3, read requests of each guest),
+//!   `blkbackd_xen_workers` 3; after the kill, `blkbackd_xen_worker_restarts_total` 1 for guest 2;
 //! * guests 1 and 3 pass fio's crc32c verify job;
 //! * SIGKILL to guest 2's worker during its verify job: the supervisor starts a new worker for guest 2 within
 //!   5 s; guest 2's fio passes or fails with I/O errors, but the guest powers off by itself (no hung domU);
@@ -17,7 +21,7 @@
 //! without the lab script. Lab work dir: `/tmp/xen-lab-service` (`XENLAB_DIR`); QEMU gets 3 GiB for the three
 //! 384 MiB guests next to the 1 GiB dom0. 3.5 minutes on 2 idle cores (7.5 with two other builds running).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -239,6 +243,54 @@ impl Verdict {
     }
 }
 
+/// The `[a,b,c]` list of a field, split on commas.
+fn list<'a>(m: &'a BTreeMap<String, String>, k: &str) -> Vec<&'a str> {
+    get(m, k).trim_matches(|c| c == '[' || c == ']').split(',').filter(|s| !s.is_empty()).collect()
+}
+
+/// `blkbackd xen --metrics-listen`: one endpoint for the three guests, and the restart seen through it.
+fn judge_metrics(report: &Report, v: &mut Verdict) {
+    let guests: BTreeSet<&str> =
+        report.checks.iter().filter(|(k, _)| k == "created").map(|(_, m)| get(m, "domid")).collect();
+    let Some(m) = report.check("metrics", None).filter(|m| get(m, "fetched") == "1") else {
+        v.expect(false, format!("GET /metrics answered ({:?})", report.check("metrics", None)));
+        return;
+    };
+    v.expect(true, format!("GET /metrics answered ({} bytes)", get(m, "bytes")));
+    let labelled: BTreeSet<&str> = list(m, "domid_list").into_iter().collect();
+    v.expect(
+        guests.len() == 3 && labelled == guests,
+        format!("the metrics name the three guests' domids (labels {labelled:?}, guests {guests:?})"),
+    );
+    let (help, distinct) = (get(m, "help"), get(m, "help_distinct"));
+    v.expect(
+        help == distinct && help.parse::<u32>().is_ok_and(|n| n >= 12),
+        format!("each family's # HELP once, every guest's samples under it ({help} HELP lines, {distinct} families)"),
+    );
+    v.expect(get(m, "workers") == "3", format!("blkbackd_xen_workers 3 (got {})", get(m, "workers")));
+    v.expect(
+        get(m, "scrape_ok") == "3",
+        format!("every worker's statistics are in the scrape (scrape_ok 1 for {} of 3)", get(m, "scrape_ok")),
+    );
+    let read_by: BTreeSet<&str> = list(m, "reads").iter().filter_map(|r| r.split(':').next()).collect();
+    v.expect(
+        read_by == guests,
+        format!("each guest's worker samples (blkbackd_requests_total op=read) are merged: {}", get(m, "reads")),
+    );
+    let killed = report.check("created", Some("2")).map(|c| get(c, "domid"));
+    if report.check("kill", Some("2")).is_some_and(|k| get(k, "pid") != "none") {
+        let after = report.check("metrics-after-kill", None);
+        let restarts = after.map(|a| list(a, "restarts")).unwrap_or_default();
+        v.expect(
+            after.is_some_and(|a| get(a, "fetched") == "1")
+                && killed.is_some_and(|d| restarts.contains(&format!("{d}:1").as_str())),
+            format!(
+                "after the kill, blkbackd_xen_worker_restarts_total is 1 for domU 2 (domid {killed:?}: {restarts:?})"
+            ),
+        );
+    }
+}
+
 fn judge(report: &Report, v: &mut Verdict) {
     let service = report.check("service", None);
     v.expect(service.is_some_and(|m| get(m, "up") == "1"), "the service starts and stays up");
@@ -282,6 +334,8 @@ fn judge(report: &Report, v: &mut Verdict) {
             ),
         );
     }
+
+    judge_metrics(report, v);
 
     // SIGKILL of domU 2's worker: a new worker, and domU 2 ends by itself.
     let kill = report.check("kill", Some("2"));

@@ -10,6 +10,9 @@
 //! on the rings with an I/O error, so the guest's I/O fails instead of hanging.
 
 pub mod cleanup;
+pub mod metrics;
+mod process;
+pub mod scrape;
 pub mod supervisor;
 pub mod worker;
 

@@ -17,14 +17,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,8 @@ use transport_xen::xenbus::device::LocalDiskOpener;
 use transport_xen::xenbus::{close_vbd_failing_io, VbdPaths, XenbusState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::metrics::{FleetView, SharedFleet};
+use super::process::{child_setup, pidfd_open, restricted_evtchn, signal, wait_readable};
 use crate::cli::{value_name, LogFormat, XenArgs};
 use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
@@ -67,6 +68,10 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
     }
     crate::sandbox::restrict_supervisor()?;
+    // Bound now (a taken address fails before anything else), served once the signals are taken.
+    let fleet = SharedFleet::default();
+    let mut metrics =
+        args.metrics_listen.as_ref().map(|addr| super::metrics::endpoint(addr, Arc::clone(&fleet))).transpose()?;
     let notifier = Notifier::from_env().context("systemd readiness (NOTIFY_SOCKET)")?;
     let exe = std::env::current_exe().context("finding blkbackd's own executable to start workers")?;
     let store = Arc::new(super::open_store()?);
@@ -84,6 +89,9 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
     drop(GntDev::open().map_err(|e| anyhow!("cannot map guest grants: {e} (is xen-gntdev loaded?)"))?);
     drop(EvtchnDevice::open().map_err(|e| anyhow!("cannot bind event channels: {e} (is xen-evtchn loaded?)"))?);
     shutdown.listen().context("cannot set up signal handling")?;
+    if let Some(metrics) = &mut metrics {
+        metrics.start()?;
+    }
     let mut worker_args = vec![
         "--log-format".to_string(),
         value_name(log_format),
@@ -107,6 +115,9 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         control_dir: args.control_dir.clone(),
         workers: BTreeMap::new(),
         restarts: BTreeMap::new(),
+        vbds: BTreeMap::new(),
+        restart_totals: BTreeMap::new(),
+        fleet: metrics.is_some().then_some(fleet),
         given_up: BTreeSet::new(),
         cleaning: BTreeSet::new(),
         cleanup_done: (done_tx, done_rx),
@@ -148,6 +159,12 @@ struct Service {
     control_dir: Option<PathBuf>,
     workers: BTreeMap<DomId, Worker>,
     restarts: BTreeMap<DomId, VecDeque<Instant>>,
+    /// The vbds of each guest in scope that has any (as of the last look at it).
+    vbds: BTreeMap<DomId, usize>,
+    /// Each guest's worker deaths not asked for, while it has vbds (for the metrics).
+    restart_totals: BTreeMap<DomId, u64>,
+    /// What the metrics endpoint reads (`--metrics-listen`), published after each round.
+    fleet: Option<SharedFleet>,
     given_up: BTreeSet<DomId>,
     /// Guests whose dead worker's vbds are being closed (no worker is started meanwhile).
     cleaning: BTreeSet<DomId>,
@@ -173,6 +190,7 @@ impl Service {
             if all { self.reconcile(None) } else { self.reconcile(Some(&dirty)) }
                 .context("xenstore connection lost")?;
             (all, dirty) = (false, BTreeSet::new());
+            self.publish();
             if self.workers.len() != before {
                 let _ = notifier.status(&format!("serving {} guest(s)", self.workers.len()));
             }
@@ -216,15 +234,27 @@ impl Service {
         domid != 0 && (self.scope.is_empty() || self.scope.contains(&domid))
     }
 
-    /// Of `candidates`, the guests in scope that have vbds.
-    fn with_vbds(&self, candidates: impl IntoIterator<Item = DomId>) -> Result<BTreeSet<DomId>, XenError> {
-        let mut guests = BTreeSet::new();
+    /// Of `candidates`, the guests in scope that have vbds, with how many.
+    fn with_vbds(&self, candidates: impl IntoIterator<Item = DomId>) -> Result<BTreeMap<DomId, usize>, XenError> {
+        let mut guests = BTreeMap::new();
         for domid in candidates.into_iter().filter(|&d| self.in_scope(d)) {
-            if !vbds_of(&*self.store, &self.domain_path, domid)?.is_empty() {
-                guests.insert(domid);
+            let n = vbds_of(&*self.store, &self.domain_path, domid)?.len();
+            if n > 0 {
+                guests.insert(domid, n);
             }
         }
         Ok(guests)
+    }
+
+    /// Tell the metrics endpoint (if any) what the workers are now.
+    fn publish(&self) {
+        let Some(fleet) = &self.fleet else { return };
+        let view = FleetView {
+            workers: self.workers.keys().filter_map(|&d| Some((d, self.control_path(d)?))).collect(),
+            vbds: self.vbds.clone(),
+            restarts: self.restart_totals.clone(),
+        };
+        *fleet.lock().unwrap_or_else(PoisonError::into_inner) = view;
     }
 
     /// Start the workers that are missing, stop those whose guest has no vbd left: of every guest (`None`: lists
@@ -242,8 +272,11 @@ impl Service {
             }
         };
         let looked_at = |domid: &DomId| only.is_none_or(|only| only.contains(domid));
-        self.given_up.retain(|domid| !looked_at(domid) || guests.contains(domid));
-        for &domid in &guests {
+        self.given_up.retain(|domid| !looked_at(domid) || guests.contains_key(domid));
+        self.restart_totals.retain(|domid, _| !looked_at(domid) || guests.contains_key(domid));
+        self.vbds.retain(|domid, _| !looked_at(domid));
+        self.vbds.extend(&guests);
+        for &domid in guests.keys() {
             if self.workers.contains_key(&domid) || self.given_up.contains(&domid) || self.cleaning.contains(&domid) {
                 continue;
             }
@@ -256,7 +289,7 @@ impl Service {
             }
         }
         for (domid, worker) in &mut self.workers {
-            if looked_at(domid) && !guests.contains(domid) && worker.stopping.is_none() {
+            if looked_at(domid) && !guests.contains_key(domid) && worker.stopping.is_none() {
                 tracing::info!(domid, pid = worker.child.id(), "the guest has no vbd left: stopping its worker");
                 signal(&worker.child, libc::SIGTERM);
                 worker.stopping = Some(Instant::now());
@@ -304,6 +337,7 @@ impl Service {
                 domid, pid, %status, signal = status.signal(),
                 "worker died: closing its connected vbds (their I/O fails) and starting a new one"
             );
+            *self.restart_totals.entry(domid).or_default() += 1;
             let recent = self.restarts.entry(domid).or_default();
             recent.retain(|t| t.elapsed() < RESTART_WINDOW);
             recent.push_back(Instant::now());
@@ -441,33 +475,6 @@ fn touched(root: &str, path: &str, has_worker: impl Fn(DomId) -> bool) -> Touche
     }
 }
 
-/// In the child, before exec: the channel at descriptor 3 (inheritable), a process group of its own, SIGTERM
-/// when the supervisor dies.
-fn child_setup(channel: RawFd, supervisor: libc::pid_t) -> std::io::Result<()> {
-    let check = |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
-    // SAFETY: plain system calls on integers.
-    unsafe {
-        if channel == 3 {
-            check(libc::fcntl(3, libc::F_SETFD, 0))?;
-        } else {
-            check(libc::dup2(channel, 3))?;
-        }
-        check(libc::setpgid(0, 0))?;
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM))?;
-        if libc::getppid() != supervisor {
-            return Err(std::io::Error::other("the supervisor is gone"));
-        }
-    }
-    Ok(())
-}
-
-/// A new event-channel handle that can only bind to `domid`'s ports.
-fn restricted_evtchn(domid: DomId) -> Result<std::fs::File, XenError> {
-    let device = EvtchnDevice::open()?;
-    device.restrict_domid(domid)?;
-    Ok(device.into_file())
-}
-
 /// Close the vbds of `domid` whose rings a (dead) worker served, answering what their rings still hold with an
 /// I/O error; vbds still in the handshake are left for the next worker.
 fn close_connected_vbds(store: &dyn XenStore, domain_path: &str, domid: DomId) {
@@ -491,40 +498,6 @@ fn close_connected_vbds(store: &dyn XenStore, domain_path: &str, domid: DomId) {
             Err(e) => tracing::warn!(vbd = %id, error = %e, "cannot close the dead worker's vbd"),
         }
     }
-}
-
-fn signal(child: &Child, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill with a pid we spawned and have not reaped yet (so it cannot have been reused).
-        unsafe { libc::kill(pid, signal) };
-    }
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: a fresh descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `poll(2)` until one of `fds` is readable or `timeout` passes.
-fn wait_readable(fds: &[RawFd], timeout: Duration) -> std::io::Result<()> {
-    let mut pollfds: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pollfds` is a valid array of `pollfds.len()` entries for the duration of the call.
-    let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
-    if rc < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -19,7 +19,12 @@
 #   5. domUs 1 and 2 must power off by themselves (else `xl destroy`, reported as hung);
 #   6. once domU 3's verify job passed: `xl destroy` it; its worker must be gone within 5 s;
 #   7. SIGTERM to the service: its exit code, and anything left (processes, gntdev mappings, vbds, loop users).
-# Knobs (environment): BIN, SVC_USER, DISK_SIZE, VSIZE1..3, RUNTIME1..3, KILL_DELAY, DOMU_TIMEOUT, CONNECT_TIMEOUT.
+# The service runs with `--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`: once every vbd is
+# Connected and again after the kill (3b, 4), its one endpoint for all guests is fetched (`svc-check: metrics ...`,
+# `svc-check: metrics-after-kill ...`; the texts in $OUT/metrics-*.txt) with bash's /dev/tcp: dom0's HTTP client,
+# busybox-static's wget, dies of SIGSEGV (rc 139) even on 127.0.0.1 (static glibc's resolver; the host's does too).
+# Knobs (environment): BIN, SVC_USER, DISK_SIZE, VSIZE1..3, RUNTIME1..3, KILL_DELAY, DOMU_TIMEOUT, CONNECT_TIMEOUT,
+# METRICS (the endpoint's address).
 set -u
 . /etc/xenlab/common.sh    # OUT, mkdomcfg, up
 
@@ -34,6 +39,8 @@ CONNECT_TIMEOUT=${CONNECT_TIMEOUT:-150}            # from the first xl create to
 DOMU_TIMEOUT=${DOMU_TIMEOUT:-240}                  # from Connected to domUs 1 and 2 gone
 RESTART_WAIT=${RESTART_WAIT:-10}
 GONE_WAIT=${GONE_WAIT:-5}
+METRICS=${METRICS:-127.0.0.1:9469}
+CONTROL_DIR=/run/blkbackd
 DEVID=51728                                        # xvdb
 BE=/local/domain/0/backend/vbd
 SVC_LOG=$OUT/service.log
@@ -116,6 +123,38 @@ loop_users() {
                                            / -> \/dev\/loop/ { printf "%s:%s ", p, $NF }'
 }
 domid_name() { xl domid "$1" 2>/dev/null; }
+# http_get HOST:PORT PATH: the body of an HTTP/1.0 GET on stdout; 0 if the answer was 200
+http_get() {
+  local host=${1%:*} port=${1##*:} status line
+  exec 9<>"/dev/tcp/$host/$port" || return 7
+  printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$2" "$1" >&9
+  IFS= read -r -t 10 status <&9 || { exec 9<&-; return 8; }
+  while IFS= read -r -t 10 line <&9 && [ -n "${line%$'\r'}" ]; do :; done    # the headers
+  timeout 15 cat <&9
+  exec 9<&-
+  case "$status" in *" 200 "*) return 0 ;; *) echo "status: $status" >&2; return 9 ;; esac
+}
+# metrics_check KEY: fetch the service's /metrics once and report what it holds: the distinct domid labels, the
+# HELP lines (each family once: help = help_distinct), blkbackd_xen_workers, how many workers' statistics the
+# scrape has, read requests per guest and worker restarts per guest
+metrics_check() {
+  local key=$1 m rc helps names domids ndom workers ok reads restarts
+  m=$(http_get "$METRICS" /metrics 2>"$OUT/metrics-$key.err"); rc=$?
+  printf '%s\n' "$m" > "$OUT/metrics-$key.txt"
+  helps=$(printf '%s\n' "$m" | grep -c '^# HELP ')
+  names=$(printf '%s\n' "$m" | awk '/^# HELP / { print $3 }' | sort -u | grep -c .)
+  domids=$(printf '%s\n' "$m" | grep -o 'domid="[0-9]*"' | tr -dc '0-9\n' | sort -n -u | tr '\n' ',' | sed 's/,$//')
+  ndom=$(printf '%s' "$domids" | tr ',' '\n' | grep -c .)
+  workers=$(printf '%s\n' "$m" | awk '$1 == "blkbackd_xen_workers" { print $2 }')
+  ok=$(printf '%s\n' "$m" | awk '/^blkbackd_xen_worker_scrape_ok\{/ && $2 == 1 { n++ } END { print n + 0 }')
+  reads=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_requests_total\{/ && /op="read"/ {
+      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); r[d] += v[1] } }
+    END { for (d in r) printf "%s:%d,", d, r[d] }')
+  restarts=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_xen_worker_restarts_total\{/ {
+      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); printf "%s:%s,", d, v[1] } }')
+  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) http_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}]"
+  [ "$rc" = 0 ] || sed 's/^/svc-note: http_get: /' "$OUT/metrics-$key.err"
+}
 alive() { xenstore-read "/local/domain/$1/name" >/dev/null 2>&1; }
 console() { tr -d '\r' < "$OUT/console/guest-svc$1.log" 2>/dev/null; }
 
@@ -132,7 +171,8 @@ done
 note "loop devices: ${LOOP[1]} ${LOOP[2]} ${LOOP[3]}"
 
 : > "$SVC_LOG"
-( cd /tmp && exec setsid "$BIN" xen --user "$SVC_USER" ) >> "$SVC_LOG" 2>&1 &
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up    # the metrics endpoint listens on 127.0.0.1
+( cd /tmp && exec setsid "$BIN" xen --user "$SVC_USER" --control-dir "$CONTROL_DIR" --metrics-listen "$METRICS" ) >> "$SVC_LOG" 2>&1 &
 SVC=$!
 trap 'kill -KILL $SVC 2>/dev/null' EXIT
 up_ok=0
@@ -146,7 +186,7 @@ if ! kill -0 $SVC 2>/dev/null; then
   check "service up=0 exited_rc=$rc"; echo "svc-error: the service exited at once (rc=$rc)"; tail -20 "$SVC_LOG"; exit 0
 fi
 sleep 1
-check "service up=1 pid=$SVC log_line=$up_ok cmd=[$BIN xen --user $SVC_USER]$(status_kv $SVC)"
+check "service up=1 pid=$SVC log_line=$up_ok cmd=[$BIN xen --user $SVC_USER --control-dir $CONTROL_DIR --metrics-listen $METRICS]$(status_kv $SVC)"
 status_raw service $SVC
 check "service-threads pid=$SVC seccomp=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^Seccomp:/ { printf "%s", $2 }')] capeff=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^CapEff:/ { printf "%s ", $2 }')]"
 
@@ -208,6 +248,9 @@ for n in $DOMUS; do
 done
 check "rings restricted_total=$restricted_total gntdev_maps_service=$(gntdev_maps /proc/$SVC/maps)"
 
+# ------------------------------------------------------------------ 3b. one metrics endpoint for every guest
+metrics_check metrics
+
 # ------------------------------------------------------------------ 4. kill domU 2's worker during its verify job
 T_V=$(now)
 while ! console 2 | grep -q FIO-VERIFY-START && [ "$(since $T_V | cut -d. -f1)" -lt 120 ] && alive ${DID[2]}; do sleep 0.5; done
@@ -232,6 +275,8 @@ if [ -n "$old" ]; then
     started_cs $new
     check "restart domu=2 old=$old new=$new after_s=$seen started_after_s=${STARTED:+$(secs $((STARTED - K)))}$(status_kv $new)"
     status_raw "restarted worker domu=2" "$new"
+    # at once: the guest powers off some seconds later (its I/O failed), and its series go with its vbds
+    metrics_check metrics-after-kill
   else
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
   fi
