@@ -21,10 +21,13 @@
 //! without the lab script. Lab work dir: `/tmp/xen-lab-service` (`XENLAB_DIR`); QEMU gets 3 GiB for the three
 //! 384 MiB guests next to the 1 GiB dom0. 3.5 minutes on 2 idle cores (7.5 with two other builds running).
 
+mod xen_lab_support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
+
+use xen_lab_support::lab::{fields, get, number, release_blkbackd, support, tail, why_skip, Lab, Verdict};
 
 const LAB_DIR: &str = "/tmp/xen-lab-service";
 /// Most seconds a guest may wait for its worker's replacement (noticing the death, answering what the dead
@@ -33,150 +36,6 @@ const LAB_DIR: &str = "/tmp/xen-lab-service";
 const RESTART_MAX_S: f64 = 15.0;
 /// Most seconds a destroyed guest's worker may outlive `xl destroy` (the bound).
 const GONE_MAX_S: f64 = 5.0;
-
-fn lab_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xen-lab/xen-lab")
-}
-
-fn support(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen_lab_support").join(name)
-}
-
-fn why_skip() -> Option<String> {
-    if std::env::var("BLKBACKD_SKIP_XEN_LAB").as_deref() == Ok("1") {
-        return Some("BLKBACKD_SKIP_XEN_LAB=1".to_string());
-    }
-    // SAFETY: geteuid only reads the caller's credentials.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (QEMU, loop devices)".to_string());
-    }
-    let script = lab_script();
-    if !script.is_file() {
-        return Some(format!("no lab script at {}", script.display()));
-    }
-    None
-}
-
-/// The running lab; stopping it (QEMU killed) when dropped, whatever happened.
-#[derive(Debug)]
-struct Lab {
-    dir: PathBuf,
-}
-
-impl Lab {
-    fn xen_lab(&self, args: &[&str]) -> (bool, String) {
-        let started = Instant::now();
-        let out = Command::new("bash")
-            .arg(lab_script())
-            .args(args)
-            .env("XENLAB_DIR", &self.dir)
-            .env("XENLAB_MEM", "3072")
-            .env("XENLAB_EXEC_TIMEOUT", "480")
-            .output()
-            .expect("cannot run the xen-lab script");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        eprintln!("xen-lab {} -> {} in {:.0?}", args.first().copied().unwrap_or(""), out.status, started.elapsed());
-        (out.status.success(), text)
-    }
-
-    fn out(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join("share/out").join(name)).unwrap_or_else(|e| format!("({name}: {e})"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.xen_lab(&["stop"]);
-    }
-}
-
-/// QEMU processes of other labs (the machine runs one lab at a time: two make both too slow to judge).
-fn other_labs() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter_map(|e| {
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            // (An exiting QEMU, a zombie, has an empty command line.)
-            (comm.trim() == "qemu-system-x86" && !cmdline.trim().is_empty() && !cmdline.contains(LAB_DIR)).then(|| {
-                format!("pid {}: {}", e.file_name().to_string_lossy(), cmdline.chars().take(120).collect::<String>())
-            })
-        })
-        .collect()
-}
-
-/// Wait (up to `BLKBACKD_XEN_LAB_WAIT_S`, default 900 s) for other labs to end.
-fn wait_for_other_labs() {
-    let limit = std::env::var("BLKBACKD_XEN_LAB_WAIT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(900);
-    let started = Instant::now();
-    for round in 0u64.. {
-        let others = other_labs();
-        if others.is_empty() {
-            return;
-        }
-        if started.elapsed().as_secs() >= limit {
-            eprintln!(
-                "another lab still runs after {limit} s; going ahead (expect slow timings):\n{}",
-                others.join("\n")
-            );
-            return;
-        }
-        if round.is_multiple_of(12) {
-            eprintln!("waiting for another lab to end: {}", others.join("; "));
-        }
-        std::thread::sleep(std::time::Duration::from_secs(5));
-    }
-}
-
-/// The release blkbackd of this workspace, built now (its target dir is the one this test was built in).
-fn release_blkbackd() -> PathBuf {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "blkbackd", "--bin", "blkbackd"])
-        .env("CARGO_TARGET_DIR", &target)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cannot run cargo build");
-    assert!(status.success(), "cargo build --release -p blkbackd failed");
-    let bin = target.join("release/blkbackd");
-    assert!(bin.is_file(), "{} missing after the build", bin.display());
-    bin
-}
-
-/// `KEY k=v k=[a b] ...` after a prefix: the key and its fields (a `[...]` value may hold spaces).
-fn fields(rest: &str) -> (String, BTreeMap<String, String>) {
-    let mut words = rest.split_whitespace();
-    let key = words.next().unwrap_or_default().to_string();
-    let mut map = BTreeMap::new();
-    let mut pending: Option<(String, String)> = None;
-    for word in words {
-        if let Some((k, mut v)) = pending.take() {
-            v.push(' ');
-            v.push_str(word);
-            if word.ends_with(']') {
-                map.insert(k, v);
-            } else {
-                pending = Some((k, v));
-            }
-            continue;
-        }
-        if let Some((k, v)) = word.split_once('=') {
-            if v.starts_with('[') && !v.ends_with(']') {
-                pending = Some((k.to_string(), v.to_string()));
-            } else {
-                map.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    if let Some((k, v)) = pending {
-        map.insert(k, v);
-    }
-    (key, map)
-}
 
 /// Every `svc-check:` / `svc-result:` line of the run.
 #[derive(Debug, Default)]
@@ -208,38 +67,6 @@ impl Report {
 
     fn result(&self, domu: &str) -> Option<&BTreeMap<String, String>> {
         self.results.iter().find(|m| m.get("domu").map(String::as_str) == Some(domu))
-    }
-}
-
-fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
-    m.get(k).map_or("", String::as_str)
-}
-
-fn seconds(m: &BTreeMap<String, String>, k: &str) -> Option<f64> {
-    m.get(k).and_then(|v| v.parse().ok())
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Assertions collected rather than stopping at the first, so one run says everything that is wrong.
-#[derive(Debug, Default)]
-struct Verdict {
-    failed: Vec<String>,
-    passed: Vec<String>,
-}
-
-impl Verdict {
-    fn expect(&mut self, ok: bool, what: impl Into<String>) {
-        let what = what.into();
-        eprintln!("{} {what}", if ok { "PASS" } else { "FAIL" });
-        if ok {
-            self.passed.push(what)
-        } else {
-            self.failed.push(what)
-        }
     }
 }
 
@@ -352,7 +179,7 @@ fn judge(report: &Report, v: &mut Verdict) {
     // When the new worker really started (its /proc start time), not when the dom0 script, slowed by a loaded
     // TCG dom0, happened to see it.
     let restart = report.check("restart", Some("2"));
-    let restart_s = restart.and_then(|m| seconds(m, "started_after_s").or_else(|| seconds(m, "after_s")));
+    let restart_s = restart.and_then(|m| number(m, "started_after_s").or_else(|| number(m, "after_s")));
     v.expect(
         restart.is_some_and(|m| get(m, "new") != "none") && restart_s.is_some_and(|s| s <= RESTART_MAX_S),
         format!(
@@ -442,7 +269,7 @@ fn judge(report: &Report, v: &mut Verdict) {
     }
     let d = report.check("destroy", Some("3"));
     v.expect(
-        d.is_some_and(|m| get(m, "worker") != "none" && seconds(m, "worker_gone_s").is_some_and(|s| s <= GONE_MAX_S)),
+        d.is_some_and(|m| get(m, "worker") != "none" && number(m, "worker_gone_s").is_some_and(|s| s <= GONE_MAX_S)),
         format!(
             "xl destroy of domU 3: its worker gone within {GONE_MAX_S} s ({})",
             d.map(|m| format!("{m:?}")).unwrap_or_else(|| "no destroy check".into())
@@ -478,9 +305,8 @@ fn blkbackd_service_runs_one_confined_worker_per_guest() {
         return;
     }
     let started = Instant::now();
-    let lab = Lab { dir: PathBuf::from(LAB_DIR) };
-    let bin_dir = lab.dir.join("share/bin");
-    std::fs::create_dir_all(&bin_dir).expect("create the lab share");
+    let lab = Lab::new(LAB_DIR, 3072);
+    let bin_dir = lab.share_bin();
     if !Path::new("/boot/xen-4.17-amd64.gz").exists() || !Path::new("/usr/bin/qemu-system-x86_64").exists() {
         let (ok, out) = lab.xen_lab(&["setup"]);
         assert!(ok, "xen-lab setup failed:\n{}", tail(&out, 30));
@@ -490,7 +316,7 @@ fn blkbackd_service_runs_one_confined_worker_per_guest() {
     std::fs::copy(support("service-run.sh"), bin_dir.join("service-run.sh")).expect("copy service-run.sh");
 
     let _ = lab.xen_lab(&["stop"]); // a stale QEMU of an earlier, interrupted run
-    wait_for_other_labs();
+    lab.wait_for_other_labs();
     let waited = started.elapsed();
     let (ok, out) = lab.xen_lab(&["boot", "--no-blkback"]);
     assert!(ok, "xen-lab boot failed:\n{}", tail(&out, 30));
@@ -500,7 +326,7 @@ fn blkbackd_service_runs_one_confined_worker_per_guest() {
 
     let (ok, out) = lab.xen_lab(&["exec", "bash /mnt/host/bin/service-run.sh"]);
     let ran = started.elapsed() - booted - waited;
-    let others = other_labs();
+    let others = lab.other_labs();
     if !others.is_empty() {
         eprintln!("NOTE: another lab ran next to this one (timings are not representative): {}", others.join("; "));
     }

@@ -1,6 +1,8 @@
 //! What the real-Xen lab tests share: the lab script (`../shared/xen-lab`), when to skip, a lab that is stopped
 //! when dropped, waiting for another lab on the machine, the release binary, and the `KEY k=v ...` report lines
 //! the dom0 scripts print.
+// Each lab test binary uses a part of this module.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,7 +86,7 @@ impl Lab {
     }
 
     /// QEMU processes of other labs (the machine runs one lab at a time: two make both too slow to judge).
-    fn other_labs(&self) -> Vec<String> {
+    pub fn other_labs(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
         let ours = self.dir.to_string_lossy().into_owned();
         entries
