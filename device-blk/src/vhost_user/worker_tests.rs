@@ -284,7 +284,10 @@ impl ChainStorm {
         let used_total = Arc::new(AtomicU64::new(0));
         let (q, total) = (Arc::clone(&quit), Arc::clone(&used_total));
         let thread = std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            // Runs until dropped (also when the test panics: the storm is dropped while unwinding). The bound only
+            // keeps a thread from outliving a wedged test; it was 5 s, which eight settled rounds on two loaded
+            // CPUs can exceed: the storm then stopped publishing and a later round "took nothing".
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
             let idx = |base: GuestAddress| base.unchecked_add(2);
             let mut published: u16 = mem.load(idx(avail), Ordering::Acquire).expect("avail idx");
             let mut last_used: u16 = mem.load(idx(used), Ordering::Acquire).expect("used idx");
