@@ -60,6 +60,8 @@ pub struct BlockQueue<C> {
     batch_started: Option<Instant>,
     /// Alignment host buffers need (the engine's, from the disk's direct-I/O memory alignment).
     buffer_alignment: usize,
+    /// Keep each read's guest segments for [`drain_logged`](BlockQueue::drain_logged) ([`log_reads`](BlockQueue::log_reads)).
+    log_reads: bool,
     stats: Arc<QueueStats>,
 }
 
@@ -92,6 +94,7 @@ impl<C> BlockQueue<C> {
         BlockQueue {
             geometry,
             capacity: None,
+            log_reads: false,
             serial,
             engine,
             slots,
@@ -114,6 +117,13 @@ impl<C> BlockQueue<C> {
     /// ([`Disk::capacity_handle`](crate::Disk::capacity_handle)); read once per request.
     pub fn follow_capacity(mut self, capacity: Arc<AtomicU64>) -> Self {
         self.capacity = Some(capacity);
+        self
+    }
+
+    /// Keep each read's guest segments until it completes, so that [`drain_logged`](Self::drain_logged) can mark
+    /// the pages it wrote dirty. Only for guest memory with a dirty bitmap: without it a read costs no copy.
+    pub fn log_reads(mut self) -> Self {
+        self.log_reads = true;
         self
     }
 
@@ -177,7 +187,7 @@ impl<C> BlockQueue<C> {
         let slot = &mut self.slots[slot_index];
         slot.iovecs.clear();
         slot.reads.clear();
-        if request.kind == RequestKind::Read {
+        if self.log_reads && request.kind == RequestKind::Read {
             // Copied, not allocated once warm: the slot's vector keeps its capacity.
             slot.reads.extend_from_slice(&request.segments);
         }
@@ -246,7 +256,7 @@ impl<C> BlockQueue<C> {
 
     /// Like [`drain`](BlockQueue::drain) (or [`drain_ready`](BlockQueue::drain_ready) if `clear` is false), and
     /// mark the guest pages each completed read wrote dirty in the bitmap of its memory, `mem_of(&cookie)`,
-    /// before `on_finished` sees it. Everything else the device writes into guest memory (the GET_ID string,
+    /// before `on_finished` sees it. The queue must have been built with [`log_reads`](Self::log_reads). Everything else the device writes into guest memory (the GET_ID string,
     /// through [`Bytes`]; the transport's status byte and used ring) goes through `vm-memory`, which marks it.
     ///
     /// # Why at completion, not at submission
@@ -269,6 +279,7 @@ impl<C> BlockQueue<C> {
         mem_of: fn(&C) -> &M,
         on_finished: impl FnMut(Finished<C>),
     ) {
+        debug_assert!(self.log_reads, "drain_logged on a queue built without log_reads: no read is marked");
         self.drain_with(clear, Some(mem_of), on_finished);
     }
 

@@ -73,7 +73,7 @@ fn reads_and_get_id_dirty_exactly_the_pages_they_write() {
     let disk = open(&image(dir.path(), "disk.img", &pattern(1 << 20, 3)), false);
     for kind in ENGINES {
         let mem = bitmap_memory();
-        let mut queue: BlockQueue<Cookie> = queue(&disk, kind, 16);
+        let mut queue: BlockQueue<Cookie> = queue(&disk, kind, 16).log_reads();
         let requests = [
             // 8 KiB into pages 2 and 3.
             data_request(RequestKind::Read, 0, &[(2 * PAGE, 8192)]),
@@ -109,7 +109,7 @@ fn a_pass_between_submission_and_completion_does_not_lose_the_read() {
     let disk = open(&image(dir.path(), "disk.img", &pattern(1 << 20, 5)), false);
     for kind in ENGINES {
         let mem = bitmap_memory();
-        let mut queue: BlockQueue<Cookie> = queue(&disk, kind, 4);
+        let mut queue: BlockQueue<Cookie> = queue(&disk, kind, 4).log_reads();
         let read = data_request(RequestKind::Read, 8, &[(6 * PAGE, 8192)]);
         // SAFETY: the cookie holds an `Arc` of `mem`, which stays mapped until the cookie is drained.
         let submitted = unsafe { queue.submit(&read, &*mem, Cookie { id: 0, mem: Arc::clone(&mem) }) };

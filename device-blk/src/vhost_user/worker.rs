@@ -72,7 +72,7 @@ impl QueueWorker {
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,
-            queue: BlockQueue::new(*disk.geometry(), options.serial, engine),
+            queue: BlockQueue::new(*disk.geometry(), options.serial, engine).log_reads(),
             request: Request::with_capacity(),
             seg_max,
             blocked: false,
