@@ -95,9 +95,11 @@ pub enum Command {
         blkbackd stats --control /run/blkbackd/vm1.ctl --prometheus")]
     Stats(StatsArgs),
     /// Make a running blkbackd look at its disks' sizes now, and tell its guests about a disk that grew (Xen:
-    /// new `sectors`, as Linux blkback does; a Xen worker also looks every second by itself).
-    #[command(after_help = "Example:\n  \
-        truncate -s +10G /srv/vm7.img && blkbackd resize --control /run/blkbackd-xen/dom7.ctl")]
+    /// new `sectors`, as Linux blkback does; vhost-user: the config-change message). Both also look every second
+    /// by themselves.
+    #[command(after_help = "Examples:\n  \
+        truncate -s +10G /srv/vm7.img && blkbackd resize --control /run/blkbackd-xen/dom7.ctl\n  \
+        lvextend -L +10G vg/vm1 && blkbackd resize --control /run/blkbackd/vm1.ctl")]
     Resize(ResizeArgs),
     /// Write the man pages (blkbackd.1, blkbackd-<subcommand>.1) into DIR (for packaging).
     #[command(hide = true)]

@@ -129,9 +129,7 @@ fn answer(stream: UnixStream, registry: &Registry, resize: Option<&ResizeHook>) 
         "stats prometheus" => registry.render_prometheus(),
         "resize" => match resize {
             Some(hook) => format!("{}\n", hook()),
-            None => "error: resizing is not supported here: over vhost-user the guest would have to be told with \
-                     the config-change message, which the vhost crate this build uses cannot send yet\n"
-                .to_string(),
+            None => "error: resizing is not supported here: this daemon serves no disk of its own\n".to_string(),
         },
         other => format!("error: unknown request {other:?} (expected `stats`, `stats prometheus` or `resize`)\n"),
     };
@@ -178,7 +176,7 @@ mod tests {
         let without = dir.path().join("without.ctl");
         let mut server = ControlServer::bind(&without, Registry::new()).expect("bind");
         server.start().expect("start");
-        let e = resize(&without).expect_err("no resize over vhost-user");
+        let e = resize(&without).expect_err("no resize hook");
         assert!(e.to_string().contains("not supported"), "{e}");
     }
 }

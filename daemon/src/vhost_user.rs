@@ -1,6 +1,7 @@
 //! `blkbackd vhost-user`: serve a disk to one vhost-user-blk frontend after another.
 
 mod listen;
+mod resize;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -77,8 +78,10 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     sandbox::lock_down(Role::VhostUser, args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
     if let Some(control) = &mut control {
+        control.set_resize(resize::control_hook(server.resize_handle()));
         control.start()?;
     }
+    let _size_watcher = resize::spawn_watcher(server.resize_handle(), Arc::clone(shutdown))?;
     if let Some(metrics) = &mut metrics {
         metrics.start()?;
     }

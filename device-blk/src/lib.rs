@@ -67,4 +67,6 @@ pub use geometry::Geometry;
 pub use queue::{BlockQueue, Finished};
 pub use request::{DiskRange, Request, RequestError, RequestKind, Segment, Status, ID_BYTES, MAX_SEGMENTS};
 pub use units::{BlockSize, Sector, SECTOR_SIZE};
-pub use vhost_user::{Connection, VhostUserBlkBackend, VhostUserBlkOptions, VhostUserBlkServer};
+pub use vhost_user::{
+    Connection, ResizeHandle, ResizeOutcome, VhostUserBlkBackend, VhostUserBlkOptions, VhostUserBlkServer,
+};

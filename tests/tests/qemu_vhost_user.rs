@@ -6,9 +6,12 @@
 //!    verifies every block, then the guest reboots: QEMU resets the device on the same vhost-user connection (it
 //!    stops the vrings, and starts them again with features negotiated anew when the next kernel's driver loads);
 //! 2. QEMU 1, boot 2: a verify-only pass over region 1 (the data outlived the reset), then write + verify region 2,
-//!    power off: QEMU exits and the connection closes;
-//! 3. QEMU 2 (a new process, a new connection to the same daemon), boot 3: verify-only over regions 1 and 2 (the
-//!    data outlived the reconnect), write + verify region 3, power off.
+//!    during which the host grows the image by 16 MiB and runs `blkbackd resize` (live resize: blkbackd sends
+//!    QEMU the config-change message, QEMU re-reads the capacity and interrupts the guest, whose
+//!    `/sys/block/vda/size` must grow while fio runs); then write + verify region 5, past the old end; power off:
+//!    QEMU exits and the connection closes;
+//! 3. QEMU 2 (a new process, a new connection to the same daemon), boot 3: verify-only over regions 1, 2 and 5
+//!    (the data outlived the reconnect), write + verify region 3, power off.
 //!
 //!    While fio writes region 3, blkbackd is restarted (SIGTERM, a new process on the same socket) and QEMU
 //!    reconnects (`reconnect-ms`) with the guest's I/O in flight: the old daemon answers every request in flight
@@ -39,8 +42,10 @@ use std::time::{Duration, Instant};
 use vhost_user_client::daemon::{blkbackd, PROCESS_TIMEOUT};
 use vhost_user_client::Daemon;
 
-/// The guest disk: three 16 MiB fio regions, the host's mailbox block at 56 MiB, the stage marker at 60 MiB.
+/// The guest disk: three 16 MiB fio regions, the host's mailbox block at 56 MiB, the stage marker at 60 MiB; grown
+/// by 16 MiB in boot 2 (region 5 lies there).
 const DISK_MIB: u64 = 64;
+const GROW_MIB: u64 = 16;
 const MBOX_MIB: u64 = 56;
 const MARK_MIB: u64 = 60;
 /// A QEMU run that takes longer than this hangs (a run takes 15 to 40 s).
@@ -251,7 +256,7 @@ impl Qemu {
             .arg("-append")
             .arg(format!(
                 "console=ttyS0 quiet panic=-1 blkt.qemu={run} blkt.restart={} \
-                 blkt.mark_mib={MARK_MIB} blkt.mbox_mib={MBOX_MIB}",
+                 blkt.mark_mib={MARK_MIB} blkt.mbox_mib={MBOX_MIB} blkt.grow_mib={GROW_MIB}",
                 u8::from(restart)
             ))
             .arg("-serial")
@@ -268,9 +273,11 @@ impl Qemu {
         std::fs::read(&self.console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
-    /// Wait for QEMU to exit (the guest powers off), calling `restart` once when the guest asks for it. A guest
-    /// that fails or panics gets a few seconds to print and power off, then QEMU is killed; so is one that hangs.
-    fn wait(&mut self, daemon: &mut Daemon, mut restart: Option<&dyn Fn(&mut Daemon)>) -> ExitStatus {
+    /// Wait for QEMU to exit (the guest powers off), calling each hook once when the guest prints its line. A
+    /// guest that fails or panics gets a few seconds to print and power off, then QEMU is killed; so is one that
+    /// hangs.
+    fn wait(&mut self, daemon: &mut Daemon, hooks: &[Hook<'_>]) -> ExitStatus {
+        let mut called = vec![false; hooks.len()];
         let start = Instant::now();
         let mut failed_at: Option<Instant> = None;
         let (mut milestones, mut progress_at) = (0, Instant::now());
@@ -283,9 +290,10 @@ impl Qemu {
             if seen > milestones {
                 (milestones, progress_at) = (seen, Instant::now());
             }
-            if console.contains("BLKT-RESTART-DAEMON") {
-                if let Some(restart) = restart.take() {
-                    restart(daemon);
+            for ((line, hook), called) in hooks.iter().zip(called.iter_mut()) {
+                if !*called && console.contains(line) {
+                    *called = true;
+                    hook(daemon);
                 }
             }
             if failed_at.is_none() && (console.contains("BLKT-FAIL") || console.contains("Kernel panic")) {
@@ -361,8 +369,16 @@ fn wait_log_count(daemon: &Daemon, line: &str, count: usize) {
     assert_eq!(seen, count, "blkbackd logged {line:?} {seen} times, want {count}:\n{}", tail(&daemon.stderr(), 30));
 }
 
-/// Run one QEMU process to its end; asserts it exited 0 and the guest passed every boot in `boots`. `restart` is
-/// called when the guest prints `BLKT-RESTART-DAEMON`.
+/// What the host does when the guest prints a line: (the line, the action).
+type Hook<'a> = (&'static str, &'a dyn Fn(&mut Daemon));
+
+/// The guest's request for a daemon restart (boot 3).
+const RESTART_LINE: &str = "BLKT-RESTART-DAEMON";
+/// The guest's request to grow the disk (boot 2).
+const GROW_LINE: &str = "BLKT-GROW-DISK";
+
+/// Run one QEMU process to its end; asserts it exited 0, the guest passed every boot in `boots` and printed the
+/// line of every hook (each hook is called when it does).
 fn run_qemu(
     dir: &Path,
     kver: &str,
@@ -370,13 +386,14 @@ fn run_qemu(
     daemon: &mut Daemon,
     run: u32,
     boots: &[u32],
-    restart: Option<&dyn Fn(&mut Daemon)>,
+    hooks: &[Hook<'_>],
 ) -> Duration {
     let start = Instant::now();
-    let mut qemu = Qemu::start(dir, kver, initrd, &daemon.socket, run, restart.is_some());
-    let status = qemu.wait(daemon, restart);
-    if restart.is_some() {
-        assert!(qemu.console().contains("BLKT-RESTART-DAEMON"), "the guest never asked for the restart");
+    let restart = hooks.iter().any(|(line, _)| *line == RESTART_LINE);
+    let mut qemu = Qemu::start(dir, kver, initrd, &daemon.socket, run, restart);
+    let status = qemu.wait(daemon, hooks);
+    for (line, _) in hooks {
+        assert!(qemu.console().contains(line), "the guest never printed {line}\n{}", qemu.report(daemon));
     }
     let took = start.elapsed();
     let console = qemu.console();
@@ -417,8 +434,24 @@ fn scenario(restart: bool) {
     let control_arg = control.to_str().expect("UTF-8 path");
     let mut daemon = Daemon::start(&socket, &disk, &["--queues", "2", "--control", control_arg]);
 
-    // QEMU 1: boot 1, a guest reboot (device reset on the same connection), boot 2, power off.
-    let first = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 1, &[1, 2], None);
+    // QEMU 1: boot 1, a guest reboot (device reset on the same connection), boot 2 (the disk grows), power off.
+    let grow_disk = |daemon: &mut Daemon| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.set_len((DISK_MIB + GROW_MIB) << 20))
+            .expect("grow the disk image");
+        let out = Command::new(blkbackd()).args(["resize", "--control"]).arg(&control).output().expect("resize");
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "blkbackd resize failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("blkbackd resize: {}", answer.trim());
+        // The daemon's own once-a-second check may have seen the growth first; either way it told QEMU.
+        wait_log_count(daemon, "the frontend was told and reads the new capacity", 1);
+    };
+    let first = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 1, &[1, 2], &[(GROW_LINE, &grow_disk)]);
+    let console = std::fs::read_to_string(dir.path().join("console-1.log")).unwrap_or_default();
+    let grown = format!("BLKT-GROWN sectors={} ", (DISK_MIB + GROW_MIB) << 11);
+    assert!(console.contains(&grown), "the guest did not report {grown:?}");
     wait_log_count(&daemon, "vhost-user frontend disconnected", 1);
     wait_log_count(&daemon, "vhost-user frontend connected", 1);
     let after_first = queue_bytes(&control);
@@ -458,7 +491,7 @@ fn scenario(restart: bool) {
         restart_took.set(start.elapsed());
     };
     let second = if restart {
-        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], Some(&restart_daemon));
+        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], &[(RESTART_LINE, &restart_daemon)]);
         wait_log_count(&daemon, "vhost-user frontend disconnected", 1);
         wait_log_count(&daemon, "vhost-user frontend connected", 1);
         let after_restart = queue_bytes(&control2);
@@ -467,7 +500,7 @@ fn scenario(restart: bool) {
         }
         second
     } else {
-        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], None);
+        let second = run_qemu(dir.path(), &kver, &initrd, &mut daemon, 2, &[3], &[]);
         wait_log_count(&daemon, "vhost-user frontend disconnected", 2);
         wait_log_count(&daemon, "vhost-user frontend connected", 2);
         let after_second = queue_bytes(&control);

@@ -317,6 +317,8 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
     let errors = match role {
         Role::VhostUser => {
             process(&mut rules, true)?;
+            // The size of a block-device disk, read again when it may have grown.
+            rules.arg_in(libc::SYS_ioctl, 1, &[BLKGETSIZE64])?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
         Role::XenGuest => {

@@ -12,14 +12,16 @@
 //! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
 //! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
 
+mod config_change;
 mod dirty;
 mod poll;
 mod server;
 mod threads;
 mod worker;
 
+pub use config_change::ChannelError;
 pub use dirty::DirtyBitmap;
-pub use server::{Connection, ServeError, VhostUserBlkServer};
+pub use server::{Connection, ResizeHandle, ResizeOutcome, ServeError, VhostUserBlkServer};
 pub use threads::IO_THREAD_NAME;
 pub use worker::{AtomicGuestMemory, BlkVring, GuestMemory};
 
@@ -30,6 +32,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vm_memory::GuestMemoryAtomic;
 
@@ -40,6 +43,7 @@ use crate::disk::Disk;
 use crate::engine::{Batching, EngineKind};
 use crate::request::ID_BYTES;
 use crate::virtio::{device_features, seg_max_for, BlkConfig};
+use config_change::{BackendChannel, KnownSockets};
 use threads::{Event, HandlerRegistrar, Layout, Registrar, ThreadSlot};
 use worker::QueueWorker;
 
@@ -222,6 +226,10 @@ pub struct VhostUserBlkBackend {
     registrars: OnceLock<Vec<Box<dyn Registrar>>>,
     /// Set by [`shutdown`](Self::shutdown): kicks are ignored, no chain is popped any more.
     stopping: AtomicBool,
+    /// The unnamed socket pairs the process had before the frontend connected (to tell its channel apart).
+    known_sockets: KnownSockets,
+    /// The frontend's channel for back-end requests (config-change messages), once given and identified.
+    backend_channel: Mutex<Result<BackendChannel, ChannelError>>,
 }
 
 impl std::fmt::Debug for VhostUserBlkBackend {
@@ -263,6 +271,8 @@ impl VhostUserBlkBackend {
             threads,
             registrars: OnceLock::new(),
             stopping: AtomicBool::new(false),
+            known_sockets: KnownSockets::now(),
+            backend_channel: Mutex::new(Err(ChannelError::NotGiven)),
         })
     }
 
@@ -271,9 +281,21 @@ impl VhostUserBlkBackend {
         self.mem.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The device configuration.
-    pub fn config(&self) -> &BlkConfig {
-        &self.config
+    /// The device configuration, with the disk's capacity as it is now (it grows with the disk).
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig { capacity: self.disk.capacity().0, ..self.config }
+    }
+
+    /// Tell the frontend that the configuration changed (the disk grew): it reads the configuration space again
+    /// and interrupts the guest, whose driver reads the new capacity. Fails when the frontend gave no back-end
+    /// request channel or it broke; the frontend then sees the new size when it next reads the configuration
+    /// (at the latest when it reconnects).
+    pub fn announce_config_change(&self) -> Result<(), ChannelError> {
+        let channel = self.backend_channel.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*channel {
+            Ok(channel) => channel.send_config_change(),
+            Err(e) => Err(ChannelError::Unusable(e.to_string())),
+        }
     }
 
     /// Hand over the daemon's epoll handlers (one per I/O thread), so that workers can register their engine's
@@ -380,6 +402,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn reset_device(&self) {
@@ -392,7 +415,18 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config.read(offset, size)
+        self.config().read(offset, size)
+    }
+
+    fn set_backend_req_fd(&self, handle: Backend) {
+        let mut channel = self.backend_channel.lock().unwrap_or_else(PoisonError::into_inner);
+        // A channel given earlier on this connection closes first, so that it is not taken for the new one.
+        *channel = Err(ChannelError::NotGiven);
+        *channel = BackendChannel::identify(handle, &self.known_sockets);
+        match &*channel {
+            Ok(c) => tracing::debug!(channel = ?c, "the frontend gave a back-end request channel"),
+            Err(error) => tracing::warn!(%error, "the disk's growth cannot be announced to this frontend"),
+        }
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {

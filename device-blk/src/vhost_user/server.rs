@@ -1,12 +1,12 @@
 //! Serving a disk to one vhost-user frontend after another on a listening socket.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 
-use super::{OptionsError, VhostUserBlkBackend, VhostUserBlkOptions};
-use crate::disk::Disk;
+use super::{config_change, ChannelError, OptionsError, VhostUserBlkBackend, VhostUserBlkOptions};
+use crate::disk::{Disk, DiskError, SizeChange};
 
 /// A vhost-user failure, with the library's message (its error type carries no `std::error::Error`).
 #[derive(Debug, thiserror::Error)]
@@ -27,13 +27,22 @@ pub enum ServeError {
 pub struct VhostUserBlkServer {
     disk: Arc<Disk>,
     options: VhostUserBlkOptions,
+    /// The device of the frontend connected now, if any (for [`ResizeHandle`]).
+    current: Arc<Mutex<Weak<VhostUserBlkBackend>>>,
 }
 
 impl VhostUserBlkServer {
     /// A server for `disk`.
     pub fn new(disk: Arc<Disk>, options: VhostUserBlkOptions) -> Result<Self, OptionsError> {
         options.validate()?;
-        Ok(VhostUserBlkServer { disk, options })
+        // Read while the process may still ask (before a daemon locks its system calls down).
+        config_change::scan_limit();
+        Ok(VhostUserBlkServer { disk, options, current: Arc::new(Mutex::new(Weak::new())) })
+    }
+
+    /// A handle that looks at the disk's size again and tells the connected frontend when it grew.
+    pub fn resize_handle(&self) -> ResizeHandle {
+        ResizeHandle { disk: Arc::clone(&self.disk), current: Arc::clone(&self.current) }
     }
 
     /// The disk served.
@@ -55,6 +64,7 @@ impl VhostUserBlkServer {
         let daemon =
             VhostUserDaemon::new("blkbackd-vhost-user".to_string(), Arc::clone(&backend), backend.guest_memory())
                 .map_err(|e| ServeError::Setup(e.to_string()))?;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(&backend);
         let mut connection = Connection { daemon, backend, finished: false };
         connection
             .backend
@@ -122,5 +132,127 @@ impl Drop for Connection {
             let _ = self.daemon.wait();
             self.finish();
         }
+    }
+}
+
+/// Looks at the served disk's size again (a file extended, a loop device re-read with `losetup -c`, a logical
+/// volume extended) and announces growth to the connected frontend ([`VhostUserBlkServer::resize_handle`]).
+#[derive(Clone, Debug)]
+pub struct ResizeHandle {
+    disk: Arc<Disk>,
+    current: Arc<Mutex<Weak<VhostUserBlkBackend>>>,
+}
+
+/// What a [`ResizeHandle::check`] found and did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ResizeOutcome {
+    /// The size is what the device already serves.
+    Unchanged(SizeChange),
+    /// The disk grew and the connected frontend was told (it reads the new capacity).
+    Announced(SizeChange),
+    /// The disk grew; no frontend is connected (the next one reads the new capacity).
+    NoFrontend(SizeChange),
+    /// The disk grew and the device serves the new size, but the frontend could not be told: it sees the new
+    /// size when it next reads the configuration (at the latest when it reconnects).
+    NotAnnounced(SizeChange, ChannelError),
+}
+
+impl std::fmt::Display for ResizeOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let grew = |f: &mut std::fmt::Formatter<'_>, change: &SizeChange| match change {
+            SizeChange::Grown { from, to } => write!(f, "the disk grew from {} to {} sectors", from.0, to.0),
+            SizeChange::Unchanged(size) => write!(f, "the disk's size is unchanged: {} sectors", size.0),
+        };
+        match self {
+            ResizeOutcome::Unchanged(change) => grew(f, change),
+            ResizeOutcome::Announced(change) => {
+                grew(f, change)?;
+                f.write_str("; the frontend was told and reads the new capacity")
+            }
+            ResizeOutcome::NoFrontend(change) => {
+                grew(f, change)?;
+                f.write_str("; no frontend is connected (the next one sees the new capacity)")
+            }
+            ResizeOutcome::NotAnnounced(change, error) => {
+                grew(f, change)?;
+                write!(f, "; the frontend could not be told ({error}): it sees the new capacity when it reconnects")
+            }
+        }
+    }
+}
+
+impl ResizeHandle {
+    /// Read the disk's size; if it grew, serve the new size and tell the connected frontend. A disk that shrank
+    /// is refused ([`DiskError::Shrunk`]) and the old size stays in force.
+    pub fn check(&self) -> Result<ResizeOutcome, DiskError> {
+        let change = self.disk.refresh_size()?;
+        if matches!(change, SizeChange::Unchanged(_)) {
+            return Ok(ResizeOutcome::Unchanged(change));
+        }
+        let backend = self.current.lock().unwrap_or_else(PoisonError::into_inner).upgrade();
+        let outcome = match backend {
+            None => ResizeOutcome::NoFrontend(change),
+            Some(backend) => match backend.announce_config_change() {
+                Ok(()) => ResizeOutcome::Announced(change),
+                Err(error) => ResizeOutcome::NotAnnounced(change, error),
+            },
+        };
+        tracing::info!(outcome = %outcome, "disk size checked");
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use crate::units::Sector;
+
+    #[test]
+    fn growth_is_served_and_reported_and_a_shrink_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 8192]).expect("write");
+        let disk = Arc::new(Disk::open(&path, &DiskOptions::default()).expect("open"));
+        let server = VhostUserBlkServer::new(Arc::clone(&disk), VhostUserBlkOptions::new([0; 20])).expect("server");
+        let handle = server.resize_handle();
+        assert!(matches!(handle.check(), Ok(ResizeOutcome::Unchanged(SizeChange::Unchanged(Sector(16))))));
+
+        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open for writing");
+        file.set_len(16384).expect("grow");
+        let outcome = handle.check().expect("grown");
+        let grown = SizeChange::Grown { from: Sector(16), to: Sector(32) };
+        assert!(matches!(outcome, ResizeOutcome::NoFrontend(c) if c == grown), "{outcome}");
+        assert_eq!(
+            outcome.to_string(),
+            "the disk grew from 16 to 32 sectors; no frontend is connected (the next one sees the new capacity)"
+        );
+        // A device made now (the next frontend's) has the new capacity in its configuration space.
+        let device = VhostUserBlkBackend::new(Arc::clone(&disk), VhostUserBlkOptions::new([0; 20])).expect("device");
+        assert_eq!(device.config().capacity, 32);
+        // With a device but no channel from its frontend, the growth is served and the reason given.
+        *server.current.lock().expect("lock") = Arc::downgrade(&Arc::new(device));
+        file.set_len(8192).expect("shrink");
+        let err = handle.check().expect_err("a shrink is refused");
+        assert!(matches!(err, DiskError::Shrunk { .. }), "{err}");
+        assert_eq!(disk.capacity(), Sector(32), "the size served stays");
+    }
+
+    #[test]
+    fn a_device_whose_frontend_gave_no_channel_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 8192]).expect("write");
+        let disk = Arc::new(Disk::open(&path, &DiskOptions::default()).expect("open"));
+        let server = VhostUserBlkServer::new(Arc::clone(&disk), VhostUserBlkOptions::new([0; 20])).expect("server");
+        let device =
+            Arc::new(VhostUserBlkBackend::new(Arc::clone(&disk), VhostUserBlkOptions::new([0; 20])).expect("device"));
+        *server.current.lock().expect("lock") = Arc::downgrade(&device);
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(12288)).expect("grow");
+        let outcome = server.resize_handle().check().expect("grown");
+        assert!(matches!(outcome, ResizeOutcome::NotAnnounced(_, ChannelError::Unusable(_))), "{outcome}");
+        assert!(outcome.to_string().contains("no back-end request channel"), "{outcome}");
+        assert_eq!(device.config().capacity, 24);
     }
 }

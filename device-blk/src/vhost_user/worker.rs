@@ -72,7 +72,9 @@ impl QueueWorker {
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,
-            queue: BlockQueue::new(*disk.geometry(), options.serial, engine).log_reads(),
+            queue: BlockQueue::new(*disk.geometry(), options.serial, engine)
+                .follow_capacity(disk.capacity_handle())
+                .log_reads(),
             request: Request::with_capacity(),
             seg_max,
             blocked: false,
