@@ -175,6 +175,8 @@ pub struct VbdBackend {
     error: Option<Fatal>,
     /// Take over a vbd a previous backend served (probe it in any state), until the first reconcile.
     adopt: bool,
+    /// Taken over from a previous backend process that had opened the device (`opened` was 1).
+    held_before: bool,
     /// This round found the directory re-created: [`reconcile`](Self::reconcile) starts over.
     recreated: bool,
 }
@@ -211,6 +213,7 @@ impl VbdBackend {
             connection: None,
             error: None,
             adopt: false,
+            held_before: false,
             recreated: false,
         }
     }
@@ -426,6 +429,7 @@ impl VbdBackend {
             Ok(Some(opened)) => opened,
             Err(fatal) => {
                 self.failed_device_nodes = Some(nodes);
+                let fatal = self.explain_lost_device(fatal);
                 self.fatal(fatal);
                 return Ok(());
             }
@@ -608,6 +612,7 @@ impl VbdBackend {
         self.seen_device_nodes = None;
         self.failed_device_nodes = None;
         self.error = None;
+        self.held_before = false;
     }
 }
 

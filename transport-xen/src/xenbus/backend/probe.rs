@@ -39,6 +39,12 @@ impl VbdBackend {
             }
         };
 
+        // Whether the previous backend process held the device: `opened` is reset to 0 below (this process holds
+        // nothing yet) and set to 1 again once it has opened the device itself.
+        if previous.is_some() {
+            let opened = read_optional(store, TxId::NONE, &self.paths.node("opened"))?;
+            self.held_before = opened.as_deref() == Some(b"1".as_slice());
+        }
         let c = &*self.config;
         let flag = |b: bool| if b { "1" } else { "0" };
         let mut probe_nodes: Vec<(&str, String)> = vec![
@@ -100,5 +106,26 @@ impl VbdBackend {
                 Ok(())
             }
         }
+    }
+}
+
+impl VbdBackend {
+    /// The open of a device the previous backend process held failed: say why that happens and what to do.
+    ///
+    /// A delete-on-close disk (a loop device the hotplug script set to clear itself on last close, as
+    /// `block-blkbackd` does) goes away with the last process holding it, so when a backend process dies, its
+    /// successor finds the device gone, or its number reused for another file: the diskseq pin then refuses it
+    /// (ENODEV), so another file is never served. The vbd stays as the previous backend left it (the supervisor
+    /// has closed a connected one), with `opened` = 0 (no process holds the device) and this reason in its `error`
+    /// node. Detaching the disk (`xl block-detach`: the script's `remove` finds no loop device of this vbd and
+    /// exits 0) and attaching it again serves the image anew.
+    pub(super) fn explain_lost_device(&self, mut fatal: Fatal) -> Fatal {
+        if self.held_before && matches!(fatal.errno, libc::ENODEV | libc::ENOENT | libc::ENXIO) {
+            fatal.message.push_str(
+                ": the device the previous backend process held is gone (a delete-on-close loop device goes away \
+                 with the last process holding it); detach the disk and attach it again",
+            );
+        }
+        fatal
     }
 }
