@@ -21,13 +21,18 @@
 #            no loop device left, no gntdev mapping left in the guest's worker
 #   save     a verify job; `xl save` during it, `xl restore`: the job goes on and passes
 #   migrate  a verify job; `xl migrate` to this host during it: the job goes on and passes
+#   partition  a partition of a loop device (`losetup -P`) attached with script=block-blkbackd: pinned by its
+#            disk's diskseq (sysfs has none for partitions), served at the partition's size, fio verify passes
+#   lost     a delete-on-close disk (script=block-blkbackd) whose worker is killed after a verify job: the loop
+#            device goes with it; the restarted worker cannot reopen it and says why (error node, opened 0, the
+#            vbd stays Closed); `xl block-detach` succeeds, `xl block-attach` of the image serves it again
 # Knobs (environment): BIN, SVC_USER, PHASES, SAVE_DELAY, MIGRATE_DELAY.
 set -u
 . /etc/xenlab/common.sh    # OUT, up
 
 BIN=${BIN:-/mnt/host/bin/blkbackd}
 SVC_USER=${SVC_USER:-65534:65534}
-PHASES=" ${PHASES:-script shape big hotplug save migrate} "
+PHASES=" ${PHASES:-script shape big hotplug save migrate partition lost} "
 RAMDISK=/mnt/host/bin/proto-domu.cpio.zst
 SCRIPT=/mnt/host/bin/block-blkbackd
 CTL=/run/blkbackd
@@ -230,6 +235,67 @@ if [[ $PHASES == *" migrate "* ]]; then
   check "after-pmig loops=[$(loops_of /tmp/mig.img)] vbds=[$(vbd_states ${D2:-x})]"
   guest_checks pmig
   rm -f /tmp/mig.img
+fi
+# ------------------------------------------------------------------------------------------------ partition
+# mbr_one_partition FILE START SECTORS: an MBR partition table with one Linux partition (no tool in dom0 writes one)
+mbr_one_partition() {
+  # le N: N as 4 little-endian bytes, written as printf escapes
+  le() { printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($1 & 255)) $(($1 >> 8 & 255)) $(($1 >> 16 & 255)) $(($1 >> 24 & 255)); }
+  # entry 1 at byte 446: not bootable, CHS unused (0xfe 0xff 0xff), type 0x83, LBA start, sector count
+  printf "\\x00\\xfe\\xff\\xff\\x83\\xfe\\xff\\xff$(le $2)$(le $3)" | dd of="$1" bs=1 seek=446 conv=notrunc 2>/dev/null
+  printf '\x55\xaa' | dd of="$1" bs=1 seek=510 conv=notrunc 2>/dev/null
+}
+if [[ $PHASES == *" partition "* ]]; then
+  truncate -s 64M /tmp/part.img
+  mbr_one_partition /tmp/part.img 2048 65536
+  PL=$(/sbin/losetup -f --show -P /tmp/part.img)
+  P=${PL}p1
+  wait_dev() { local i=0; while [ ! -b "$1" ]; do i=$((i + 1)); [ $i -ge 50 ] && return 1; sleep 0.2; done; }
+  wait_dev $P || note "no $P after losetup -P"
+  PN=${P#/dev/}
+  mkcfg ppart 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=$P'" "xenlab.proto=verify xenlab.vsize=8M"
+  create ppart
+  D=$(xl domid ppart 2>/dev/null)
+  BE=/local/domain/0/backend/vbd/$D/51728
+  wait_state $BE/state 4 60
+  pdev=$(cat /sys/class/block/$PN/dev 2>/dev/null)
+  check "part-connected state=$(xenstore-read $BE/state 2>/dev/null) physical_device=$(xenstore-read $BE/physical-device 2>/dev/null) want_device=$(printf '%x:%x' ${pdev%:*} ${pdev#*:}) diskseq=$(xenstore-read $BE/diskseq 2>/dev/null) disk_diskseq=$(printf '%x' $(cat /sys/block/${PL#/dev/}/diskseq)) opened=$(xenstore-read $BE/opened 2>/dev/null) sectors=$(xenstore-read $BE/sectors 2>/dev/null) part_sectors=$(cat /sys/class/block/$PN/size)"
+  wait_gone ppart 180 && check "gone name=ppart"
+  guest_checks ppart
+  /sbin/losetup -d $PL
+  rm -f /tmp/part.img
+fi
+
+# ------------------------------------------------------------------------------------------------ lost
+if [[ $PHASES == *" lost "* ]]; then
+  truncate -s 64M /tmp/lost.img
+  mkcfg plost 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=/tmp/lost.img'" "xenlab.proto=lost"
+  create plost
+  D=$(xl domid plost 2>/dev/null)
+  BE=/local/domain/0/backend/vbd/$D/51728
+  ERR=/local/domain/0/error/backend/vbd/$D/51728/error
+  wait_console plost 'fio job=lost1' 180
+  W=$(worker_of $D)
+  check "lost-before-kill loops=[$(loops_of /tmp/lost.img)] opened=$(xenstore-read $BE/opened 2>/dev/null) worker=${W:-none}"
+  [ -n "$W" ] && kill -KILL "$W"
+  t0=$(now); explained=0
+  while [ "$(secs_since $t0 | cut -d. -f1)" -lt 60 ]; do
+    xenstore-read $ERR 2>/dev/null | grep -q 'previous backend process held is gone' && { explained=1; break; }
+    sleep 0.5
+  done
+  W2=$(worker_of $D)
+  note "error node: $(xenstore-read $ERR 2>/dev/null)"
+  check "lost-after-kill explained=$explained secs=$(secs_since $t0) loops=[$(loops_of /tmp/lost.img)] state=$(xenstore-read $BE/state 2>/dev/null) opened=$(xenstore-read $BE/opened 2>/dev/null) new_worker=${W2:-none}"
+  wait_console plost 'PROTO-CHECK: lost' 120
+  t0=$(now); timeout 120 xl block-detach plost xvdb; rc=$?
+  check "lost-detach rc=$rc secs=$(secs_since $t0) vbds=[$(vbd_states $D)] loops=[$(loops_of /tmp/lost.img)]"
+  xl block-attach plost "format=raw, vdev=xvdc, access=rw, script=$SCRIPT, target=/tmp/lost.img"; rc=$?
+  check "lost-attach rc=$rc loops=[$(loops_of /tmp/lost.img)]"
+  wait_gone plost 180 && check "gone name=plost"
+  sleep 1
+  check "after-plost loops=[$(loops_of /tmp/lost.img)] vbds=[$(vbd_states $D)]"
+  guest_checks plost
+  rm -f /tmp/lost.img
 fi
 note "done"
 kill -TERM $SVC; wait $SVC; check "service exit rc=$?"
