@@ -65,6 +65,7 @@ pub enum DiskKind {
 
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DiskError {
     /// `open(2)` failed.
     #[error("cannot open {path}: {source}")]

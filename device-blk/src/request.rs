@@ -228,6 +228,7 @@ pub enum Status {
 
 /// Why a request was refused or failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// No data where data is needed, or a zero-length range.
     #[error("request has zero length")]

@@ -88,6 +88,7 @@ pub struct Completion {
 
 /// Engine failures (not request failures: those come back in [`Completion::result`]).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// No room for another operation until completions are reaped.
     #[error("the engine is full ({0} operations in flight)")]

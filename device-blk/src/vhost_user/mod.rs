@@ -141,6 +141,7 @@ impl VhostUserBlkOptions {
 
 /// Options out of range.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum OptionsError {
     /// Queue count out of range.
     #[error("{0} queues requested; between 1 and {max} are supported", max = MAX_QUEUES)]

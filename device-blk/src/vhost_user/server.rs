@@ -10,6 +10,7 @@ use crate::disk::{Disk, DiskError, SizeChange};
 
 /// A vhost-user failure, with the library's message (its error type carries no `std::error::Error`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServeError {
     /// Creating the device, its threads or its epoll registrations failed.
     #[error("cannot set up the vhost-user device: {0}")]

@@ -50,6 +50,7 @@ pub enum Parsed {
 
 /// Why a descriptor chain is not a well-formed virtio-blk request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChainError {
     /// No descriptor at all (or the first one could not be read).
     #[error("empty descriptor chain")]

@@ -5,6 +5,7 @@ use crate::request::ID_BYTES;
 
 /// Why a user-given serial was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SerialError {
     /// Longer than the 20 bytes GET_ID can carry.
     #[error("serial {serial:?} is {len} bytes long; at most {max} bytes fit", max = ID_BYTES)]

@@ -85,6 +85,8 @@ enum Outcome {
     Os(i32),
     Protocol,
     Disconnected,
+    /// A kind of error this model does not know (it never expects one, so meeting it fails the input).
+    Unmodelled,
 }
 
 fn from_error(e: &XenError) -> Outcome {
@@ -95,6 +97,7 @@ fn from_error(e: &XenError) -> Outcome {
         XenError::Os { errno, .. } => Outcome::Os(*errno),
         XenError::Protocol { .. } => Outcome::Protocol,
         XenError::Disconnected { .. } => Outcome::Disconnected,
+        _ => Outcome::Unmodelled,
     }
 }
 

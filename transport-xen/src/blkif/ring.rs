@@ -19,6 +19,7 @@ use super::request::{BlkifResponse, RawRequest};
 
 /// Why a ring cannot be served.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RingError {
     /// The mapped area is too small for a single entry, or misaligned.
     #[error("a ring of {bytes} bytes at {addr:#x} cannot hold an entry")]

@@ -142,6 +142,7 @@ impl DataplaneOptions {
 
 /// Why the data plane could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DataplaneError {
     /// The connection parameters are unusable.
     #[error("invalid connection parameters: {0}")]

@@ -75,6 +75,7 @@ pub struct Publication {
 
 /// Errors of the frontend side.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrontError {
     /// The store failed.
     #[error(transparent)]

@@ -10,6 +10,7 @@ static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
 /// Why a wait ended without the condition.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WaitError {
     /// The deadline passed; the last value seen is attached.
     #[error("timed out after {timeout:?} waiting for {path} (last value: {last})")]

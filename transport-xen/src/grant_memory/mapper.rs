@@ -18,6 +18,7 @@ use crate::services::{
 
 /// Why a request's pages could not be bound.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum BindError {
     /// Not now (the bounce pool is exhausted): retry after completions.
     Busy,

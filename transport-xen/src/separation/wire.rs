@@ -58,6 +58,7 @@ pub enum Request {
 
 /// Why a request failed, as [`crate::services::XenError`] says it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum WireError {
     /// `NotFound`.
     NotFound { path: String },

@@ -17,6 +17,7 @@ pub const XEN_PAGE_SIZE: usize = 4096;
 
 /// Errors from the Xen services.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum XenError {
     /// A xenstore node does not exist.
     #[error("xenstore: {path}: no such node")]

@@ -132,6 +132,7 @@ pub struct Frame {
 
 /// Why bytes from the peer are not a valid message or payload.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// A header announced more than [`XENSTORE_PAYLOAD_MAX`] bytes: the stream cannot be trusted any further.
     #[error("message of type {ty:?} announces {len} payload bytes (max {XENSTORE_PAYLOAD_MAX})")]

@@ -31,6 +31,7 @@ const SHOWN_BYTES: usize = 32;
 
 /// A value that could not be parsed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NodeError {
     /// A required node does not exist.
     #[error("{node}: missing")]
@@ -158,6 +159,7 @@ fn parse_hex(value: &[u8], max_digits: usize) -> Option<u64> {
 
 /// Why a `diskseq` node was refused; messages and errnos are the seed's (`xen-blkback: Implement diskseq checks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DiskseqError {
     /// The node exists but is empty (`-EFAULT`).
     #[error("diskseq must not be empty")]
