@@ -163,7 +163,7 @@ impl Harness {
 
     fn worker(&self, engine: EngineKind) -> QueueWorker {
         let options = VhostUserBlkOptions { engine, io_depth: Some(32), ..VhostUserBlkOptions::new([0; ID_BYTES]) };
-        QueueWorker::new(0, &self.disk, &options, 8).expect("worker")
+        QueueWorker::new(0, &self.disk, &options, 8, None).expect("worker")
     }
 }
 
@@ -246,7 +246,7 @@ fn disk_errors_injected_under_the_worker_reach_the_guest_as_ioerr() {
             engine_wrapper: Some(plan.wrapper()),
             ..VhostUserBlkOptions::new([0; ID_BYTES])
         };
-        let mut worker = QueueWorker::new(0, &h.disk, &options, 8).expect("worker");
+        let mut worker = QueueWorker::new(0, &h.disk, &options, 8, None).expect("worker");
         driver.publish(0);
         serve(&mut worker, &h.vring, &h.atomic, &driver, REQUESTS);
         for n in 0..u64::from(REQUESTS) {
