@@ -4,8 +4,14 @@
 //! The number of I/O threads is chosen apart from the number of queues: queue `q` is served by thread
 //! `q % threads` (vhost-user-backend spawns one vring worker per mask [`Layout::masks`] returns, and hands each
 //! the vrings of its mask, in queue order). A thread's epoll holds the kick eventfds of all its queues, their
-//! engines' completion and resume eventfds, and the thread's exit and naming eventfds, so one `epoll_wait`
-//! covers all its queues.
+//! resume eventfds, the completion eventfd of the thread's io_uring, and the thread's exit and naming eventfds, so
+//! one `epoll_wait` covers all its queues.
+//!
+//! The thread's queues share one io_uring ([`SharedUring`]: a lane of the configured depth per queue, so a queue
+//! never takes another's slots), made when the thread starts its first queue. A round submits the requests of all
+//! its queues together when it ends (one `io_uring_enter` per batch, not per queue), and runs the completion task
+//! work once for all of them; one eventfd signals completions for all. (With the synchronous engine, or where
+//! io_uring is refused, each queue has an engine and a completion eventfd of its own, as before.)
 //!
 //! Every event starts a round over *all* the thread's queues: the queue the event is for, then each other queue
 //! with work waiting (finished requests, or chains in its avail ring), each at most a ring's worth of chains
