@@ -36,7 +36,7 @@ mod uring;
 
 pub use op::IOV_MAX;
 pub use sync::SyncEngine;
-pub use uring::{CompletionMode, UringEngine};
+pub use uring::{CompletionMode, SharedUring, UringEngine, UringLane};
 
 /// One operation on the disk. Byte offsets and lengths were validated against the disk.
 #[derive(Debug)]

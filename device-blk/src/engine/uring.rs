@@ -35,6 +35,9 @@ use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::{Disk, DiskKind};
 
 mod restrict;
+mod shared;
+
+pub use shared::{SharedUring, UringLane};
 
 /// Index of the disk in the ring's registered file table.
 const DISK_FIXED_FD: types::Fixed = types::Fixed(0);
@@ -51,6 +54,9 @@ const UNPLUGGED_CHUNK: u32 = 2;
 /// Pieces of deferred task work the kernel runs per `GETEVENTS` at most (`IO_LOCAL_TW_DEFAULT_MAX`); it sets
 /// `IORING_SQ_TASKRUN` again for the rest, without signalling the eventfd.
 const TASKRUN_ROUND: usize = 20;
+
+/// Most submission entries of a ring.
+const MAX_ENTRIES: u32 = 4096;
 
 /// How the kernel delivers completion task work to the ring (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +99,9 @@ pub struct UringEngine {
     mode: CompletionMode,
     /// How batches are submitted.
     batching: Batching,
+    /// Leave queued entries for [`flush`](Self::flush) instead of submitting them in
+    /// [`submit`](IoEngine::submit) and [`reap_ready`](IoEngine::reap_ready) (a [`SharedUring`]'s round).
+    deferred: bool,
     /// The registered buffer (index 0), as host addresses `start..end`.
     fixed: Option<std::ops::Range<usize>>,
     /// Reads and writes issued from the registered buffer.
@@ -129,7 +138,15 @@ impl UringEngine {
     /// A ring as [`new`](Self::new) makes, with completions delivered as `preferred` says where the kernel
     /// allows it (else the next mode down the list of [`CompletionMode`]).
     pub fn with_mode(disk: Arc<Disk>, depth: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
-        let depth = depth.clamp(1, 4096);
+        let depth = depth.clamp(1, MAX_ENTRIES);
+        Self::with_slots(disk, depth, depth, preferred)
+    }
+
+    /// A ring of `entries` submission entries (at most [`MAX_ENTRIES`]) with room for `slots` operations in
+    /// flight: with more slots than entries, a full submission queue is submitted to make room.
+    fn with_slots(disk: Arc<Disk>, entries: u32, slots: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
+        let depth = entries.clamp(1, MAX_ENTRIES);
+        let slots = slots.max(1);
         let io = |what| move |source| EngineError::Io { what, source };
         let (ring, disabled, mode) = build_ring(depth, preferred).map_err(io("io_uring_setup"))?;
         ring.submitter().register_files(&[disk.file().as_raw_fd()]).map_err(io("io_uring register files"))?;
@@ -143,9 +160,9 @@ impl UringEngine {
         let fixed_vectored = restrict::supports(probe.as_ref(), &restrict::FIXED_VECTORED_OPS);
         let restricted = restrict::confine(&ring, disabled, probe.as_ref(), discard_cmd)
             .map_err(io("io_uring register restrictions"))?;
-        let capacity = usize::try_from(depth).unwrap_or(1);
+        let capacity = usize::try_from(slots).unwrap_or(1);
+        let free = (0..slots).rev().collect();
         let slots = (0..capacity).map(|_| Slot { token: 0, state: None }).collect();
-        let free = (0..depth).rev().collect();
         Ok(UringEngine {
             disk,
             ring,
@@ -158,6 +175,7 @@ impl UringEngine {
             discard_cmd,
             mode,
             batching: Batching::Whole,
+            deferred: false,
             fixed: None,
             fixed_ops: 0,
             fixed_vectored,
@@ -240,6 +258,25 @@ impl UringEngine {
         }
     }
 
+    /// Defer submissions (see [`deferred`](Self::deferred)) until [`flush`](Self::flush), or stop deferring.
+    fn set_deferred(&mut self, deferred: bool) {
+        self.deferred = deferred;
+    }
+
+    /// Submit every queued entry now (deferred or not).
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if !self.finished.is_empty() {
+            self.signal()?;
+        }
+        self.submit_queued()
+    }
+
+    /// Whether reaping may find something (finished operations, completion entries, task work), not counting
+    /// entries still queued for submission; no system call.
+    fn completions_waiting(&mut self) -> bool {
+        !self.finished.is_empty() || !self.ring.completion().is_empty() || self.task_work_waiting()
+    }
+
     /// Whether block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
     pub fn uses_discard_command(&self) -> bool {
         self.discard_cmd
@@ -270,8 +307,18 @@ impl UringEngine {
             }
             // SAFETY: the entry names the disk (a registered file) and buffers the `enqueue` contract keeps valid
             // until this slot's operation is reaped.
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                // Cannot happen: the queue has room for every slot and each slot has at most one entry queued.
+            let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            if !pushed {
+                // A ring with more slots than entries (a shared ring): submit what is queued to make room.
+                self.sq_pending = true;
+                if let Err(error) = self.submit_queued() {
+                    tracing::debug!(%error, "io_uring submission to make room failed");
+                }
+                // SAFETY: as above.
+                pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            }
+            if !pushed {
+                // The kernel took none of the queued entries: fail this one rather than wait.
                 return self.finished.push_back((index, Err(libc::EBUSY)));
             }
             if let Some(slot) = self.slots.get_mut(index as usize) {
@@ -285,6 +332,14 @@ impl UringEngine {
     /// Hand the queued entries to the kernel. What it cannot take now (EAGAIN, EBUSY) stays queued, and the
     /// completion eventfd is signalled so that the next [`reap`](IoEngine::reap) tries again.
     fn flush_submissions(&mut self) -> Result<(), EngineError> {
+        if self.deferred {
+            return Ok(());
+        }
+        self.submit_queued()
+    }
+
+    /// [`flush_submissions`](Self::flush_submissions), deferred or not.
+    fn submit_queued(&mut self) -> Result<(), EngineError> {
         if !self.sq_pending {
             return Ok(());
         }

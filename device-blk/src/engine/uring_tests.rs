@@ -12,9 +12,9 @@ use io_uring::{opcode, squeue, types};
 use super::*;
 use crate::disk::{DirectIo, DiskOptions};
 
-const BLOCK: usize = 4096;
+pub(super) const BLOCK: usize = 4096;
 
-fn disk(dir: &std::path::Path, blocks: usize) -> Arc<Disk> {
+pub(super) fn disk(dir: &std::path::Path, blocks: usize) -> Arc<Disk> {
     let path = dir.join("disk.img");
     let mut f = std::fs::File::create(&path).expect("create image");
     let data: Vec<u8> = (0..blocks * BLOCK).map(|i| (i / BLOCK) as u8).collect();
@@ -31,7 +31,7 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
-fn readable(fd: RawFd) -> bool {
+pub(super) fn readable(fd: RawFd) -> bool {
     let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd, no timeout.
     unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
@@ -48,13 +48,13 @@ fn read_blocks(engine: &mut UringEngine, iovecs: &[libc::iovec], count: usize) {
 }
 
 /// Page-aligned buffers (as direct I/O needs) of `blocks` blocks.
-struct Buffers {
+pub(super) struct Buffers {
     raw: Vec<u8>,
     blocks: usize,
 }
 
 impl Buffers {
-    fn new(blocks: usize) -> Self {
+    pub(super) fn new(blocks: usize) -> Self {
         Buffers { raw: vec![0u8; (blocks + 1) * BLOCK], blocks }
     }
 
@@ -62,7 +62,7 @@ impl Buffers {
         self.raw.as_ptr().align_offset(BLOCK)
     }
 
-    fn iovecs(&mut self) -> Vec<libc::iovec> {
+    pub(super) fn iovecs(&mut self) -> Vec<libc::iovec> {
         let (start, len) = (self.start(), self.blocks * BLOCK);
         self.raw[start..start + len]
             .chunks_mut(BLOCK)
@@ -70,14 +70,14 @@ impl Buffers {
             .collect()
     }
 
-    fn block(&self, i: usize) -> &[u8] {
+    pub(super) fn block(&self, i: usize) -> &[u8] {
         let at = self.start() + i * BLOCK;
         &self.raw[at..at + BLOCK]
     }
 }
 
 /// A directory on a file system that takes O_DIRECT (not tmpfs), where there is one.
-fn scratch_dir() -> tempfile::TempDir {
+pub(super) fn scratch_dir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").or_else(|_| tempfile::tempdir()).expect("tempdir")
 }
 

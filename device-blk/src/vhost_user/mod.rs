@@ -351,9 +351,9 @@ impl VhostUserBlkBackend {
     /// completion and resume eventfds.
     fn start_worker(&self, index: usize, local: usize) -> io::Result<QueueWorker> {
         let o = &self.options;
-        let worker = QueueWorker::new(index, &self.disk, o, self.seg_max)
-            .map_err(|e| io::Error::other(format!("queue {index}: cannot create the I/O engine: {e}")))?;
         let thread = index % usize::from(self.layout.threads.max(1));
+        let worker = QueueWorker::new(index, &self.disk, o, self.seg_max, self.thread_ring(thread).as_ref())
+            .map_err(|e| io::Error::other(format!("queue {index}: cannot create the I/O engine: {e}")))?;
         let registrar = self
             .registrars
             .get()
@@ -364,7 +364,9 @@ impl VhostUserBlkBackend {
         // is not reported again (epoll re-checks readiness before reporting).
         let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
         let n = o.num_queues;
-        registrar.register(worker.completion_fd(), events, Event::completion_id(n, local))?;
+        if let Some(fd) = worker.own_completion_fd() {
+            registrar.register(fd, events, Event::completion_id(n, local))?;
+        }
         registrar.register(worker.resume_fd(), EventSet::IN, Event::resume_id(n, local))?;
         if let Some(registry) = &o.stats {
             registry.register(vec![("transport", "vhost-user".into()), ("queue", index.to_string())], worker.stats());

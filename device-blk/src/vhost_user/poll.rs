@@ -33,6 +33,7 @@ impl VhostUserBlkBackend {
             let leave = !may_pop || thread.queues.iter().any(|&q| self.waiters(q) > 0);
             let mut work = false;
             if !leave {
+                let _round = thread.round();
                 for (local, (&index, vring)) in thread.queues.iter().zip(vrings).enumerate().take(64) {
                     let Some(slot) = self.queues.get(index) else { continue };
                     let mut guard = slot.lock();

@@ -4,8 +4,14 @@
 //! The number of I/O threads is chosen apart from the number of queues: queue `q` is served by thread
 //! `q % threads` (vhost-user-backend spawns one vring worker per mask [`Layout::masks`] returns, and hands each
 //! the vrings of its mask, in queue order). A thread's epoll holds the kick eventfds of all its queues, their
-//! engines' completion and resume eventfds, and the thread's exit and naming eventfds, so one `epoll_wait`
-//! covers all its queues.
+//! resume eventfds, the completion eventfd of the thread's io_uring, and the thread's exit and naming eventfds, so
+//! one `epoll_wait` covers all its queues.
+//!
+//! The thread's queues share one io_uring ([`SharedUring`]: a lane of the configured depth per queue, so a queue
+//! never takes another's slots), made when the thread starts its first queue. A round submits the requests of all
+//! its queues together when it ends (one `io_uring_enter` per batch, not per queue), and runs the completion task
+//! work once for all of them; one eventfd signals completions for all. (With the synchronous engine, or where
+//! io_uring is refused, each queue has an engine and a completion eventfd of its own, as before.)
 //!
 //! Every event starts a round over *all* the thread's queues: the queue the event is for, then each other queue
 //! with work waiting (finished requests, or chains in its avail ring), each at most a ring's worth of chains
@@ -17,7 +23,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{PoisonError, Weak};
+use std::sync::{OnceLock, PoisonError, Weak};
 
 use vhost_user_backend::VringT;
 use vmm_sys_util::epoll::EventSet;
@@ -25,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::{avail_pending, QueueWorker};
 use super::{AtomicGuestMemory, BlkEpollHandler, BlkVring, VhostUserBlkBackend};
+use crate::engine::{EngineKind, SharedUring};
 
 /// Prefix of the I/O threads' names (`blkbackd-io0`, `blkbackd-io1`, ...), as `/proc/PID/task/*/comm` shows them.
 pub const IO_THREAD_NAME: &str = "blkbackd-io";
@@ -143,11 +150,37 @@ pub(super) struct ThreadSlot {
     pub(super) exit: EventFd,
     /// Written once to have the thread name itself.
     pub(super) name: EventFd,
+    /// The io_uring all its queues share (each through a lane of its own depth), made by the thread when it
+    /// starts its first queue; `None` for the synchronous engine, or where io_uring is not available (each queue
+    /// then builds an engine of its own, as the options say).
+    ring: OnceLock<Option<SharedUring>>,
 }
 
 impl ThreadSlot {
     pub(super) fn new(queues: Vec<usize>) -> io::Result<Self> {
-        Ok(ThreadSlot { queues, exit: EventFd::new(EFD_NONBLOCK)?, name: EventFd::new(EFD_NONBLOCK)? })
+        let (exit, name) = (EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?);
+        Ok(ThreadSlot { queues, exit, name, ring: OnceLock::new() })
+    }
+
+    /// Start a round over the thread's queues: their submissions go out together when the returned guard drops.
+    pub(super) fn round(&self) -> Round<'_> {
+        let ring = self.ring.get().and_then(Option::as_ref);
+        if let Some(ring) = ring {
+            ring.begin_round();
+        }
+        Round(ring)
+    }
+}
+
+/// A round of an I/O thread over its queues (see [`ThreadSlot::round`]): submits the round's requests, all
+/// queues' together, when dropped.
+pub(super) struct Round<'a>(Option<&'a SharedUring>);
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        if let Some(ring) = self.0 {
+            ring.end_round();
+        }
     }
 }
 
@@ -165,6 +198,33 @@ fn name_thread(thread: usize) {
 }
 
 impl VhostUserBlkBackend {
+    /// The io_uring of I/O thread `thread`, made on first use (call on that thread) with a lane for each of its
+    /// queues, its completion eventfd watched by the thread's epoll as the completion event of its first queue
+    /// (every round serves all the thread's queues anyway).
+    pub(super) fn thread_ring(&self, thread: usize) -> Option<SharedUring> {
+        let slot = self.threads.get(thread)?;
+        slot.ring.get_or_init(|| self.make_thread_ring(thread, slot)).clone()
+    }
+
+    fn make_thread_ring(&self, thread: usize, slot: &ThreadSlot) -> Option<SharedUring> {
+        let o = &self.options;
+        if o.engine == EngineKind::Sync {
+            return None;
+        }
+        let ring = SharedUring::new(self.disk.clone(), slot.queues.len(), o.effective_io_depth(), o.batching)
+            .inspect_err(|error| tracing::debug!(thread, %error, "no shared io_uring; one engine per queue"))
+            .ok()?;
+        let registrar = self.registrars.get().and_then(|r| r.get(thread))?;
+        let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        let id = Event::completion_id(o.num_queues, 0);
+        if let Err(error) = registrar.register(ring.completion_fd(), events, id) {
+            tracing::warn!(thread, %error, "cannot watch the shared io_uring; one engine per queue");
+            return None;
+        }
+        tracing::debug!(thread, queues = slot.queues.len(), "I/O thread's io_uring shared by its queues");
+        Some(ring)
+    }
+
     /// One event of I/O thread `thread_id` (whose vrings are `vrings`): the round it starts over the thread's
     /// queues. An error ends the thread.
     pub(super) fn thread_event(&self, device_event: u16, vrings: &[BlkVring], thread_id: usize) -> io::Result<()> {
@@ -193,10 +253,12 @@ impl VhostUserBlkBackend {
         };
         let stopping = self.stopping.load(Ordering::SeqCst);
         let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
+        let round = thread.round();
         let mut work = self.serve_event(thread, local, kind, vrings, &mem, stopping)?;
         for other in (0..local_queues).filter(|&n| n != local) {
             work |= self.serve_waiting(thread, other, vrings, &mem, stopping);
         }
+        drop(round);
         drop(mem);
         if work && self.options.poll_us > 0 {
             self.poll_thread(thread, &vrings[..local_queues]);

@@ -346,3 +346,48 @@ fn io_threads_are_between_one_and_the_queue_count() {
         );
     }
 }
+
+#[test]
+fn a_flooded_queue_does_not_starve_the_other_queues_on_the_shared_ring() {
+    const BATCH: u64 = 8;
+    const ROUNDS: u64 = 4;
+    // As above, on io_uring: the three queues are lanes of the thread's one ring.
+    let device = Device::new(3, 1, EngineKind::IoUring);
+    let mem = device.atomic.memory();
+    let flooded = device.guest(0, &mem);
+    let quiet: Vec<Guest> = (1..3).map(|q| device.guest(q, &mem)).collect();
+    let (avail, used) = (GuestAddress(0x8000), GuestAddress(0x9000));
+    device.vrings[0].set_queue_info(flooded.mq.desc_table_addr().0, avail.0, used.0).expect("ring addresses");
+    let header = flooded.mq.desc_table_addr();
+    mem.write_obj(0x10_0000u64, header).expect("descriptor address");
+    mem.write_obj(16u32, header.unchecked_add(8)).expect("descriptor length");
+    mem.write_obj(0u32, header.unchecked_add(12)).expect("descriptor flags and next");
+    let index_of = |ring: GuestAddress| mem.load::<u16>(ring.unchecked_add(2), Ordering::Acquire).expect("idx");
+    flood(&mem, avail, used);
+    for local in 0..3 {
+        device.event(0, local);
+    }
+    let registered = device.recorders[0].0.lock().expect("recorder").clone();
+    let completions = registered.iter().filter(|&&(_, id)| id == Event::completion_id(3, 0)).count();
+    let others = (1..3).filter(|&l| registered.iter().any(|&(_, id)| id == Event::completion_id(3, l))).count();
+    assert_eq!((completions, others), (1, 0), "one completion eventfd for the thread's ring: {registered:?}");
+    for round in 0..ROUNDS {
+        flood(&mem, avail, used);
+        let before = index_of(used);
+        for guest in &quiet {
+            guest.publish(true, 0..BATCH, 0);
+        }
+        // Only the flooded queue's event: its round takes the quiet queues' requests too, and a ring's worth of
+        // its own chains at most.
+        device.event(0, Event::resume_id(3, 0));
+        assert_eq!(index_of(used).wrapping_sub(before), QUEUE_SIZE, "round {round}: a ring's worth");
+        // Their completions come through the thread's one completion eventfd.
+        let want = u16::try_from((round + 1) * BATCH).expect("index");
+        device.run_until(0, || quiet.iter().all(|g| g.used_idx() == want));
+        for guest in &quiet {
+            assert!((0..BATCH).all(|slot| guest.status(slot) == 0), "round {round}: queue {} answered OK", guest.q);
+        }
+    }
+    assert!(flooded.used_idx() == 0, "the flooded queue used its own rings");
+    device.backend.shutdown();
+}

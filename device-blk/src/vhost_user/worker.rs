@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::dirty::DirtyBitmap;
 use super::VhostUserBlkOptions;
 use crate::disk::Disk;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, SharedUring};
 use crate::queue::{BlockQueue, Finished};
 use crate::request::Request;
 use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
@@ -52,18 +52,27 @@ pub(super) struct QueueWorker {
     /// Signalled when a round stopped popping at its budget: the worker thread watches it and comes back for the
     /// rest without waiting for a kick (which a guest need not send for chains it already published).
     resume: EventFd,
+    /// The engine is a lane of the thread's ring, whose completion eventfd the thread watches once for all.
+    shared: bool,
 }
 
 impl QueueWorker {
-    /// A worker for queue `index` with the engine `options` ask for; call on the queue's thread.
+    /// A worker for queue `index` with the engine `options` ask for: a lane of `ring` (its thread's io_uring)
+    /// if there is one, else an engine of its own; call on the queue's thread.
     pub(super) fn new(
         index: usize,
         disk: &Arc<Disk>,
         options: &VhostUserBlkOptions,
         seg_max: usize,
+        ring: Option<&SharedUring>,
     ) -> Result<Self, EngineError> {
         let depth = options.effective_io_depth();
-        let engine = options.engine.build_with(Arc::clone(disk), depth, options.batching)?;
+        let lane = ring.and_then(SharedUring::lane);
+        let shared = lane.is_some();
+        let engine = match lane {
+            Some(lane) => Box::new(lane),
+            None => options.engine.build_with(Arc::clone(disk), depth, options.batching)?,
+        };
         let engine = match &options.engine_wrapper {
             Some(wrapper) => wrapper.wrap(engine),
             None => engine,
@@ -80,6 +89,7 @@ impl QueueWorker {
             blocked: false,
             malformed: 0,
             resume,
+            shared,
         })
     }
 
@@ -96,9 +106,14 @@ impl QueueWorker {
         self.run(vring, mem, may_pop, false);
     }
 
-    /// The engine's completion eventfd, for the worker's epoll.
+    /// The engine's completion eventfd (the thread's, for a lane of its ring).
     pub(super) fn completion_fd(&self) -> RawFd {
         self.queue.completion_fd()
+    }
+
+    /// The engine's completion eventfd if it is the worker's own (not its thread's ring's), for the epoll.
+    pub(super) fn own_completion_fd(&self) -> Option<RawFd> {
+        (!self.shared).then(|| self.queue.completion_fd())
     }
 
     /// The queue's live counters.
@@ -221,8 +236,10 @@ impl QueueWorker {
         if clear || self.queue.has_finished() {
             self.answer_finished(&mut ring, &mut used, clear);
         }
-        if pop && used {
-            // Tell the guest before spending time on new submissions: it can reuse those buffers meanwhile.
+        if pop && used && !self.shared {
+            // Tell the guest before spending time on new submissions: it can reuse those buffers meanwhile. (On
+            // the thread's shared ring the submissions wait for the end of the round, so the one signal after the
+            // pops comes as early: one eventfd write per queue and round, not two.)
             notify_guest(&mut ring, self.index);
             used = false;
         }

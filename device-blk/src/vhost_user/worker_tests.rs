@@ -163,7 +163,7 @@ impl Harness {
 
     fn worker(&self, engine: EngineKind) -> QueueWorker {
         let options = VhostUserBlkOptions { engine, io_depth: Some(32), ..VhostUserBlkOptions::new([0; ID_BYTES]) };
-        QueueWorker::new(0, &self.disk, &options, 8).expect("worker")
+        QueueWorker::new(0, &self.disk, &options, 8, None).expect("worker")
     }
 }
 
@@ -246,7 +246,7 @@ fn disk_errors_injected_under_the_worker_reach_the_guest_as_ioerr() {
             engine_wrapper: Some(plan.wrapper()),
             ..VhostUserBlkOptions::new([0; ID_BYTES])
         };
-        let mut worker = QueueWorker::new(0, &h.disk, &options, 8).expect("worker");
+        let mut worker = QueueWorker::new(0, &h.disk, &options, 8, None).expect("worker");
         driver.publish(0);
         serve(&mut worker, &h.vring, &h.atomic, &driver, REQUESTS);
         for n in 0..u64::from(REQUESTS) {
@@ -310,16 +310,21 @@ impl ChainStorm {
         ChainStorm { quit, used_total, thread: Some(thread) }
     }
 
-    /// Used entries seen so far, once the count has settled (call while the worker is not running).
-    fn settled_used(&self) -> u64 {
-        let mut last = self.used_total.load(Ordering::SeqCst);
+    /// Used entries seen so far, once the storm has seen every entry the worker returned and published a full
+    /// ring ahead of them again (call while the worker is not running). Waits on the rings themselves, not on
+    /// time: on loaded CPUs the storm thread may not run for a while (a settling delay of 20 ms once measured a
+    /// round as having taken nothing).
+    fn settled_used(&self, mem: &GuestMemory, avail: GuestAddress, used: GuestAddress) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let idx = |base: GuestAddress| mem.load::<u16>(base.unchecked_add(2), Ordering::Acquire).expect("index");
         loop {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            let now = self.used_total.load(Ordering::SeqCst);
-            if now == last {
-                return now;
+            let used_idx = idx(used);
+            let seen = self.used_total.load(Ordering::SeqCst);
+            let full = idx(avail).wrapping_sub(used_idx) == QUEUE_SIZE;
+            if (full && seen % 65536 == u64::from(used_idx)) || std::time::Instant::now() > deadline {
+                return seen;
             }
-            last = now;
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -359,14 +364,14 @@ fn a_guest_always_one_malformed_chain_ahead_gets_rounds_of_at_most_a_ring() {
 
     let mut total = 0;
     for round in 0..8 {
-        let before = storm.settled_used();
+        let before = storm.settled_used(&snapshot, avail, used);
         if round == 0 {
             worker.on_kick(&h.vring, &h.atomic);
         } else {
             assert!(readable(worker.resume_fd()), "round {round}: the worker asked to come back for the rest");
             worker.on_resume(&h.vring, &h.atomic, true);
         }
-        let taken = storm.settled_used() - before;
+        let taken = storm.settled_used(&snapshot, avail, used) - before;
         // Each round returns after at most a ring's worth of chains, releasing the vring, and asks to be resumed
         // (the guest need not kick again for chains it already published).
         assert!(taken <= u64::from(QUEUE_SIZE), "round {round} took {taken} chains (ring of {QUEUE_SIZE})");

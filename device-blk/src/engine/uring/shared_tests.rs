@@ -1,0 +1,94 @@
+//! The shared ring's lanes: each gets back only its own completions, none takes more than its depth, and a round
+//! holds submissions back until it ends.
+
+// Block numbers of these small images fit in a byte.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::time::{Duration, Instant};
+
+use super::super::tests::{disk, readable, scratch_dir, Buffers, BLOCK};
+use super::*;
+
+/// Enqueue one-block reads of blocks `first..first + iovecs.len()` with tokens `0..`, and submit.
+fn read(lane: &mut UringLane, iovecs: &[libc::iovec], first: usize) {
+    for (i, iov) in iovecs.iter().enumerate() {
+        let op = IoOp::Read { offset: ((first + i) * BLOCK) as u64, iovecs: std::slice::from_ref(iov) };
+        // SAFETY: the buffers outlive the lane's use (every test reaps all before they go).
+        unsafe { lane.enqueue(op, i as u64) }.expect("enqueue");
+    }
+    lane.submit().expect("submit");
+}
+
+/// Reap `lanes` until each has `want` completions (5 s at most), as an I/O thread would: whichever lane sees
+/// the signal first, then every lane with completions waiting.
+fn reap_all(lanes: &mut [&mut UringLane], want: usize) -> Vec<Vec<Completion>> {
+    let mut done = vec![Vec::new(); lanes.len()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while done.iter().any(|d| d.len() < want) {
+        assert!(Instant::now() < deadline, "completions within 5 s: {done:?}");
+        for (lane, out) in lanes.iter_mut().zip(&mut done) {
+            if lane.has_completions() {
+                lane.reap_ready(&mut |c| out.push(c));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    done
+}
+
+#[test]
+fn each_lane_gets_its_own_completions_and_at_most_its_depth() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let ring = SharedUring::new(Arc::clone(&disk), 2, 4, Batching::Whole).expect("ring");
+    let (mut a, mut b) = (ring.lane().expect("lane 0"), ring.lane().expect("lane 1"));
+    assert!(ring.lane().is_none(), "only the lanes the ring was built for");
+    assert_eq!(a.completion_fd(), b.completion_fd(), "one completion eventfd for the thread");
+    let (mut buf_a, mut buf_b) = (Buffers::new(4), Buffers::new(4));
+    let (iov_a, iov_b) = (buf_a.iovecs(), buf_b.iovecs());
+    read(&mut a, &iov_a, 0);
+    // SAFETY: refused before anything is queued.
+    let full = unsafe { a.enqueue(IoOp::Read { offset: 0, iovecs: &iov_a[..1] }, 9) };
+    assert!(matches!(full, Err(EngineError::Full(4))), "a lane takes at most its depth: {full:?}");
+    read(&mut b, &iov_b, 4);
+    let done = reap_all(&mut [&mut a, &mut b], 4);
+    for (lane, got) in done.iter().enumerate() {
+        let mut tokens: Vec<u64> = got.iter().map(|c| c.token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [0, 1, 2, 3], "lane {lane}: its own tokens, once each");
+        assert!(got.iter().all(|c| c.result == Ok(BLOCK as u64)), "lane {lane}: {got:?}");
+    }
+    assert_eq!((a.in_flight(), b.in_flight()), (0, 0));
+    for i in 0..4 {
+        assert!(buf_a.block(i).iter().all(|&x| x == i as u8), "lane 0 read block {i}");
+        assert!(buf_b.block(i).iter().all(|&x| x == (i + 4) as u8), "lane 1 read block {}", i + 4);
+    }
+    assert!(!a.has_completions() && !b.has_completions(), "everything reaped");
+}
+
+#[test]
+fn a_round_submits_every_lane_at_its_end() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let ring = SharedUring::new(Arc::clone(&disk), 2, 4, Batching::Unplugged).expect("ring");
+    let (mut a, mut b) = (ring.lane().expect("lane 0"), ring.lane().expect("lane 1"));
+    let (mut buf_a, mut buf_b) = (Buffers::new(3), Buffers::new(3));
+    let (iov_a, iov_b) = (buf_a.iovecs(), buf_b.iovecs());
+    ring.begin_round();
+    read(&mut a, &iov_a, 0);
+    read(&mut b, &iov_b, 3);
+    // Nothing reached the kernel: nothing can complete, and the lanes' reaps submit nothing either.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!a.has_completions() && !b.has_completions(), "held until the round ends");
+    a.reap_ready(&mut |c| panic!("completed before submission: {c:?}"));
+    assert!(!readable(a.completion_fd()));
+    ring.end_round();
+    let done = reap_all(&mut [&mut a, &mut b], 3);
+    assert!(done.iter().all(|d| d.len() == 3 && d.iter().all(|c| c.result == Ok(BLOCK as u64))), "{done:?}");
+    assert!(buf_b.block(2).iter().all(|&x| x == 5), "lane 1 read block 5");
+    // Outside a round a lane submits at once.
+    read(&mut a, &iov_a[..1], 7);
+    let done = reap_all(&mut [&mut a], 1);
+    assert_eq!(done[0].len(), 1);
+    assert!(buf_a.block(0).iter().all(|&x| x == 7));
+}
