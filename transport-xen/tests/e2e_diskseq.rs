@@ -2,7 +2,6 @@
 //! `diskseq`, waits for `opened` = 1, then drops its own reference (the loop device becomes delete-on-close);
 //! the guest's I/O keeps working on the device the backend holds, and when the backend lets go the loop device
 //! goes away. A wrong `diskseq` serves nothing: the frontend never connects.
-#![cfg(feature = "test-utils")]
 
 #[path = "xenbus_support/mod.rs"]
 mod xenbus_support;

@@ -3,7 +3,6 @@
 //! `BLKIF_RSP_ERROR` for exactly those requests, never `BLKIF_RSP_OKAY`, while reads, overwrites and flushes
 //! keep working; once space is freed the same writes succeed. Both grant modes (copy without persistent grants,
 //! mapping with them).
-#![cfg(feature = "test-utils")]
 
 #[path = "xenbus_support/mod.rs"]
 mod xenbus_support;

@@ -2,7 +2,6 @@
 //! outcome and bounded backend CPU, and after each one a well-behaved vbd of another guest, served by the same
 //! backend process, still reads back what it writes. (`tests/tests/xen_hostile_process.rs` runs the same cases
 //! next to a `blkbackd` process serving another guest.)
-#![cfg(feature = "test-utils")]
 
 mod hostile_support;
 

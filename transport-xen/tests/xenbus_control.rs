@@ -2,7 +2,6 @@
 //! so every decision of the control plane is observable: probe, `opened` 0 → 1, diskseq checks (every seed error
 //! case, right and wrong pins on real loop devices), connect for each ring layout, close from either side,
 //! detach, removal, reconnect.
-#![cfg(feature = "test-utils")]
 
 mod xenbus_support;
 
