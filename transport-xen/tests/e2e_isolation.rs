@@ -265,7 +265,6 @@ fn responses_carry_only_their_own_bytes_copy() {
     one_batch_many_requests(GrantMode::Copy);
 }
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
 
 /// Two guests with a vbd each on one backend, doing I/O at the same time with batches in flight: every read

@@ -2,7 +2,6 @@
 //! order 0 and 4, 1 and 4 queues, persistent grants on and off, direct and indirect requests; writes and reads back
 //! data through the shared rings; closes; and no grant mapping is left.
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use transport_xen::connect::BlkifAbi;

@@ -4,7 +4,6 @@
 //! over (Initialising, as Linux blkfront's probe writes) the same disk is served again with the data written
 //! before the restart.
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
 
 use std::time::Duration;

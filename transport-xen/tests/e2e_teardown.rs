@@ -3,7 +3,6 @@
 //! grants end up unmapped (the frontend can revoke all of them) and another vbd served by the same process keeps
 //! working.
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use std::time::{Duration, Instant};

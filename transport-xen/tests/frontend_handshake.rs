@@ -2,7 +2,6 @@
 //! the rings it sets up in guest memory are what the backend hands to the data plane, its negotiation follows the
 //! backend's limits, and its close leaves no grant behind.
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use transport_xen::connect::BlkifAbi;

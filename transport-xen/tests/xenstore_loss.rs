@@ -3,9 +3,7 @@
 //! and its loop returns the error instead of spinning or hanging. On the emulated host (xenstored drops the
 //! backend's connection while requests are in flight) and with the real wire client (xenstored hangs up).
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
-#[path = "xenstore_wire_fake/mod.rs"]
 mod xenstore_wire_fake;
 
 use std::io::Write;
