@@ -7,7 +7,29 @@ use device_blk::disk::{parse_diskseq_arg, DirectIo};
 use device_blk::vhost_user::DEFAULT_QUEUE_SIZE;
 use device_blk::{DiskOptions, EngineKind};
 
-use crate::sandbox::{SandboxArgs, SeccompMode};
+use crate::sandbox::SandboxArgs;
+#[cfg(feature = "demo")]
+use crate::sandbox::SeccompMode;
+
+/// What the help and version texts say of `blkbackd demo`, which only the feature `demo` builds in.
+#[cfg(feature = "demo")]
+macro_rules! demo_text {
+    (example) => {
+        "  blkbackd demo\n"
+    };
+    (version) => {
+        "\nemulated Xen host: built in (blkbackd demo)"
+    };
+}
+#[cfg(not(feature = "demo"))]
+macro_rules! demo_text {
+    (example) => {
+        ""
+    };
+    (version) => {
+        "\nemulated Xen host: not built in (no feature `demo`)"
+    };
+}
 
 /// A per-guest userspace block backend: Xen blkif and vhost-user-blk over io_uring.
 #[derive(Debug, Parser)]
@@ -16,11 +38,13 @@ use crate::sandbox::{SandboxArgs, SeccompMode};
     version,
     long_version = LONG_VERSION,
     propagate_version = true,
-    after_help = "Examples:\n  \
-        blkbackd demo\n  \
-        blkbackd xen --frontend-domid 7\n  \
+    after_help = concat!(
+        "Examples:\n",
+        demo_text!(example),
+        "  blkbackd xen --frontend-domid 7\n  \
         blkbackd vhost-user --socket-path /run/blkbackd/vm1.sock --disk /dev/loop3 --diskseq 42\n\n\
         Logs go to stderr; RUST_LOG sets the level (e.g. RUST_LOG=debug)."
+    )
 )]
 pub struct Cli {
     /// Log format on stderr: `human` (default) or `json` (one object per line, for journald and log shippers).
@@ -38,7 +62,7 @@ const LONG_VERSION: &str = concat!(
      persistent grants, grant map and grant copy)",
     "\nI/O engines: io_uring, sync (preadv/pwritev)",
     "\nxenstore: diskseq pin, opened node (delete-on-close)",
-    "\nemulated Xen host: built in (blkbackd demo)"
+    demo_text!(version)
 );
 
 /// `--log-format`.
@@ -109,6 +133,7 @@ pub enum Command {
     },
     /// Run the Xen path end to end on a built-in emulated Xen host (no hypervisor, no arguments): one guest, one
     /// temporary disk, a verified workload.
+    #[cfg(feature = "demo")]
     #[command(after_help = "Example:\n  blkbackd demo")]
     Demo(DemoArgs),
 }
@@ -392,6 +417,7 @@ pub struct XenWorkerArgs {
 }
 
 /// `blkbackd demo`.
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// System call filter of the data-plane threads, as `blkbackd xen` installs it (they also drop every
@@ -479,6 +505,7 @@ pub enum DirectArg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::SeccompMode;
 
     #[test]
     fn the_command_line_is_consistent() {
@@ -573,9 +600,14 @@ mod tests {
         for bad in [&["--user", "root"][..], &["--user", "no-such-user-blkbackd"], &["--seccomp", "kill"]] {
             assert!(Cli::try_parse_from([&vhost[..], bad].concat()).is_err(), "{bad:?}");
         }
-        let Command::Demo(demo) = Cli::try_parse_from(["blkbackd", "demo"]).expect("demo").command else {
-            panic!("expected demo")
-        };
-        assert_eq!(demo.seccomp, SeccompMode::Enforce);
+        #[cfg(feature = "demo")]
+        {
+            let Command::Demo(demo) = Cli::try_parse_from(["blkbackd", "demo"]).expect("demo").command else {
+                panic!("expected demo")
+            };
+            assert_eq!(demo.seccomp, SeccompMode::Enforce);
+        }
+        #[cfg(not(feature = "demo"))]
+        assert!(Cli::try_parse_from(["blkbackd", "demo"]).is_err(), "no demo without the feature");
     }
 }

@@ -8,6 +8,7 @@
 mod cli;
 mod coexist;
 mod control;
+#[cfg(feature = "demo")]
 mod demo;
 mod logging;
 mod metrics_http;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => control::query(&args.control, args.prometheus).map(|report| print!("{report}")),
         Command::Resize(args) => control::resize(&args.control).map(|report| print!("{report}")),
         Command::Man { dir } => man_pages(&dir),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args.seccomp),
     };
     match result {

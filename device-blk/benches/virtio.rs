@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use device_blk::virtio::{parse_chain, Parsed};
-use device_blk::{BlockSize, Geometry, Request, RequestKind, Sector, Segment};
+use device_blk::{Geometry, Request, RequestKind, Sector, Segment};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -42,16 +42,7 @@ fn chain_descriptors(mem: &GuestMemoryMmap, virtio_type: u32, sector: u64, pages
 }
 
 fn geometry() -> Geometry {
-    Geometry {
-        capacity: Sector(1 << 30),
-        logical_block_size: BlockSize::SECTOR,
-        physical_block_size: BlockSize::PAGE,
-        read_only: false,
-        direct_io: true,
-        discard: true,
-        write_zeroes: true,
-        discard_granularity: 4096,
-    }
+    Geometry { direct_io: true, ..Geometry::for_tests(Sector(1 << 30)) }
 }
 
 fn parse(c: &mut Criterion) {

@@ -34,4 +34,21 @@ impl Geometry {
     pub fn size_bytes(&self) -> u64 {
         self.capacity.0.saturating_mul(crate::units::SECTOR_SIZE)
     }
+
+    /// The geometry tests and benchmarks start from (feature `test-utils`): `capacity` sectors, 512-byte logical
+    /// and 4 KiB physical blocks, writable, buffered I/O, discard (4 KiB granularity) and write-zeroes. Change
+    /// what a test needs with struct update syntax.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn for_tests(capacity: Sector) -> Geometry {
+        Geometry {
+            capacity,
+            logical_block_size: BlockSize::SECTOR,
+            physical_block_size: BlockSize::PAGE,
+            read_only: false,
+            direct_io: false,
+            discard: true,
+            write_zeroes: true,
+            discard_granularity: 4096,
+        }
+    }
 }

@@ -324,16 +324,7 @@ mod tests {
     use crate::units::BlockSize;
 
     fn geometry(capacity: u64) -> Geometry {
-        Geometry {
-            capacity: Sector(capacity),
-            logical_block_size: BlockSize::SECTOR,
-            physical_block_size: BlockSize::PAGE,
-            read_only: false,
-            direct_io: false,
-            discard: true,
-            write_zeroes: true,
-            discard_granularity: 4096,
-        }
+        Geometry::for_tests(Sector(capacity))
     }
 
     fn read(sector: u64, lens: &[u32]) -> Request {

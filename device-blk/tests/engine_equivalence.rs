@@ -180,10 +180,10 @@ struct Outcome {
 }
 
 fn run_engine(kind: EngineKind, dir: &std::path::Path, seed: u8, read_only: bool, ops: &[Op]) -> Outcome {
-    let path = image(dir, &format!("{kind:?}.img"), &pattern(DISK_BYTES, seed));
+    let path = image(dir, &format!("{kind:?}.img"), &pattern(DISK_BYTES, u64::from(seed)));
     let disk = open(&path, read_only);
     let mut queue = queue(&disk, kind, DEPTH);
-    let mem = guest_memory(&pattern(977, seed.wrapping_add(1)));
+    let mem = guest_memory(&pattern(977, u64::from(seed.wrapping_add(1))));
     let mut results = Vec::with_capacity(ops.len());
     for batch in batches(ops) {
         let requests: Vec<_> = batch.iter().map(Op::request).collect();
@@ -210,8 +210,8 @@ fn must_succeed(op: &Op, geometry: &Geometry) -> bool {
 
 /// Apply the requests that succeeded to plain byte vectors.
 fn model(seed: u8, ops: &[Op], results: &[(Status, Option<device_blk::RequestError>, u32)]) -> (Vec<u8>, Vec<u8>) {
-    let mut disk = pattern(DISK_BYTES, seed);
-    let mut mem = guest_bytes(&guest_memory(&pattern(977, seed.wrapping_add(1))));
+    let mut disk = pattern(DISK_BYTES, u64::from(seed));
+    let mut mem = guest_bytes(&guest_memory(&pattern(977, u64::from(seed.wrapping_add(1)))));
     for (op, (status, _, _)) in ops.iter().zip(results) {
         if *status != Status::Ok {
             continue;

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::*;
@@ -18,84 +17,31 @@ use device_blk::disk::{parse_diskseq_arg, DirectIo};
 use device_blk::engine::UringEngine;
 use device_blk::{BlockSize, Disk, DiskError, DiskKind, DiskOptions, EngineKind, RequestError, RequestKind, Sector};
 use device_blk::{Completion, IoEngine, IoOp, Status};
+use test_kit::loop_devices;
 
-static LOOP_LOCK: Mutex<()> = Mutex::new(());
-
-/// Take the loop-device lock if loop devices can be used here, else say why not.
-fn loop_devices() -> Option<MutexGuard<'static, ()>> {
-    let why = if !is_root() {
-        Some("not running as root".to_string())
-    } else if !Path::new("/dev/loop-control").exists() {
-        Some("/dev/loop-control is absent".to_string())
-    } else {
-        command("losetup", &["--version"]).err()
-    };
-    if let Some(why) = why {
-        eprintln!("skipping: loop devices unavailable: {why}");
-        return None;
-    }
-    Some(LOOP_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+/// Open the device, pinned to `expected_diskseq` if given.
+fn open_pinned(dev: &LoopDevice, expected_diskseq: Option<u64>) -> Result<Disk, DiskError> {
+    Disk::open(&dev.path, &DiskOptions { expected_diskseq, ..DiskOptions::default() })
 }
 
-/// An attached loop device, detached on drop.
-#[derive(Debug)]
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    /// Attach `file` to the first free loop device, with extra `losetup` options.
-    fn attach(file: &Path, options: &[&str]) -> LoopDevice {
-        let file = file.to_str().expect("UTF-8 path");
-        let args: Vec<&str> = options.iter().copied().chain(["-f", "--show", file]).collect();
-        let dev = command("losetup", &args).expect("losetup -f");
-        LoopDevice { path: PathBuf::from(dev) }
-    }
-
-    /// Attach `file` to the given (free) device node.
-    fn attach_at(dev: &Path, file: &Path) -> Result<LoopDevice, String> {
-        let (dev_str, file) = (dev.to_str().expect("UTF-8 path"), file.to_str().expect("UTF-8 path"));
-        command("losetup", &[dev_str, file]).map(|_| LoopDevice { path: dev.to_path_buf() })
-    }
-
-    /// `loopN`.
-    fn name(&self) -> &str {
-        self.path.file_name().and_then(|n| n.to_str()).expect("device name")
-    }
-
-    /// The disk sequence number sysfs shows (what a toolstack would pin).
-    fn diskseq(&self) -> u64 {
-        let text = std::fs::read_to_string(format!("/sys/block/{}/diskseq", self.name())).expect("sysfs diskseq");
-        text.trim().parse().expect("numeric diskseq")
-    }
-
-    fn open(&self, expected_diskseq: Option<u64>) -> Result<Disk, DiskError> {
-        Disk::open(&self.path, &DiskOptions { expected_diskseq, ..DiskOptions::default() })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let dev = self.path.to_str().unwrap_or_default();
-        if let Err(e) = command("losetup", &["-d", dev]) {
-            eprintln!("cannot detach {dev}: {e}");
-        }
-    }
+/// Attach `file` to a free loop device with extra `losetup` options.
+fn attach(file: &Path, options: &[&str]) -> LoopDevice {
+    LoopDevice::attach_with(file, options).expect("losetup -f")
 }
 
 /// A 4 MiB backing file holding `pattern(.., seed)`.
 fn backing_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
-    image(dir, name, &pattern(4 << 20, seed))
+    image(dir, name, &pattern(4 << 20, u64::from(seed)))
 }
 
 #[test]
 fn the_right_diskseq_opens_the_device() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 1), &[]);
+    let dev = attach(&backing_file(dir.path(), "a.img", 1), &[]);
     let seq = dev.diskseq();
     assert_eq!(parse_diskseq_arg(&format!("{seq:#x}")), Ok(seq));
-    let disk = dev.open(Some(seq)).expect("pinned to the right diskseq");
+    let disk = open_pinned(&dev, Some(seq)).expect("pinned to the right diskseq");
     match disk.kind() {
         DiskKind::BlockDevice { major, diskseq, .. } => assert_eq!((major, diskseq), (7, seq)),
         other => panic!("not a block device: {other:?}"),
@@ -106,7 +52,7 @@ fn the_right_diskseq_opens_the_device() {
     assert!(g.physical_block_size >= g.logical_block_size);
     assert!(!g.read_only && g.discard && g.write_zeroes, "{g:?}");
     // Unpinned opens work too and report the same diskseq.
-    let unpinned = dev.open(None).expect("unpinned");
+    let unpinned = open_pinned(&dev, None).expect("unpinned");
     assert!(matches!(unpinned.kind(), DiskKind::BlockDevice { diskseq, .. } if diskseq == seq));
 }
 
@@ -114,10 +60,10 @@ fn the_right_diskseq_opens_the_device() {
 fn a_wrong_diskseq_is_refused_naming_both_numbers() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 1), &[]);
+    let dev = attach(&backing_file(dir.path(), "a.img", 1), &[]);
     let seq = dev.diskseq();
     for wrong in [seq + 1000, seq - 1] {
-        let err = dev.open(Some(wrong)).expect_err("wrong diskseq");
+        let err = open_pinned(&dev, Some(wrong)).expect_err("wrong diskseq");
         match &err {
             DiskError::DiskseqMismatch { expected, actual, .. } => assert_eq!((*expected, *actual), (wrong, seq)),
             other => panic!("expected DiskseqMismatch, got {other}"),
@@ -135,9 +81,9 @@ fn a_reused_loop_minor_is_refused_with_the_old_diskseq() {
     let (first, second) = (backing_file(dir.path(), "first.img", 1), backing_file(dir.path(), "second.img", 2));
     // Another process may take the freed minor between detach and re-attach: then try again on another one.
     for attempt in 0..5 {
-        let dev = LoopDevice::attach(&first, &[]);
+        let dev = attach(&first, &[]);
         let old_seq = dev.diskseq();
-        drop(dev.open(Some(old_seq)).expect("the first disk opens pinned"));
+        drop(open_pinned(&dev, Some(old_seq)).expect("the first disk opens pinned"));
         let node = dev.path.clone();
         drop(dev); // detach
         let Ok(reused) = LoopDevice::attach_at(&node, &second) else {
@@ -147,13 +93,13 @@ fn a_reused_loop_minor_is_refused_with_the_old_diskseq() {
         };
         let new_seq = reused.diskseq();
         assert!(new_seq > old_seq, "the re-used minor has a new diskseq ({old_seq} -> {new_seq})");
-        let err = reused.open(Some(old_seq)).expect_err("the old diskseq must not open the new disk");
+        let err = open_pinned(&reused, Some(old_seq)).expect_err("the old diskseq must not open the new disk");
         assert!(
             matches!(err, DiskError::DiskseqMismatch { expected, actual, .. } if expected == old_seq && actual == new_seq),
             "{err}"
         );
         // Pinned with the new number it is the second file's data.
-        let disk = std::sync::Arc::new(reused.open(Some(new_seq)).expect("new diskseq"));
+        let disk = std::sync::Arc::new(open_pinned(&reused, Some(new_seq)).expect("new diskseq"));
         let mut q = queue(&disk, EngineKind::Sync, 4);
         let mem = guest_memory(&[0]);
         let done = run_one(&mut q, &mem, &data_request(RequestKind::Read, 0, &[(0, 4096)]));
@@ -168,8 +114,8 @@ fn a_reused_loop_minor_is_refused_with_the_old_diskseq() {
 fn a_read_only_loop_device_is_read_only() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 3), &["-r"]);
-    let disk = std::sync::Arc::new(dev.open(Some(dev.diskseq())).expect("open"));
+    let dev = attach(&backing_file(dir.path(), "a.img", 3), &["-r"]);
+    let disk = std::sync::Arc::new(open_pinned(&dev, Some(dev.diskseq())).expect("open"));
     assert!(disk.geometry().read_only, "BLKROGET says read-only");
     for kind in ENGINES {
         let mut q = queue(&disk, kind, 4);
@@ -188,8 +134,8 @@ fn a_read_only_loop_device_is_read_only() {
 fn a_4096_byte_sector_loop_device_reports_its_block_size() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 4), &["--sector-size", "4096"]);
-    let disk = std::sync::Arc::new(dev.open(None).expect("open"));
+    let dev = attach(&backing_file(dir.path(), "a.img", 4), &["--sector-size", "4096"]);
+    let disk = std::sync::Arc::new(open_pinned(&dev, None).expect("open"));
     let g = *disk.geometry();
     assert_eq!(g.logical_block_size, BlockSize::PAGE);
     assert!(g.physical_block_size >= BlockSize::PAGE);
@@ -227,8 +173,8 @@ fn discard_and_write_zeroes_on_a_loop_device_read_back_zeros() {
     let dir = tempfile::tempdir().expect("tempdir");
     let source = pattern(4 << 20, 5);
     for kind in ENGINES {
-        let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 5), &[]);
-        let disk = std::sync::Arc::new(dev.open(Some(dev.diskseq())).expect("open"));
+        let dev = attach(&backing_file(dir.path(), "a.img", 5), &[]);
+        let disk = std::sync::Arc::new(open_pinned(&dev, Some(dev.diskseq())).expect("open"));
         let mut q = queue(&disk, kind, 8);
         let mem = guest_memory(&[0xaa]);
         // Three 64 KiB ranges, 1 MiB apart, each cleared by a different operation.
@@ -294,7 +240,7 @@ fn uring_discard_command(disk: &std::sync::Arc<Disk>, source: &[u8]) {
 fn a_loop_device_opened_without_direct_io_is_buffered() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let dev = LoopDevice::attach(&backing_file(dir.path(), "a.img", 6), &[]);
+    let dev = attach(&backing_file(dir.path(), "a.img", 6), &[]);
     let options = DiskOptions { direct_io: DirectIo::Off, ..DiskOptions::default() };
     let disk = Disk::open(&dev.path, &options).expect("open");
     assert!(!disk.geometry().direct_io);

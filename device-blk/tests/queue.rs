@@ -72,7 +72,7 @@ fn get_id_writes_the_serial_and_truncates_to_the_buffer() {
 #[test]
 fn a_full_file_system_fails_the_write_with_an_io_error() {
     for kind in ENGINES {
-        let mount = match TmpfsMount::new("1M") {
+        let mount = match Mount::tmpfs("1M") {
             Ok(m) => m,
             Err(why) => {
                 eprintln!("skipping: cannot mount a 1 MiB tmpfs: {why}");

@@ -12,7 +12,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use device_blk::{BlockSize, Geometry, Request, RequestKind, Sector};
+use device_blk::{Geometry, Request, RequestKind, Sector};
 use transport_xen::blkif::{
     encode, BackRing, BlkifLayout, BlkifOp, BlkifRequest, BlkifResponse, BlkifSegment, FrontRing, RawRequest, OP_READ,
     OP_WRITE, RSP_ERROR, RSP_OKAY, X86_32, X86_64,
@@ -27,16 +27,7 @@ const PAGE: usize = 4096;
 struct RingPage([u8; PAGE]);
 
 fn geometry() -> Geometry {
-    Geometry {
-        capacity: Sector(1 << 30),
-        logical_block_size: BlockSize::SECTOR,
-        physical_block_size: BlockSize::PAGE,
-        read_only: false,
-        direct_io: true,
-        discard: true,
-        write_zeroes: false,
-        discard_granularity: 4096,
-    }
+    Geometry { direct_io: true, write_zeroes: false, ..Geometry::for_tests(Sector(1 << 30)) }
 }
 
 fn segments(n: usize) -> Vec<BlkifSegment> {

@@ -2,9 +2,7 @@
 //! `diskseq`, waits for `opened` = 1, then drops its own reference (the loop device becomes delete-on-close);
 //! the guest's I/O keeps working on the device the backend holds, and when the backend lets go the loop device
 //! goes away. A wrong `diskseq` serves nothing: the frontend never connects.
-#![cfg(feature = "test-utils")]
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use std::path::Path;
@@ -31,15 +29,15 @@ fn pinned_loop_device_serves_io_after_the_script_lets_go_and_vanishes_on_release
     fill_pattern(&mut content, 0, 7);
     std::fs::write(&img, &content).expect("write image");
     let Some(dev) = LoopDevice::attach(&img) else { return };
-    let mut spec = DiskSpec::new(1, dev.path.to_string_lossy());
-    spec.params = Some(dev.path.to_string_lossy().into_owned());
+    let mut spec = DiskSpec::new(1, dev.dev.path.to_string_lossy());
+    spec.params = Some(dev.dev.path.to_string_lossy().into_owned());
     let id = bed.toolstack.add_disk(&spec).expect("add");
     bed.toolstack.hotplug_device(id, dev.device, Some(dev.diskseq), T).expect("hotplug");
     bed.toolstack.wait_opened(id, T).expect("opened = 1");
     // The hotplug script drops its reference: the busy loop device is marked delete-on-close.
-    let status = Command::new("losetup").arg("-d").arg(&dev.path).status().expect("losetup -d");
+    let status = Command::new("losetup").arg("-d").arg(&dev.dev.path).status().expect("losetup -d");
     assert!(status.success());
-    assert!(backing_file(&dev.path).is_some(), "the backend still holds the device");
+    assert!(backing_file(&dev.dev.path).is_some(), "the backend still holds the device");
 
     let mut front = Blkfront::connect(&guest, XVDA, BlkfrontConfig::default()).expect("connect");
     assert_eq!(front.info().sectors, 8 << 11);
@@ -53,7 +51,7 @@ fn pinned_loop_device_serves_io_after_the_script_lets_go_and_vanishes_on_release
     bed.toolstack.detach(id).expect("detach");
     bed.wait_state(id, XenbusState::Closed);
     let deadline = Instant::now() + T;
-    while backing_file(&dev.path).is_some() {
+    while backing_file(&dev.dev.path).is_some() {
         assert!(Instant::now() < deadline, "the loop device stayed after the backend released it");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -67,8 +65,8 @@ fn wrong_diskseq_never_lets_the_frontend_connect() {
     let guest = bed.big_guest(1, 256);
     let img = bed.image("wrong.img", 8);
     let Some(dev) = LoopDevice::attach(&img) else { return };
-    let mut spec = DiskSpec::new(1, dev.path.to_string_lossy());
-    spec.params = Some(dev.path.to_string_lossy().into_owned());
+    let mut spec = DiskSpec::new(1, dev.dev.path.to_string_lossy());
+    spec.params = Some(dev.dev.path.to_string_lossy().into_owned());
     let id = bed.toolstack.add_disk(&spec).expect("add");
     bed.toolstack.hotplug_device(id, dev.device, Some(dev.diskseq + 1), T).expect("hotplug");
     let error = bed.wait_fatal(id);

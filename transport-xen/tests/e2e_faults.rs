@@ -3,16 +3,11 @@
 //! `BLKIF_RSP_ERROR` for exactly those requests, never `BLKIF_RSP_OKAY`, while reads, overwrites and flushes
 //! keep working; once space is freed the same writes succeed. Both grant modes (copy without persistent grants,
 //! mapping with them).
-#![cfg(feature = "test-utils")]
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
-// The tmpfs and filler helpers the workspace's other fault tests use.
-#[path = "../../tests/tests/fault_support/mod.rs"]
-mod fault_support;
-
-use fault_support::{fill_up, sparse_file, Mount};
+use test_kit::storage::{fill_up, sparse_file};
+use test_kit::Mount;
 use transport_xen::blkif::{RSP_ERROR, RSP_OKAY};
 use transport_xen::dataplane::DataplaneOptions;
 use transport_xen::frontend::load::{check_pattern, fill_pattern};

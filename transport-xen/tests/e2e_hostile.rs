@@ -1,12 +1,9 @@
-//! Hostile frontends end to end, against the real data plane (see `hostile_support`): each case asserts its exact
-//! outcome and bounded backend CPU, and after each one a well-behaved vbd of another guest, served by the same
-//! backend process, still reads back what it writes. (`tests/tests/xen_hostile_process.rs` runs the same cases
-//! next to a `blkbackd` process serving another guest.)
-#![cfg(feature = "test-utils")]
+//! Hostile frontends end to end, against the real data plane (see `test_kit::xen_hostile`): each case asserts its
+//! exact outcome and bounded backend CPU, and after each one a well-behaved vbd of another guest, served by the
+//! same backend process, still reads back what it writes. (`daemon/tests/xen_hostile_process.rs` runs the same
+//! cases next to a `blkbackd` process serving another guest.)
 
-mod hostile_support;
-
-use hostile_support::{cases, run_cases, HostileBed};
+use test_kit::xen_hostile::{cases, run_cases, HostileBed};
 use transport_xen::frontend::load::{check_pattern, fill_pattern};
 use transport_xen::frontend::{Blkfront, BlkfrontConfig, XVDA};
 use transport_xen::xenbus::XenbusState;
@@ -34,6 +31,6 @@ fn hostile_frontends_end_to_end_and_the_other_vbd_keeps_working() {
     }
     assert_eq!(bed.state(bystander), Some(XenbusState::Connected));
     front.close().expect("the bystander closes cleanly");
-    bed.stop();
+    bed.stop_backend();
     assert_eq!(bed.host.live_mappings(), 0);
 }

@@ -265,13 +265,10 @@ fn responses_carry_only_their_own_bytes_copy() {
     one_batch_many_requests(GrantMode::Copy);
 }
 
-#[cfg(feature = "test-utils")]
-#[path = "backend_support/mod.rs"]
 mod backend_support;
 
 /// Two guests with a vbd each on one backend, doing I/O at the same time with batches in flight: every read
 /// returns exactly what that guest wrote there (its own generation of the pattern), never the other guest's.
-#[cfg(feature = "test-utils")]
 #[test]
 fn two_guests_at_once_never_see_each_others_bytes() {
     use transport_xen::dataplane::DataplaneOptions;

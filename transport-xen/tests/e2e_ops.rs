@@ -1,8 +1,6 @@
 //! End to end with the real data plane: flush, barrier, discard (and secure discard, not offered), read-only
 //! disks, requests beyond the end, and the whole-disk workload of the demo.
-#![cfg(feature = "test-utils")]
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use std::time::Duration;

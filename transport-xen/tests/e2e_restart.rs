@@ -3,9 +3,7 @@
 //! frontend sees it), a new backend on the same store takes the existing vbd over, and once the frontend starts
 //! over (Initialising, as Linux blkfront's probe writes) the same disk is served again with the data written
 //! before the restart.
-#![cfg(feature = "test-utils")]
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
 
 use std::time::Duration;

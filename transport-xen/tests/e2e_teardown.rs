@@ -2,9 +2,7 @@
 //! the toolstack removes the directory, the backend process shuts down, a hostile ring is halted. Every time the
 //! grants end up unmapped (the frontend can revoke all of them) and another vbd served by the same process keeps
 //! working.
-#![cfg(feature = "test-utils")]
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use std::time::{Duration, Instant};

@@ -1,9 +1,7 @@
 //! The blkfront emulator's handshake against the real backend state machine (data plane recorded, not run):
 //! the rings it sets up in guest memory are what the backend hands to the data plane, its negotiation follows the
 //! backend's limits, and its close leaves no grant behind.
-#![cfg(feature = "test-utils")]
 
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use transport_xen::connect::BlkifAbi;

@@ -2,7 +2,6 @@
 //! so every decision of the control plane is observable: probe, `opened` 0 → 1, diskseq checks (every seed error
 //! case, right and wrong pins on real loop devices), connect for each ring layout, close from either side,
 //! detach, removal, reconnect.
-#![cfg(feature = "test-utils")]
 
 mod xenbus_support;
 
@@ -200,8 +199,8 @@ fn malformed_diskseq_is_refused_with_the_seeds_errno_and_message() {
 fn loop_vbd(bed: &Bed, domid: u16) -> Option<(LoopDevice, VbdId)> {
     let img = bed.image(&format!("loop{domid}.img"), 8);
     let dev = LoopDevice::attach(&img)?;
-    let mut spec = DiskSpec::new(domid, dev.path.to_str().expect("utf-8"));
-    spec.params = Some(dev.path.to_string_lossy().into_owned());
+    let mut spec = DiskSpec::new(domid, dev.dev.path.to_str().expect("utf-8"));
+    spec.params = Some(dev.dev.path.to_string_lossy().into_owned());
     let id = bed.toolstack.add_disk(&spec).expect("add");
     Some((dev, id))
 }
@@ -214,8 +213,8 @@ fn opened_goes_zero_before_initwait_and_one_after_the_pinned_open() {
     let (dev, id) = {
         let img = bed.image("ordered.img", 8);
         let Some(dev) = LoopDevice::attach(&img) else { return };
-        let mut spec = DiskSpec::new(1, dev.path.to_str().expect("utf-8"));
-        spec.params = Some(dev.path.to_string_lossy().into_owned());
+        let mut spec = DiskSpec::new(1, dev.dev.path.to_str().expect("utf-8"));
+        spec.params = Some(dev.dev.path.to_string_lossy().into_owned());
         watcher.watch(&bed.toolstack.paths(spec.id()).backend, "order").expect("watch");
         (dev, bed.toolstack.add_disk(&spec).expect("add"))
     };

@@ -2,7 +2,6 @@
 //! runs on its own vbd of its own guest, served by the same backend process as a well-behaved vbd that must stay
 //! connected and untouched throughout. Each case must end in the `error` node + Closing, be torn down (Closed),
 //! or be ignored — never a panic, a hang, or a data plane started on bad input.
-#![cfg(feature = "test-utils")]
 
 mod xenbus_support;
 

@@ -2,11 +2,8 @@
 //! stopped (what was in flight answered), every grant unmapped, every port unbound, every worker thread joined —
 //! and its loop returns the error instead of spinning or hanging. On the emulated host (xenstored drops the
 //! backend's connection while requests are in flight) and with the real wire client (xenstored hangs up).
-#![cfg(feature = "test-utils")]
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
-#[path = "xenstore_wire_fake/mod.rs"]
 mod xenstore_wire_fake;
 
 use std::io::Write;

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use crate::disk::Disk;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fault;
 mod op;
 mod sync;
@@ -116,7 +117,7 @@ pub enum EngineKind {
 }
 
 /// Turns each queue's freshly built engine into the one it uses: a seam for wrappers such as
-/// [`fault::FaultPlan::wrapper`] (fault injection in tests) or instrumentation. Transports apply it on the
+/// `fault::FaultPlan::wrapper` (fault injection in tests) or instrumentation. Transports apply it on the
 /// queue's own thread, right after building the engine.
 #[derive(Clone)]
 pub struct EngineWrapper(Arc<WrapFn>);

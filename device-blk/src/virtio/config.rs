@@ -151,19 +151,10 @@ pub fn device_features(geometry: &Geometry) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::units::{BlockSize, Sector};
+    use crate::units::Sector;
 
     fn geometry() -> Geometry {
-        Geometry {
-            capacity: Sector(2048),
-            logical_block_size: BlockSize::SECTOR,
-            physical_block_size: BlockSize::PAGE,
-            read_only: false,
-            direct_io: false,
-            discard: true,
-            write_zeroes: true,
-            discard_granularity: 4096,
-        }
+        Geometry::for_tests(Sector(2048))
     }
 
     fn le32(b: &[u8], off: usize) -> u32 {

@@ -14,6 +14,10 @@ use device_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+// The workspace's test kit: byte patterns, commands, mounts, loop devices.
+#[allow(unused_imports)]
+pub use test_kit::{command, is_root, pattern, LoopDevice, Mount};
+
 /// Size of each of the two guest memory regions.
 pub const REGION: usize = 64 * 1024;
 /// Guest memory: two adjacent regions (separate host mappings), so a segment can span both.
@@ -38,13 +42,6 @@ pub fn guest_bytes(mem: &GuestMemoryMmap) -> Vec<u8> {
     let mut out = vec![0u8; GUEST_BYTES];
     mem.read_slice(&mut out, GuestAddress(0)).expect("read guest memory");
     out
-}
-
-/// A deterministic byte pattern.
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i: usize| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ (i >> 9).to_le_bytes()[0])
-        .collect()
 }
 
 /// Write `content` to a new file `name` in `dir`.
@@ -124,55 +121,4 @@ pub fn run_batch(queue: &mut BlockQueue<usize>, mem: &GuestMemoryMmap, requests:
 /// Run one request alone.
 pub fn run_one(queue: &mut BlockQueue<usize>, mem: &GuestMemoryMmap, request: &Request) -> Finished<usize> {
     run_batch(queue, mem, std::slice::from_ref(request)).pop().expect("one result")
-}
-
-/// Whether this process may set up loop devices and mounts.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Run a command, returning its stdout (trimmed) or a description of the failure.
-pub fn command(program: &str, args: &[&str]) -> Result<String, String> {
-    let out =
-        std::process::Command::new(program).args(args).output().map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!("{program} {args:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// A tmpfs of `size` mounted on a fresh temporary directory, unmounted on drop.
-#[derive(Debug)]
-pub struct TmpfsMount {
-    dir: tempfile::TempDir,
-}
-
-impl TmpfsMount {
-    /// Mount it, or say why not.
-    pub fn new(size: &str) -> Result<TmpfsMount, String> {
-        if !is_root() {
-            return Err("not root".into());
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let target = dir.path().to_str().ok_or("non-UTF-8 temp path")?;
-        command("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", target])?;
-        Ok(TmpfsMount { dir })
-    }
-
-    /// The mount point.
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        if let Some(target) = self.dir.path().to_str() {
-            if let Err(e) = command("umount", &["-l", target]) {
-                eprintln!("cannot unmount {target}: {e}");
-            }
-        }
-    }
 }

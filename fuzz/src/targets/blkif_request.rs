@@ -108,16 +108,7 @@ fn run_abi<L: BlkifLayout>(raw: &RawRequest, max_indirect: usize, pages: &[u8]) 
         assert!(seg.addr.0 >= page && seg.addr.0 + u64::from(seg.len) <= page + XEN_PAGE_SIZE as u64);
         dev.segments.push(seg);
     }
-    let geometry = Geometry {
-        capacity: Sector(1 << 21),
-        logical_block_size: BlockSize::SECTOR,
-        physical_block_size: BlockSize::SECTOR,
-        read_only: false,
-        direct_io: false,
-        discard: true,
-        write_zeroes: true,
-        discard_granularity: 4096,
-    };
+    let geometry = Geometry { physical_block_size: BlockSize::SECTOR, ..Geometry::for_tests(Sector(1 << 21)) };
     if let Ok(range) = dev.validate(&geometry) {
         assert_eq!(range.len, dev.data_len());
         assert!(range.offset + range.len <= geometry.size_bytes());

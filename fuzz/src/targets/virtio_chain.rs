@@ -12,7 +12,7 @@
 //! most `seg_max` segments, and validating it against a disk either fails or yields a range inside the disk.
 
 use device_blk::virtio::{parse_chain, ChainError, Parsed, HEADER_BYTES};
-use device_blk::{BlockSize, Geometry, Request, RequestKind, Sector, Segment, Status};
+use device_blk::{Geometry, Request, RequestKind, Sector, Segment, Status};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
@@ -195,16 +195,7 @@ fn run_on(mem: &GuestMemoryMmap, data: &[u8]) {
     if let Parsed::Request { .. } = got {
         assert_eq!(again, req);
         assert!(req.segments.len() <= seg_max);
-        let geometry = Geometry {
-            capacity: Sector(2048),
-            logical_block_size: BlockSize::SECTOR,
-            physical_block_size: BlockSize::PAGE,
-            read_only: false,
-            direct_io: false,
-            discard: true,
-            write_zeroes: true,
-            discard_granularity: 4096,
-        };
+        let geometry = Geometry::for_tests(Sector(2048));
         if let Ok(range) = req.validate(&geometry) {
             assert!(range.offset + range.len <= geometry.size_bytes());
         }

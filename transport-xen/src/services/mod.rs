@@ -1,7 +1,7 @@
 //! The Xen services a backend needs, behind traits: xenstore, event channels and grant tables.
 //!
 //! Each has a real implementation over `/dev/xen/{xenbus,evtchn,gntdev}` (see the real-Xen issue) and an
-//! emulated one (the [`crate::emulated`] host) so the whole transport runs in tests without a hypervisor.
+//! emulated one (the `emulated` host, feature `test-utils`) so the whole transport runs in tests without a hypervisor.
 //! The traits are shaped for the real devices: pollable fds, batched grant maps, read-only maps, grant copy.
 
 use std::os::fd::RawFd;

@@ -17,6 +17,10 @@ use transport_xen::grant_memory::GrantMode;
 use transport_xen::services::{EventChannelOpener, GrantTable};
 use vm_memory::{Address, Bytes};
 
+/// Deterministic test data.
+#[allow(unused_imports)]
+pub use test_kit::pattern;
+
 /// The guest's domain id.
 pub const DOMID: u16 = 7;
 /// How long any wait may take.
@@ -258,17 +262,4 @@ impl<L: BlkifLayout> Bed<L> {
         self.file.as_file().read_exact_at(&mut b, offset).expect("read file");
         b
     }
-}
-
-/// Deterministic test data.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
 }

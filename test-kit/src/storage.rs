@@ -1,84 +1,13 @@
-//! Real failing storage for the fault and durability tests: a small tmpfs that can be filled up (ENOSPC), loop
-//! devices over files, and a file system on a loop device whose end is cut off (EIO from the block layer).
-//!
-//! Everything set up here is torn down on drop, also when a test panics. Where the host cannot provide a piece
-//! (not root, no tmpfs mounts, no loop devices), the constructor says why and the test skips with that message.
-//!
-//! This is a directory module so that Cargo does not build it as a test target of its own; transport-xen's
-//! `e2e_faults` test includes it by path too.
-
-#![allow(dead_code)]
+//! Real failing storage for the fault and durability tests: a small file system that can be filled up
+//! (ENOSPC), sparse images, reads past every cache, where a file's blocks lie, and a file system on a loop device
+//! whose end is cut off (EIO from the block layer).
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Whether this process runs as root (mounts and loop devices need it).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Run `program args...`: its trimmed stdout, or what went wrong.
-pub fn command(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program).args(args).output().map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!("{program} {args:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-fn utf8(path: &Path) -> Result<&str, String> {
-    path.to_str().ok_or_else(|| format!("non-UTF-8 path {}", path.display()))
-}
-
-/// A file system mounted on a fresh temporary directory, lazily unmounted on drop (so a process still holding
-/// a file there cannot keep the mount alive past the test).
-#[derive(Debug)]
-pub struct Mount {
-    dir: tempfile::TempDir,
-}
-
-impl Mount {
-    /// A tmpfs of `size` (as `mount -o size=` takes it, e.g. `"4m"`), or why not.
-    pub fn tmpfs(size: &str) -> Result<Mount, String> {
-        Self::run_mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-    }
-
-    /// Mount the file system on `device`, or why not.
-    pub fn device(device: &Path) -> Result<Mount, String> {
-        Self::run_mount(&[utf8(device)?])
-    }
-
-    fn run_mount(args: &[&str]) -> Result<Mount, String> {
-        if !is_root() {
-            return Err("not running as root".into());
-        }
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let mut all = args.to_vec();
-        all.push(utf8(dir.path())?);
-        command("mount", &all)?;
-        Ok(Mount { dir })
-    }
-
-    /// The mount point.
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(target) = self.dir.path().to_str() {
-            if let Err(e) = command("umount", &["-l", target]) {
-                eprintln!("cannot unmount {target}: {e}");
-            }
-        }
-    }
-}
+use crate::{command, utf8, LoopDevice, Mount};
 
 /// Fill the file system holding `dir` with a file `name` until it has no space left; returns the file, whose
 /// removal makes room again.
@@ -106,57 +35,6 @@ pub fn sparse_file(path: &Path, size: u64, data: &[u8]) {
     file.write_all(data).expect("write the image's data");
     file.set_len(size).expect("size the image");
     file.sync_all().expect("sync the image");
-}
-
-/// A loop device over a file, detached on drop.
-#[derive(Debug)]
-pub struct LoopDevice {
-    /// `/dev/loopN`.
-    pub path: PathBuf,
-}
-
-impl LoopDevice {
-    /// Attach `file` to a free loop device, or why not.
-    pub fn attach(file: &Path) -> Result<LoopDevice, String> {
-        if !is_root() {
-            return Err("not running as root".into());
-        }
-        if !Path::new("/dev/loop-control").exists() {
-            return Err("/dev/loop-control is absent".into());
-        }
-        // Another process may take the free device between losetup's look-up and its attach: try again.
-        let mut last = String::new();
-        for _ in 0..5 {
-            match command("losetup", &["-f", "--show", utf8(file)?]) {
-                Ok(dev) => return Ok(LoopDevice { path: PathBuf::from(dev) }),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Err(last)
-    }
-
-    /// Make the device as big as its backing file is now (`losetup -c`).
-    pub fn refresh_capacity(&self) -> Result<(), String> {
-        command("losetup", &["-c", utf8(&self.path)?]).map(drop)
-    }
-
-    /// Size in bytes as the kernel sees it now.
-    pub fn size(&self) -> u64 {
-        let name = self.path.file_name().expect("device name").to_string_lossy().into_owned();
-        let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size")).expect("sysfs size");
-        sectors.trim().parse::<u64>().expect("sectors") * 512
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        if let Some(dev) = self.path.to_str() {
-            if let Err(e) = command("losetup", &["-d", dev]) {
-                eprintln!("cannot detach {dev}: {e}");
-            }
-        }
-    }
 }
 
 /// Read `len` bytes at `offset` of `path` with O_DIRECT (past any cache of the device or file).

@@ -6,11 +6,11 @@
 // Test constants (a few pages, status codes) are narrowed freely.
 #![allow(clippy::cast_possible_truncation)]
 
-mod vhost_user_client;
+use crate::vhost_user_client;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_client::frontend::{Buf, LogClient, PAGE, STATUS_PAGE, USED_PAGE};
-use vhost_user_client::{pattern, Daemon, Scratch};
+use vhost_user_client::{Daemon, Scratch};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 const DISK: usize = 1 << 20;
@@ -28,10 +28,7 @@ fn with(extra: &[usize]) -> Vec<usize> {
 
 #[test]
 fn reads_status_bytes_used_ring_and_get_id_are_logged_once_logging_is_on() {
-    let scratch = Scratch::new(DISK, 0);
-    let mut content = vec![0u8; DISK];
-    pattern(7, 0, &mut content);
-    std::fs::write(&scratch.disk, &content).expect("disk content");
+    let (scratch, content) = Scratch::with_pattern(DISK, 7);
     let _daemon = Daemon::start(&scratch.socket, &scratch.disk, &[]);
     let mut client = LogClient::connect(&scratch.socket, MEM).expect("connect");
 

@@ -11,7 +11,8 @@ mod vhost_user_client;
 
 use std::os::unix::fs::FileExt;
 
-use vhost_user_client::{pattern, Daemon, Desc, RawClient, Scratch};
+use test_kit::fill_pattern_at;
+use vhost_user_client::{Daemon, Desc, RawClient, Scratch};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 const MIB: usize = 1 << 20;
@@ -35,7 +36,7 @@ fn odd_disk(size: usize) {
     assert_eq!(exposed, size / block * block, "{size}: only whole blocks are exposed");
     // The image: a pattern over what is exposed, a canary in the partial block at the end.
     let mut content = vec![0u8; exposed];
-    pattern(9, 0, &mut content);
+    fill_pattern_at(9, 0, &mut content);
     let image = std::fs::OpenOptions::new().write(true).open(&scratch.disk).expect("open the image");
     image.write_all_at(&content, 0).expect("fill");
     image.write_all_at(&vec![DISK_CANARY; size - exposed], exposed as u64).expect("canary");
@@ -68,7 +69,7 @@ fn odd_disk(size: usize) {
 
     // The last whole block takes a write; writes touching anything beyond are refused.
     let mut new = vec![0u8; 2 * block];
-    pattern(10, 0, &mut new);
+    fill_pattern_at(10, 0, &mut new);
     client.mem.bytes_mut(BUF..BUF + 2 * block).copy_from_slice(&new);
     let answer = client.submit(VIRTIO_BLK_T_OUT, last, None, &[HEADER, data(block, false), STATUS]);
     assert_eq!((answer.status, answer.used_len), (OK, 1), "{size}: write the last block");
@@ -103,10 +104,7 @@ fn disk_of_1_mib_plus_1636_bytes() {
 /// keep their canary.
 #[test]
 fn a_read_writes_only_its_data_descriptor() {
-    let scratch = Scratch::new(MIB, 0);
-    let mut content = vec![0u8; MIB];
-    pattern(11, 0, &mut content);
-    std::fs::write(&scratch.disk, &content).expect("fill");
+    let (scratch, content) = Scratch::with_pattern(MIB, 11);
     let _daemon = Daemon::start(&scratch.socket, &scratch.disk, &[]);
     let mut client = RawClient::connect(&scratch.socket, 3 * BUF).expect("connect");
     let block = u32::from(client.config().blk_size) as usize;

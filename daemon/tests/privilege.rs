@@ -19,17 +19,14 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use test_kit::fill_pattern_at;
+use test_kit::is_root;
 use vhost_user_client::daemon::{blkbackd, PROCESS_TIMEOUT};
-use vhost_user_client::{pattern, BlkClient, Daemon, Desc, Op, RawClient, Scratch};
+use vhost_user_client::{BlkClient, Daemon, Desc, Op, RawClient, Scratch};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID};
 
 const DISK: usize = 4 << 20;
 const NO_CAPS: &str = "0000000000000000";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// nobody's uid and primary gid.
 fn nobody() -> (libc::uid_t, libc::gid_t) {
@@ -95,7 +92,7 @@ fn assert_sandboxed(pid: libc::pid_t, user: Option<(libc::uid_t, libc::gid_t)>) 
 fn every_request(client: &mut BlkClient) {
     let block = 64 << 10;
     for i in 0..8 {
-        pattern(i as u64, (i * block) as u64, client.mem.bytes_mut(i * block..(i + 1) * block));
+        fill_pattern_at(i as u64, (i * block) as u64, client.mem.bytes_mut(i * block..(i + 1) * block));
     }
     let writes: Vec<Op> = (0..8).map(|i| Op::Write { offset: (i * block) as u64, at: i * block, len: block }).collect();
     assert_eq!(client.run(&writes, 8), vec![0; 8], "writes");
@@ -154,7 +151,7 @@ fn vhost_user_runs_as_nobody_with_no_capability_under_the_filter_across_reconnec
     assert_eq!(client.run_one(Op::Read { offset: block as u64, at: 0, len }), 0);
     let mut expected = vec![0u8; len];
     for (i, chunk) in expected.chunks_mut(block).enumerate() {
-        pattern((i + 1) as u64, ((i + 1) * block) as u64, chunk);
+        fill_pattern_at((i + 1) as u64, ((i + 1) * block) as u64, chunk);
     }
     assert!(client.mem.bytes(0..len) == &expected[..], "the data survived the reconnects");
     assert_sandboxed(pid, Some(user));

@@ -184,7 +184,7 @@ impl LogClient {
 
     /// The 16-bit ring index at byte `offset` of guest RAM.
     fn index(&self, offset: usize) -> &AtomicU16 {
-        assert!(offset.is_multiple_of(2) && offset + 2 <= self.mem.len());
+        assert!(offset % 2 == 0 && offset + 2 <= self.mem.len());
         // SAFETY: in bounds (checked), 2-aligned (the mapping is page-aligned), and only ever accessed atomically
         // or by the backend's own atomics; the reference lives no longer than `self.mem`.
         unsafe { &*self.mem.ptr(offset).cast::<AtomicU16>() }

@@ -9,10 +9,11 @@ mod vhost_user_client;
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::Command;
 
+use test_kit::fill_pattern_at;
+use test_kit::LoopDevice;
 use vhost_user_client::daemon::PROCESS_TIMEOUT;
-use vhost_user_client::{pattern, BlkClient, Daemon, Op, Scratch};
+use vhost_user_client::{BlkClient, Daemon, Op, Scratch};
 
 const DISK: usize = 1 << 20;
 
@@ -53,7 +54,7 @@ fn sigterm_with_a_frontend_connected_answers_in_flight_requests_and_exits() {
         .map(|i| Op::Write { offset: (i * (128 << 10)) as u64, at: i * (128 << 10), len: 128 << 10 })
         .collect();
     for (i, _) in ops.iter().enumerate() {
-        pattern(i as u64, 0, client.mem.bytes_mut(i * (128 << 10)..(i + 1) * (128 << 10)));
+        fill_pattern_at(i as u64, 0, client.mem.bytes_mut(i * (128 << 10)..(i + 1) * (128 << 10)));
     }
     assert_eq!(client.start(&ops), 64);
     // The worker takes every available chain in one batch, so once one has completed all 64 were taken.
@@ -128,42 +129,13 @@ fn a_socket_in_use_is_refused_and_a_stale_one_replaced() {
     assert_eq!(std::fs::read(&not_a_socket).expect("read"), b"keep me");
 }
 
-/// A loop device over a file, detached on drop.
-struct LoopDevice {
-    path: String,
-}
-
-impl LoopDevice {
-    fn attach(file: &Path) -> Option<LoopDevice> {
-        let out = Command::new("losetup").args(["--find", "--show"]).arg(file).output().ok()?;
-        if !out.status.success() {
-            eprintln!("losetup unavailable ({}), skipping", String::from_utf8_lossy(&out.stderr).trim());
-            return None;
-        }
-        Some(LoopDevice { path: String::from_utf8_lossy(&out.stdout).trim().to_string() })
-    }
-
-    fn diskseq(&self) -> u64 {
-        let name = Path::new(&self.path).file_name().expect("device name").to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(format!("/sys/block/{name}/diskseq")).expect("sysfs diskseq");
-        text.trim().parse().expect("a number")
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("--detach").arg(&self.path).status();
-    }
-}
-
 #[test]
 fn the_diskseq_pin_serves_the_right_loop_device_and_refuses_another() {
     let scratch = Scratch::new(DISK, 0x3c);
-    let Some(device) = LoopDevice::attach(&scratch.disk) else {
-        return;
-    };
+    let Some(_lock) = test_kit::loop_devices() else { return };
+    let device = LoopDevice::attach(&scratch.disk).expect("losetup");
     let seq = device.diskseq();
-    let dev = Path::new(&device.path);
+    let dev = device.path.as_path();
 
     let hex = format!("{seq:#x}");
     let mut daemon = Daemon::start(&scratch.socket, dev, &["--diskseq", &hex]);

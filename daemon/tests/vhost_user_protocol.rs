@@ -7,7 +7,8 @@
 
 mod vhost_user_client;
 
-use vhost_user_client::{pattern, BlkClient, Daemon, Desc, Op, Outcome, RawClient, Scratch, UNTOUCHED};
+use test_kit::fill_pattern_at;
+use vhost_user_client::{BlkClient, Daemon, Desc, Op, Outcome, RawClient, Scratch, UNTOUCHED};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -203,14 +204,14 @@ fn frontends_reconnect_one_after_another() {
     let mut daemon = Daemon::start(&scratch.socket, &scratch.disk, &["--queues", "2"]);
     {
         let mut first = BlkClient::connect(&scratch.socket, 1, 64, true, 256 << 10).expect("first connection");
-        pattern(3, 0, first.mem.bytes_mut(0..256 << 10));
+        fill_pattern_at(3, 0, first.mem.bytes_mut(0..256 << 10));
         assert_eq!(first.run_one(Op::Write { offset: 0, at: 0, len: 256 << 10 }), 0);
     }
     for round in 0..3 {
         let mut next = BlkClient::connect(&scratch.socket, 2, 64, round % 2 == 0, 512 << 10).expect("reconnect");
         assert_eq!(next.run_one(Op::Read { offset: 0, at: 256 << 10, len: 256 << 10 }), 0);
         let mut expected = vec![0u8; 256 << 10];
-        pattern(3, 0, &mut expected);
+        fill_pattern_at(3, 0, &mut expected);
         assert!(next.mem.bytes(256 << 10..512 << 10) == expected.as_slice(), "round {round}");
     }
     assert!(daemon.is_running());
@@ -222,7 +223,7 @@ fn a_frontend_leaving_with_requests_in_flight_does_not_end_the_daemon() {
     let mut daemon = Daemon::start(&scratch.socket, &scratch.disk, &[]);
     for round in 0..3u64 {
         let mut client = BlkClient::connect(&scratch.socket, 1, 256, true, 4 * DISK).expect("connect");
-        pattern(round, 0, client.mem.bytes_mut(0..4 * DISK));
+        fill_pattern_at(round, 0, client.mem.bytes_mut(0..4 * DISK));
         let ops: Vec<Op> = (0..64)
             .map(|i| Op::Write { offset: i * (64 << 10), at: (i as usize) * (64 << 10), len: 64 << 10 })
             .collect();
@@ -230,7 +231,7 @@ fn a_frontend_leaving_with_requests_in_flight_does_not_end_the_daemon() {
         // Gone without waiting: the daemon must finish (or refuse) what it took and accept the next frontend.
     }
     let mut client = BlkClient::connect(&scratch.socket, 1, 64, false, 8192).expect("connect after the storm");
-    pattern(99, 0, client.mem.bytes_mut(0..4096));
+    fill_pattern_at(99, 0, client.mem.bytes_mut(0..4096));
     assert_eq!(
         client.run(&[Op::Write { offset: 0, at: 0, len: 4096 }, Op::Read { offset: 0, at: 4096, len: 4096 }], 1),
         [0, 0]

@@ -21,7 +21,10 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn every_subcommand_help_shows_an_example() {
-    for sub in [&[][..], &["vhost-user"], &["xen"], &["demo"]] {
+    let subcommands = [&[][..], &["vhost-user"], &["xen"], &["demo"]];
+    // `demo` only where it is built in.
+    let subcommands = if cfg!(feature = "demo") { &subcommands[..] } else { &subcommands[..3] };
+    for sub in subcommands {
         let mut args = sub.to_vec();
         args.push("--help");
         let (code, stdout, _) = run(&args);
@@ -39,6 +42,19 @@ fn version_names_the_build_and_its_features() {
     for feature in ["vhost-user-blk", "xen", "io_uring", "diskseq"] {
         assert!(stdout.contains(feature), "--version does not mention {feature}:\n{stdout}");
     }
+}
+
+/// Without the feature `demo` there is no emulated host in the binary: `blkbackd demo` is a usage error, and the
+/// verbose version says so.
+#[cfg(not(feature = "demo"))]
+#[test]
+fn without_the_demo_feature_there_is_no_demo() {
+    let (code, _, stderr) = run(&["demo"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unrecognized subcommand 'demo'"), "{stderr}");
+    let (code, stdout, _) = run(&["--version", "--verbose"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("emulated Xen host: not built in"), "{stdout}");
 }
 
 #[test]
@@ -276,8 +292,7 @@ fn a_file_without_write_permission_is_refused_with_the_read_only_hint() {
 
 #[test]
 fn a_disk_on_a_read_only_mount_gets_the_read_only_hint() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || Command::new("unshare").arg("--version").output().is_err() {
+    if !test_kit::is_root() || Command::new("unshare").arg("--version").output().is_err() {
         eprintln!("skipping: mounting a read-only file system needs root and unshare");
         return;
     }

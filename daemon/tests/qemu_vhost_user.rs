@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use test_kit::is_root;
 use vhost_user_client::daemon::{blkbackd, PROCESS_TIMEOUT};
 use vhost_user_client::Daemon;
 
@@ -63,11 +64,6 @@ fn support_dir() -> PathBuf {
 /// installs everything this test needs.
 fn lab_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xen-lab/xen-lab")
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Where tools are looked for: `PATH`, then the sbin directories (`modprobe`) a user's `PATH` may lack.

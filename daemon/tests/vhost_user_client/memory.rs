@@ -92,12 +92,3 @@ impl Drop for SharedMem {
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
-
-/// A deterministic byte pattern: different for every `seed` and every 512-byte sector.
-pub fn pattern(seed: u64, disk_offset: u64, out: &mut [u8]) {
-    for (i, b) in out.iter_mut().enumerate() {
-        let pos = disk_offset + i as u64;
-        let x = pos.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ (pos >> 9);
-        *b = x.to_le_bytes()[7] ^ x.to_le_bytes()[3];
-    }
-}

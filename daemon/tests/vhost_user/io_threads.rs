@@ -2,13 +2,14 @@
 //! queue's own counters), the process has exactly N I/O threads (named `blkbackd-io<n>`), and a count out of range
 //! is a usage error (exit code 2, clap's message).
 
-mod vhost_user_client;
+use crate::vhost_user_client;
 
 use std::process::Command;
 use std::time::Instant;
 
+use test_kit::fill_pattern_at;
 use vhost_user_client::daemon::blkbackd;
-use vhost_user_client::{pattern, BlkClient, Daemon, Op, Scratch, IO_TIMEOUT};
+use vhost_user_client::{BlkClient, Daemon, Op, Scratch, IO_TIMEOUT};
 
 const DISK: usize = 1 << 20;
 const BLOCK: usize = 16 << 10;
@@ -50,7 +51,7 @@ fn serve(queues: usize, threads: usize) {
     let daemon =
         Daemon::start(&scratch.socket, &scratch.disk, &["--queues", &q, "--io-threads", &t, "--control", control_arg]);
     let mut client = BlkClient::connect(&scratch.socket, queues, 128, true, 2 * DISK).expect("connect");
-    pattern(11, 0, client.mem.bytes_mut(0..DISK));
+    fill_pattern_at(11, 0, client.mem.bytes_mut(0..DISK));
     // The client spreads requests round-robin over its queues: each queue gets DISK / BLOCK / queues of each kind.
     let writes: Vec<Op> =
         (0..DISK / BLOCK).map(|i| Op::Write { offset: (i * BLOCK) as u64, at: i * BLOCK, len: BLOCK }).collect();

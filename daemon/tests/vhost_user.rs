@@ -1,12 +1,21 @@
 //! End to end: the real `blkbackd` serves an image file over vhost-user to the virtio-blk driver of the
-//! `virtio-driver` crate (its vhost-user frontend), and the data goes through to the file.
+//! `virtio-driver` crate (its vhost-user frontend), and the data goes through to the file. The submodules (one
+//! test binary, less to link) test the dirty log of live migration, adaptive polling and `--io-threads`.
 
 // Test constants (status codes, offsets of a few MiB) are narrowed freely.
 #![allow(clippy::cast_possible_truncation)]
 
 mod vhost_user_client;
 
-use vhost_user_client::{pattern, BlkClient, Daemon, Desc, Op, RawClient, Scratch};
+/// More of the vhost-user service, in this test binary (one less to link): in `tests/vhost_user/`.
+mod vhost_user {
+    mod dirty_log;
+    mod io_threads;
+    mod polling;
+}
+
+use test_kit::fill_pattern_at;
+use vhost_user_client::{BlkClient, Daemon, Desc, Op, RawClient, Scratch};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID,
@@ -50,7 +59,7 @@ fn round_trip_with(queues: usize, engine: &str, event_idx: bool, io_depth: Optio
     assert_eq!(client.features() & (1 << 29) != 0, event_idx, "EVENT_IDX negotiated as asked");
     for (seed, depth) in [1usize, 16, 64].into_iter().enumerate() {
         let seed = seed as u64 + 100 * queues as u64;
-        pattern(seed, 0, client.mem.bytes_mut(0..DISK));
+        fill_pattern_at(seed, 0, client.mem.bytes_mut(0..DISK));
         client.mem.bytes_mut(DISK..2 * DISK).fill(0);
         let writes = client.run(&covering(0, true), depth);
         assert!(writes.iter().all(|&r| r == 0), "writes at depth {depth}: {writes:?}");
@@ -102,7 +111,7 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
     let mut client = BlkClient::connect(&scratch.socket, 1, 128, true, 2 * DISK).expect("connect");
     let features = client.features();
     assert!(features & (1 << VIRTIO_BLK_F_DISCARD) != 0 && features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0);
-    pattern(7, 0, client.mem.bytes_mut(0..DISK));
+    fill_pattern_at(7, 0, client.mem.bytes_mut(0..DISK));
     assert!(client.run(&covering(0, true), 8).iter().all(|&r| r == 0));
     let zeroed = [(64 << 10, 64 << 10), (256 << 10, 128 << 10), (1 << 20, 64 << 10)];
     let ops = [

@@ -14,15 +14,16 @@
 // Test constants (offsets of a few MiB, status codes) are narrowed freely.
 #![allow(clippy::cast_possible_truncation)]
 
-mod fault_support;
 mod vhost_user_client;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
-use fault_support::{fill_up, physical_blocks, sparse_file, Ext4OnLoop, LoopDevice, Mount};
-use vhost_user_client::{pattern, BlkClient, Daemon, Op};
+use test_kit::fill_pattern_at;
+use test_kit::storage::{fill_up, physical_blocks, sparse_file, Ext4OnLoop};
+use test_kit::{LoopDevice, Mount};
+use vhost_user_client::{BlkClient, Daemon, Op};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -55,7 +56,7 @@ impl FullTmpfs {
         let mount = Mount::tmpfs("4m")?;
         let image = mount.path().join("disk.img");
         let mut data = vec![0u8; ALLOCATED];
-        pattern(1, 0, &mut data);
+        fill_pattern_at(1, 0, &mut data);
         sparse_file(&image, IMAGE as u64, &data);
         let filler = fill_up(mount.path(), "filler");
         Ok(FullTmpfs { _mount: mount, image, filler })
@@ -79,7 +80,7 @@ fn serve(dir: &Path, disk: &Path, engine: &str) -> (Daemon, BlkClient) {
 fn full_tmpfs_case(tmpfs: &FullTmpfs, disk: &Path, engine: &str) {
     let dir = tempfile::tempdir().expect("socket dir");
     let (_daemon, mut client) = serve(dir.path(), disk, engine);
-    pattern(2, 0, client.mem.bytes_mut(WRITE_AT..WRITE_AT + 256 * KIB));
+    fill_pattern_at(2, 0, client.mem.bytes_mut(WRITE_AT..WRITE_AT + 256 * KIB));
     client.mem.bytes_mut(READ_AT..READ_AT + 256 * KIB).fill(0xee);
     let hole = MIB as u64;
     let ops = [
@@ -100,7 +101,7 @@ fn full_tmpfs_case(tmpfs: &FullTmpfs, disk: &Path, engine: &str) {
         disk.display()
     );
     let mut expected = vec![0u8; 64 * KIB];
-    pattern(1, 0, &mut expected);
+    fill_pattern_at(1, 0, &mut expected);
     assert!(client.mem.bytes(READ_AT..READ_AT + 64 * KIB) == expected.as_slice(), "{engine}: allocated data");
     assert!(client.mem.bytes(READ_AT + 64 * KIB..READ_AT + 80 * KIB).iter().all(|&b| b == 0), "{engine}: hole");
 
@@ -163,7 +164,7 @@ fn blocks_beyond_the_end_of_a_cut_device_fail_with_ioerr_through_a_file_system()
     const LEN: usize = 4 * MIB;
     let image_path = fs.mount.path().join("disk.img");
     let mut content = vec![0u8; LEN];
-    pattern(3, 0, &mut content);
+    fill_pattern_at(3, 0, &mut content);
     let mut image = File::create(&image_path).expect("image");
     image.write_all(&content).expect("write the image");
     image.sync_all().expect("sync the image");
@@ -204,7 +205,7 @@ fn blocks_beyond_the_end_of_a_cut_device_fail_with_ioerr_through_a_file_system()
 
     // A read spanning the cut fails as a whole; writes fail beyond the end and succeed before it.
     let (last_good, first_bad) = (*good.last().expect("good"), bad[0]);
-    pattern(4, 0, client.mem.bytes_mut(WRITE_AT..WRITE_AT + 8 * KIB));
+    fill_pattern_at(4, 0, client.mem.bytes_mut(WRITE_AT..WRITE_AT + 8 * KIB));
     let results = client.run(
         &[
             Op::Read { offset: (first_bad.saturating_sub(2) * 4096) as u64, at: READ_AT, len: 16 * KIB },

@@ -4,54 +4,43 @@
 //! responses never taken, closing mid-I/O, garbage state). Each case asserts its exact outcome and that the
 //! backend's CPU stayed bounded while it ran; the runner checks bystanders after every case.
 //!
-//! Shared by `transport-xen/tests/e2e_hostile.rs` (bystander: a second vbd in the same backend process) and
-//! `tests/tests/xen_hostile_process.rs` (bystander: a `blkbackd` process serving another guest as well), so it
-//! uses only what both test crates depend on.
-#![allow(dead_code)]
+//! Played by `transport-xen/tests/e2e_hostile.rs` (bystander: a second vbd in the same backend process) and
+//! `daemon/tests/xen_hostile_process.rs` (bystander: a `blkbackd` process serving another guest as well).
 
-use std::path::PathBuf;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use transport_xen::blkif::{encode, BlkifSegment, RawRequest, OP_READ, RSP_EOPNOTSUPP, RSP_OKAY, X86_64};
 use transport_xen::connect::BlkifAbi;
 use transport_xen::dataplane::DataplaneOptions;
-use transport_xen::emulated::{EmulatedHost, EmulatedXenStore, GrantedPages, GuestDomain, RingFrontend};
+use transport_xen::emulated::{EmulatedXenStore, GrantedPages, GuestDomain, RingFrontend};
 use transport_xen::frontend::handshake::{self, Publication, PublishedRing};
-use transport_xen::frontend::{frontend_path, BackendThread, DiskSpec, Toolstack};
-use transport_xen::services::{read_optional, DomId, TxId, XenStore};
-use transport_xen::xenbus::dataplane_server::DataplaneServer;
-use transport_xen::xenbus::{BackendConfig, Scope, VbdId, XenbusState};
+use transport_xen::frontend::{frontend_path, DiskSpec};
+use transport_xen::services::{DomId, TxId, XenStore};
+use transport_xen::xenbus::{BackendConfig, VbdId, XenbusState};
 
-/// How long any single wait may take.
-pub const T: Duration = Duration::from_secs(10);
+use crate::xen_bed::{XenBed, T};
 
 /// A backend process's threads: the xenbus loop and the data-plane workers.
 pub fn is_backend_thread(name: &str) -> bool {
     name == "blkback-xenbus" || name.starts_with("blkif-d")
 }
 
-/// An emulated host with a backend (real data plane) on its own thread and a toolstack.
-pub struct HostileBed {
-    pub host: EmulatedHost,
-    pub toolstack: Toolstack,
-    pub dir: tempfile::TempDir,
-    backend: Option<BackendThread>,
+/// An emulated host with a backend (real data plane) on its own thread and a toolstack: the [`XenBed`] the
+/// hostile frontends play against.
+pub struct HostileBed(XenBed);
+
+impl Default for HostileBed {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl HostileBed {
+    /// A host, a backend with the real data plane, a toolstack and a scratch directory.
     pub fn new() -> HostileBed {
-        let host = EmulatedHost::new().expect("host");
-        let server = DataplaneServer::new(
-            Arc::new(host.grant_table(0)),
-            host.evtchn_opener(0),
-            device_blk::EngineKind::Auto,
-            DataplaneOptions::default(),
-        );
-        let backend = BackendThread::spawn(&host, Arc::new(server), BackendConfig::default(), Scope::AllDomains)
-            .expect("backend");
-        let toolstack = Toolstack::new(Arc::new(host.xenstore().expect("dom0 connection")));
-        HostileBed { host, toolstack, dir: tempfile::tempdir().expect("tempdir"), backend: Some(backend) }
+        HostileBed(XenBed::real(BackendConfig::default(), DataplaneOptions::default()))
     }
 
     /// A guest with `pages` pages.
@@ -61,38 +50,21 @@ impl HostileBed {
 
     /// Attach a 4 MiB image (`xvda`) to `domid`.
     pub fn add_disk(&self, domid: DomId) -> VbdId {
-        let path: PathBuf = self.dir.path().join(format!("d{domid}.img"));
-        std::fs::File::create(&path).expect("image").set_len(4 << 20).expect("size");
+        let path = self.image(&format!("d{domid}.img"), 4);
         self.toolstack.add_disk(&DiskSpec::new(domid, path.to_str().expect("utf-8"))).expect("add disk")
-    }
-
-    pub fn wait_state(&self, id: VbdId, state: XenbusState) {
-        self.toolstack.wait_backend_state(id, T, |s| s == state).unwrap_or_else(|e| panic!("{id}: {e}"));
-    }
-
-    /// The backend's state node, parsed.
-    pub fn state(&self, id: VbdId) -> Option<XenbusState> {
-        let v = read_optional(&**self.toolstack.store(), TxId::NONE, &self.toolstack.paths(id).node("state"));
-        v.expect("read").and_then(|v| XenbusState::parse(&v).ok())
-    }
-
-    /// Wait for the error node and state Closing; the error text.
-    pub fn wait_fatal(&self, id: VbdId) -> String {
-        self.wait_state(id, XenbusState::Closing);
-        self.toolstack.error(id).expect("read").unwrap_or_else(|| panic!("{id}: Closing without an error node"))
-    }
-
-    /// Stop the backend gracefully.
-    pub fn stop(&mut self) {
-        if let Some(b) = self.backend.take() {
-            b.stop().expect("the backend loop ended cleanly");
-        }
     }
 }
 
-impl Drop for HostileBed {
-    fn drop(&mut self) {
-        self.backend.take();
+impl Deref for HostileBed {
+    type Target = XenBed;
+    fn deref(&self) -> &XenBed {
+        &self.0
+    }
+}
+
+impl DerefMut for HostileBed {
+    fn deref_mut(&mut self) -> &mut XenBed {
+        &mut self.0
     }
 }
 

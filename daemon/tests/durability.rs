@@ -11,7 +11,6 @@
 // Test arithmetic on block numbers of a few hundred MiB.
 #![allow(clippy::cast_possible_truncation)]
 
-mod fault_support;
 mod vhost_user_client;
 
 use std::io;
@@ -26,7 +25,8 @@ use virtio_driver::{
     EventFd, QueueNotifier, VhostUser, VirtioBlkConfig, VirtioBlkQueue, VirtioBlkReqBuf, VirtioTransport,
 };
 
-use fault_support::{read_direct, LoopDevice};
+use test_kit::storage::read_direct;
+use test_kit::LoopDevice;
 use vhost_user_client::blk::blk_features;
 use vhost_user_client::daemon::PROCESS_TIMEOUT;
 use vhost_user_client::{Daemon, SharedMem, IO_TIMEOUT};

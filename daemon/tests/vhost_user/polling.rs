@@ -2,11 +2,12 @@
 //! polling daemon sleeps (a resource bound, not a timing assertion: it would fail by burning a core), and a
 //! frontend that leaves while the daemon polls does not take the daemon with it.
 
-mod vhost_user_client;
+use crate::vhost_user_client;
 
 use std::time::{Duration, Instant};
 
-use vhost_user_client::{pattern, BlkClient, Daemon, Op, Scratch};
+use test_kit::fill_pattern_at;
+use vhost_user_client::{BlkClient, Daemon, Op, Scratch};
 
 const DISK: usize = 1 << 20;
 
@@ -24,7 +25,7 @@ fn cpu_time(pid: libc::pid_t) -> Duration {
 /// Write and read back a few requests, so that every queue has polled at least once.
 fn exercise(client: &mut BlkClient, seed: u64) {
     let len = 64 << 10;
-    pattern(seed, 0, client.mem.bytes_mut(0..len));
+    fill_pattern_at(seed, 0, client.mem.bytes_mut(0..len));
     let ops: Vec<Op> = (0..16)
         .map(|i| Op::Write { offset: (i * 4096) as u64, at: i * 4096, len: 4096 })
         .chain((0..16).map(|i| Op::Read { offset: (i * 4096) as u64, at: len + i * 4096, len: 4096 }))
@@ -62,7 +63,7 @@ fn frontends_leaving_while_the_daemon_polls_do_not_end_it() {
     for round in 0..3u64 {
         let mut client = BlkClient::connect(&scratch.socket, 1, 256, round % 2 == 0, 4 * DISK).expect("connect");
         exercise(&mut client, round);
-        pattern(round, 0, client.mem.bytes_mut(0..4 * DISK));
+        fill_pattern_at(round, 0, client.mem.bytes_mut(0..4 * DISK));
         let ops: Vec<Op> = (0..64usize)
             .map(|i| Op::Write { offset: (i as u64) * (64 << 10), at: i * (64 << 10), len: 64 << 10 })
             .collect();

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use blk::{BlkClient, Op};
 pub use daemon::Daemon;
-pub use memory::{pattern, SharedMem};
+pub use memory::SharedMem;
 pub use raw::{Desc, Outcome, RawClient, UNTOUCHED};
 
 /// How long a request may take before a test fails instead of hanging.
@@ -60,5 +60,14 @@ impl Scratch {
         std::fs::write(&disk, vec![fill; size]).expect("write the image");
         let socket = dir.path().join("vhost.sock");
         Scratch { dir, disk, socket }
+    }
+
+    /// A directory with a `size`-byte image holding the pattern of `seed` ([`test_kit::pattern`]), and that
+    /// content.
+    pub fn with_pattern(size: usize, seed: u64) -> (Scratch, Vec<u8>) {
+        let scratch = Scratch::new(size, 0);
+        let content = test_kit::pattern(size, seed);
+        std::fs::write(&scratch.disk, &content).expect("write the image");
+        (scratch, content)
     }
 }

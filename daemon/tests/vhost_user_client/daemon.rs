@@ -1,10 +1,5 @@
-//! Running the real `blkbackd` binary.
-//!
-//! Cargo only gives integration tests the path of binaries of their own package (`CARGO_BIN_EXE_*`), and
-//! `blkbackd` lives in another package. So the tests ask Cargo for it: `cargo build -p blkbackd
-//! --message-format=json` (a no-op when `cargo test` already built it, as `cargo test --workspace` does) and take
-//! the binary's path from the compiler-artifact message, which is right whatever the target directory, profile
-//! or target triple. Setting `BLKBACKD_BIN` skips the build and uses that binary instead.
+//! Running the real `blkbackd` binary: the one Cargo built for these tests (`CARGO_BIN_EXE_blkbackd`), or the
+//! one `BLKBACKD_BIN` names.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -19,30 +14,11 @@ const READY: &str = "serving vhost-user-blk";
 /// How long a daemon may take to start listening or to exit.
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The `blkbackd` binary (built on first use).
+/// The `blkbackd` binary: `BLKBACKD_BIN` if set, else the one built with these tests.
 pub fn blkbackd() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("BLKBACKD_BIN") {
-            return PathBuf::from(bin);
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "blkbackd", "--bin", "blkbackd", "--message-format=json"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        let out = build.output().expect("run cargo build -p blkbackd");
-        assert!(out.status.success(), "cargo build -p blkbackd failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let path = stdout
-            .lines()
-            .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""name":"blkbackd""#))
-            .find_map(|l| l.split(r#""executable":""#).nth(1).and_then(|rest| rest.split('"').next()))
-            .expect("cargo reported no blkbackd executable");
-        PathBuf::from(path)
+        std::env::var_os("BLKBACKD_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_blkbackd")), PathBuf::from)
     })
 }
 

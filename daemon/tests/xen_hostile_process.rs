@@ -1,4 +1,4 @@
-//! The hostile Xen frontends of transport-xen's suite (`transport-xen/tests/hostile_support`), played against a
+//! The hostile Xen frontends of transport-xen's suite (`test_kit::xen_hostile`), played against a
 //! Xen backend on the emulated host in this process, while a `blkbackd vhost-user` process serves another guest
 //! next to it: after every case that guest still reads back what it wrote, the other process is still running, and
 //! its CPU stayed bounded; a second vbd of the Xen backend keeps working too.
@@ -6,16 +6,15 @@
 // Test sizes (a few MiB) are narrowed freely.
 #![allow(clippy::cast_possible_truncation)]
 
-#[path = "../../transport-xen/tests/hostile_support/mod.rs"]
-mod hostile_support;
 mod vhost_user_client;
 
 use std::time::Instant;
 
-use hostile_support::{cases, run_cases, task_cpu, HostileBed, CPU_SLACK};
+use test_kit::fill_pattern_at;
+use test_kit::xen_hostile::{cases, run_cases, task_cpu, HostileBed, CPU_SLACK};
 use transport_xen::frontend::load::{check_pattern, fill_pattern};
 use transport_xen::frontend::{Blkfront, BlkfrontConfig, XVDA};
-use vhost_user_client::{pattern, BlkClient, Daemon, Op, Scratch};
+use vhost_user_client::{BlkClient, Daemon, Op, Scratch};
 
 const DISK: usize = 4 << 20;
 const CHUNK: usize = 64 << 10;
@@ -37,7 +36,7 @@ fn hostile_xen_frontends_leave_another_process_and_another_vbd_serving() {
         round += 1;
         // The guest of the other process: write a fresh pattern at a new place, read it back.
         let offset = (round as usize * CHUNK) % DISK;
-        pattern(round, offset as u64, vhost.mem.bytes_mut(0..CHUNK));
+        fill_pattern_at(round, offset as u64, vhost.mem.bytes_mut(0..CHUNK));
         vhost.mem.bytes_mut(CHUNK..2 * CHUNK).fill(0);
         let results = vhost.run(&[Op::Write { offset: offset as u64, at: 0, len: CHUNK }, Op::Flush], 1);
         assert_eq!(results, vec![0, 0], "after {case}: the other process's guest writes");
@@ -60,7 +59,7 @@ fn hostile_xen_frontends_leave_another_process_and_another_vbd_serving() {
         eprintln!("{name}: {outcome}");
     }
     xen.close().expect("the second vbd closes cleanly");
-    bed.stop();
+    bed.stop_backend();
     drop(vhost);
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait(vhost_user_client::daemon::PROCESS_TIMEOUT);
