@@ -3,11 +3,8 @@
 //! "When a worker dies" section states: the vbd stays Closed (the supervisor closed it), `opened` is 0 (no process
 //! holds the device), the `error` node says why and what to do, no other disk is opened in its place (the loop
 //! device's number now has another diskseq), and detaching the disk and attaching it again serves the image anew.
-#![cfg(feature = "test-utils")]
 
-#[path = "backend_support/mod.rs"]
 mod backend_support;
-#[path = "xenbus_support/mod.rs"]
 mod xenbus_support;
 
 use std::path::Path;
@@ -51,13 +48,13 @@ fn node(host: &Host, id: VbdId, name: &str) -> Option<String> {
 /// once the backend wrote `opened` = 1 (delete-on-close from then on).
 fn attach_delete_on_close(host: &Host, image: &Path) -> Option<(VbdId, LoopDevice)> {
     let dev = LoopDevice::attach(image)?;
-    let mut spec = DiskSpec::new(DOMID, dev.path.to_string_lossy());
-    spec.params = Some(dev.path.to_string_lossy().into_owned());
+    let mut spec = DiskSpec::new(DOMID, dev.dev.path.to_string_lossy());
+    spec.params = Some(dev.dev.path.to_string_lossy().into_owned());
     let id = host.toolstack.add_disk(&spec).expect("add");
     host.toolstack.hotplug_device(id, dev.device, Some(dev.diskseq), T).expect("hotplug");
     host.toolstack.wait_opened(id, T).expect("opened = 1");
-    assert!(Command::new("losetup").arg("-d").arg(&dev.path).status().expect("losetup -d").success());
-    assert!(bound(&dev.path), "the backend holds the device");
+    assert!(Command::new("losetup").arg("-d").arg(&dev.dev.path).status().expect("losetup -d").success());
+    assert!(bound(&dev.dev.path), "the backend holds the device");
     Some((id, dev))
 }
 
@@ -76,7 +73,7 @@ fn a_restarted_backend_finds_the_delete_on_close_device_gone_and_says_what_to_do
     // The backend process dies; the supervisor closes the vbd it served (as `blkbackd xen` does).
     let (result, _) = a.lose_xenstore();
     assert_eq!(result, Err(XenError::Disconnected { what: "xenstore" }));
-    wait_unbound(&dev.path, "the delete-on-close loop device outlived its last holder");
+    wait_unbound(&dev.dev.path, "the delete-on-close loop device outlived its last holder");
     let store = &**host.toolstack.store();
     let (grants, evtchn) = (host.host.grant_table(0), host.host.evtchn_opener(0));
     close_vbd_failing_io(store, &grants, &evtchn, "/local/domain/0", id, "the worker died", Duration::ZERO)
@@ -98,7 +95,7 @@ fn a_restarted_backend_finds_the_delete_on_close_device_gone_and_says_what_to_do
     assert!(error.contains("detach the disk and attach it again"), "{error}");
     assert_eq!(node(&host, id, "opened").as_deref(), Some("0"), "no process holds the device");
     assert_eq!(node(&host, id, "state").as_deref(), Some("6"), "the vbd stays Closed");
-    assert!(!bound(&dev.path), "nothing was opened in the device's place");
+    assert!(!bound(&dev.dev.path), "nothing was opened in the device's place");
 
     // The remedy: detach, then attach the image again (a new delete-on-close loop device).
     host.toolstack.detach(id).expect("detach");
@@ -110,5 +107,5 @@ fn a_restarted_backend_finds_the_delete_on_close_device_gone_and_says_what_to_do
     assert_eq!(check_pattern(&front.read(0, 64 << 10).expect("read"), 0, 5), None, "the data written before");
     front.close().expect("close");
     b.stop().expect("stop");
-    wait_unbound(&dev.path, "the second loop device outlived the backend's shutdown");
+    wait_unbound(&dev.dev.path, "the second loop device outlived the backend's shutdown");
 }

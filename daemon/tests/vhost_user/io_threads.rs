@@ -14,13 +14,24 @@ use vhost_user_client::{BlkClient, Daemon, Op, Scratch, IO_TIMEOUT};
 const DISK: usize = 1 << 20;
 const BLOCK: usize = 16 << 10;
 
-/// The names of the threads of `pid` (`/proc/PID/task/*/comm`).
+/// The kernel's flag of io_uring's own worker threads (`PF_IO_WORKER`): they show their creator's name until they
+/// rename themselves, so a count of names must skip them.
+const PF_IO_WORKER: u64 = 0x10;
+
+/// The names of the threads of `pid` (`/proc/PID/task/*/comm`), io_uring's workers left out.
 fn thread_names(pid: libc::pid_t) -> Vec<String> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
-        let comm = entry.expect("task entry").path().join("comm");
-        // A thread may end between the listing and the read.
-        if let Ok(name) = std::fs::read_to_string(comm) {
+        let task = entry.expect("task entry").path();
+        // A thread may end between the listing and the reads.
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("stat")))
+        else {
+            continue;
+        };
+        // `stat`: "tid (comm) state ppid pgrp session tty_nr tpgid flags ..."; comm may hold spaces and parentheses.
+        let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+        if flags.is_some_and(|f| f & PF_IO_WORKER == 0) {
             names.push(name.trim_end().to_string());
         }
     }
