@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use device_blk::disk::{parse_diskseq_arg, DirectIo};
-use device_blk::vhost_user::DEFAULT_QUEUE_SIZE;
 use device_blk::{DiskOptions, EngineKind};
+use vhost_user_blk::DEFAULT_QUEUE_SIZE;
 
 use crate::sandbox::SandboxArgs;
 #[cfg(feature = "demo")]
@@ -171,7 +171,7 @@ pub struct VhostUserArgs {
     pub disk: DiskArgs,
     /// Request queues (the most the frontend may use).
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(device_blk::vhost_user::MAX_QUEUES)))]
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(vhost_user_blk::MAX_QUEUES)))]
     pub queues: u16,
     /// I/O threads serving the queues, from 1 to --queues: queue q is served by thread q % N, which batches the
     /// work of all its queues per wake-up (bounded per queue, so that a busy queue cannot starve the others).
@@ -179,7 +179,7 @@ pub struct VhostUserArgs {
     /// serving fewer queues wakes for a smaller share of the I/O: at 8 queues, 3.1 µs per I/O with one thread,
     /// 4.9 with eight) and IOPS did not improve; raise it when the one thread uses a whole CPU.
     #[arg(long, value_name = "N",
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(device_blk::vhost_user::MAX_QUEUES)))]
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(vhost_user_blk::MAX_QUEUES)))]
     pub io_threads: Option<u16>,
     /// Largest virtqueue size the frontend may set: a power of two from 4 to 32768.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_QUEUE_SIZE, value_parser = parse_queue_size)]
@@ -208,7 +208,7 @@ pub struct VhostUserArgs {
     /// kicks off) until nothing happened for N µs, then sleep. Lower latency under load at the cost of CPU while
     /// busy; an idle daemon still sleeps. 0: never poll.
     #[arg(long, value_name = "N", default_value_t = 0,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(device_blk::vhost_user::MAX_POLL_US)))]
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(vhost_user_blk::MAX_POLL_US)))]
     pub poll_us: u32,
     /// How a batch of requests goes to io_uring: `unplugged` (at most two per system call, so that the block
     /// layer neither holds them back nor merges them: each reaches the disk as the guest made it) or `whole`
@@ -252,7 +252,7 @@ impl VhostUserArgs {
 
 /// `--queue-size`: a power of two the virtqueue code supports.
 fn parse_queue_size(text: &str) -> Result<u16, String> {
-    let max = device_blk::vhost_user::MAX_QUEUE_SIZE;
+    let max = vhost_user_blk::MAX_QUEUE_SIZE;
     match text.parse::<u16>() {
         Ok(n) if n.is_power_of_two() && (4..=max).contains(&n) => Ok(n),
         _ => Err(format!("not a power of two from 4 to {max} (4, 8, 16, ..., {max})")),

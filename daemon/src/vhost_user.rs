@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use device_blk::stats::Registry;
-use device_blk::vhost_user::ServeError;
 use device_blk::virtio::{default_serial, serial_from_str};
-use device_blk::{Disk, EngineKind, VhostUserBlkOptions, VhostUserBlkServer};
+use device_blk::{Disk, EngineKind};
 use vhost::vhost_user::Listener;
+use vhost_user_blk::ServeError;
+use vhost_user_blk::{VhostUserBlkOptions, VhostUserBlkServer};
 
 use crate::cli::VhostUserArgs;
 use crate::control::ControlServer;

@@ -58,7 +58,6 @@ pub mod queue;
 pub mod request;
 pub mod stats;
 pub mod units;
-pub mod vhost_user;
 pub mod virtio;
 
 pub use disk::{Disk, DiskError, DiskKind, DiskOptions, SizeChange};
@@ -67,6 +66,7 @@ pub use geometry::Geometry;
 pub use queue::{BlockQueue, Finished};
 pub use request::{DiskRange, Request, RequestError, RequestKind, Segment, Status, ID_BYTES, MAX_SEGMENTS};
 pub use units::{BlockSize, Sector, SECTOR_SIZE};
-pub use vhost_user::{
-    Connection, ResizeHandle, ResizeOutcome, VhostUserBlkBackend, VhostUserBlkOptions, VhostUserBlkServer,
-};
+
+/// Longest adaptive polling time (µs) a transport's I/O thread may spin for completions before it sleeps: beyond a
+/// second, polling is just a busy loop.
+pub const MAX_POLL_US: u32 = 1_000_000;

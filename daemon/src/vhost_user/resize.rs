@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use device_blk::ResizeHandle;
+use vhost_user_blk::ResizeHandle;
 
 use crate::control::ResizeHook;
 use crate::signals::Shutdown;

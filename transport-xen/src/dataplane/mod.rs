@@ -87,7 +87,7 @@ pub struct DataplaneOptions {
 }
 
 /// The longest polling time [`DataplaneOptions::poll_us`] takes (the same bound as vhost-user's).
-pub const MAX_POLL_US: u32 = device_blk::vhost_user::MAX_POLL_US;
+pub const MAX_POLL_US: u32 = device_blk::MAX_POLL_US;
 
 /// A hook run on each data-plane worker thread before it serves, with the queue index.
 #[derive(Clone)]

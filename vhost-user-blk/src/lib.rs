@@ -1,16 +1,22 @@
-//! vhost-user-blk: the [`VhostUserBackend`] serving a [`Disk`], and a server that accepts one frontend
-//! connection after another.
+//! vhost-user-blk over the [`device_blk`] core: the [`VhostUserBackend`] serving a [`Disk`], and a server that
+//! accepts one frontend connection after another. The core knows nothing of vhost-user; this crate is the thin
+//! adapter (virtqueues in, [`BlockQueue`](device_blk::BlockQueue) requests out), as `transport-xen` is for blkif.
 //!
 //! Threads: vhost-user-backend runs the protocol on one thread and vring worker threads, our I/O threads
 //! ([`VhostUserBlkOptions::io_threads`] of them; queue `q` is served by thread `q % io_threads`, see
-//! [`threads`]). A queue's worker owns its [`BlockQueue`](crate::BlockQueue) and engine, created on its thread at
-//! the first kick; the engine's completion eventfd is registered in the same epoll as the kicks of all the
-//! thread's queues, so one thread does all of a queue's work with no locking shared between threads on the data
-//! path (the per-queue mutex is only ever contended by `GET_VRING_BASE` and teardown, which wait for in-flight
-//! requests).
+//! [`threads`]). Each I/O thread has one io_uring ([`SharedUring`](device_blk::engine::SharedUring)) whose lanes
+//! are its queues' engines, submitted once per round for all of them, with one completion eventfd in the same
+//! epoll as the kicks of all the thread's queues. A queue's worker owns its [`BlockQueue`](device_blk::BlockQueue)
+//! and lane, created on its thread at the first kick, so one thread does all of a queue's work with no locking
+//! shared between threads on the data path (the per-queue mutex is only ever contended by `GET_VRING_BASE` and
+//! teardown, which wait for in-flight requests).
 //!
 //! Every connection gets a fresh backend and fresh workers ([`VhostUserBlkServer::accept`]); when the frontend
-//! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]).
+//! leaves, in-flight requests are finished and answered before the workers stop ([`Connection::wait`]). The disk's
+//! growth is served and announced to the frontend ([`ResizeHandle`]); with the frontend's dirty log, every write
+//! into guest memory is logged ([`DirtyBitmap`]).
+
+#![warn(missing_docs)]
 
 mod config_change;
 mod dirty;
@@ -36,14 +42,14 @@ use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vm_memory::GuestMemoryAtomic;
 
-use crate::stats::Registry;
+use device_blk::stats::Registry;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::disk::Disk;
-use crate::engine::{Batching, EngineKind};
-use crate::request::ID_BYTES;
-use crate::virtio::{device_features, seg_max_for, BlkConfig};
 use config_change::{BackendChannel, KnownSockets};
+use device_blk::disk::Disk;
+use device_blk::engine::{Batching, EngineKind};
+use device_blk::request::ID_BYTES;
+use device_blk::virtio::{device_features, seg_max_for, BlkConfig};
 use threads::{Event, HandlerRegistrar, Layout, Registrar, ThreadSlot};
 use worker::QueueWorker;
 
@@ -54,7 +60,7 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Queue size when the user gives none.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// Longest adaptive polling time (µs): beyond a second, polling is just a busy loop.
-pub const MAX_POLL_US: u32 = 1_000_000;
+pub use device_blk::MAX_POLL_US;
 
 /// The epoll handler type of our backend's worker threads.
 pub type BlkEpollHandler = VringEpollHandler<Arc<VhostUserBlkBackend>>;
@@ -86,7 +92,7 @@ pub struct VhostUserBlkOptions {
     /// then it re-arms kicks and sleeps. 0 (the default): never poll.
     pub poll_us: u32,
     /// Applied to each queue's I/O engine once built (e.g. fault injection in tests).
-    pub engine_wrapper: Option<crate::engine::EngineWrapper>,
+    pub engine_wrapper: Option<device_blk::engine::EngineWrapper>,
 }
 
 impl VhostUserBlkOptions {
@@ -378,7 +384,7 @@ impl VhostUserBlkBackend {
 impl VhostUserBackend for VhostUserBlkBackend {
     /// The crate's replaceable bitmap behind a cheap check ([`DirtyBitmap`]): `SET_LOG_BASE` points every
     /// region's bitmap at the frontend's log, and from then on every write into guest memory (read data, see
-    /// [`BlockQueue::drain_logged`](crate::BlockQueue::drain_logged); status bytes, GET_ID strings and the used
+    /// [`BlockQueue::drain_logged`](device_blk::BlockQueue::drain_logged); status bytes, GET_ID strings and the used
     /// ring, through vm-memory) sets the bits of its pages.
     type Bitmap = DirtyBitmap;
     type Vring = BlkVring;

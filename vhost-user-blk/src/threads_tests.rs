@@ -16,11 +16,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{Event, Layout, Registrar};
-use crate::disk::{DirectIo, DiskOptions};
-use crate::engine::EngineKind;
-use crate::request::ID_BYTES;
-use crate::vhost_user::{AtomicGuestMemory, BlkVring, GuestMemory, VhostUserBlkBackend, VhostUserBlkOptions};
-use crate::Disk;
+use crate::{AtomicGuestMemory, BlkVring, GuestMemory, VhostUserBlkBackend, VhostUserBlkOptions};
+use device_blk::disk::{DirectIo, DiskOptions};
+use device_blk::engine::EngineKind;
+use device_blk::request::ID_BYTES;
+use device_blk::Disk;
 
 const QUEUE_SIZE: u16 = 256;
 const SECTORS_PER_QUEUE: u64 = 64 * 8;
@@ -341,7 +341,7 @@ fn io_threads_are_between_one_and_the_queue_count() {
     for (queues, threads) in [(4, 0), (4, 5), (1, 2)] {
         assert_eq!(
             options(queues, Some(threads)).validate(),
-            Err(crate::vhost_user::OptionsError::IoThreads { threads, queues }),
+            Err(crate::OptionsError::IoThreads { threads, queues }),
             "{threads} threads for {queues} queues"
         );
     }

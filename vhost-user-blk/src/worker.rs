@@ -14,11 +14,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::dirty::DirtyBitmap;
 use super::VhostUserBlkOptions;
-use crate::disk::Disk;
-use crate::engine::{EngineError, SharedUring};
-use crate::queue::{BlockQueue, Finished};
-use crate::request::Request;
-use crate::virtio::{parse_chain, status_code, ChainError, Parsed};
+use device_blk::disk::Disk;
+use device_blk::engine::{EngineError, SharedUring};
+use device_blk::queue::{BlockQueue, Finished};
+use device_blk::request::Request;
+use device_blk::virtio::{parse_chain, status_code, ChainError, Parsed};
 
 /// Guest memory as vhost-user-backend maps it, with the dirty bitmap that logs our writes into the frontend's
 /// log once it sends `SET_LOG_BASE` (live migration, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`); until then a write
@@ -117,7 +117,7 @@ impl QueueWorker {
     }
 
     /// The queue's live counters.
-    pub(super) fn stats(&self) -> &Arc<crate::stats::QueueStats> {
+    pub(super) fn stats(&self) -> &Arc<device_blk::stats::QueueStats> {
         self.queue.stats()
     }
 

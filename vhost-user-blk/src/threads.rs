@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::{avail_pending, QueueWorker};
 use super::{AtomicGuestMemory, BlkEpollHandler, BlkVring, VhostUserBlkBackend};
-use crate::engine::{EngineKind, SharedUring};
+use device_blk::engine::{EngineKind, SharedUring};
 
 /// Prefix of the I/O threads' names (`blkbackd-io0`, `blkbackd-io1`, ...), as `/proc/PID/task/*/comm` shows them.
 pub const IO_THREAD_NAME: &str = "blkbackd-io";

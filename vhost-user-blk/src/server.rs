@@ -6,7 +6,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 
 use super::{config_change, ChannelError, OptionsError, VhostUserBlkBackend, VhostUserBlkOptions};
-use crate::disk::{Disk, DiskError, SizeChange};
+use device_blk::disk::{Disk, DiskError, SizeChange};
 
 /// A vhost-user failure, with the library's message (its error type carries no `std::error::Error`).
 #[derive(Debug, thiserror::Error)]
@@ -207,8 +207,8 @@ impl ResizeHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::DiskOptions;
-    use crate::units::Sector;
+    use device_blk::disk::DiskOptions;
+    use device_blk::units::Sector;
 
     #[test]
     fn growth_is_served_and_reported_and_a_shrink_is_refused() {

@@ -10,7 +10,7 @@
 //! memory, the worker, the vring) are taken per queue and pass, so the vhost-user protocol thread is never shut out
 //! for long, and a thread waiting for a queue to go idle (`GET_VRING_BASE`, reset, shutdown) ends polling at once.
 //!
-//! [`IoEngine::has_completions`]: crate::engine::IoEngine::has_completions
+//! [`IoEngine::has_completions`]: device_blk::engine::IoEngine::has_completions
 
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;

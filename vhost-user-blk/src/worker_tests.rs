@@ -12,9 +12,9 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
-use crate::disk::{DirectIo, DiskOptions};
-use crate::engine::EngineKind;
-use crate::request::ID_BYTES;
+use device_blk::disk::{DirectIo, DiskOptions};
+use device_blk::engine::EngineKind;
+use device_blk::request::ID_BYTES;
 
 /// Counts the allocations of the current thread.
 struct CountingAllocator;
@@ -233,7 +233,7 @@ fn a_broken_avail_ring_is_survived() {
 
 #[test]
 fn disk_errors_injected_under_the_worker_reach_the_guest_as_ioerr() {
-    use crate::engine::fault::{FaultPlan, FaultPoint, FaultRule, OpKind};
+    use device_blk::engine::fault::{FaultPlan, FaultPoint, FaultRule, OpKind};
     for (engine, point) in [(EngineKind::Sync, FaultPoint::Refuse), (EngineKind::IoUring, FaultPoint::Complete)] {
         let h = Harness::new();
         let snapshot = h.atomic.memory();
