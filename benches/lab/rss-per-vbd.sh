@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Resident memory of the `blkbackd xen` service (the supervisor and the guest's worker process) per connected
 # vbd, in the real Xen lab's dom0:
 #   xen-lab boot --no-blkback && xen-lab wait-dom0 && xen-lab exec 'bash /mnt/host/bin/rss-per-vbd.sh'

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A vhost-user-blk load generator: the same client (virtio-driver's vhost-user front end) drives every server.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

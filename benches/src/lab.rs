@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench lab-table`: the real Xen lab's side-by-side run (`xen-lab run-domu-fio --kernel --qdisk
 //! --userspace …`) as one Markdown table with ratios, read from the run's `summary.txt`.
 

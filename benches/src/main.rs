@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench`: side-by-side benchmarks of blkbackd against the backends it replaces.
 //!
 //! `blkback-bench vhost-user` serves one file with qemu-storage-daemon and with blkbackd (and any `--variant`

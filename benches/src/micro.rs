@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench micro-table`: the criterion micro-benchmarks' results (`cargo bench -p device-blk -p
 //! transport-xen`) as one Markdown table, read from criterion's `<target>/criterion/**/new/*.json`.
 

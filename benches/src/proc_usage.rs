@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! CPU time and wake-ups of this process's threads, from `/proc/self/task` (the Xen benchmarks run the backend
 //! and the emulated guest in one process and tell their threads apart by name).
 

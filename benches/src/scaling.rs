@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Extra views of a `blkback-bench vhost-user` run: CPU per I/O per queue count (against qsd and against the same
 //! server's own one-queue figure), and each contender against raw fio on the same file (IOPS, latency added).
 

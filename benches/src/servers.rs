@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The contenders: processes serving one file over vhost-user-blk, started and stopped per run.
 
 use std::path::{Path, PathBuf};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench xen-emulated`: the Xen data path on the emulated host against raw host io_uring on the same
 //! O_DIRECT file, alternating, as ratios.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench xen-emulated`, the scaling part: the backend's CPU per I/O and IOPS at 1, 2 and 4 queues of
 //! one vbd, and at 1, 4 and 16 vbds of one queue each, all served by one backend, 4 KiB random reads and writes at
 //! a fixed total queue depth; a table with ratios against the 1-queue / 1-vbd figure.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The command line: one subcommand per transport (and `demo`), each in its own module.
 
 use std::path::PathBuf;

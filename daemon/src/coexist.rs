@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Refusing to run beside the kernel's own block backend.
 //!
 //! Linux's `xen-blkback` registers the driver `vbd` on the `xen-backend` bus and so claims every

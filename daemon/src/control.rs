@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket (`--control PATH`): live statistics for `blkbackd stats`.
 //!
 //! Protocol: the client sends one line, `stats`, `stats prometheus` or `resize`, and reads the answer until the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd demo`: the whole Xen path on an emulated host, with no hypervisor and no arguments.
 //!
 //! An emulated Xen host (xenstore, event channels, grant tables over memfd guest memory), the xenbus backend

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Logs: `tracing` to stderr, filtered by `RUST_LOG` (default `info`). Records of libraries that use `log`
 //! (vhost, vhost-user-backend, virtio-queue) are forwarded too. `--log-format json` writes one JSON object per
 //! line instead.

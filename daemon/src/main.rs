@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd`: a per-guest userspace block backend.
 //!
 //! `main` parses the command line, sets up logging and signal handling, and hands over to the subcommand's

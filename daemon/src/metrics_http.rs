@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--metrics-listen ADDR`: the Prometheus endpoint. A tiny HTTP/1.1 server on a thread of its own: `GET /metrics`
 //! answers the text exposition (`text/plain; version=0.0.4`) of a registry (`blkbackd vhost-user`) or of any
 //! [`Render`] function (`blkbackd xen`: every guest's worker, merged by `xen::metrics`), anything else 404. One request per

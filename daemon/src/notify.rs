@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! systemd's readiness protocol (`Type=notify`): `READY=1`, `STATUS=...`, `STOPPING=1` as datagrams to the socket
 //! named by `NOTIFY_SOCKET`.
 //!

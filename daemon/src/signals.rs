@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Graceful shutdown on SIGTERM and SIGINT.
 //!
 //! The signals are blocked before any other thread exists (every thread inherits the mask) and taken by one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd vhost-user`: serve a disk to one vhost-user-blk frontend after another.
 
 mod listen;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What an operator sees of the `blkbackd` command line: help with examples for every subcommand, a version
 //! line that names what the build can do, JSON logs on request, usage errors as clap renders them (what is
 //! missing or invalid, the valid values) with exit code 2, one-line setup errors with exit code 1 and a hint where

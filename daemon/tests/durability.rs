@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! No acknowledged write is lost when `blkbackd` is killed: a vhost-user-blk driver writes checksummed records
 //! with several requests in flight and a flush every few writes, the daemon gets `SIGKILL` at a random moment
 //! in the middle of the load, and then the disk (a file, or a loop device read with O_DIRECT) must hold every

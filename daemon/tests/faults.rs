@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Disk errors of real failing storage reach the guest as `VIRTIO_BLK_S_IOERR`, never as success: the real
 //! `blkbackd vhost-user` serves storage that really fails, and the virtio-blk driver of `virtio-driver` checks
 //! every status.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Data isolation over vhost-user, with the real `blkbackd` and a real vhost-user client building exact descriptor
 //! chains: on disks whose size is not a multiple of 4 KiB nor of 512, the last whole block reads and writes, any
 //! request touching what lies beyond is refused with `IOERR`, the partial sector at the end of the image is never

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What Prometheus sees of `blkbackd vhost-user`: the text exposition parses (with `prometheus-parse`, plus the
 //! strict checks it does not make: every sample's family has `# HELP` and `# TYPE`, histogram buckets are
 //! cumulative and end in `+Inf`, `_count` equals the `+Inf` bucket), the per-queue counters keep counting across

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Least privilege of the real `blkbackd vhost-user` process: with `--user nobody` every thread (the ones started
 //! for each connection too) runs as nobody with no capability, `no_new_privs` and the system call filter, while a
 //! frontend does every kind of request and reconnects; started unprivileged it sandboxes itself all the same and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A real VMM: QEMU (TCG) with `vhost-user-blk-pci`, two queues, and a Linux guest (the host's Debian kernel, an
 //! initramfs with busybox and fio) whose `virtio_blk` runs fio with crc32c verify through `blkbackd vhost-user`.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end: the real `blkbackd` serves an image file over vhost-user to the virtio-blk driver of the
 //! `virtio-driver` crate (its vhost-user frontend), and the data goes through to the file. The submodules (one
 //! test binary, less to link) test the dirty log of live migration, adaptive polling and `--io-threads`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `blkbackd vhost-user` process: graceful shutdown on SIGTERM/SIGINT (socket removed, in-flight requests
 //! answered), one-line setup errors with exit code 1 (usage errors: exit code 2), the socket file's life, and the
 //! diskseq pin on real loop devices.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile and unlucky frontends: malformed descriptor chains built on a real split virtqueue, frontends that
 //! disconnect (with requests in flight) and reconnect. The daemon answers or drops each bad chain as the virtio
 //! spec says and keeps serving.

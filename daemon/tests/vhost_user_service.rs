@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd vhost-user` started the ways VMMs and service managers start it: socket activation as systemd does
 //! it (`LISTEN_FDS`, `LISTEN_PID`, the socket as descriptor 3) with readiness on `NOTIFY_SOCKET`, a listening
 //! socket passed with `--fd`, a `--pidfile`, and a socket that `--socket-mode`/`--socket-group` open to an

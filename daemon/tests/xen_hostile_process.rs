@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The hostile Xen frontends of transport-xen's suite (`test_kit::xen_hostile`), played against a
 //! Xen backend on the emulated host in this process, while a `blkbackd vhost-user` process serves another guest
 //! next to it: after every case that guest still reads back what it wrote, the other process is still running, and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Micro-benchmarks of the transport-neutral hot path: virtio-blk descriptor-chain parsing
 //! ([`parse_chain`] over real chains that `virtio-queue`'s driver-side mock built in guest memory) and
 //! [`Request::validate`].

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Opening the disk: a regular file or a block device, O_DIRECT where possible, geometry, and the diskseq pin.
 
 use std::fs::{File, OpenOptions};

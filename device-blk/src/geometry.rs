@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a disk looks like to a guest: size, block sizes, capabilities.
 
 use crate::units::{BlockSize, Sector};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Transport-neutral block device core.
 //!
 //! A guest's ring (a virtqueue or a Xen blkif ring) is parsed by its transport into a [`Request`] whose data

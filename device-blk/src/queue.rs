@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The per-queue request pipeline shared by every transport: validate, resolve guest buffers, submit to the
 //! engine, and hand back completions with the transport's cookie and a [`Status`].
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The transport-neutral request: what every transport parses guest input into, validated once against the disk.
 
 use vm_memory::GuestAddress;

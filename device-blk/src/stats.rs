@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live statistics: per-queue counters and latency histograms that the queue's worker updates with relaxed
 //! atomics (no lock, no allocation on the I/O path) and that a control thread reads at any time.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Newtypes for the units a block device speaks in.
 
 use std::fmt;

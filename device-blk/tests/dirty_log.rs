@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Dirty-page logging for live migration: every byte the device writes into guest memory sets the dirty bit of
 //! its page in the memory's bitmap (here vm-memory's `AtomicBitmap`), and nothing else does.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Geometry and O_DIRECT of disks in regular files, on the default temporary file system and on tmpfs.
 
 mod common;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The io_uring engine and the synchronous engine give the same results.
 //!
 //! Random sequences of reads, writes, flushes, discards, write-zeroes and GET_IDs — valid and invalid ones — run

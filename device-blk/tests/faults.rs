@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Disk errors through the whole per-queue pipeline: a [`BlockQueue`] over a [`FaultyEngine`] wrapping the real
 //! engines on a real file. Every injected failure comes out as an I/O error status (never `Ok`), only the chosen
 //! request fails, the queue keeps serving afterwards, and a polling event loop sees injected completions.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The diskseq pin, block-device geometry, and discard / write-zeroes on REAL loop devices.
 //!
 //! Needs root and `/dev/loop-control` (CI has both); otherwise each test says why and returns. Tests that use loop

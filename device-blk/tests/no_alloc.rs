@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Once warm, the request path (submit, kick, reap, drain) of both engines allocates nothing.
 //!
 //! This binary counts every heap allocation with a global allocator and holds a single test, so nothing else

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `BlockQueue` over both real engines: backpressure, GET_ID, I/O errors, short transfers, limits.
 
 // Test arithmetic on small sizes and offsets (all far below 32 bits).

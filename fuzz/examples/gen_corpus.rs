@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writes the seed corpus: `cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus [DIR]` (default:
 //! `fuzz/corpus`). Each target's seeds come from `seeds()` in its module, built with the project's own encoders,
 //! so they follow the input layouts by construction. Files are named by content, so rerunning adds nothing twice.

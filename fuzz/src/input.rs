@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The byte layouts of the fuzz inputs: a [`Reader`] the targets decode with, and a [`Writer`] the seed generator
 //! encodes with, so that both sides agree on one layout.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fuzz targets for every parser of guest- or xenstore-supplied bytes in the block backend.
 //!
 //! The targets live in this library ([`targets`]) so that the libFuzzer binaries (`fuzz_targets/*.rs`, built by

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared helpers of the workspace's tests (a dev-dependency only; never part of a shipped binary): real loop
 //! devices and mounts that are torn down on drop, failing storage for the fault tests, deterministic byte
 //! patterns, and the hostile Xen frontends played by transport-xen's and the daemon's tests.

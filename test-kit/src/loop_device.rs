@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Real loop devices over files, detached on drop (also when a test panics).
 //!
 //! Tests that use loop devices hold the process's [`LoopLock`] ([`loop_devices`]): the host's loop devices are

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! File systems mounted on fresh temporary directories, unmounted on drop.
 
 use std::path::Path;

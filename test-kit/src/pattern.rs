@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Deterministic test data.
 
 /// Fill `out`, meant for the bytes at `disk_offset` of a disk, with the pattern of `seed`: different for every

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Real failing storage for the fault and durability tests: a small file system that can be filled up
 //! (ENOSPC), sparse images, reads past every cache, where a file's blocks lie, and a file system on a loop device
 //! whose end is cut off (EIO from the block layer).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A test bed on the emulated Xen host: the host, a xenbus backend on its own thread, a toolstack (dom0's
 //! xenstore connection) and a scratch directory for images, with the waits the tests make on the backend.
 

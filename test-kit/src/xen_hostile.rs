@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile frontends end to end, against the real data plane of a backend on the emulated host: a frontend that
 //! speaks the ring protocol and writes its xenstore nodes by hand, and the cases it plays (event-channel storms,
 //! producer indexes going backwards or racing ahead, state flipping randomly, floods of malformed requests,

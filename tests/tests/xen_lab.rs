@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real-Xen proof: Xen 4.17, a PV dom0 and a PV domU whose Linux `xen-blkfront` runs fio, all inside QEMU
 //! (`../shared/xen-lab`), with `blkbackd xen` in dom0 in place of the kernel's blkback.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vbd shapes and toolstack operations a Xen host meets on its first day, on real Xen (the lab of
 //! `../shared/xen-lab`: Xen 4.17, PV dom0 and PV domUs inside QEMU TCG), served by `blkbackd xen` (the host
 //! service) to real Linux blkfronts.

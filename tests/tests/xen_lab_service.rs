@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd xen` as a host service on real Xen (the lab of `../shared/xen-lab`: Xen 4.17, PV dom0 and PV domUs
 //! inside QEMU TCG): one supervisor, one unprivileged worker process per guest, three guests at once.
 //!

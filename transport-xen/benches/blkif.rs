@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Micro-benchmarks of the blkif hot path, for both ABIs: a request decoded and its shape checked
 //! ([`BlkifRequest::decode`], plus [`BlkifRequest::set_indirect_segments`] for indirect requests), turned into the
 //! `device-blk` request (as the data plane does) and validated against the disk ([`Request::validate`]); and one

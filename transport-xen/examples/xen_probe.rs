@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Probe the real Xen services from a (PV) dom0 and report what works.
 //!
 //! ```text

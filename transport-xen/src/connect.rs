@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seam between the xenbus control plane and the ring data plane: what the state machine learned from the
 //! frontend, and what the backend advertises.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Xen blkif backend transport for `device-blk`.
 //!
 //! Xen services (xenstore, event channels, grant tables) sit behind the traits of [`services`], with real

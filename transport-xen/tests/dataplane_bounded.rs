@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Bounded work per round: a frontend that always has one more refused request queued (an unknown operation, a
 //! grant it never gave; each is answered at once and frees its slot) must not keep a worker in its ring loop.
 //! Another guest's I/O keeps completing meanwhile, and `Dataplane::stop` of the hostile guest returns quickly

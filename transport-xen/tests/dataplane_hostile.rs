@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A hostile frontend breaks every rule on purpose; each request gets exactly the expected status, guest memory
 //! the backend may not write stays untouched, and the ring keeps working afterwards.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Data-plane I/O on the emulated host with real grants, real io_uring and a real file: every combination of ABI,
 //! ring order, queue count, persistent grants, direct/indirect requests and grant mode moves data both ways and
 //! leaves nothing mapped.

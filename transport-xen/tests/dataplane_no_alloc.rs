@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Once warm, the Xen data plane's per-request path (take the request off the ring, check it, bind its grants,
 //! submit, reap, answer, notify) allocates nothing, in every grant mode, for direct and indirect requests and
 //! both ABIs.

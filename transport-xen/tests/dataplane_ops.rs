@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Flush, barrier and discard; one map batch per request; one notification per batch; backpressure.
 
 mod dataplane_util;

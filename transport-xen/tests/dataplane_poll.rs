@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive polling in the Xen data plane (`DataplaneOptions::poll_us`): while a worker polls, the ring's request
 //! event index stays behind, so the frontend queues requests without notifying and they are still served; once
 //! the polling time passed without work the worker asks for events again and sleeps. Data moves correctly in

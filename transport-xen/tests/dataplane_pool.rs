@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The I/O thread pool (`DataplaneOptions::io_threads`): several rings of several data planes on few threads,
 //! each ring served (verified data through every queue of every vbd), a halted ring and an event storm on a
 //! shared thread do not stop the others, and stopping releases everything while the other rings go on.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Stopping (also mid-I/O) answers every consumed request and leaves no mapping and no bound port; persistent
 //! grants stay within their bound; failed starts leak nothing.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seed's story end to end on a real loop device: the hotplug script names the device by number and
 //! `diskseq`, waits for `opened` = 1, then drops its own reference (the loop device becomes delete-on-close);
 //! the guest's I/O keeps working on the device the backend holds, and when the backend lets go the loop device

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Disk errors through the Xen path, end to end with the real data plane on the emulated host: an image on a
 //! full tmpfs cannot allocate the holes a guest writes into (ENOSPC), and the blkfront emulator gets
 //! `BLKIF_RSP_ERROR` for exactly those requests, never `BLKIF_RSP_OKAY`, while reads, overwrites and flushes

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile frontends end to end, against the real data plane (see `test_kit::xen_hostile`): each case asserts its
 //! exact outcome and bounded backend CPU, and after each one a well-behaved vbd of another guest, served by the
 //! same backend process, still reads back what it writes. (`daemon/tests/xen_hostile_process.rs` runs the same

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Data isolation on the emulated host: a request never reads or writes outside the granted bytes it names
 //! (`first_sect`..`last_sect` of each page) or outside the disk — including disks whose size is not a multiple of
 //! 4 KiB nor of 512 (the trailing partial sector is never exposed and never modified) — and a response never

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A delete-on-close disk whose backend process died: the loop device went away with the last process holding
 //! it, so the restarted backend that takes the vbd over cannot open it again. What then happens, as the README's
 //! "When a worker dies" section states: the vbd stays Closed (the supervisor closed it), `opened` is 0 (no process

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end on the emulated host with the real data plane: the emulated blkfront connects with each ABI, ring
 //! order 0 and 4, 1 and 4 queues, persistent grants on and off, direct and indirect requests; writes and reads back
 //! data through the shared rings; closes; and no grant mapping is left.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end with the real data plane: flush, barrier, discard (and secure discard, not offered), read-only
 //! disks, requests beyond the end, and the whole-disk workload of the demo.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A backend restarted under a running guest: stopped gracefully (SIGTERM), or killed without a word to xenstore
 //! (with and without `--cleanup` afterwards), or dead before it connected. The vbd goes through Closed (the
 //! frontend sees it), a new backend on the same store takes the existing vbd over, and once the frontend starts

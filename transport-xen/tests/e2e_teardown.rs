@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Teardown with the real data plane while requests are in flight: the frontend closes, the toolstack detaches,
 //! the toolstack removes the directory, the backend process shuts down, a hostile ring is halted. Every time the
 //! grants end up unmapped (the frontend can revoke all of them) and another vbd served by the same process keeps

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The blkfront emulator's handshake against the real backend state machine (data plane recorded, not run):
 //! the rings it sets up in guest memory are what the backend hands to the data plane, its negotiation follows the
 //! backend's limits, and its close leaves no grant behind.

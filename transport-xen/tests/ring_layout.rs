@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The layout constants against the C structures of Xen's `public/io/blkif.h` and `ring.h`, transcribed as
 //! `#[repr(C)]` structs: natural alignment for x86_64, 4-byte alignment of 64-bit fields for x86_32 (the i386
 //! System V ABI), so the compiler computes the offsets the C compiler does.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The shared-ring protocol between `BackRing` and `FrontRing` over plain page-aligned memory: request and
 //! response flow, the event-index notification rules of ring.h, producer-overflow detection, bounds.
 

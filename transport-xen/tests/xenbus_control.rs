@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenbus backend state machine on the emulated host, with the data plane replaced by a recording ring server
 //! so every decision of the control plane is observable: probe, `opened` 0 → 1, diskseq checks (every seed error
 //! case, right and wrong pins on real loop devices), connect for each ring layout, close from either side,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile frontends at the control-plane level: every node a guest writes, written wrong on purpose. Each case
 //! runs on its own vbd of its own guest, served by the same backend process as a well-behaved vbd that must stay
 //! connected and untouched throughout. Each case must end in the `error` node + Closing, be torn down (Closed),

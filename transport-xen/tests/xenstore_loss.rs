@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Losing the xenstore connection: the backend says so in one error line and closes cleanly — every data plane
 //! stopped (what was in flight answered), every grant unmapped, every port unbound, every worker thread joined —
 //! and its loop returns the error instead of spinning or hanging. On the emulated host (xenstored drops the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `XenBusStore` against an in-test xenstored over real unix sockets: request encoding, replies, transactions with
 //! EAGAIN, watch events interleaved with replies, concurrent callers, the socket-path transport.
 

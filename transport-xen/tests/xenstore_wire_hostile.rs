@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `XenBusStore` against a misbehaving xenstored over a real socket: truncated, oversized and garbage replies,
 //! unknown request ids, malformed watch events, silence, and a flood of events. Nothing may panic or hang.
 

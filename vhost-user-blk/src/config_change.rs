@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Telling the frontend that the device configuration changed (the disk grew): the back-end request
 //! `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the channel the frontend gave us with `SET_BACKEND_REQ_FD`. The
 //! frontend then reads the configuration space again (`GET_CONFIG`, answered with the disk's live capacity) and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The dirty bitmap of guest memory over vhost-user: the frontend's migration log once it sends `SET_LOG_BASE`
 //! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and next to nothing until then.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-blk over the [`device_blk`] core: the [`VhostUserBackend`] serving a [`Disk`], and a server that
 //! accepts one frontend connection after another. The core knows nothing of vhost-user; this crate is the thin
 //! adapter (virtqueues in, [`BlockQueue`](device_blk::BlockQueue) requests out), as `transport-xen` is for blkif.

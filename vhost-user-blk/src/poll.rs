@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive polling (`poll_us`): after a kick or a completion, an I/O thread keeps looking at the avail rings and
 //! engine completions of all its queues, with guest kicks disabled, until nothing has happened on any of them for
 //! `poll_us` microseconds; then it re-arms kicks, clears the completion eventfds, looks once more, and only then

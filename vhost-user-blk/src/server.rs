@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Serving a disk to one vhost-user frontend after another on a listening socket.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O threads: which thread serves which queues, the events of a thread's epoll, and one round of a thread's
 //! work.
 //!

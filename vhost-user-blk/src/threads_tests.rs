@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O threads serving several queues each, driven from the test thread the way vhost-user-backend drives them
 //! (`handle_event` with the thread's vrings; the eventfds the backend registers are watched by a small event loop
 //! here): every queue is served with the right data, and a flooded queue does not starve the others of its

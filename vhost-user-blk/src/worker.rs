@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One queue's worker: pops descriptor chains, feeds the [`BlockQueue`], and answers completions.
 //!
 //! It runs on the I/O thread that serves the queue (see [`threads`](super::threads)), which owns the engine: an

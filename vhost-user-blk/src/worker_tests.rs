@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The worker's data path on a real vring in guest memory, driven from the test thread: every request is
 //! answered with the right status and used length, and once warm nothing is allocated per request.
 

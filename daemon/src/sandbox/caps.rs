@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Linux capabilities of the calling thread, through the raw `capget`/`capset` system calls and `prctl`.
 //!
 //! Capabilities belong to a thread, not to a process: `capset` changes only the caller, and a new thread starts

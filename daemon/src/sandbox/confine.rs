@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The confinement of a guest's worker process, done once while it is still root and single-threaded, after it
 //! received every descriptor it will ever need from the supervisor:
 //!

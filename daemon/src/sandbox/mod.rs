@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Least privilege: once `blkbackd` has opened what it needs, it gives up root, its capabilities and most system
 //! calls, so that a guest that took over a data-path thread holds as little as possible.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The system call allow-lists, one per role, compiled to BPF with `seccompiler` (rust-vmm, as Firecracker and
 //! cloud-hypervisor use it).
 //!

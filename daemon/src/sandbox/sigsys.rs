@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What happens on a forbidden system call: the filter answers `SECCOMP_RET_TRAP`, the kernel sends `SIGSYS`
 //! to the calling thread, and this handler writes one line to stderr naming the call and the thread
 //! (`blkbackd: seccomp: forbidden system call 41 (socket) in thread blkif-d1-q0 (tid 812); ending the process`),

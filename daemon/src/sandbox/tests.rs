@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The production filters refuse what they must and allow what serving needs, and Xen data-plane workers on the
 //! emulated host serve every request type with no capability under the worker filter.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--user NAME|UID[:GID]`: who the daemon becomes, resolved once at startup (name lookups may read
 //! `/etc/passwd`, `/etc/group` or ask NSS, which the system call filter would refuse later).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where `blkbackd vhost-user` listens and how a service manager sees it: a socket it binds (`--socket-path`,
 //! with `--socket-mode`/`--socket-group` for a VMM under another user), a listening socket it inherits
 //! (`--fd N`, or systemd socket activation through `LISTEN_FDS`/`LISTEN_PID`), the `--pidfile`, and the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Disk growth over vhost-user: `blkbackd resize --control PATH` asks for a size check now, and a watcher checks
 //! every second (a file extended, a loop device re-read with `losetup -c`, a logical volume extended: the kernel's
 //! size change is seen within the second, as on the Xen side). Growth is announced to the connected frontend with

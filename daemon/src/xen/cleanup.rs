@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd xen --cleanup D`: close the vbds of a domain whose backend died, and answer what its rings hold.
 
 use std::time::Duration;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd xen --metrics-listen ADDR`: one Prometheus endpoint for every guest.
 //!
 //! Design: the supervisor serves `GET /metrics` itself ([`crate::metrics_http`], on a thread of its own: the main

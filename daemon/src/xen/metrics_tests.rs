@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The merged endpoint against fake workers: two that answer as a worker does (a real [`ControlServer`] over a
 //! registry with Xen queue labels), one that never answers, one that floods, one that names another guest, one
 //! that sends something else than an exposition. The merged text is parsed with `prometheus-parse`, as a

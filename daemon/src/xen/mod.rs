@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd xen`: the Xen host service. A small privileged supervisor ([`supervisor`]) watches `backend/vbd`
 //! and runs one unprivileged worker process per guest domain ([`worker`], `blkbackd xen-worker`), which serves
 //! that guest's vbds through the transport's xenbus backend and data plane. The worker opens nothing itself: the

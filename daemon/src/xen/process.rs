@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor's process plumbing: how a worker is started (its descriptor 3, its process group, SIGTERM when
 //! the supervisor dies), signalled and waited for.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Reading every worker's statistics for the merged metrics endpoint ([`super::metrics`]): `stats prometheus`
 //! on each worker's control socket, all at once, under one deadline and byte bounds.
 //!

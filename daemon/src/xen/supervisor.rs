@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor of `blkbackd xen`: watches `backend/vbd` and keeps exactly one worker process per guest domain
 //! that has vbds (of every guest, or of the `--frontend-domid` ones).
 //!

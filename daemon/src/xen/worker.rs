@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd xen-worker`: one guest's vbds, in a process of their own, started by the supervisor.
 //!
 //! It inherits one descriptor, its channel to the supervisor, and asks for the rest (its event socket and its

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live migration over vhost-user: the daemon offers what a VMM needs to migrate a VM whose disk it serves
 //! (`VHOST_F_LOG_ALL`, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`; without them QEMU says "Migration disabled: vhost lacks
 //! VHOST_F_LOG_ALL feature"), and once the frontend hands it a log and turns logging on, every page it writes

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbackd vhost-user --io-threads N`: fewer I/O threads than queues serve every queue (data verified, each
 //! queue's own counters), the process has exactly N I/O threads (named `blkbackd-io<n>`), and a count out of range
 //! is a usage error (exit code 2, clap's message).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive polling (`blkbackd vhost-user --poll-us N`) beyond the data round trips of `vhost_user.rs`: an idle
 //! polling daemon sleeps (a resource bound, not a timing assertion: it would fail by burning a core), and a
 //! frontend that leaves while the daemon polls does not take the daemon with it.

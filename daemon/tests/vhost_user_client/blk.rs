@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk driver of the `virtio-driver` crate over its vhost-user transport, with guest RAM the test
 //! controls and a queue-depth-limited batch runner.
 

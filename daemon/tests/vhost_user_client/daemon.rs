@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Running the real `blkbackd` binary: the one Cargo built for these tests (`CARGO_BIN_EXE_blkbackd`), or the
 //! one `BLKBACKD_BIN` names.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A vhost-user frontend by hand (the `vhost` crate's `Frontend`) with one split virtqueue at fixed guest
 //! addresses, that does what a migrating VMM does and `virtio-driver` cannot: hand the backend a dirty log
 //! (`SET_LOG_BASE` with a memfd), turn logging on (`SET_FEATURES` with `VHOST_F_LOG_ALL`, `SET_VRING_ADDR` with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM of the test driver: a memfd mapped shared, so the daemon can map the same pages.
 
 use std::io;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test support for the vhost-user end-to-end tests: the `blkbackd` process, guest RAM, and two drivers on
 //! the `virtio-driver` crate's vhost-user transport (its virtio-blk driver, and a raw one that can build any
 //! descriptor chain).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A virtio-blk driver that builds arbitrary descriptor chains (including malformed ones) on a real split
 //! virtqueue of `virtio-driver`, over its vhost-user transport.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault injection: an [`IoEngine`] wrapper that fails chosen operations with a chosen errno, for tests that
 //! prove disk errors reach the guest as I/O errors (and never as success) on every transport.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O engines: where validated requests meet the disk.
 //!
 //! An engine takes operations on host buffers (`iovec`s the [`BlockQueue`](crate::BlockQueue) resolved from guest

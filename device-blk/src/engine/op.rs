@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The one definition of what an [`IoOp`] does to the disk, shared by both engines.
 //!
 //! An operation is carried out as a short sequence of system-call-sized [`Step`]s: a read or write continues after

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The synchronous engine: every operation runs to completion with blocking system calls at enqueue time. The
 //! reference the io_uring engine is tested against, and the fallback where io_uring is unavailable.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The io_uring engine: one ring per queue, the disk registered as a fixed file, every operation of a kick
 //! submitted with one `io_uring_enter`, completions signalled on an eventfd registered with the ring.
 //!

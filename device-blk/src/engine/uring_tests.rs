@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Completion delivery of the io_uring engine on the running kernel: deferred task work is run and reaped in
 //! full, and a poller sees waiting completions without a system call.
 

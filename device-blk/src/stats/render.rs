@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The two reports of a [`Registry`]: a human-readable one and the Prometheus text exposition format (version
 //! 0.0.4, what `text/plain; version=0.0.4` announces): every family has `# HELP` and `# TYPE`, counters end in
 //! `_total`, histograms have cumulative `_bucket{le=...}` lines ending in `+Inf`, `_sum` in seconds and `_count`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parsing one virtio-blk request out of a descriptor chain.
 //!
 //! Layout (virtio 1.2, 5.2.6): a driver-readable header descriptor (`le32 type; le32 ioprio; le64 sector`), data

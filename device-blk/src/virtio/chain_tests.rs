@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parser tests on real descriptor chains, built in guest memory by `virtio-queue`'s driver-side mock.
 
 // Small constants (ring flags, test addresses) are narrowed freely here.

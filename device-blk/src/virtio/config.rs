@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk device configuration space (`struct virtio_blk_config`) and the feature bits we offer.
 
 use std::mem::{offset_of, size_of};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-blk: request parsing from `virtio-queue` descriptor chains, the device configuration space, feature
 //! bits, and the device serial (GET_ID).
 //!

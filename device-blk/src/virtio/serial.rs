@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device serial a virtio-blk GET_ID request returns: at most 20 bytes, NUL-padded.
 
 use crate::disk::{Disk, DiskKind};

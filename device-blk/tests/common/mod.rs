@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared pieces of device-blk's integration tests: guest memory, disks in files, and a loop that runs requests
 //! through a real [`BlockQueue`] and waits on its completion eventfd like a transport's event loop.
 

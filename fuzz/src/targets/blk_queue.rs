@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `device_blk::BlockQueue`'s submit path with the synchronous engine on a real file, guest memory of three
 //! regions (two adjacent, one after a hole), and a fuzzed batch of requests, checked against a byte-exact model
 //! of the disk and the guest memory.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `device_blk::Request::validate`, the one check of every request against the disk, against an independent model
 //! computed in 128-bit arithmetic.
 //!

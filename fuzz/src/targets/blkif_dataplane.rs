@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The whole blkif ring consumer: `transport_xen::dataplane::Dataplane` (worker thread, epoll loop, request copy,
 //! decode, indirect pages, grant map / persistent grants / grant copy, `device-blk` queue with the synchronous
 //! engine on a real file, responses and notifications) serving a fuzzed frontend on the emulated Xen host.

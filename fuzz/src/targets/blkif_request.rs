@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! blkif request decoding (`transport_xen::blkif::BlkifRequest::decode` and `set_indirect_segments`) for both
 //! ABIs, including the segment descriptors of indirect pages, and the response codec.
 //!

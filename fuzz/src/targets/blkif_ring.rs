@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backend's side of the blkif shared ring (`transport_xen::blkif::BackRing`), both ABIs, on 1, 2 or 4 pages
 //! whose every byte the fuzzed frontend controls, driven by a fuzzed script of frontend writes and backend calls
 //! and checked against a model of ring.h.

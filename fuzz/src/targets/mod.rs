@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The fuzz targets. Each module documents its input layout and the invariants it asserts, and has `run` (one
 //! input; panics on a violated invariant) and `seeds` (the committed seed corpus).
 

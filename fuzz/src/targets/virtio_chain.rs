@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk descriptor-chain parser (`device_blk::virtio::parse_chain`) on chains that `virtio-queue`
 //! iterates out of fuzzed guest memory: a 16-entry split queue (laid out by `virtio-queue`'s `MockSplitQueue`)
 //! whose descriptors, head index and memory contents (headers, ranges, indirect tables) are all fuzzed, in guest

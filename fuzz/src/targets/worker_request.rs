@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the privileged supervisor reads from a guest's worker process (`transport_xen::separation`): one packet
 //! decoded as a `Request`, then judged by the guest's `Policy`.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Reading a frontend's connection parameters from xenstore (`transport_xen::xenbus::frontend_nodes::
 //! read_connect_config`): `protocol`, `feature-persistent`, `multi-queue-num-queues`, `ring-page-order`, and per
 //! queue `event-channel` and `ring-ref` / `ring-refN`, at the root or under `queue-N/`, each present with a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenstore node parsers (`transport_xen::xenbus::nodes`): `diskseq`, `physical-device`, `mode`, `params`,
 //! paths, domain ids, `online`, `ring-page-order`, `ring-ref*`, `event-channel*`, `protocol` (and
 //! `BlkifAbi::from_protocol_node`), `multi-queue-num-queues`, `state`, numbers and flags; the device-node

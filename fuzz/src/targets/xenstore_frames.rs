@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenstore stream decoder (`transport_xen::xen::wire::FrameDecoder`): bytes from xenstored arrive in
 //! arbitrary pieces and must reassemble into exactly the messages a one-shot model parser finds.
 //!

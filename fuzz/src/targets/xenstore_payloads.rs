@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenstore reply and watch-event payload parsers of `transport_xen::xen::wire`, all run on the same bytes.
 //!
 //! Layout: the payload itself.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real xenstore client (`transport_xen::xen::XenBusStore`) against a hostile xenstored: a peer thread on the
 //! other end of a socket pair answers each request with fuzzed bytes (echoed or forged replies, error replies,
 //! watch events, frames with forged ids and types, unframed garbage, oversized headers).

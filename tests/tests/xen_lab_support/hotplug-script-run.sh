@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # dom0 side of the hotplug-script checks of tests/tests/xen_lab_protocol.rs: `block-blkbackd` run as libxl runs it
 # (`XENBUS_PATH=backend/vbd/D/N block-blkbackd add|remove`) against vbd directories written here by hand in the
 # real xenstore, with a stand-in for blkbackd that opens what the script pins and writes `opened` = 1.

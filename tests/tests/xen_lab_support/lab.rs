@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the real-Xen lab tests share: the lab script (`../shared/xen-lab`), when to skip, a lab that is stopped
 //! when dropped, waiting for another lab on the machine, the release binary, and the `KEY k=v ...` report lines
 //! the dom0 scripts print.

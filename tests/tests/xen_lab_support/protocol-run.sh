@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # dom0 side of tests/tests/xen_lab_protocol.rs: the vbd shapes and toolstack operations a Xen host meets on day
 # one, against `blkbackd xen` (the host service) and real Linux blkfronts.
 #

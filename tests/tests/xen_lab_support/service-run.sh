@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # dom0 side of tests/tests/xen_lab_service.rs: `blkbackd xen` as a host service serving three guests at once.
 #
 # Runs in the lab's dom0 (`xen-lab exec 'bash /mnt/host/bin/service-run.sh'`) and prints what it saw as

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The two blkif request/response layouts, as Xen's `public/io/blkif.h` and `ring.h` lay them out.
 //!
 //! The structures are identical except for the alignment of 64-bit fields: x86_64 aligns `id` to 8 bytes (so it

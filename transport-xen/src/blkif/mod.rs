@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The blkif protocol: request/response layouts of both ABIs, the shared ring, request decoding and validation.
 //!
 //! Everything is generic over [`BlkifLayout`] ([`X86_64`] or [`X86_32`]): one implementation, two sets of

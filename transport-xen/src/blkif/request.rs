@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Requests and responses: decoding a request copied out of the ring (then validating the copy), and encoding
 //! (for frontends: the test frontend and the blkfront emulator).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The shared ring, as Xen's `public/io/ring.h` defines it, from the backend's side ([`BackRing`]) and, for test
 //! frontends and the blkfront emulator, from the frontend's side ([`FrontRing`]).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The ring half of the supervisor path: answering what a dead backend left behind.
 //!
 //! When a backend process dies, the requests it had taken from the ring (and those the frontend queued after) are

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The data plane: serve a connected frontend's rings on a disk.
 //!
 //! [`Dataplane::start`] maps each queue's ring, binds its event channel, builds its I/O engine, and spawns one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A bounded set of I/O threads serving the rings of every data plane of a process ([`IoThreads`]).
 //!
 //! Without a pool each ring gets a thread of its own; at many rings (queues × vbds) that costs a thread wake-up

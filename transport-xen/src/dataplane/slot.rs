@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One in-flight request of a queue: the decoded blkif request, its `device-blk` form, the pages it holds, and
 //! the steps (phases) it still has to run.
 

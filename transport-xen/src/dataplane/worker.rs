@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One queue's worker: the epoll loop over the event channel, the engine's completions and the stop eventfd.
 
 use std::os::fd::{AsRawFd, RawFd};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Emulated event channels: a switch connecting ports in pairs, with `/dev/xen/evtchn` delivery semantics.
 //!
 //! Each handle ([`EmulatedEventChannel`], one "open of `/dev/xen/evtchn`") has an eventfd that becomes readable

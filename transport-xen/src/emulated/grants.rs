@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Emulated grant tables over guest memory that is a memfd owned by the emulated guest.
 //!
 //! A guest grants one of its pages to a domain ([`GrantHost::grant_access`]); the grantee maps grant refs with

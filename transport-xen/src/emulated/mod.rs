@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An emulated Xen host, so the whole transport runs in tests and the demo without a hypervisor.
 //!
 //! [`EmulatedHost`] holds an in-memory xenstore ([`EmulatedXenStore`]), an event-channel switch

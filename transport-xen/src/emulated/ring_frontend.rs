@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest side of one blkif ring on the emulated host: ring pages in guest memory granted to dom0, an unbound
 //! event-channel port, and helpers to grant data pages, submit requests and wait for responses.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A backend process on the emulated host: a [`XenBackend`] over its own dom0 xenstore connection, driven by its
 //! own thread as `blkbackd xen` drives it, stopped (gracefully) on drop.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The blkfront emulator: a guest's block frontend on the emulated host, doing what Linux xen-blkfront does.
 //!
 //! [`Blkfront::connect`] waits for the backend's InitWait, negotiates ring order and queues against the backend's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Linux blkfront's side of the xenbus handshake, at the node level: what it reads from the backend and what it
 //! writes, with its node names and order (`talk_to_blkback`, `blkfront_connect`, `blkfront_gather_backend_features`).
 //!

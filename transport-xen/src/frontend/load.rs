@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Workloads for the blkfront emulator: fill and verify a whole disk, and a random read/write load at a fixed
 //! queue depth that verifies every read against what was last written and measures IOPS and latency.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest side of the emulated Xen host (feature `test-utils`): a blkfront emulator that performs Linux
 //! blkfront's handshake and I/O over real grants and event channels, and the toolstack's part (libxl and the
 //! `block` hotplug script) that creates vbds.

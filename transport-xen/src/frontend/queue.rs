@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One blkfront queue: a shared ring in guest memory, its event channel, and requests whose data pages are
 //! really granted to the backend (per request, or once and reused with persistent grants; direct or indirect).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The toolstack's part, as libxl and the `block` hotplug script do it: create a vbd's backend and frontend
 //! directories in one transaction with their permissions, write `physical-device` + `diskseq` in one transaction
 //! once the backend shows `opened`, detach (`online` = 0, `state` = Closing), remove.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Waiting for xenstore nodes, the way a guest driver or the toolstack does: a watch, and a re-read on each event.
 
 use std::os::fd::RawFd;

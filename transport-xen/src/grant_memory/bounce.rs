@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A queue's bounce pool for the grant-copy path: page-aligned anonymous memory handed out page by page.
 //!
 //! The pool is one mapping, so it can be registered with io_uring as one fixed buffer once the engine offers

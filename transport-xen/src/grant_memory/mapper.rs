@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-request access to the guest's data pages: map (one batch per request, or persistent), or grant-copy
 //! through the bounce pool; and reading the descriptor pages of indirect requests.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Granted pages as `vm-memory` guest memory, so that `device-blk` sees a Xen request like any other.
 //!
 //! A request's data pages become the regions of a small per-request [`GrantMemory`]: segment `i` of a request

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Persistent grants (`feature-persistent`): grants the frontend reuses for every request stay mapped, up to a
 //! bound per ring, least recently used evicted beyond it.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor's side of one worker: a thread that answers the worker's requests on a xenstore connection of
 //! its own, within the worker's [`Policy`], opens the worker's disks and event-channel handles, and forwards the
 //! worker's watch events.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The worker's side of its channel to the supervisor: the transport's service traits ([`XenStore`],
 //! [`EventChannelOpener`], [`DiskOpener`]) answered by the supervisor's broker, so that the worker itself opens
 //! nothing and speaks to xenstore only through the broker's policy.

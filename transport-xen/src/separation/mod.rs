@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Privilege separation for a Xen block backend: a privileged supervisor and one unprivileged worker process per
 //! guest, joined by a socket pair.
 //!

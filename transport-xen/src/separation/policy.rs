@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a guest's worker may do in xenstore, through the supervisor: only its own guest's vbds.
 //!
 //! A worker of domain `D` served from backend domain path `P` may

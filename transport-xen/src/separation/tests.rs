@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor's broker and the worker's client, in one process over a real socket pair, on the emulated
 //! xenstore: a worker reaches its own guest's vbd nodes and nothing else, gets its disks opened from the nodes
 //! the toolstack wrote (never from what the worker wrote), and a worker that sends garbage is cut off.

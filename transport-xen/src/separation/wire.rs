@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The messages between the supervisor and a guest's worker process, over a `SOCK_SEQPACKET` socket pair (one
 //! message per packet, descriptors attached with `SCM_RIGHTS`).
 //!

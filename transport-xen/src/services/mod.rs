@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The Xen services a backend needs, behind traits: xenstore, event channels and grant tables.
 //!
 //! Each has a real implementation over `/dev/xen/{xenbus,evtchn,gntdev}` (see the real-Xen issue) and an

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`EvtchnDevice`]: event channels through Linux's `/dev/xen/evtchn`.
 //!
 //! Each open is an independent handle with its own ports. A port that fires is queued in the handle and masked;

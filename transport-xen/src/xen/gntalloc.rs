@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`GntAlloc`]: granting our own pages to a domain through Linux's `/dev/xen/gntalloc` (the frontend side of a
 //! grant). A backend does not need it; it lets the real-Xen probe and lab tests create grants to map and copy
 //! without a guest (dom0 granting pages to itself).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`GntDev`]: grant mapping and grant copy through Linux's `/dev/xen/gntdev`.
 //!
 //! Mapping is two steps: `IOCTL_GNTDEV_MAP_GRANT_REF` registers a batch of refs and returns an offset ("index") in

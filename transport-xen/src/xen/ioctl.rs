@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `/dev/xen` ioctl ABI: request numbers and `#[repr(C)]` argument structs, transcribed from the Linux uapi
 //! headers `include/uapi/xen/{evtchn,gntdev,gntalloc}.h`, and one checked `ioctl` call.
 //!

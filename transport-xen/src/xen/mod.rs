@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real Xen services behind the traits of [`crate::services`], on Linux's `/dev/xen` interfaces, with no C
 //! library: thin safe wrappers of the character devices and their ioctls (numbers and structs from the Linux uapi
 //! headers, see [`ioctl`]).

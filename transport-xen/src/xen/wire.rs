@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenstore wire protocol (Xen's `public/io/xs_wire.h`): message framing and payload codecs.
 //!
 //! A message is a `struct xsd_sockmsg` header (`type`, `req_id`, `tx_id`, `len`: four host-endian `u32`) followed

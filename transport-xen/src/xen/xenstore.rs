@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`XenBusStore`]: the [`XenStore`] trait over the real xenstore wire protocol.
 //!
 //! # Design: one connection, one reader thread

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backend state machine of one vbd (`backend/vbd/<domid>/<devid>`), after Linux xen-blkback's xenbus.c and
 //! the seed's `diskseq` / `opened` nodes.
 //!

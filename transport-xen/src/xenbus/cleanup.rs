@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor path for a backend that died (`blkbackd xen --cleanup`, a hotplug script's `remove`, a service
 //! manager's stop hook): move its vbds to Closed with an `error` node saying why, and answer the requests it left
 //! on the rings with an I/O error, so that the guest's I/O fails instead of hanging.

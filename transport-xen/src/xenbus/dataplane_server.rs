@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real data plane ([`Dataplane`]) behind the control plane's [`RingServer`] seam.
 
 use std::os::fd::RawFd;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Which disk the toolstack named, and opening it: `physical-device` (+ `diskseq` pin) or a `params` image file.
 
 use std::os::unix::fs::FileTypeExt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Reading what the frontend published when it went Initialised: rings, event channels, protocol, features.
 //!
 //! The frontend's directory belongs to the guest: every node is hostile. The counts are parsed and bounded before

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The xenbus side of the block backend: the per-vbd state machine that negotiates with the frontend through
 //! xenstore, the parsers for every node it reads, and the supervisor that runs one state machine per vbd.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parsers for xenstore values.
 //!
 //! Every value is hostile: it may be empty, huge, non-UTF-8 or contain NUL bytes. Each parser checks the length

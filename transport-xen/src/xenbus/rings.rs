@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control plane's view of the data plane: start serving a connected frontend's rings, learn when a ring
 //! halted, stop. Injected into the state machine so it runs with the real `Dataplane` or any other server.
 

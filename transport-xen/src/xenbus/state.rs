@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! XenbusState (`xen/include/public/io/xenbus.h`) and the paths of one vbd.
 
 use crate::services::DomId;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor: watches `backend/vbd` (of all frontends, or of one domain), runs one [`VbdBackend`] per vbd,
 //! picks up vbds as the toolstack adds and removes them, and drives everything from one thread over the store's
 //! watch descriptor and the data planes' fatal-error descriptors.

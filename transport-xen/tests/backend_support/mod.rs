@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A backend "process" on the emulated host whose xenstore connection the test holds: it can be stopped
 //! gracefully (as `blkbackd` on SIGTERM), or lose its xenstore connection (xenstored going away, or the process
 //! being killed: the nodes stay as they were). Plus what the tests check afterwards: the names of this process's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test bed for the data-plane tests: an emulated host, one guest with one `RingFrontend` per queue, a temporary
 //! disk file, and a running `Dataplane`; plus a minimal frontend that moves data through the rings with real
 //! grants (direct or indirect requests).

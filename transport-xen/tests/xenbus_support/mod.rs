@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared pieces of the xenbus control-plane tests: a recording ring server (the data-plane seam, so the state
 //! machine's decisions are observable exactly), a test bed (emulated host + backend thread + toolstack), and
 //! loop devices (the test kit's) for the diskseq tests.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An in-test xenstored: speaks the wire protocol over a real unix socket with its own framing code (independent
 //! of the crate's codec), serves a small in-memory tree with watches and transactions, and can be scripted to
 //! misbehave.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Confinement of an engine's ring with `IORING_REGISTER_RESTRICTIONS`.
 //!
 //! Work handed to io_uring never passes through seccomp: without an allowlist, a queue thread taken over by a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One io_uring shared by the queues of one thread: each queue gets a [`UringLane`], an [`IoEngine`] of its own
 //! depth over the thread's ring.
 //!

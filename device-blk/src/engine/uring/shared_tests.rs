@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The shared ring's lanes: each gets back only its own completions, none takes more than its depth, and a round
 //! holds submissions back until it ends.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Taking requests from the ring: copy each out once, decode and check the copy, bind its pages and submit it
 //! to the engine (or answer it at once), with a bounded amount of work per round.
 

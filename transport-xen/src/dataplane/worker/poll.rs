@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive polling (`DataplaneOptions::poll_us`): after a round that took requests or answered some, a queue's
 //! worker keeps looking at its shared ring and its engine's completions until nothing has happened for the
 //! polling time, then re-arms the ring's request event index, looks once more and only then sleeps in epoll

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The emulated Xen host: one xenstore, one event-channel switch, the domains' grant tables, and guest domains
 //! whose memory is a memfd.
 

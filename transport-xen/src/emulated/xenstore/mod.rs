@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! An in-memory xenstore with xenstored's semantics where a backend can observe them: per-connection watches
 //! (fired for the node and everything below it, plus once on registration), transactions that fail with
 //! [`XenError::Again`] when a node they touched changed meanwhile, permissions (owner + ACL, dom0 privileged,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The emulated xenstore's node tree: path rules, nodes with permissions and generations, permission checks.
 //!
 //! Paths are absolute (`/a/b`), made of `[A-Za-z0-9_@-]` components separated by single slashes; the root `/`

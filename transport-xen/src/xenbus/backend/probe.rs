@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Probing one vbd: the first look at a backend directory in Initialising (or, when taking over from a previous
 //! backend, in whatever state it left), the feature nodes published before InitWait.
 

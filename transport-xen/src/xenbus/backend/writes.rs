@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! How one vbd's backend writes into its store directory: the state, its nodes and the error node, each in one
 //! transaction that first checks the directory is still the one we probed (not removed, not re-created).
 
