@@ -15,8 +15,21 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use device_blk::{BlockQueue, Disk, DiskOptions, EngineKind, Request, RequestKind, Sector, Segment, Status};
+//! use device_blk::{BlockQueue, Disk, DiskOptions, EngineKind, OwnsGuestMemory, Request, RequestKind, Sector, Segment, Status};
 //! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! // What travels with a request: the VMM's id for it, and the guest memory it names (kept mapped by the `Arc`).
+//! struct Cookie {
+//!     id: u16,
+//!     mem: Arc<GuestMemoryMmap>,
+//! }
+//! // SAFETY: the memory lives behind the cookie's `Arc`, mapped as long as the `Arc` lives.
+//! unsafe impl OwnsGuestMemory for Cookie {
+//!     type Memory = GuestMemoryMmap;
+//!     fn guest_memory(&self) -> &GuestMemoryMmap {
+//!         &self.mem
+//!     }
+//! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
@@ -26,24 +39,24 @@
 //! let disk = Arc::new(Disk::open(&path, &DiskOptions::default())?);
 //! // One queue: an io_uring engine (or the synchronous fallback) with room for 32 requests in flight.
 //! let engine = EngineKind::Auto.build(disk.clone(), 32)?;
-//! let mut queue: BlockQueue<u16> = BlockQueue::new(*disk.geometry(), *b"my-vmm-disk-0\0\0\0\0\0\0\0", engine);
+//! let mut queue: BlockQueue<Cookie> = BlockQueue::new(*disk.geometry(), *b"my-vmm-disk-0\0\0\0\0\0\0\0", engine);
 //!
 //! // Guest memory as the VMM maps it; the guest put "hello" in a 4 KiB buffer at 0x1000.
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?);
 //! mem.write_slice(b"hello", GuestAddress(0x1000))?;
 //!
 //! // The transport parses its ring into a reused `Request` (here: write 4 KiB at sector 8), with its own cookie.
 //! let mut request = Request::with_capacity();
 //! request.reset(RequestKind::Write, Sector(8));
 //! request.segments.push(Segment { addr: GuestAddress(0x1000), len: 4096 });
-//! // SAFETY: `mem` stays mapped until the request comes out of `drain` below.
-//! unsafe { queue.submit(&request, &mem, 7) }.map_err(|_| "queue full")?;
+//! // The cookie owns the memory: no `unsafe` at the call.
+//! queue.submit_owned(&request, Cookie { id: 7, mem: mem.clone() }).map_err(|_| "queue full")?;
 //! queue.kick()?; // one submission for everything started since the last kick
 //!
 //! // The VMM's event loop polls `queue.completion_fd()`; here we just wait for the one completion.
 //! let mut done = Vec::new();
 //! while done.is_empty() {
-//!     queue.drain(|finished| done.push((finished.cookie, finished.status)));
+//!     queue.drain(|finished| done.push((finished.cookie.id, finished.status)));
 //! }
 //! assert_eq!(done, [(7, Status::Ok)]);
 //! # Ok(())
@@ -64,7 +77,7 @@ pub mod virtio;
 pub use disk::{Disk, DiskError, DiskKind, DiskOptions, SizeChange};
 pub use engine::{Completion, EngineError, EngineKind, IoEngine, IoOp};
 pub use geometry::Geometry;
-pub use queue::{BlockQueue, Finished};
+pub use queue::{BlockQueue, Finished, OwnsGuestMemory};
 pub use request::{DiskRange, Request, RequestError, RequestKind, Segment, Status, ID_BYTES, MAX_SEGMENTS};
 pub use units::{BlockSize, Sector, SECTOR_SIZE};
 

@@ -44,6 +44,28 @@ struct Slot<C> {
 // engine; they are never dereferenced outside the engine's contract, so moving the slot between threads is sound.
 unsafe impl<C: Send> Send for Slot<C> {}
 
+/// A cookie that owns the guest memory its request's segments name, for [`BlockQueue::submit_owned`] (as a
+/// vhost-user request's cookie holds an `Arc` of the memory snapshot it was parsed from).
+///
+/// # Safety
+/// [`guest_memory`](OwnsGuestMemory::guest_memory) must return the same memory every time, that memory must stay
+/// mapped (not unmapped, not remapped) for as long as the cookie lives, and it must not move when the cookie moves
+/// (it lives behind a pointer the cookie holds, such as an `Arc`).
+pub unsafe trait OwnsGuestMemory {
+    /// The guest memory type.
+    type Memory: GuestMemoryBackend;
+    /// The memory the request's segments name.
+    fn guest_memory(&self) -> &Self::Memory;
+}
+
+// SAFETY: an `Arc`'s target does not move with the `Arc`, and lives as long as it.
+unsafe impl<M: GuestMemoryBackend> OwnsGuestMemory for std::sync::Arc<M> {
+    type Memory = M;
+    fn guest_memory(&self) -> &M {
+        self
+    }
+}
+
 /// One queue's pipeline over an [`IoEngine`]: a slab of in-flight slots indexed by the engine token, with no
 /// allocation per request once warm, and backpressure through [`has_room`](BlockQueue::has_room).
 pub struct BlockQueue<C> {
@@ -161,8 +183,23 @@ impl<C> BlockQueue<C> {
         self.engine.ring_restricted()
     }
 
+    /// Validate `request` and start it, the safe way: the cookie owns the guest memory the request's segments
+    /// name ([`OwnsGuestMemory`]), and the queue keeps the cookie until the request comes out of
+    /// [`drain`](BlockQueue::drain), so the memory stays mapped for as long as the I/O may touch it. Otherwise as
+    /// [`submit`](BlockQueue::submit).
+    pub fn submit_owned(&mut self, request: &Request, cookie: C) -> Result<(), C>
+    where
+        C: OwnsGuestMemory,
+    {
+        let mem: *const C::Memory = cookie.guest_memory();
+        // SAFETY: `OwnsGuestMemory` promises the memory does not move with the cookie and stays mapped while the
+        // cookie lives; the queue holds the cookie until the request is drained (or hands it back at once).
+        unsafe { self.submit(request, &*mem, cookie) }
+    }
+
     /// Validate `request` and start it. Requests that fail validation (or need no I/O, like GET_ID) finish at
     /// once and come out of the next [`drain`](BlockQueue::drain). Returns the cookie back if no slot is free.
+    /// Prefer [`submit_owned`](BlockQueue::submit_owned), whose cookie owns the memory.
     ///
     /// # Safety
     /// The guest memory that `request`'s segments name in `mem` must stay mapped, and must not be unmapped or

@@ -17,7 +17,7 @@ use super::dirty::DirtyBitmap;
 use super::VhostUserBlkOptions;
 use device_blk::disk::Disk;
 use device_blk::engine::{EngineError, SharedUring};
-use device_blk::queue::{BlockQueue, Finished};
+use device_blk::queue::{BlockQueue, Finished, OwnsGuestMemory};
 use device_blk::request::Request;
 use device_blk::virtio::{parse_chain, status_code, ChainError, Parsed};
 
@@ -33,11 +33,20 @@ pub type BlkVring = VringRwLock<AtomicGuestMemory>;
 type RingState = VringState<AtomicGuestMemory>;
 
 /// What travels with a request through the engine: where to answer, and the memory snapshot that keeps the
-/// request's buffers mapped until it completes (the safety contract of [`BlockQueue::submit`]).
+/// request's buffers mapped until it completes ([`OwnsGuestMemory`], for [`BlockQueue::submit_owned`]).
 struct Cookie {
     head: u16,
     status: GuestAddress,
     mem: Arc<GuestMemory>,
+}
+
+// SAFETY: the snapshot lives behind the cookie's `Arc` (it does not move with the cookie) and stays mapped as long
+// as the `Arc` does; `guest_memory` always returns that snapshot.
+unsafe impl OwnsGuestMemory for Cookie {
+    type Memory = GuestMemory;
+    fn guest_memory(&self) -> &GuestMemory {
+        &self.mem
+    }
 }
 
 /// A queue's request pipeline and the state of its ring processing.
@@ -336,10 +345,9 @@ impl QueueWorker {
             let head = chain.head_index();
             match parse_chain(chain, &**mem, self.seg_max, &mut self.request) {
                 Parsed::Request { status } => {
+                    // The segments point into `mem`, and the cookie owns that very snapshot.
                     let cookie = Cookie { head, status, mem: Arc::clone(mem) };
-                    // SAFETY: the segments point into `mem`, and the cookie holds an `Arc` of that very
-                    // snapshot, which keeps every region mapped until the cookie comes out of `drain`.
-                    if unsafe { self.queue.submit(&self.request, &**mem, cookie) }.is_err() {
+                    if self.queue.submit_owned(&self.request, cookie).is_err() {
                         ring.get_queue_mut().go_to_previous_position();
                         self.blocked = true;
                         return false;
