@@ -11,6 +11,7 @@
 
 mod client;
 mod lab;
+mod lab_cpu;
 mod micro;
 mod proc_usage;
 mod scaling;
@@ -47,6 +48,8 @@ enum Command {
     MicroTable(micro::MicroTableArgs),
     /// The real Xen lab's side-by-side run (kernel blkback, qdisk, blkbackd) as one Markdown table.
     LabTable(lab::LabTableArgs),
+    /// The real Xen lab's backend CPU per I/O (benches/lab/cpu-per-io.sh: kernel blkback, qdisk, blkbackd).
+    LabCpuTable(lab_cpu::LabCpuTableArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -139,6 +142,10 @@ fn main() -> Result<()> {
         Command::Memory(args) => memory(args),
         Command::LabTable(args) => {
             println!("{}", lab::run(&args)?);
+            Ok(())
+        }
+        Command::LabCpuTable(args) => {
+            println!("{}", lab_cpu::run(&args)?);
             Ok(())
         }
         Command::MicroTable(args) => {
