@@ -120,9 +120,16 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
         "| fio job (domU) | backend | runs | read+write IOPS per run | median IOPS | backend CPU µs/I/O per run | \
          median µs/I/O | dom0 busy µs/I/O (median) |\n|---|---|---|---|---|---|---|---|\n",
     );
+    // The three peers first, then any other (e.g. `blkbackd-before`, an older build side by side).
+    let mut peers: Vec<(&str, &str)> = PEERS.to_vec();
+    for run in runs {
+        if !peers.iter().any(|(p, _)| *p == run.peer) {
+            peers.push((&run.peer, &run.peer));
+        }
+    }
     let mut by_job: BTreeMap<&str, BTreeMap<&str, Medians>> = BTreeMap::new();
     for job in &jobs {
-        for (peer, label) in PEERS {
+        for &(peer, label) in &peers {
             let mut these: Vec<&Run> = runs.iter().filter(|r| r.job == *job && r.peer == peer).collect();
             these.sort_by_key(|r| r.round);
             let Some(m) = medians(&these) else { continue };
@@ -209,12 +216,13 @@ cpu-per-io: peer=blkbackd job=4k round=3 status=ok read_iops=400 write_iops=400 
 cpu-per-io: peer=kernel job=1m round=1 status=ok read_iops=20 write_iops=20 ios=600 runtime_ms=15000 backend_cpu_ms=60 us_per_io=100.0 tasks=1
 cpu-per-io: peer=blkbackd job=1m round=1 status=ok read_iops=10 write_iops=10 ios=300 runtime_ms=15000 backend_cpu_ms=60 us_per_io=200.0 tasks=2
 cpu-per-io: peer=qdisk job=1m round=1 status=fail why=no-fio-start
+cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops=5 ios=150 runtime_ms=15000 backend_cpu_ms=60 us_per_io=400.0 tasks=2
 ";
 
     #[test]
     fn parses_the_runs_and_the_failures() {
         let (runs, failed) = parse(OUTPUT);
-        assert_eq!(runs.len(), 7);
+        assert_eq!(runs.len(), 8);
         assert_eq!(
             runs[0],
             Run {
@@ -250,6 +258,8 @@ cpu-per-io: peer=qdisk job=1m round=1 status=fail why=no-fio-start
         // no qdisk run at 1 MiB: its ratios are left blank
         assert!(table.contains("| randrw 50/50 1M QD4 | — | 2.00 (missed) | — | 0.50 (missed) |"), "{table}");
         assert!(table.contains("Failed runs (left out): qdisk 1m round 1: no-fio-start."), "{table}");
+        // another peer gets its own row, after the three
+        assert!(table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — |"), "{table}");
     }
 
     #[test]
