@@ -2,12 +2,16 @@
 # Backend CPU per I/O in the real Xen lab: kernel blkback, QEMU qdisk and `blkbackd xen` side by side, in one
 # lab boot (with blkbackd and this script in $XENLAB_DIR/share/bin):
 #   xen-lab boot --no-blkback && xen-lab wait-dom0 && xen-lab exec 'bash /mnt/host/bin/cpu-per-io.sh'
-# For ROUNDS rounds x PEERS x JOBS, a fresh PV domU runs the lab's fio perf job (no verify job) on a disk served
-# by the peer (a loop device on a dom0 tmpfs file, as for every peer). The backend's own CPU time (utime+stime of
-# /proc/PID/stat, all threads, exited ones included) is read when the domU's console says FIO-START and again
-# when it says FIO-RC (the domU then waits in a shell, `xenlab.shell=1`, so its backend is still there; it is
-# destroyed after the reading):
-#   kernel    the ring kernel threads blkback.<domid>.<dev>-<ring> (comm, 15 characters)
+# For ROUNDS rounds x PEERS x JOBS (kernel blkback's runs first, see the end), a fresh PV domU runs the lab's fio
+# perf job (no verify job) on a disk served by the peer (a loop device on a dom0 tmpfs file, as for every peer),
+# with the domU kernel arguments xenlab.rw= rwmixread= bs= iodepth= runtime= size= vsize=0 of the lab's domU
+# /init (4k: randrw 50/50 4k QD16, the lab's default job; 1m: randrw 50/50 1M QD4). The backend's own CPU time
+# (utime+stime of /proc/PID/stat, all threads, exited ones included) is read when the domU's console says
+# FIO-START and again when it says FIO-RC (the domU then waits in a shell, `xenlab.shell=1`, so its backend is
+# still there; it is destroyed after the reading):
+#   kernel    the ring kernel threads "<domid>.<dev>-<ring>" (blkback_name + "%s-%d" in Linux 6.1's
+#             xen_update_blkif_status); the I/O completions, which kernel blkback runs in the loop driver's
+#             completion context, are not theirs: a lower bound
 #   qdisk     the dom0 QEMU serving the guest's qdisk backends (`-xen-domid <domid>` ... `-xen-attach`; libxl
 #             starts one per PV guest with a qdisk disk) and a dom0-wide one (`-xen-domid 0`) if there is one
 #   blkbackd  every blkbackd process (the service's supervisor and the guest's worker); a peer `blkbackd-X`
@@ -213,9 +217,17 @@ run() {
 note "dom0 $(uname -r), $(nproc) vCPUs, CLK_TCK=$HZ; rounds=$ROUNDS peers=$PEERS jobs=$JOBS runtime=${RUNTIME}s size=$SIZE disk=$DISK_SIZE domu_extra=$DOMU_EXTRA"
 [ -x "$BIN" ] || note "no $BIN: the blkbackd peer will fail"
 : >"$OUT/cpu-blkbackd.log"
+# Kernel blkback's runs come first, all of them with the module loaded once: loaded again after an rmmod (needed
+# while the others run: it would take the userspace peer's vbds too), it served 0-sector disks in this lab.
+for P in $PEERS; do
+  [ "$P" = kernel ] || continue
+  for R in $(seq 1 "$ROUNDS"); do
+    for J in $JOBS; do run "$P" "$J" "$R"; done
+  done
+done
 for R in $(seq 1 "$ROUNDS"); do
   for J in $JOBS; do
-    for P in $PEERS; do run "$P" "$J" "$R"; done
+    for P in $PEERS; do [ "$P" = kernel ] || run "$P" "$J" "$R"; done
   done
 done
 blkback unload
