@@ -259,7 +259,10 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
         assert!(table.contains("| randrw 50/50 1M QD4 | — | 2.00 (missed) | — | 0.50 (missed) |"), "{table}");
         assert!(table.contains("Failed runs (left out): qdisk 1m round 1: no-fio-start."), "{table}");
         // another peer gets its own row, after the three
-        assert!(table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — |"), "{table}");
+        assert!(
+            table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — |"),
+            "{table}"
+        );
     }
 
     #[test]
