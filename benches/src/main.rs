@@ -12,6 +12,7 @@
 
 mod client;
 mod lab;
+mod lab_cpu;
 mod micro;
 mod proc_usage;
 mod scaling;
@@ -48,6 +49,8 @@ enum Command {
     MicroTable(micro::MicroTableArgs),
     /// The real Xen lab's side-by-side run (kernel blkback, qdisk, blkbackd) as one Markdown table.
     LabTable(lab::LabTableArgs),
+    /// The real Xen lab's backend CPU per I/O (benches/lab/cpu-per-io.sh: kernel blkback, qdisk, blkbackd).
+    LabCpuTable(lab_cpu::LabCpuTableArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +143,10 @@ fn main() -> Result<()> {
         Command::Memory(args) => memory(args),
         Command::LabTable(args) => {
             println!("{}", lab::run(&args)?);
+            Ok(())
+        }
+        Command::LabCpuTable(args) => {
+            println!("{}", lab_cpu::run(&args)?);
             Ok(())
         }
         Command::MicroTable(args) => {

@@ -56,6 +56,9 @@ impl<M> RequestPages<M> {
     }
 }
 
+/// A page of a persistent mapping, and the mapping (held while the page is in use).
+type CachedPage<M> = (*mut u8, Rc<M>);
+
 /// The per-queue page binder.
 #[derive(Debug)]
 pub struct SegmentMapper<G: GrantTable> {
@@ -137,7 +140,9 @@ impl<G: GrantTable> SegmentMapper<G> {
         };
         let pages = ind.pages.min(MAX_INDIRECT_PAGES);
         let grefs = &ind.grefs[..pages];
-        match self.mode {
+        let mode = self.mode;
+        match mode {
+            GrantMode::Map if self.load_indirect_persistent(grefs) => {}
             GrantMode::Map => {
                 let m =
                     self.grants.map(self.domid, grefs, MapAccess::ReadOnly).map_err(|_| RequestFault::IndirectPages)?;
@@ -160,6 +165,57 @@ impl<G: GrantTable> SegmentMapper<G> {
             }
         }
         req.set_indirect_segments(&self.indirect[..pages * XEN_PAGE_SIZE])
+    }
+
+    /// With persistent grants, copy the descriptor pages `grefs` into `self.indirect` from the persistent cache,
+    /// mapping the missing ones into it; `false` (nothing done) if the cache cannot take them or the map fails
+    /// (e.g. a page granted read-only), for the caller to map them for this request only.
+    ///
+    /// Linux blkfront takes indirect pages from its persistent grants and keeps one persistent only while the
+    /// backend still has it mapped at completion: otherwise it revokes it and grants a fresh page next time.
+    /// Unmapping them after every request (as the per-request path does) therefore makes blkfront cycle new
+    /// grant refs through the shared pool, and the cache misses on data pages too (Linux blkback maps indirect
+    /// pages through its persistent grants as well).
+    fn load_indirect_persistent(&mut self, grefs: &[GrantRef]) -> bool {
+        let Some(cache) = self.persistent.as_mut() else {
+            return false;
+        };
+        // Hold the cached pages (so that making room cannot evict them) and gather the misses.
+        let mut held: [Option<CachedPage<G::Mapping>>; MAX_INDIRECT_PAGES] = Default::default();
+        self.misses.clear();
+        for (slot, &gref) in held.iter_mut().zip(grefs) {
+            *slot = cache.lookup(gref);
+            if slot.is_none() && !self.misses.contains(&gref) {
+                self.misses.push(gref);
+            }
+        }
+        if !self.misses.is_empty() {
+            if !cache.make_room(self.misses.len()) {
+                return false;
+            }
+            let Ok(m) = self.grants.map(self.domid, &self.misses, MapAccess::ReadWrite) else {
+                return false;
+            };
+            let group = cache.insert(m, &self.misses);
+            for (slot, gref) in held.iter_mut().zip(grefs) {
+                if slot.is_none() {
+                    let page = self.misses.iter().position(|g| g == gref).unwrap_or(0);
+                    *slot = Some((group.as_ptr().wrapping_add(page * XEN_PAGE_SIZE), group.clone()));
+                }
+            }
+            tracing::trace!(misses = self.misses.len(), "mapped indirect pages persistently");
+        }
+        for (i, slot) in held.iter().take(grefs.len()).enumerate() {
+            let Some((ptr, _group)) = slot else {
+                return false;
+            };
+            // SAFETY: `ptr` is a page of a cached mapping held (by `held`) until the end of this function; the
+            // guest may change it meanwhile, which only changes what we copy.
+            unsafe {
+                std::ptr::copy_nonoverlapping(*ptr, self.indirect.as_mut_ptr().add(i * XEN_PAGE_SIZE), XEN_PAGE_SIZE);
+            }
+        }
+        true
     }
 
     /// Make the data pages of `req` accessible in `pages.memory`, segment `i` at
@@ -318,5 +374,83 @@ impl<G: GrantTable> SegmentMapper<G> {
         if let Some(cache) = self.persistent.as_mut() {
             cache.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blkif::IndirectPages;
+    use crate::emulated::EmulatedHost;
+
+    /// A guest page holding `count` segment descriptors of pages `data..data+count` (granted writable), and an
+    /// indirect write request pointing at it.
+    fn indirect_request(
+        guest: &crate::emulated::GuestDomain,
+        desc_page: usize,
+        data: usize,
+        count: usize,
+    ) -> BlkifRequest {
+        let desc_gref = guest.grant_access(desc_page, false).expect("grant the descriptor page");
+        let base = guest.page_ptr(desc_page).expect("page");
+        for i in 0..count {
+            let gref = guest.grant_access(data + i, false).expect("grant a data page");
+            let seg = BlkifSegment { gref, first_sect: 0, last_sect: 7 }.encode();
+            // SAFETY: descriptor `i` (8 bytes) lies inside the guest's page `desc_page`, which the emulator owns.
+            unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr(), base.add(i * seg.len()), seg.len()) };
+        }
+        let mut grefs = [0; MAX_INDIRECT_PAGES];
+        grefs[0] = desc_gref;
+        let indirect = IndirectPages { nr_segments: u16::try_from(count).expect("count"), grefs, pages: 1 };
+        BlkifRequest { op: BlkifOp::Write, indirect: Some(indirect), ..BlkifRequest::default() }
+    }
+
+    #[test]
+    fn indirect_pages_stay_mapped_with_persistent_grants() {
+        let host = EmulatedHost::new().expect("host");
+        let guest = host.add_guest(5, 64).expect("guest");
+        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, Some(64), None);
+        let template = indirect_request(&guest, 0, 1, 32);
+        let desc_gref = template.indirect.expect("indirect").grefs[0];
+        for round in 0..3 {
+            let mut req = template.clone();
+            mapper.load_indirect(&mut req).expect("load the descriptors");
+            assert_eq!(req.segments.len(), 32);
+            let mut pages = RequestPages::new(32);
+            mapper.bind(&req, &mut pages).expect("bind");
+            mapper.release(&mut pages);
+            // The descriptor page and the 32 data pages, each mapped once (the first time) and kept: as Linux
+            // blkback does, so blkfront keeps the indirect grant persistent instead of revoking it.
+            assert_eq!((mapper.persistent_grants(), host.map_calls()), (33, 2), "round {round}");
+            assert_eq!(host.grants().map_count(5, desc_gref), 1, "round {round}");
+        }
+        // blkfront's completion check: the backend still maps the page, so the grant is not ended.
+        assert!(guest.end_access(desc_gref).is_err());
+        mapper.clear_persistent();
+        assert_eq!(host.live_mappings(), 0);
+        assert!(guest.end_access(desc_gref).is_ok());
+    }
+
+    #[test]
+    fn indirect_pages_without_room_are_mapped_per_request() {
+        let host = EmulatedHost::new().expect("host");
+        let guest = host.add_guest(5, 64).expect("guest");
+        // Room for the data pages only: the descriptor page is mapped for the request and unmapped at once.
+        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, Some(4), None);
+        let mut req = indirect_request(&guest, 0, 1, 4);
+        let mut pages = RequestPages::new(4);
+        let mut hold = RequestPages::new(4);
+        // Fill the cache with the data pages, held by an in-flight request.
+        mapper.load_indirect(&mut req).expect("load");
+        mapper.bind(&req, &mut hold).expect("bind");
+        assert_eq!(mapper.persistent_grants(), 4);
+        let mut again = req.clone();
+        again.segments.clear();
+        mapper.load_indirect(&mut again).expect("load without room");
+        assert_eq!(again.segments, req.segments);
+        // Still only the data pages' batch: the descriptor page's mapping is gone again.
+        assert_eq!((mapper.persistent_grants(), host.live_mappings()), (4, 1));
+        mapper.release(&mut hold);
+        mapper.release(&mut pages);
     }
 }
