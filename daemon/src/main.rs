@@ -65,21 +65,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, `: `-separated, skipping causes whose text an outer message already includes
-/// (many errors embed their source in their own message).
+/// The error and its causes, `: `-separated, each printed once: an error either says its cause in its own
+/// message or exposes it as its `source`, never both.
 fn error_chain(error: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message
+    format!("{error:#}")
 }
 
 /// The man pages, generated from the command line's own definition: `blkbackd.1` and one per subcommand.

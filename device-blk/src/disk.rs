@@ -69,12 +69,12 @@ pub enum DiskKind {
 #[non_exhaustive]
 pub enum DiskError {
     /// `open(2)` failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {cause}")]
     Open {
         /// Path.
         path: PathBuf,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Opening for writing was refused (a read-only mount, no write permission, a read-only device) but the disk
     /// can be read: serving it read-only is what the user most likely wants.
@@ -108,14 +108,14 @@ pub enum DiskError {
         path: PathBuf,
     },
     /// An ioctl or stat on the open descriptor failed.
-    #[error("cannot read the geometry of {path} ({what}): {source}")]
+    #[error("cannot read the geometry of {path} ({what}): {cause}")]
     Geometry {
         /// Path.
         path: PathBuf,
         /// The query that failed.
         what: &'static str,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The opened device is not the disk the toolstack named.
     #[error(
@@ -137,12 +137,12 @@ pub enum DiskError {
         path: PathBuf,
     },
     /// The kernel reports no diskseq for the device (kernels before 5.15).
-    #[error("cannot read the disk sequence number of {path}: {source}")]
+    #[error("cannot read the disk sequence number of {path}: {cause}")]
     DiskseqUnavailable {
         /// Path.
         path: PathBuf,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// O_DIRECT was required but the file system refuses it.
     #[error("{path} does not support O_DIRECT")]
@@ -211,8 +211,11 @@ impl Disk {
     pub fn open(path: impl AsRef<Path>, options: &DiskOptions) -> Result<Disk, DiskError> {
         let path = path.as_ref().to_path_buf();
         let (file, direct) = open_file(&path, options).map_err(|e| read_only_hint(e, options))?;
-        let meta =
-            file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
+        let meta = file.metadata().map_err(|source| DiskError::Geometry {
+            path: path.clone(),
+            what: "fstat",
+            cause: source,
+        })?;
         let file_type = meta.file_type();
         if file_type.is_file() && !options.read_only && meta.mode() & 0o222 == 0 {
             return Err(DiskError::WriteProtected { path, mode: meta.mode() & 0o7777 });
@@ -223,7 +226,7 @@ impl Disk {
             let diskseq = match read_diskseq(&file, major, minor) {
                 Ok(seq) => seq,
                 Err(source) if options.expected_diskseq.is_some() => {
-                    return Err(DiskError::DiskseqUnavailable { path, source })
+                    return Err(DiskError::DiskseqUnavailable { path, cause: source })
                 }
                 Err(_) => 0,
             };
@@ -287,8 +290,11 @@ impl Disk {
         geometry: Geometry,
         buffer_alignment: usize,
     ) -> Result<Disk, DiskError> {
-        let meta =
-            file.metadata().map_err(|source| DiskError::Geometry { path: path.clone(), what: "fstat", source })?;
+        let meta = file.metadata().map_err(|source| DiskError::Geometry {
+            path: path.clone(),
+            what: "fstat",
+            cause: source,
+        })?;
         let actual_size = match kind {
             DiskKind::File if meta.file_type().is_file() => meta.len(),
             DiskKind::BlockDevice { major, minor, diskseq } if meta.file_type().is_block_device() => {
@@ -306,7 +312,7 @@ impl Disk {
                 // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
                 if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) } < 0 {
                     let source = io::Error::last_os_error();
-                    return Err(DiskError::Geometry { path, what: "BLKGETSIZE64", source });
+                    return Err(DiskError::Geometry { path, what: "BLKGETSIZE64", cause: source });
                 }
                 size
             }
@@ -352,7 +358,7 @@ impl Disk {
     /// running guest: a smaller size is refused with [`DiskError::Shrunk`] (requests in flight may address the
     /// blocks that went away) and the old size stays in force.
     pub fn refresh_size(&self) -> Result<SizeChange, DiskError> {
-        let geo_err = |what, source| DiskError::Geometry { path: self.path.clone(), what, source };
+        let geo_err = |what, source| DiskError::Geometry { path: self.path.clone(), what, cause: source };
         let bytes = match self.kind {
             DiskKind::File => self.file.metadata().map_err(|e| geo_err("fstat", e))?.len(),
             DiskKind::BlockDevice { .. } => {
@@ -412,7 +418,7 @@ impl Disk {
 /// `--read-only`); every other error stays as it is.
 fn read_only_hint(error: DiskError, options: &DiskOptions) -> DiskError {
     match error {
-        DiskError::Open { path, source }
+        DiskError::Open { path, cause: source }
             if !options.read_only
                 && matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
                 && OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path).is_ok() =>
@@ -433,7 +439,7 @@ fn open_file(path: &Path, options: &DiskOptions) -> Result<(File, bool), DiskErr
         }
         o.custom_flags(flags).open(path)
     };
-    let err = |source| DiskError::Open { path: path.to_path_buf(), source };
+    let err = |source| DiskError::Open { path: path.to_path_buf(), cause: source };
     if options.direct_io == DirectIo::Off {
         return open(false).map(|f| (f, false)).map_err(err);
     }
@@ -511,7 +517,7 @@ fn file_geometry(file: &File, meta: &std::fs::Metadata, direct: bool) -> Geometr
 
 fn block_device_geometry(file: &File, path: &Path, major: u32, minor: u32) -> Result<Geometry, DiskError> {
     let fd = file.as_raw_fd();
-    let geo_err = |what, source| DiskError::Geometry { path: path.to_path_buf(), what, source };
+    let geo_err = |what, source| DiskError::Geometry { path: path.to_path_buf(), what, cause: source };
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
     if unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size) } < 0 {
@@ -615,6 +621,14 @@ mod tests {
     fn missing_file_and_non_disk_are_clear_errors() {
         let err = Disk::open("/nonexistent/disk.img", &DiskOptions::default()).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+        // The cause is said once: in the message, not again as the source a chain printer would add.
+        let mut chain = err.to_string();
+        let mut cause = std::error::Error::source(&err);
+        while let Some(c) = cause {
+            chain.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
         let err = Disk::open("/dev/null", &DiskOptions::default()).expect_err("char device");
         assert!(matches!(err, DiskError::NotADisk { .. }), "{err}");
     }

@@ -87,7 +87,8 @@ impl QueueWorker {
             Some(wrapper) => wrapper.wrap(engine),
             None => engine,
         };
-        let resume = EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Io { what: "resume eventfd", source })?;
+        let resume =
+            EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Io { what: "resume eventfd", cause: source })?;
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,

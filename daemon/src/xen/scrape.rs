@@ -45,16 +45,16 @@ impl Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
     /// Its control socket is gone, refuses, or its backlog is full (it accepts nothing).
-    #[error("cannot reach its control socket {}: {source}", path.display())]
+    #[error("cannot reach its control socket {}: {cause}", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,
         /// Why.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Reading its answer failed.
     #[error("reading its answer: {0}")]
-    Io(#[source] io::Error),
+    Io(io::Error),
     /// No complete answer (ended by closing the connection) in time.
     #[error("no complete answer within {0:?} ({1} bytes so far)")]
     Timeout(Duration, usize),
@@ -98,7 +98,7 @@ pub fn scrape_all(targets: &[(DomId, PathBuf)], limits: &Limits) -> Vec<(DomId, 
         });
         match connected {
             Ok(stream) => pending.push(Pending { index, stream, answer: Vec::new() }),
-            Err(source) => results[index] = Some(Err(ScrapeError::Connect { path: path.clone(), source })),
+            Err(source) => results[index] = Some(Err(ScrapeError::Connect { path: path.clone(), cause: source })),
         }
     }
     let mut total = 0usize;
@@ -245,7 +245,7 @@ mod tests {
         assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
         let result = scrape_all(&[(7, path.clone())], &limits).pop().expect("one result").1;
         assert!(
-            matches!(&result, Err(ScrapeError::Connect { source, .. }) if source.kind() == io::ErrorKind::WouldBlock),
+            matches!(&result, Err(ScrapeError::Connect { cause, .. }) if cause.kind() == io::ErrorKind::WouldBlock),
             "{result:?}"
         );
         drop(listener);

@@ -347,7 +347,7 @@ impl FaultyEngine {
             let source = std::io::Error::last_os_error();
             // A counter at its maximum is readable anyway.
             if source.raw_os_error() != Some(libc::EAGAIN) {
-                return Err(EngineError::Io { what: "eventfd write", source });
+                return Err(EngineError::Io { what: "eventfd write", cause: source });
             }
         }
         Ok(())

@@ -96,12 +96,12 @@ pub enum EngineError {
     #[error("the engine is full ({0} operations in flight)")]
     Full(usize),
     /// Setting up or submitting failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 

@@ -148,7 +148,7 @@ impl UringEngine {
     fn with_slots(disk: Arc<Disk>, entries: u32, slots: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
         let depth = entries.clamp(1, MAX_ENTRIES);
         let slots = slots.max(1);
-        let io = |what| move |source| EngineError::Io { what, source };
+        let io = |what| move |source| EngineError::Io { what, cause: source };
         let (ring, disabled, mode) = build_ring(depth, preferred).map_err(io("io_uring_setup"))?;
         ring.submitter().register_files(&[disk.file().as_raw_fd()]).map_err(io("io_uring register files"))?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
@@ -348,7 +348,7 @@ impl UringEngine {
             self.ring
                 .submitter()
                 .register_enable_rings()
-                .map_err(|source| EngineError::Io { what: "io_uring enable rings", source })?;
+                .map_err(|source| EngineError::Io { what: "io_uring enable rings", cause: source })?;
             self.disabled = false;
         }
         let chunk = match self.batching {
@@ -371,7 +371,7 @@ impl UringEngine {
                     tracing::debug!("io_uring submit deferred: {e}");
                     break;
                 }
-                Err(source) => return Err(EngineError::Io { what: "io_uring_enter", source }),
+                Err(source) => return Err(EngineError::Io { what: "io_uring_enter", cause: source }),
             }
         }
         self.sq_pending = !self.ring.submission().is_empty();
@@ -382,7 +382,7 @@ impl UringEngine {
     }
 
     fn signal(&self) -> Result<(), EngineError> {
-        self.eventfd.write(1).map_err(|source| EngineError::Io { what: "eventfd write", source })
+        self.eventfd.write(1).map_err(|source| EngineError::Io { what: "eventfd write", cause: source })
     }
 
     /// Report every operation in `finished` and free its slot.

@@ -68,12 +68,12 @@ fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
     let pages = ring.ring_refs.len();
     let mapping = grants
         .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
-        .map_err(|source| DataplaneError::MapRing { queue: index, pages, source })?;
+        .map_err(|source| DataplaneError::MapRing { queue: index, pages, cause: source })?;
     // SAFETY: `mapping` covers `mapping.len()` bytes and outlives `back` (both live until the end of this function,
     // `back` declared after it, so dropped first).
     let mut back = unsafe { BackRing::<L>::resume(mapping.as_ptr(), mapping.len()) }
-        .map_err(|source| DataplaneError::Ring { queue: index, source })?;
-    let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, source };
+        .map_err(|source| DataplaneError::Ring { queue: index, cause: source })?;
+    let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, cause: source };
     let mut channel = evtchn.open().map_err(evtchn_err)?;
     let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
     let mut raw = RawRequest::default();
@@ -81,7 +81,7 @@ fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
     let result = loop {
         let avail = match back.unconsumed() {
             Ok(n) => n,
-            Err(source) => break Err(DataplaneError::Ring { queue: index, source }),
+            Err(source) => break Err(DataplaneError::Ring { queue: index, cause: source }),
         };
         for _ in 0..avail {
             if !back.next_request(&mut raw) {

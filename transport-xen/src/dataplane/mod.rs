@@ -149,50 +149,50 @@ pub enum DataplaneError {
     #[error("invalid connection parameters: {0}")]
     Config(String),
     /// A ring's grant refs would not map.
-    #[error("queue {queue}: cannot map the ring ({pages} pages): {source}")]
+    #[error("queue {queue}: cannot map the ring ({pages} pages): {cause}")]
     MapRing {
         /// Queue index.
         queue: usize,
         /// Ring pages.
         pages: usize,
         /// Cause.
-        source: XenError,
+        cause: XenError,
     },
     /// The mapped ring is unusable.
-    #[error("queue {queue}: {source}")]
+    #[error("queue {queue}: {cause}")]
     Ring {
         /// Queue index.
         queue: usize,
         /// Cause.
-        source: RingError,
+        cause: RingError,
     },
     /// The event channel would not open or bind.
-    #[error("queue {queue}: cannot bind event channel port {remote_port}: {source}")]
+    #[error("queue {queue}: cannot bind event channel port {remote_port}: {cause}")]
     Evtchn {
         /// Queue index.
         queue: usize,
         /// The frontend's port.
         remote_port: u32,
         /// Cause.
-        source: XenError,
+        cause: XenError,
     },
     /// The I/O engine could not be built.
-    #[error("queue {queue}: cannot set up the I/O engine: {source}")]
+    #[error("queue {queue}: cannot set up the I/O engine: {cause}")]
     Engine {
         /// Queue index.
         queue: usize,
         /// Cause.
-        source: EngineError,
+        cause: EngineError,
     },
     /// Another system resource failed (eventfd, epoll, bounce pool, thread).
-    #[error("queue {queue}: {what}: {source}")]
+    #[error("queue {queue}: {what}: {cause}")]
     Io {
         /// Queue index.
         queue: usize,
         /// What failed.
         what: &'static str,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -312,7 +312,7 @@ impl Dataplane {
             eventfd: EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
                 queue: 0,
                 what: "eventfd",
-                source,
+                cause: source,
             })?,
             message: Mutex::new(None),
             halted: AtomicBool::new(false),
@@ -359,11 +359,11 @@ impl Dataplane {
         let pages = ring.ring_refs.len();
         let ring_mapping = grants
             .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
-            .map_err(|source| DataplaneError::MapRing { queue: index, pages, source })?;
+            .map_err(|source| DataplaneError::MapRing { queue: index, pages, cause: source })?;
         // SAFETY: the mapping is moved into the worker together with the ring and outlives it there.
         let back = unsafe { BackRing::<L>::new(ring_mapping.as_ptr(), ring_mapping.len()) }
-            .map_err(|source| DataplaneError::Ring { queue: index, source })?;
-        let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, source };
+            .map_err(|source| DataplaneError::Ring { queue: index, cause: source })?;
+        let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, cause: source };
         let mut channel = evtchn.open().map_err(evtchn_err)?;
         let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
         let depth = back.size().min(options.max_in_flight.max(1));
@@ -372,12 +372,13 @@ impl Dataplane {
             // Room for at least one request of the largest size, or it could never start.
             GrantMode::Copy => Some(
                 BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
-                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", source })?,
+                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", cause: source })?,
             ),
             GrantMode::Map => None,
         };
-        let mut io =
-            engine.build(disk.clone(), depth).map_err(|source| DataplaneError::Engine { queue: index, source })?;
+        let mut io = engine
+            .build(disk.clone(), depth)
+            .map_err(|source| DataplaneError::Engine { queue: index, cause: source })?;
         if let Some(pool) = pool.as_ref().filter(|_| options.register_bounce_pool) {
             let (base, len) = pool.as_raw();
             // SAFETY: the pool moves into the worker with the engine, and the worker drops the engine first.
@@ -398,7 +399,7 @@ impl Dataplane {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
             queue: index,
             what: "eventfd",
-            source,
+            cause: source,
         })?);
         let stats = Arc::new(QueueStats::default());
         let setup = QueueSetup::<L, G, O::Channel> {
@@ -427,7 +428,7 @@ impl Dataplane {
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);
-        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", source };
+        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
         if let Some(pool) = &options.io_threads {
             let (done, gone) = mpsc::channel();
             let setup = QueueSetup { init: None, done: Some(done), ..setup };

@@ -53,8 +53,8 @@ fn dataplane_errno(e: &DataplaneError) -> i32 {
     };
     match e {
         DataplaneError::Config(_) | DataplaneError::Ring { .. } => libc::EINVAL,
-        DataplaneError::MapRing { source, .. } | DataplaneError::Evtchn { source, .. } => xen(source),
-        DataplaneError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        DataplaneError::MapRing { cause, .. } | DataplaneError::Evtchn { cause, .. } => xen(cause),
+        DataplaneError::Io { cause, .. } => cause.raw_os_error().unwrap_or(libc::EIO),
         DataplaneError::Engine { .. } => libc::EIO,
     }
 }

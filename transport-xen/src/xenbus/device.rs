@@ -234,9 +234,7 @@ pub fn open_source(source: &DeviceSource, mode: Mode, direct_io: DirectIo) -> Re
 fn disk_errno(e: &DiskError) -> i32 {
     match e {
         DiskError::DiskseqMismatch { .. } | DiskError::NotADisk { .. } => libc::ENODEV,
-        DiskError::Open { source, .. } | DiskError::Geometry { source, .. } => {
-            source.raw_os_error().unwrap_or(libc::EIO)
-        }
+        DiskError::Open { cause, .. } | DiskError::Geometry { cause, .. } => cause.raw_os_error().unwrap_or(libc::EIO),
         DiskError::DiskseqUnavailable { .. } => libc::EFAULT,
         _ => libc::EINVAL,
     }
