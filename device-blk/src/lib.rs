@@ -51,7 +51,7 @@
 //! request.segments.push(Segment { addr: GuestAddress(0x1000), len: 4096 });
 //! // The cookie owns the memory: no `unsafe` at the call.
 //! queue.submit_owned(&request, Cookie { id: 7, mem: mem.clone() }).map_err(|_| "queue full")?;
-//! queue.kick()?; // one submission for everything started since the last kick
+//! queue.submit_batch()?; // one submission for everything started since the last batch
 //!
 //! // The VMM's event loop polls `queue.completion_fd()`; here we just wait for the one completion.
 //! let mut done = Vec::new();

@@ -266,8 +266,9 @@ impl<C> BlockQueue<C> {
         }
     }
 
-    /// Submit everything started since the last kick to the kernel, in one batch.
-    pub fn kick(&mut self) -> Result<(), EngineError> {
+    /// Submit everything started since the last call to the kernel, in one batch (the engine's own "kick";
+    /// not to be confused with a guest's notification, which transports call a kick).
+    pub fn submit_batch(&mut self) -> Result<(), EngineError> {
         self.batch_started = None;
         if self.unsubmitted {
             self.unsubmitted = false;

@@ -4,7 +4,7 @@
 //!
 //! The [`Registry`] keeps every queue's counters for the life of the process: when a connection ends, its queues'
 //! totals are folded into a per-series base (same labels), so the next connection's counters continue from there
-//! and the exported counters stay monotonic across VMM reconnects. Rendering lives in [`render`].
+//! and the exported counters stay monotonic across VMM reconnects. Rendering lives in the private `render` module.
 //!
 //! [`LatencyHistogram`] is log-linear: 16 linear steps in every power of two of nanoseconds, so quantiles are
 //! within ~6 % from 16 ns to hours. The benches and the demo use the same histogram, through

@@ -56,7 +56,7 @@ fn run_logged(queue: &mut BlockQueue<Cookie>, mem: &Arc<Mem>, requests: &[Reques
         let submitted = unsafe { queue.submit(r, &**mem, Cookie { id, mem: Arc::clone(mem) }) };
         assert!(submitted.is_ok(), "queue full at request {id}");
     }
-    queue.kick().expect("kick");
+    queue.submit_batch().expect("kick");
     let mut done = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while done.len() < requests.len() {
@@ -115,7 +115,7 @@ fn a_pass_between_submission_and_completion_does_not_lose_the_read() {
         // SAFETY: the cookie holds an `Arc` of `mem`, which stays mapped until the cookie is drained.
         let submitted = unsafe { queue.submit(&read, &*mem, Cookie { id: 0, mem: Arc::clone(&mem) }) };
         assert!(submitted.is_ok());
-        queue.kick().expect("kick");
+        queue.submit_batch().expect("kick");
         // The VMM's pass: copy, then clear every bit.
         for region in mem.iter() {
             MmapRegion::bitmap(region).reset();

@@ -177,7 +177,7 @@ fn a_polling_loop_sees_injected_completions_without_waiting_on_the_eventfd() {
         for round in 0..4usize {
             // SAFETY: `mem` outlives the requests: each round is drained before the next.
             assert!(unsafe { q.submit(&flush(), &mem, round) }.is_ok());
-            q.kick().expect("kick");
+            q.submit_batch().expect("kick");
             let deadline = Instant::now() + Duration::from_secs(10);
             let before = got.len();
             while got.len() == before {

@@ -51,7 +51,7 @@ fn round(queue: &mut BlockQueue<usize>, mem: &GuestMemoryMmap, requests: &[Reque
         // SAFETY: `mem` outlives the round: everything is drained before returning.
         assert!(unsafe { queue.submit(r, mem, i) }.is_ok());
     }
-    queue.kick().expect("kick");
+    queue.submit_batch().expect("kick");
     let (mut finished, mut ok) = (0, 0);
     while finished < requests.len() {
         queue.drain(|f| {

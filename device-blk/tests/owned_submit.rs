@@ -28,7 +28,7 @@ fn an_owning_cookie_keeps_the_memory_until_the_read_is_drained() {
     // Our only handle goes into the cookie: nothing but the queue keeps the memory now.
     assert!(queue.submit_owned(&request, mem).is_ok(), "a free slot");
     assert!(weak.upgrade().is_some(), "the queue holds the memory while the read is in flight");
-    queue.kick().expect("kick");
+    queue.submit_batch().expect("kick");
 
     let mut done = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);

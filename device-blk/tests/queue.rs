@@ -35,7 +35,7 @@ fn a_full_queue_refuses_and_returns_the_cookie() {
         let flush = device_blk::Request::new(RequestKind::Flush);
         // SAFETY: as above.
         assert_eq!(unsafe { q.submit(&flush, &mem, 100) }, Err(100), "{kind:?}: even for a request without data");
-        q.kick().expect("kick");
+        q.submit_batch().expect("kick");
         let done = collect(&mut q, 4);
         assert!(done.iter().all(|f| f.status == Status::Ok && f.bytes_to_guest == 4096), "{kind:?}: {done:?}");
         assert!(q.has_room() && q.in_flight() == 0, "{kind:?}: slots freed");
@@ -144,7 +144,7 @@ fn the_uring_engine_continues_a_short_read_for_the_remainder() {
     let mem = guest_memory(&[0]);
     // SAFETY: `mem` outlives the request (collected below).
     assert!(unsafe { q.submit(&four_segment_read(), &mem, 7) }.is_ok());
-    q.kick().expect("kick");
+    q.submit_batch().expect("kick");
     // The first READV completes short (9 KiB); before the engine sees it, the image grows back.
     assert!(wait_readable(q.completion_fd(), Duration::from_secs(5)), "first completion");
     file.write_all_at(&source[CUT as usize..], CUT).expect("grow back");

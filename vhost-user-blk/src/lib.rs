@@ -5,7 +5,7 @@
 //!
 //! Threads: vhost-user-backend runs the protocol on one thread and vring worker threads, our I/O threads
 //! ([`VhostUserBlkOptions::io_threads`] of them; queue `q` is served by thread `q % io_threads`, see
-//! [`threads`]). Each I/O thread has one io_uring ([`SharedUring`](device_blk::engine::SharedUring)) whose lanes
+//! `threads`). Each I/O thread has one io_uring ([`SharedUring`](device_blk::engine::SharedUring)) whose lanes
 //! are its queues' engines, submitted once per round for all of them, with one completion eventfd in the same
 //! epoll as the kicks of all the thread's queues. A queue's worker owns its [`BlockQueue`](device_blk::BlockQueue)
 //! and lane, created on its thread at the first kick, so one thread does all of a queue's work with no locking

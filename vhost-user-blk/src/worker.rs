@@ -185,7 +185,7 @@ impl QueueWorker {
             // What the budget leaves is taken by the next pass (polling goes on while there is work).
             let mut budget = ring.get_queue().size();
             self.pop_available(&mut ring, &snapshot, &mut used, &mut budget);
-            if let Err(error) = self.queue.kick() {
+            if let Err(error) = self.queue.submit_batch() {
                 tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
             }
             self.answer_finished(&mut ring, &mut used, false);
@@ -260,7 +260,7 @@ impl QueueWorker {
             let snapshot = mem.memory().into_inner();
             loop {
                 exhausted = self.pop_all(&mut ring, &snapshot, &mut used, &mut budget);
-                if let Err(error) = self.queue.kick() {
+                if let Err(error) = self.queue.submit_batch() {
                     tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
                 }
                 // Requests refused at submit time and fast completions are answered in the same batch...

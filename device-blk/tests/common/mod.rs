@@ -113,7 +113,7 @@ pub fn run_batch(queue: &mut BlockQueue<usize>, mem: &GuestMemoryMmap, requests:
         let submitted = unsafe { queue.submit(r, mem, i) };
         assert!(submitted.is_ok(), "queue full at request {i}");
     }
-    queue.kick().expect("kick");
+    queue.submit_batch().expect("kick");
     let mut done = collect(queue, requests.len());
     done.sort_by_key(|f| f.cookie);
     done

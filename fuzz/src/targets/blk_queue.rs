@@ -315,7 +315,7 @@ fn run_on(f: &mut Fixture, data: &[u8]) {
     let mut expected = Vec::with_capacity(requests.len());
     let mut finished: Vec<Option<Finished<usize>>> = (0..requests.len()).map(|_| None).collect();
     let collect = |queue: &mut BlockQueue<usize>, finished: &mut Vec<Option<Finished<usize>>>| {
-        queue.kick().expect("kick");
+        queue.submit_batch().expect("submit the batch");
         queue.drain(|done| {
             let i = done.cookie;
             assert!(finished[i].is_none(), "cookie {i} came back twice");

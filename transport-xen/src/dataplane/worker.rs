@@ -370,7 +370,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             self.complete();
         }
         self.process_ring();
-        self.kick();
+        self.submit_batch();
         self.push();
         self.after_round();
         self.progress() != before
@@ -508,7 +508,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             self.finish(idx, status);
         }
         self.finished = finished;
-        self.kick();
+        self.submit_batch();
         self.start_held();
     }
 

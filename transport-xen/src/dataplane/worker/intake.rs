@@ -34,7 +34,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             for _ in 0..avail.min(budget) {
                 if self.held.is_some() || self.barrier_active || self.free.is_empty() || !self.queue.has_room() {
                     // Backpressure: completions bring us back here; no final check, so no event is asked for.
-                    self.kick();
+                    self.submit_batch();
                     return;
                 }
                 if !self.ring.next_request(&mut self.raw) {
@@ -49,7 +49,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                 let Some(idx) = self.free.pop() else { break };
                 self.accept(idx);
             }
-            self.kick();
+            self.submit_batch();
             if self.polling {
                 // The request event index stays behind: the frontend need not notify while we look anyway.
                 return;
@@ -67,9 +67,9 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         }
     }
 
-    pub(super) fn kick(&mut self) {
+    pub(super) fn submit_batch(&mut self) {
         if std::mem::take(&mut self.unkicked) {
-            match self.queue.kick() {
+            match self.queue.submit_batch() {
                 Ok(()) => QueueStats::add(&self.stats.kicks, 1),
                 Err(e) => {
                     // Retried on the next wake-up; requests stay in flight (their pages mapped) until answered.
