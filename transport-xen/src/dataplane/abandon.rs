@@ -11,10 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::blkif::{BackRing, BlkifLayout, BlkifResponse, RawRequest, RSP_ERROR, X86_32, X86_64};
+use crate::blkif::{BlkifLayout, BlkifResponse, RawRequest, RSP_ERROR, X86_32, X86_64};
 use crate::connect::{BlkifAbi, ConnectConfig, QueueRing};
+use crate::dataplane::mapped_ring::MappedRing;
 use crate::dataplane::DataplaneError;
-use crate::services::{DomId, EventChannel, EventChannelOpener, GrantMapping, GrantTable, MapAccess};
+use crate::services::{DomId, EventChannel, EventChannelOpener, GrantTable, MapAccess};
 
 /// How often the rings are looked at again while `settle` lasts.
 const RECHECK: Duration = Duration::from_millis(50);
@@ -69,9 +70,7 @@ fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
     let mapping = grants
         .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
         .map_err(|source| DataplaneError::MapRing { queue: index, pages, cause: source })?;
-    // SAFETY: `mapping` covers `mapping.len()` bytes and outlives `back` (both live until the end of this function,
-    // `back` declared after it, so dropped first).
-    let mut back = unsafe { BackRing::<L>::resume(mapping.as_ptr(), mapping.len()) }
+    let mut back = MappedRing::<L, G::Mapping>::resume(mapping)
         .map_err(|source| DataplaneError::Ring { queue: index, cause: source })?;
     let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, cause: source };
     let mut channel = evtchn.open().map_err(evtchn_err)?;
@@ -132,8 +131,7 @@ mod tests {
         let queue = fe.queue_ring();
         let grants = host.grant_table(0);
         let m = grants.map(5, &queue.ring_refs, MapAccess::ReadWrite).expect("map");
-        // SAFETY: the mapping outlives the ring.
-        let mut dead = unsafe { BackRing::<L>::new(m.as_ptr(), m.len()) }.expect("ring");
+        let mut dead = MappedRing::<L, _>::attach(m).expect("ring");
         dead.unconsumed().expect("requests");
         let mut raw = RawRequest::default();
         while dead.next_request(&mut raw) {

@@ -26,6 +26,7 @@
 //! every grant (ring pages, persistent grants) and unbinds the event channels.
 
 pub mod abandon;
+mod mapped_ring;
 mod pool;
 mod slot;
 mod worker;
@@ -40,12 +41,13 @@ use std::thread::JoinHandle;
 use device_blk::{BlockQueue, Disk, EngineError, EngineKind, ID_BYTES, MAX_SEGMENTS};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blkif::{BackRing, BlkifLayout, RingError, MAX_DIRECT_SEGMENTS, X86_32, X86_64};
+use crate::blkif::{BlkifLayout, RingError, MAX_DIRECT_SEGMENTS, X86_32, X86_64};
 use crate::connect::{BlkifAbi, ConnectConfig, QueueRing, MAX_INDIRECT_SEGMENTS, MAX_QUEUES, MAX_RING_PAGE_ORDER};
 use crate::grant_memory::{BouncePool, GrantMode, MAX_PERSISTENT_GRANTS};
 use device_blk::stats::Registry;
 
-use crate::services::{EventChannel, EventChannelOpener, GrantMapping, GrantTable, MapAccess, XenError};
+use crate::dataplane::mapped_ring::MappedRing;
+use crate::services::{EventChannel, EventChannelOpener, GrantTable, MapAccess, XenError};
 use worker::{QueueSetup, WorkerConfig};
 
 /// How the data plane serves its queues.
@@ -360,8 +362,7 @@ impl Dataplane {
         let ring_mapping = grants
             .map(domid, &ring.ring_refs, MapAccess::ReadWrite)
             .map_err(|source| DataplaneError::MapRing { queue: index, pages, cause: source })?;
-        // SAFETY: the mapping is moved into the worker together with the ring and outlives it there.
-        let back = unsafe { BackRing::<L>::new(ring_mapping.as_ptr(), ring_mapping.len()) }
+        let back = MappedRing::<L, G::Mapping>::attach(ring_mapping)
             .map_err(|source| DataplaneError::Ring { queue: index, cause: source })?;
         let evtchn_err = |source| DataplaneError::Evtchn { queue: index, remote_port: ring.remote_port, cause: source };
         let mut channel = evtchn.open().map_err(evtchn_err)?;
@@ -405,7 +406,6 @@ impl Dataplane {
         let setup = QueueSetup::<L, G, O::Channel> {
             index,
             ring: back,
-            ring_mapping,
             evtchn: channel,
             port,
             queue,

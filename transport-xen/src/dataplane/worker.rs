@@ -12,8 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::slot::{blkif_status, Slot};
 use super::{FatalState, QueueStats};
-use crate::blkif::{BackRing, BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError};
+use crate::blkif::{BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError};
 use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_ERROR, RSP_OKAY};
+use crate::dataplane::mapped_ring::MappedRing;
 use crate::grant_memory::{BouncePool, SegmentMapper};
 use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
 
@@ -52,8 +53,7 @@ pub(crate) struct WorkerConfig {
 /// Everything a worker gets from `Dataplane::start` (all of it `Send`).
 pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub index: usize,
-    pub ring: BackRing<L>,
-    pub ring_mapping: G::Mapping,
+    pub ring: MappedRing<L, G::Mapping>,
     pub evtchn: E,
     pub port: EvtchnPort,
     pub queue: BlockQueue<u32>,
@@ -81,13 +81,12 @@ enum Start {
 struct Worker<L, G: GrantTable, E> {
     index: usize,
     // Field order is drop order: the engine goes first (the bounce pool may be registered with it, and nothing is
-    // in flight by then); requests and the mapper release their grants before the ring is unmapped and the event
-    // channel closed.
+    // in flight by then); requests and the mapper release their grants before the ring (which owns the mapping of
+    // its pages) and the event channel go.
     queue: BlockQueue<u32>,
     slots: Vec<Slot<G::Mapping>>,
     mapper: SegmentMapper<G>,
-    ring: BackRing<L>,
-    ring_mapping: G::Mapping,
+    ring: MappedRing<L, G::Mapping>,
     evtchn: E,
     port: EvtchnPort,
     free: Vec<u32>,
@@ -259,7 +258,6 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             mapper,
             queue: setup.queue,
             ring: setup.ring,
-            ring_mapping: setup.ring_mapping,
             evtchn: setup.evtchn,
             port: setup.port,
             free: (0..u32::try_from(setup.config.depth).unwrap_or(u32::MAX)).rev().collect(),
@@ -567,7 +565,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         }
         tracing::debug!(
             queue = self.index,
-            ring_pages = crate::services::GrantMapping::pages(&self.ring_mapping),
+            ring_pages = crate::services::GrantMapping::pages(self.ring.mapping()),
             "queue stopped"
         );
     }
