@@ -362,18 +362,20 @@ fn emulated(
     seed: u64,
 ) -> Result<Sample> {
     let host = EmulatedHost::new()?;
-    let options = DataplaneOptions {
-        grant_mode: variant.grant_mode(),
-        register_bounce_pool: variant != Variant::CopyUnregistered,
-        poll_us: if variant == Variant::MapPersistentPoll { args.poll_us } else { 0 },
-        ..DataplaneOptions::default()
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.grant_mode = variant.grant_mode();
+        o.register_bounce_pool = variant != Variant::CopyUnregistered;
+        o.poll_us = if variant == Variant::MapPersistentPoll { args.poll_us } else { 0 };
+        o
     };
     let rings =
         DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), EngineKind::IoUring, options);
-    let config = BackendConfig {
-        persistent_grants: variant.persistent(),
-        direct_io: DirectIo::Required,
-        ..BackendConfig::default()
+    let config = {
+        let mut o = BackendConfig::default();
+        o.persistent_grants = variant.persistent();
+        o.direct_io = DirectIo::Required;
+        o
     };
     let backend = BackendThread::spawn(&host, Arc::new(rings), config, Scope::AllDomains)?;
     let guest = host.add_guest(GUEST_DOMID, GUEST_PAGES)?;

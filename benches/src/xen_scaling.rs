@@ -283,19 +283,21 @@ impl Measurement<'_> {
     fn run(&self, args: &ScalingArgs) -> Result<Sample> {
         let host = EmulatedHost::new()?;
         let variant = args.scaling_variant;
-        let options = DataplaneOptions {
-            grant_mode: variant.grant_mode(),
-            register_bounce_pool: variant != Variant::CopyUnregistered,
-            poll_us: if variant == Variant::MapPersistentPoll { 50 } else { 0 },
-            io_threads: (self.shape.io_threads > 0).then(|| IoThreads::new(self.shape.io_threads)),
-            ..DataplaneOptions::default()
+        let options = {
+            let mut o = DataplaneOptions::default();
+            o.grant_mode = variant.grant_mode();
+            o.register_bounce_pool = variant != Variant::CopyUnregistered;
+            o.poll_us = if variant == Variant::MapPersistentPoll { 50 } else { 0 };
+            o.io_threads = (self.shape.io_threads > 0).then(|| IoThreads::new(self.shape.io_threads));
+            o
         };
         let rings =
             DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), EngineKind::IoUring, options);
-        let config = BackendConfig {
-            persistent_grants: variant.persistent(),
-            direct_io: DirectIo::Required,
-            ..BackendConfig::default()
+        let config = {
+            let mut o = BackendConfig::default();
+            o.persistent_grants = variant.persistent();
+            o.direct_io = DirectIo::Required;
+            o
         };
         let backend = BackendThread::spawn(&host, Arc::new(rings), config, Scope::AllDomains)?;
         // Rings, and the data pages of the sanity reads and of every request in flight.

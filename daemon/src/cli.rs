@@ -459,15 +459,15 @@ pub struct DiskArgs {
 impl DiskArgs {
     /// The options to open the disk with.
     pub fn options(&self) -> DiskOptions {
-        DiskOptions {
-            read_only: self.read_only,
-            direct_io: match self.direct {
-                DirectArg::Auto => DirectIo::Auto,
-                DirectArg::On => DirectIo::Required,
-                DirectArg::Off => DirectIo::Off,
-            },
-            expected_diskseq: self.diskseq,
-        }
+        let direct_io = match self.direct {
+            DirectArg::Auto => DirectIo::Auto,
+            DirectArg::On => DirectIo::Required,
+            DirectArg::Off => DirectIo::Off,
+        };
+        DiskOptions::default()
+            .with_read_only(self.read_only)
+            .with_direct_io(direct_io)
+            .with_expected_diskseq(self.diskseq)
     }
 }
 

@@ -58,12 +58,11 @@ pub fn run(seccomp: SeccompMode) -> anyhow::Result<()> {
         .with_context(|| format!("creating the disk image {}", image.display()))?;
 
     let host = EmulatedHost::new().context("starting the emulated Xen host")?;
-    let rings = DataplaneServer::new(
-        Arc::new(host.grant_table(0)),
-        host.evtchn_opener(0),
-        EngineKind::Auto,
-        DataplaneOptions { worker_init: Some(sandbox::xen_worker_init(seccomp)?), ..DataplaneOptions::default() },
-    );
+    let rings = DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), EngineKind::Auto, {
+        let mut o = DataplaneOptions::default();
+        o.worker_init = Some(sandbox::xen_worker_init(seccomp)?);
+        o
+    });
     let backend = BackendThread::spawn(&host, Arc::new(rings), BackendConfig::default(), Scope::AllDomains)
         .context("starting the backend")?;
     let guest = host.add_guest(GUEST_DOMID, GUEST_PAGES).context("creating guest domain 1")?;

@@ -39,18 +39,15 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         Some(s) => serial_from_str(s)?,
         None => default_serial(&disk),
     };
-    let options = VhostUserBlkOptions {
-        num_queues: args.queues,
-        io_threads: args.io_threads,
-        queue_size: args.queue_size,
-        io_depth: args.io_depth,
-        engine: args.engine.into(),
-        batching: args.io_batching.into(),
-        serial,
-        stats: Some(Registry::new()),
-        poll_us: args.poll_us,
-        ..VhostUserBlkOptions::new(serial)
-    };
+    let mut options = VhostUserBlkOptions::new(serial);
+    options.num_queues = args.queues;
+    options.io_threads = args.io_threads;
+    options.queue_size = args.queue_size;
+    options.io_depth = args.io_depth;
+    options.engine = args.engine.into();
+    options.batching = args.io_batching.into();
+    options.stats = Some(Registry::new());
+    options.poll_us = args.poll_us;
     let mut control = match (&args.control, &options.stats) {
         (Some(path), Some(registry)) => Some(ControlServer::bind(path, registry.clone())?),
         _ => None,

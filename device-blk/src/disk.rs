@@ -37,8 +37,9 @@ pub enum DirectIo {
     Required,
 }
 
-/// How to open a disk.
+/// How to open a disk: `DiskOptions::default()`, then the `with_*` methods (or set the fields).
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct DiskOptions {
     /// Open read-only and refuse every modifying request.
     pub read_only: bool,
@@ -46,6 +47,26 @@ pub struct DiskOptions {
     pub direct_io: DirectIo,
     /// The disk sequence number the block device must have (see [`Disk::open`]).
     pub expected_diskseq: Option<u64>,
+}
+
+impl DiskOptions {
+    /// Open read-only (or not).
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// The O_DIRECT policy.
+    pub fn with_direct_io(mut self, direct_io: DirectIo) -> Self {
+        self.direct_io = direct_io;
+        self
+    }
+
+    /// Pin a block device to this disk sequence number.
+    pub fn with_expected_diskseq(mut self, expected_diskseq: Option<u64>) -> Self {
+        self.expected_diskseq = expected_diskseq;
+        self
+    }
 }
 
 /// What sits behind the descriptor.

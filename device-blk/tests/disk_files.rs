@@ -10,7 +10,7 @@ use device_blk::disk::DirectIo;
 use device_blk::{BlockSize, Disk, DiskError, DiskOptions, Sector};
 
 fn open_with(path: &Path, direct_io: DirectIo) -> Result<Disk, DiskError> {
-    Disk::open(path, &DiskOptions { direct_io, ..DiskOptions::default() })
+    Disk::open(path, &DiskOptions::default().with_direct_io(direct_io))
 }
 
 #[test]

@@ -22,7 +22,7 @@ use test_kit::loop_devices;
 
 /// Open the device, pinned to `expected_diskseq` if given.
 fn open_pinned(dev: &LoopDevice, expected_diskseq: Option<u64>) -> Result<Disk, DiskError> {
-    Disk::open(&dev.path, &DiskOptions { expected_diskseq, ..DiskOptions::default() })
+    Disk::open(&dev.path, &DiskOptions::default().with_expected_diskseq(expected_diskseq))
 }
 
 /// Attach `file` to a free loop device with extra `losetup` options.
@@ -242,7 +242,7 @@ fn a_loop_device_opened_without_direct_io_is_buffered() {
     let Some(_lock) = loop_devices() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let dev = attach(&backing_file(dir.path(), "a.img", 6), &[]);
-    let options = DiskOptions { direct_io: DirectIo::Off, ..DiskOptions::default() };
+    let options = DiskOptions::default().with_direct_io(DirectIo::Off);
     let disk = Disk::open(&dev.path, &options).expect("open");
     assert!(!disk.geometry().direct_io);
     assert_eq!(disk.buffer_alignment(), 1);

@@ -101,7 +101,12 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn refused_requests_do_not_hold_a_worker(poll_us: u32, io_threads: Option<IoThreads>) {
-    let options = DataplaneOptions { poll_us, io_threads: io_threads.clone(), ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.poll_us = poll_us;
+        o.io_threads = io_threads.clone();
+        o
+    };
     let config = BedConfig { options, ..BedConfig::default() };
     let mut hostile = Bed::<X86_64>::new(config.clone());
     let mut bystander = Bed::<X86_64>::new(config);

@@ -182,7 +182,11 @@ fn rounds<L: BlkifLayout>(bed: &mut Bed<L>, shape: Shape, name: &str, count: u64
 
 /// Warm the data plane up, then count what the worker allocates over many more requests of the same shapes.
 fn allocations_when_warm<L: BlkifLayout>(case: &Case, name: &str) -> usize {
-    let options = DataplaneOptions { poll_us: case.poll_us, ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.poll_us = case.poll_us;
+        o
+    };
     let config = BedConfig {
         persistent: case.persistent,
         max_indirect: if case.shape == Shape::Indirect { 64 } else { 0 },

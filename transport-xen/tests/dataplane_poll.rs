@@ -20,7 +20,11 @@ use transport_xen::services::GrantRef;
 const POLL_US: u32 = 300_000;
 
 fn polling_bed(poll_us: u32, mode: GrantMode, persistent: bool) -> Bed<X86_64> {
-    let options = DataplaneOptions { poll_us, ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.poll_us = poll_us;
+        o
+    };
     Bed::new(BedConfig { persistent, options, ..BedConfig::default() }.mode(mode))
 }
 
@@ -108,7 +112,11 @@ fn data_moves_correctly_while_polling_in_every_grant_mode() {
 
 #[test]
 fn the_32_bit_abi_is_polled_too() {
-    let options = DataplaneOptions { poll_us: POLL_US, ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.poll_us = POLL_US;
+        o
+    };
     let mut bed = Bed::<X86_32>::new(BedConfig { options, queues: 2, ..BedConfig::default() });
     for q in 0..2 {
         let data = pattern(16 * 512, q as u64);

@@ -12,7 +12,11 @@ use transport_xen::blkif::{RSP_OKAY, X86_32, X86_64};
 use transport_xen::dataplane::{DataplaneOptions, IoThreads, QueueStats};
 
 fn pooled(pool: &IoThreads, queues: usize) -> BedConfig {
-    let options = DataplaneOptions { io_threads: Some(pool.clone()), ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.io_threads = Some(pool.clone());
+        o
+    };
     BedConfig { queues, options, ..BedConfig::default() }
 }
 

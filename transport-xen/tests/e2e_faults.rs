@@ -99,7 +99,11 @@ fn writes_into_holes_of_an_image_on_a_full_tmpfs_get_blkif_rsp_error() {
 fn errors_injected_under_the_data_plane_reach_blkfront_as_rsp_error() {
     use device_blk::engine::fault::{FaultPlan, FaultPoint, FaultRule, OpKind};
     let plan = FaultPlan::new();
-    let options = DataplaneOptions { engine_wrapper: Some(plan.wrapper()), ..DataplaneOptions::default() };
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.engine_wrapper = Some(plan.wrapper());
+        o
+    };
     let bed = Bed::real(BackendConfig::default(), options);
     let dir = tempfile::tempdir().expect("tempdir");
     for (domid, persistent) in [(1, false), (2, true)] {

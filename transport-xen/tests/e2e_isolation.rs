@@ -279,7 +279,11 @@ fn two_guests_at_once_never_see_each_others_bytes() {
 
     for (round, mode) in MODES.into_iter().enumerate() {
         let host = backend_support::Host::new();
-        let options = DataplaneOptions { grant_mode: mode, ..DataplaneOptions::default() };
+        let options = {
+            let mut o = DataplaneOptions::default();
+            o.grant_mode = mode;
+            o
+        };
         let backend = backend_support::BackendProcess::real(&host.host, BackendConfig::default(), options);
         let base = 60 + 2 * u16::try_from(round).expect("two rounds");
         let guests =

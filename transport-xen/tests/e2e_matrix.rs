@@ -61,7 +61,11 @@ fn exercise(front: &mut Blkfront<'_>, combo: Combo, generation: u32) {
 }
 
 fn run_matrix(abi: BlkifAbi, mode: GrantMode) {
-    let bed = Bed::real(BackendConfig::default(), DataplaneOptions { grant_mode: mode, ..DataplaneOptions::default() });
+    let bed = Bed::real(BackendConfig::default(), {
+        let mut o = DataplaneOptions::default();
+        o.grant_mode = mode;
+        o
+    });
     for (i, combo) in combos(abi).into_iter().enumerate() {
         let domid = 10 + u16::try_from(i).expect("few");
         let guest = bed.big_guest(domid, 1024);

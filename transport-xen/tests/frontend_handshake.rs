@@ -39,8 +39,13 @@ fn blkfront_publishes_its_granted_rings_and_closes_cleanly() {
 
 #[test]
 fn blkfront_follows_the_backends_limits_and_the_x86_32_default() {
-    let config =
-        BackendConfig { max_queues: 1, max_ring_page_order: 1, max_indirect_segments: 0, ..BackendConfig::default() };
+    let config = {
+        let mut o = BackendConfig::default();
+        o.max_queues = 1;
+        o.max_ring_page_order = 1;
+        o.max_indirect_segments = 0;
+        o
+    };
     let bed = Bed::with_config(config);
     let guest = bed.guest(8);
     bed.add_image_disk(8, true);

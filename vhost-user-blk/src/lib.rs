@@ -66,8 +66,10 @@ pub use device_blk::MAX_POLL_US;
 /// The epoll handler type of our backend's worker threads.
 pub type BlkEpollHandler = VringEpollHandler<Arc<VhostUserBlkBackend>>;
 
-/// How a disk is served over vhost-user-blk.
+/// How a disk is served over vhost-user-blk: [`VhostUserBlkOptions::new`], then set the fields (new fields may
+/// come, so it is built only that way outside this crate).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct VhostUserBlkOptions {
     /// Request queues.
     pub num_queues: u16,

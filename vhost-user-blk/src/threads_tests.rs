@@ -54,8 +54,7 @@ impl Device {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![0u8; 512 * 64 * 8 * usize::from(queues)]).expect("image");
-        let disk =
-            Arc::new(Disk::open(&path, &DiskOptions { direct_io: DirectIo::Off, ..Default::default() }).expect("open"));
+        let disk = Arc::new(Disk::open(&path, &DiskOptions::default().with_direct_io(DirectIo::Off)).expect("open"));
         let options = VhostUserBlkOptions {
             num_queues: queues,
             io_threads: Some(threads),

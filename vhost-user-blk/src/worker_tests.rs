@@ -143,7 +143,7 @@ impl Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![0u8; 1 << 20]).expect("image");
-        let options = DiskOptions { direct_io: DirectIo::Off, ..Default::default() };
+        let options = DiskOptions::default().with_direct_io(DirectIo::Off);
         let disk = Arc::new(Disk::open(&path, &options).expect("open"));
         let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("guest memory");
         let atomic = AtomicGuestMemory::new(memory);

@@ -306,7 +306,12 @@ fn xen_workers_serve_every_request_with_no_capability_under_the_worker_filter() 
         let image = Image::new(&domid.to_string(), 8 << 20);
         let host = EmulatedHost::new().expect("emulated host");
         let init = xen_worker_init(SeccompMode::Enforce).expect("worker hook");
-        let options = DataplaneOptions { grant_mode, worker_init: Some(init), ..DataplaneOptions::default() };
+        let options = {
+            let mut o = DataplaneOptions::default();
+            o.grant_mode = grant_mode;
+            o.worker_init = Some(init);
+            o
+        };
         let rings = DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), engine, options);
         let backend =
             BackendThread::spawn(&host, Arc::new(rings), BackendConfig::default(), Scope::AllDomains).expect("backend");

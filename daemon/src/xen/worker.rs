@@ -48,14 +48,15 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     let serving = &args.serving;
     let (grant_mode, copy_without_persistent) = super::grant_mode(serving.grant_mode);
     let persistent_grants = !serving.no_persistent && grant_mode == transport_xen::grant_memory::GrantMode::Map;
-    let options = DataplaneOptions {
-        grant_mode,
-        copy_without_persistent,
-        stats: Some(registry),
-        worker_init: Some(worker_init),
-        poll_us: serving.poll_us,
-        io_threads: (serving.io_threads > 0).then(|| IoThreads::new(serving.io_threads.into())),
-        ..DataplaneOptions::default()
+    let options = {
+        let mut o = DataplaneOptions::default();
+        o.grant_mode = grant_mode;
+        o.copy_without_persistent = copy_without_persistent;
+        o.stats = Some(registry);
+        o.worker_init = Some(worker_init);
+        o.poll_us = serving.poll_us;
+        o.io_threads = (serving.io_threads > 0).then(|| IoThreads::new(serving.io_threads.into()));
+        o
     };
     let rings = DataplaneServer::new(
         Arc::new(GntDev::from_file(grants)),
@@ -63,11 +64,12 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         serving.engine.into(),
         options,
     );
-    let config = BackendConfig {
-        domain_path: args.domain_path.clone(),
-        max_queues: serving.max_queues,
-        persistent_grants,
-        ..BackendConfig::default()
+    let config = {
+        let mut o = BackendConfig::default();
+        o.domain_path = args.domain_path.clone();
+        o.max_queues = serving.max_queues;
+        o.persistent_grants = persistent_grants;
+        o
     };
     let mut backend = XenBackend::new(Arc::new(store), Arc::new(rings), config, Scope::Domain(args.domid))
         .context("watching the guest's vbd directory")?

@@ -54,7 +54,7 @@ pub fn image(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
 
 /// Open `path` read-write (or read-only) with automatic O_DIRECT.
 pub fn open(path: &Path, read_only: bool) -> Arc<Disk> {
-    let options = DiskOptions { read_only, direct_io: DirectIo::Auto, expected_diskseq: None };
+    let options = DiskOptions::default().with_read_only(read_only).with_direct_io(DirectIo::Auto);
     Arc::new(Disk::open(path, &options).expect("open disk"))
 }
 

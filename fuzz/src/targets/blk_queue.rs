@@ -62,7 +62,7 @@ fn fixture() -> Fixture {
     let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("temp dir");
     let path = dir.path().join("disk.img");
     std::fs::write(&path, vec![0u8; FILE_LEN as usize]).expect("disk file");
-    let off = |read_only| DiskOptions { read_only, direct_io: DirectIo::Off, expected_diskseq: None };
+    let off = |read_only| DiskOptions::default().with_read_only(read_only).with_direct_io(DirectIo::Off);
     let rw = Arc::new(Disk::open(&path, &off(false)).expect("open rw"));
     let ro = Arc::new(Disk::open(&path, &off(true)).expect("open ro"));
     assert_eq!(rw.geometry().capacity, Sector(128));

@@ -94,7 +94,7 @@ fn fixture() -> Fixture {
     let path = dir.path().join("disk.img");
     std::fs::write(&path, vec![0u8; DISK_BYTES as usize]).expect("disk file");
     let open = |read_only| {
-        let options = DiskOptions { read_only, direct_io: DirectIo::Off, expected_diskseq: None };
+        let options = DiskOptions::default().with_read_only(read_only).with_direct_io(DirectIo::Off);
         Arc::new(Disk::open(&path, &options).expect("disk"))
     };
     let (rw_disk, ro_disk) = (open(false), open(true));
@@ -437,13 +437,7 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         persistent_grants: plan.flags & 0x08 != 0,
         max_indirect_segments: if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 },
     };
-    let options = DataplaneOptions {
-        grant_mode: if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map },
-        max_in_flight: plan.in_flight,
-        bounce_pages: 300,
-        discard_secure: plan.flags & 0x40 != 0,
-        ..DataplaneOptions::default()
-    };
+    let options = { let mut o = DataplaneOptions::default(); o.grant_mode = if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map }; o.max_in_flight = plan.in_flight; o.bounce_pages = 300; o.discard_secure = plan.flags & 0x40 != 0; o };
     let grants = Arc::new(f.host.grant_table(0));
     let dp = Dataplane::start(disk.clone(), EngineKind::Sync, grants, &f.host.evtchn_opener(0), &config, &options)
         .expect("data plane");

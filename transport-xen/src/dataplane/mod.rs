@@ -50,8 +50,10 @@ use crate::dataplane::mapped_ring::MappedRing;
 use crate::services::{EventChannel, EventChannelOpener, GrantTable, MapAccess, XenError};
 use worker::{QueueSetup, WorkerConfig};
 
-/// How the data plane serves its queues.
+/// How the data plane serves its queues: `DataplaneOptions::default()`, then set the fields (new fields may
+/// come, so it is built only that way outside this crate).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DataplaneOptions {
     /// Map grants or grant-copy through a bounce pool.
     pub grant_mode: GrantMode,

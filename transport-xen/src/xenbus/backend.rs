@@ -55,8 +55,10 @@ const TX_ATTEMPTS: u32 = 16;
 /// Longest message written to an `error` node.
 const MAX_ERROR_MESSAGE: usize = 1024;
 
-/// What the backend offers and where it lives; shared by every vbd of a process.
+/// What the backend offers and where it lives; shared by every vbd of a process. `BackendConfig::default()`,
+/// then set the fields (built only that way outside this crate).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackendConfig {
     /// The backend domain's xenstore home, `/local/domain/<backend domid>`.
     pub domain_path: String,

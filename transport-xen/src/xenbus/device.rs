@@ -213,7 +213,10 @@ pub fn open_source(source: &DeviceSource, mode: Mode, direct_io: DirectIo) -> Re
         }
         DeviceSource::ImageFile(path) => (path.clone(), None),
     };
-    let options = DiskOptions { read_only, direct_io, expected_diskseq };
+    let options = DiskOptions::default()
+        .with_read_only(read_only)
+        .with_direct_io(direct_io)
+        .with_expected_diskseq(expected_diskseq);
     let disk =
         Disk::open(&path, &options).map_err(|e| Fatal::new(disk_errno(&e), format!("creating vbd structure: {e}")))?;
     if let DeviceSource::Physical { device, .. } = source {

@@ -97,7 +97,7 @@ impl<L: BlkifLayout> Bed<L> {
         let guest = Arc::new(host.add_guest(DOMID, config.guest_pages).expect("guest"));
         let file = tempfile::NamedTempFile::new().expect("temp file");
         file.as_file().set_len(config.disk_bytes).expect("size");
-        let options = DiskOptions { read_only: config.read_only, ..Default::default() };
+        let options = DiskOptions::default().with_read_only(config.read_only);
         let disk = Arc::new(Disk::open(file.path(), &options).expect("disk"));
         let fronts: Vec<RingFrontend<L>> =
             (0..config.queues).map(|_| RingFrontend::new(guest.clone(), config.order, 0).expect("front")).collect();
