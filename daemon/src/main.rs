@@ -61,14 +61,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(error_chain(&e)),
+        // The error and its causes, `: `-separated; each says its cause once (in its message or as its source).
+        Err(e) => fail(format!("{e:#}")),
     }
-}
-
-/// The error and its causes, `: `-separated, each printed once: an error either says its cause in its own
-/// message or exposes it as its `source`, never both.
-fn error_chain(error: &anyhow::Error) -> String {
-    format!("{error:#}")
 }
 
 /// The man pages, generated from the command line's own definition: `blkbackd.1` and one per subcommand.

@@ -38,8 +38,8 @@ struct Core {
     engine: UringEngine,
     /// Completions reaped for each lane and not handed out yet.
     lanes: Vec<VecDeque<Completion>>,
-    /// Depth of each lane.
-    depths: Vec<usize>,
+    /// Depth of every lane.
+    depth: usize,
     /// Lanes handed out so far.
     taken: usize,
 }
@@ -86,7 +86,7 @@ impl SharedUring {
         let depth = depth as usize;
         let core = Core {
             lanes: (0..lanes.max(1)).map(|_| VecDeque::with_capacity(depth)).collect(),
-            depths: vec![depth; lanes.max(1)],
+            depth,
             taken: 0,
             engine,
         };
@@ -102,7 +102,10 @@ impl SharedUring {
     pub fn lane(&self) -> Option<UringLane> {
         let mut core = self.lock();
         let lane = core.taken;
-        let depth = *core.depths.get(lane)?;
+        if lane >= core.lanes.len() {
+            return None;
+        }
+        let depth = core.depth;
         core.taken += 1;
         Some(UringLane { ring: self.clone(), lane: lane as u64, depth, in_flight: 0 })
     }
