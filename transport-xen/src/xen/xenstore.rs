@@ -33,6 +33,8 @@
 //! connection are the same; what such a store saves is a thread per connection and two thread switches per call,
 //! and its [`XsReader`] (with its buffer) serves one connection after the other ([`XenBusStore::into_reader`]).
 //! Tests and the fuzzer use it; the daemon uses the reader thread.
+//!
+//! [`FrameDecoder`]: wire::FrameDecoder
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};

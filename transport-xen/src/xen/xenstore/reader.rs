@@ -5,7 +5,7 @@
 //! each one to the store's dispatch (reply matching, watch-event queueing); end of file, a read error or an
 //! oversized header break the connection for good (every waiter and every later call gets the error). Two drivers
 //! run it, with the same results for the same bytes:
-//! - the **reader thread** ([`reader_loop`]) of every store built by `open`, `open_device`, `connect_socket` or
+//! - the **reader thread** (`reader_loop`) of every store built by `open`, `open_device`, `connect_socket` or
 //!   `from_stream`: it owns a reader for the life of the connection and wakes the callers waiting for replies;
 //! - the **callers' threads** of a store built by [`XenBusStore::from_stream_inline`]: the caller waiting for a
 //!   reply reads the connection itself until its reply (or the connection's end) arrives, and
