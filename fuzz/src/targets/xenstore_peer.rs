@@ -15,6 +15,12 @@
 //! Invariants: every call returns exactly what the reply frame says (the value, the parsed list, the mapped
 //! error), or the connection error when there was no reply; the client never hangs, never panics, never sends a
 //! request larger than `REQUEST_PAYLOAD_MAX`; every valid watch event the peer sent is delivered, in order.
+//!
+//! Speed: the client is a store read by its caller's thread (`XenBusStore::from_stream_inline`: the same decoder,
+//! reply matching, watch queue and error handling as the daemon's store with its reader thread, see
+//! `transport_xen::xen::xenstore`), so a call is a round trip between two threads, not three; its `XsReader` and
+//! the peer thread with its buffers serve every input of the process. An input only gets a new socket pair and
+//! store: nothing it can observe outlives it.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -26,7 +32,7 @@ use transport_xen::xen::wire::{
     encode_message, errno_from_name, parse_directory, parse_ok, parse_perms, parse_tx_id, parse_watch_event, Frame,
     FrameDecoder, MsgType, REQUEST_PAYLOAD_MAX,
 };
-use transport_xen::xen::xenstore::MAX_QUEUED_WATCH_EVENTS;
+use transport_xen::xen::xenstore::{XsReader, MAX_QUEUED_WATCH_EVENTS};
 use transport_xen::xen::XenBusStore;
 
 use crate::input::{Reader, Writer};
@@ -155,9 +161,11 @@ fn expected(op: u8, reply: &Frame) -> Outcome {
     }
 }
 
-fn decode_steps(data: &[u8]) -> Script {
+/// The client's calls and the peer's script.
+fn decode_steps(data: &[u8]) -> (Vec<Step>, Script) {
     let mut r = Reader::new(data);
     let mut steps = Vec::new();
+    let mut script = Vec::new();
     while !r.is_empty() && steps.len() < MAX_STEPS {
         let op = r.u8();
         let value = r.short_bytes().to_vec();
@@ -171,9 +179,10 @@ fn decode_steps(data: &[u8]) -> Script {
                 _ => Piece::Raw(r.long_bytes().to_vec()),
             })
             .collect();
-        steps.push((op, value, pieces));
+        steps.push(Step { op, value });
+        script.push((op, pieces));
     }
-    steps
+    (steps, script)
 }
 
 /// One piece of a step's answer.
@@ -186,30 +195,46 @@ enum Piece {
     Raw(Vec<u8>),
 }
 
-/// The peer: read each request, check it, answer, report what the client must see; close at the end.
-fn peer(mut sock: UnixStream, script: Script, tx: mpsc::Sender<Seen>) -> Vec<WatchEvent> {
+/// What the peer thread reports to the input's thread.
+#[derive(Debug)]
+enum Report {
+    /// What the client must see for the step just answered.
+    Step(Seen),
+    /// The peer has closed its end (its socket is dropped): every watch event it sent, in order.
+    Done(Vec<WatchEvent>),
+}
+
+/// The peer thread's buffers, kept from one input to the next (they carry no bytes across: `requests` starts
+/// empty for each input, `buf` is only read into, `out` is cleared per step).
+struct PeerBuffers {
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// The peer: read each request, check it, report what the client must see, answer; close at the end.
+fn peer(mut sock: UnixStream, script: Script, reports: &mpsc::Sender<Report>, b: &mut PeerBuffers) -> Vec<WatchEvent> {
     let mut events = Vec::new();
     let mut requests = FrameDecoder::new();
     let mut model = FrameDecoder::new();
-    let mut buf = vec![0u8; 8192];
-    for (op, _, pieces) in script {
+    for (op, pieces) in script {
         let request = loop {
             match requests.next_frame() {
                 Ok(Some(f)) => break f,
                 Ok(None) => {}
                 Err(e) => panic!("client sent an oversized request: {e}"),
             }
-            match sock.read(&mut buf) {
+            match sock.read(&mut b.buf) {
                 // libFuzzer's timeout alarm (SIGALRM) may land on this thread.
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(0) | Err(_) => return events,
-                Ok(n) => requests.push(&buf[..n]),
+                Ok(n) => requests.push(&b.buf[..n]),
             }
         };
         assert_eq!(request.header.ty, op_type(op), "client sent the wrong request type");
         assert!(request.payload.len() <= REQUEST_PAYLOAD_MAX, "request of {} bytes", request.payload.len());
         let id = request.header.req_id;
-        let mut out = Vec::new();
+        let out = &mut b.out;
+        out.clear();
         let mut seen = None;
         for piece in pieces {
             let bytes = match piece {
@@ -248,74 +273,87 @@ fn peer(mut sock: UnixStream, script: Script, tx: mpsc::Sender<Seen>) -> Vec<Wat
                 break;
             }
         }
-        if sock.write_all(&out).is_err() {
-            panic!("client closed the connection while a request was pending");
-        }
         let seen = seen.unwrap_or(Seen::Broken(false));
         let broken = matches!(seen, Seen::Broken(_));
-        if tx.send(seen).is_err() || broken {
+        // Reported before the answer goes out, so that the client's thread finds it when its call returns.
+        if reports.send(Report::Step(seen)).is_err() {
+            return events;
+        }
+        if sock.write_all(out).is_err() {
+            panic!("client closed the connection while a request was pending");
+        }
+        if broken {
             return events;
         }
     }
     events
 }
 
-type Script = Vec<(u8, Vec<u8>, Vec<Piece>)>;
+/// The client's calls: one per step.
+type Script = Vec<(u8, Vec<Piece>)>;
 
-/// One input's peer: its end of the socket pair, its script, where it reports each step.
-type PeerJob = (UnixStream, Script, mpsc::Sender<Seen>);
+/// One input's peer: its end of the socket pair and its script.
+type PeerJob = (UnixStream, Script);
 
-/// The peer thread, started once per process and given one job per input (a thread per input cost more than
-/// the input); it keeps no state from one job to the next. It stops when the runner is dropped, and dies on a
-/// failed check (then `events` reports no result).
-struct PeerRunner {
+/// What one process keeps for every input: the peer thread (a thread per input cost more than the input), with
+/// its buffers, given one job per input and keeping no state from one job to the next (it stops when the fixture
+/// is dropped, and dies on a failed check, which the input's thread sees as a closed `reports`); and the client's
+/// reader, handed from one input's store to the next.
+struct Fixture {
     jobs: mpsc::Sender<PeerJob>,
-    events: mpsc::Receiver<Vec<WatchEvent>>,
+    reports: mpsc::Receiver<Report>,
+    reader: Option<XsReader>,
 }
 
-impl PeerRunner {
-    fn start() -> PeerRunner {
+impl Fixture {
+    fn start() -> Fixture {
         let (jobs, job_rx) = mpsc::channel::<PeerJob>();
-        let (events_tx, events) = mpsc::channel();
+        let (reports_tx, reports) = mpsc::channel();
         std::thread::Builder::new()
             .name("xenstore-peer".into())
             .spawn(move || {
-                for (sock, script, tx) in job_rx {
-                    if events_tx.send(peer(sock, script, tx)).is_err() {
+                let mut buffers = PeerBuffers { buf: vec![0; 8192], out: Vec::new() };
+                for (sock, script) in job_rx {
+                    let events = peer(sock, script, &reports_tx, &mut buffers);
+                    if reports_tx.send(Report::Done(events)).is_err() {
                         break;
                     }
                 }
             })
             .expect("peer thread");
-        PeerRunner { jobs, events }
+        Fixture { jobs, reports, reader: Some(XsReader::new()) }
+    }
+
+    fn report(&self) -> Report {
+        self.reports.recv().expect("peer thread died (a check failed there)")
     }
 }
 
 thread_local! {
-    static PEER: std::cell::RefCell<Option<PeerRunner>> = const { std::cell::RefCell::new(None) };
+    static FIXTURE: std::cell::RefCell<Option<Fixture>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Run one input.
 pub fn run(data: &[u8]) {
-    PEER.with(|p| {
-        let mut p = p.borrow_mut();
-        run_with(p.get_or_insert_with(PeerRunner::start), data);
+    FIXTURE.with(|f| {
+        let mut f = f.borrow_mut();
+        run_with(f.get_or_insert_with(Fixture::start), data);
     });
 }
 
-fn run_with(runner: &PeerRunner, data: &[u8]) {
-    let script = decode_steps(data);
-    let steps: Vec<Step> = script.iter().map(|(op, value, _)| Step { op: *op, value: value.clone() }).collect();
+fn run_with(fixture: &mut Fixture, data: &[u8]) {
+    let (steps, script) = decode_steps(data);
     let (client, server) = UnixStream::pair().expect("socket pair");
-    let store = XenBusStore::from_stream(client).expect("client").with_request_timeout(HANG);
-    let (tx, rx) = mpsc::channel();
-    runner.jobs.send((server, script, tx)).expect("peer thread gone (a check failed there)");
+    let reader = fixture.reader.take().unwrap_or_default();
+    let store = XenBusStore::from_stream_inline(client, reader).expect("client").with_request_timeout(HANG);
+    fixture.jobs.send((server, script)).expect("peer thread gone (a check failed there)");
 
     let mut broken = false;
     for step in &steps {
         let got = call(&store, step);
-        let Ok(seen) = rx.recv() else {
-            panic!("peer died (it checks the client's requests); client returned {got:?}");
+        let seen = match fixture.report() {
+            Report::Step(seen) => seen,
+            Report::Done(_) => panic!("peer stopped before the step's answer; client returned {got:?}"),
         };
         match seen {
             Seen::Reply(frame) => {
@@ -330,7 +368,9 @@ fn run_with(runner: &PeerRunner, data: &[u8]) {
             }
         }
     }
-    let sent_events = runner.events.recv().expect("peer thread died (a check failed there)");
+    let Report::Done(sent_events) = fixture.report() else {
+        panic!("peer answered more steps than the client called");
+    };
 
     // The peer has closed: collect every event until the client reports the loss.
     let mut events = Vec::new();
@@ -353,7 +393,7 @@ fn run_with(runner: &PeerRunner, data: &[u8]) {
     if sent_events.len() < MAX_QUEUED_WATCH_EVENTS {
         assert_eq!(events, sent_events, "watch events lost, invented or reordered (broken: {broken})");
     }
-    drop(store);
+    fixture.reader = store.into_reader();
 }
 
 fn step(w: &mut Writer, op: u8, value: &[u8], pieces: &[Piece]) {

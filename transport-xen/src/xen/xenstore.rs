@@ -23,11 +23,23 @@
 //!
 //! Watch events only identify a watch by token: after [`XenStore::unwatch`] a few already queued events for it may
 //! still be delivered.
+//!
+//! # Without a thread: [`XenBusStore::from_stream_inline`]
+//! The receiving side is one piece of code ([`XsReader`], in [`reader`]) that a driver runs: the reader thread
+//! above, or, for a store built by [`XenBusStore::from_stream_inline`], the callers' own threads. There a caller
+//! reads the connection while it waits for its reply (one request in flight at a time), and
+//! [`XenStore::take_watch_events`] first reads what has arrived (without waiting); nothing reads between calls, so
+//! the watch fd only reports events already read. The decoding, reply matching, watch queue and breaking of the
+//! connection are the same; what such a store saves is a thread per connection and two thread switches per call,
+//! and its [`XsReader`] (with its buffer) serves one connection after the other ([`XenBusStore::into_reader`]).
+//! Tests and the fuzzer use it; the daemon uses the reader thread.
+//!
+//! [`FrameDecoder`]: wire::FrameDecoder
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -38,8 +50,15 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::wire::{self, Frame, FrameDecoder, MsgType, REQUEST_PAYLOAD_MAX};
+use super::wire::{self, Frame, MsgType, REQUEST_PAYLOAD_MAX};
 use crate::services::{Permission, TxId, WatchEvent, XenError, XenStore};
+
+pub mod reader;
+#[cfg(test)]
+mod tests;
+
+pub use reader::XsReader;
+use reader::{poll_one, reader_loop, Received};
 
 /// Linux's xenbus character device (the kernel relays to xenstored).
 pub const XENBUS_DEVICE: &str = "/dev/xen/xenbus";
@@ -67,12 +86,20 @@ pub enum XsTransport {
 #[derive(Debug)]
 pub struct XenBusStore {
     shared: Arc<Shared>,
-    stop: EventFd,
-    reader: Option<JoinHandle<()>>,
+    receive: Receive,
     transport: XsTransport,
     timeout: Duration,
     /// Held from sending a request until its reply arrives, when requests must not be pipelined.
     in_flight: Option<Mutex<()>>,
+}
+
+/// Who reads the connection.
+#[derive(Debug)]
+enum Receive {
+    /// The store's reader thread, ended by writing `stop`.
+    Thread { stop: EventFd, handle: Option<JoinHandle<()>> },
+    /// The callers' threads, one at a time: a caller holds the lock from sending its request until its reply.
+    Inline(Mutex<XsReader>),
 }
 
 #[derive(Debug)]
@@ -124,7 +151,8 @@ impl XenBusStore {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| XenError::os(format!("open {}", path.display()), &e))?;
-        Ok(XenBusStore::start(conn, XsTransport::Device(path.to_owned()), false)?.with_one_request_in_flight(true))
+        Ok(XenBusStore::start(conn, XsTransport::Device(path.to_owned()), false, None)?
+            .with_one_request_in_flight(true))
     }
 
     /// Connect to xenstored's unix socket.
@@ -138,12 +166,40 @@ impl XenBusStore {
         XenBusStore::from_stream_with(stream, XsTransport::Stream)
     }
 
-    fn from_stream_with(stream: UnixStream, transport: XsTransport) -> Result<XenBusStore, XenError> {
+    /// Use an already connected stream without a reader thread: each caller reads the connection while it waits
+    /// for its reply, with `reader` (see the [module documentation](self)). Requests are never pipelined.
+    pub fn from_stream_inline(stream: UnixStream, mut reader: XsReader) -> Result<XenBusStore, XenError> {
+        reader.reset();
         stream.set_nonblocking(true).map_err(|e| XenError::os("xenstore socket: set non-blocking", &e))?;
-        XenBusStore::start(File::from(OwnedFd::from(stream)), transport, true)
+        XenBusStore::start(File::from(OwnedFd::from(stream)), XsTransport::Stream, true, Some(reader))
     }
 
-    fn start(conn: File, transport: XsTransport, write_errors_fatal: bool) -> Result<XenBusStore, XenError> {
+    /// Close the connection and give back the reader of a store built by [`XenBusStore::from_stream_inline`],
+    /// reset for the next connection; `None` for a store with a reader thread (which is stopped).
+    pub fn into_reader(mut self) -> Option<XsReader> {
+        match &mut self.receive {
+            Receive::Inline(reader) => {
+                let reader = reader.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut reader = std::mem::replace(reader, XsReader::detached());
+                reader.reset();
+                Some(reader)
+            }
+            Receive::Thread { .. } => None,
+        }
+    }
+
+    fn from_stream_with(stream: UnixStream, transport: XsTransport) -> Result<XenBusStore, XenError> {
+        stream.set_nonblocking(true).map_err(|e| XenError::os("xenstore socket: set non-blocking", &e))?;
+        XenBusStore::start(File::from(OwnedFd::from(stream)), transport, true, None)
+    }
+
+    /// Start a store on `conn`: with a reader thread, or read by its callers with `inline`.
+    fn start(
+        conn: File,
+        transport: XsTransport,
+        write_errors_fatal: bool,
+        inline: Option<XsReader>,
+    ) -> Result<XenBusStore, XenError> {
         let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os(what, &e));
         let shared = Arc::new(Shared {
             conn,
@@ -154,22 +210,21 @@ impl XenBusStore {
             next_req_id: AtomicU32::new(1),
             write_errors_fatal,
         });
-        let stop = evt("xenstore: stop eventfd")?;
-        let stop_reader = stop.try_clone().map_err(|e| XenError::os("xenstore: dup eventfd", &e))?;
-        let reader_shared = Arc::clone(&shared);
-        let reader = std::thread::Builder::new()
-            .name("xenstore-reader".into())
-            .spawn(move || reader_loop(&reader_shared, &stop_reader))
-            .map_err(|e| XenError::os("xenstore: spawn reader thread", &e))?;
-        tracing::debug!(?transport, "xenstore connected");
-        Ok(XenBusStore {
-            shared,
-            stop,
-            reader: Some(reader),
-            transport,
-            timeout: DEFAULT_REQUEST_TIMEOUT,
-            in_flight: None,
-        })
+        let receive = match inline {
+            Some(reader) => Receive::Inline(Mutex::new(reader)),
+            None => {
+                let stop = evt("xenstore: stop eventfd")?;
+                let stop_reader = stop.try_clone().map_err(|e| XenError::os("xenstore: dup eventfd", &e))?;
+                let reader_shared = Arc::clone(&shared);
+                let handle = std::thread::Builder::new()
+                    .name("xenstore-reader".into())
+                    .spawn(move || reader_loop(&reader_shared, &stop_reader))
+                    .map_err(|e| XenError::os("xenstore: spawn reader thread", &e))?;
+                Receive::Thread { stop, handle: Some(handle) }
+            }
+        };
+        tracing::debug!(?transport, inline = matches!(receive, Receive::Inline(_)), "xenstore connected");
+        Ok(XenBusStore { shared, receive, transport, timeout: DEFAULT_REQUEST_TIMEOUT, in_flight: None })
     }
 
     /// Keep at most one request in flight (`true`) or pipeline requests from concurrent callers (`false`).
@@ -214,13 +269,18 @@ impl XenBusStore {
                 errno: libc::E2BIG,
             });
         }
-        let _in_flight = self.in_flight.as_ref().map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let _in_flight = self.in_flight.as_ref().map(lock_ignoring_poison);
+        // Inline: the reader is held from sending the request until its reply, which serializes the callers.
+        let mut reader = match &self.receive {
+            Receive::Inline(reader) => Some(lock_ignoring_poison(reader)),
+            Receive::Thread { .. } => None,
+        };
         let req_id = self.shared.register_request()?;
         if let Err(e) = self.shared.send(&wire::encode_message(ty, req_id, tx.0, payload)) {
             self.shared.lock().pending.remove(&req_id);
             return Err(e);
         }
-        let frame = self.shared.wait_reply(req_id, self.timeout, &op)?;
+        let frame = self.shared.wait_reply(req_id, self.timeout, &op, reader.as_deref_mut())?;
         match frame.header.ty {
             t if t == ty => Ok(frame.payload),
             MsgType::ERROR => Err(match wire::parse_error(&frame.payload) {
@@ -238,6 +298,10 @@ impl XenBusStore {
         let reply = self.call(ty, tx, first, rest, path)?;
         wire::parse_ok(&reply).map_err(|e| protocol(path, e))
     }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn protocol(path: &str, e: wire::WireError) -> XenError {
@@ -297,7 +361,14 @@ impl Shared {
         }
     }
 
-    fn wait_reply(&self, req_id: u32, timeout: Duration, op: &dyn Fn() -> String) -> Result<Frame, XenError> {
+    /// Wait for the reply to `req_id`: woken by the reader thread, or reading the connection with `reader`.
+    fn wait_reply(
+        &self,
+        req_id: u32,
+        timeout: Duration,
+        op: &dyn Fn() -> String,
+        mut reader: Option<&mut XsReader>,
+    ) -> Result<Frame, XenError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
@@ -319,9 +390,17 @@ impl Shared {
                     errno: libc::ETIMEDOUT,
                 });
             }
-            state = match self.replied.wait_timeout(state, deadline - now) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
+            state = match reader.as_deref_mut() {
+                Some(reader) => {
+                    drop(state);
+                    // Finished means the connection broke: `broken` is set, checked above on the next turn.
+                    let _: Received = reader.receive_within(self, deadline - now);
+                    self.lock()
+                }
+                None => match self.replied.wait_timeout(state, deadline - now) {
+                    Ok((guard, _)) => guard,
+                    Err(poisoned) => poisoned.into_inner().0,
+                },
             };
         }
     }
@@ -374,83 +453,14 @@ impl Shared {
     }
 }
 
-/// `poll(2)` one descriptor for `events`; `Ok(true)` when ready, `Ok(false)` on timeout.
-fn poll_one(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd, events, revents: 0 };
-    let ms = timeout.map_or(-1, |t| libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX));
-    loop {
-        // SAFETY: `pfd` is one valid pollfd that outlives the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n >= 0 {
-            return Ok(n > 0);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-fn reader_loop(shared: &Shared, stop: &EventFd) {
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let conn_fd = shared.conn.as_fd().as_raw_fd();
-    loop {
-        let mut fds = [
-            libc::pollfd { fd: conn_fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is an array of two valid pollfds that outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            tracing::error!(%err, "xenstore: poll failed");
-            shared.fail_all(XenError::Disconnected { what: WHAT });
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents == 0 {
-            continue;
-        }
-        match (&shared.conn).read(&mut buf) {
-            Ok(0) => {
-                tracing::warn!("xenstore: connection closed by the peer");
-                shared.fail_all(XenError::Disconnected { what: WHAT });
-                return;
-            }
-            Ok(n) => decoder.push(&buf[..n]),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => {
-                tracing::warn!(%e, "xenstore: read failed, connection lost");
-                shared.fail_all(XenError::Disconnected { what: WHAT });
-                return;
-            }
-        }
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => shared.dispatch(frame),
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(%e, "xenstore: protocol violation, connection abandoned");
-                    shared.fail_all(XenError::Protocol { what: WHAT, detail: e.to_string() });
-                    return;
-                }
-            }
-        }
-    }
-}
-
 impl Drop for XenBusStore {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(reader) = self.reader.take() {
-            if reader.join().is_err() {
-                tracing::error!("xenstore: reader thread panicked");
+        if let Receive::Thread { stop, handle } = &mut self.receive {
+            let _ = stop.write(1);
+            if let Some(reader) = handle.take() {
+                if reader.join().is_err() {
+                    tracing::error!("xenstore: reader thread panicked");
+                }
             }
         }
     }
@@ -540,6 +550,14 @@ impl XenStore for XenBusStore {
     }
 
     fn take_watch_events(&self, out: &mut Vec<WatchEvent>) -> Result<(), XenError> {
+        if let Receive::Inline(reader) = &self.receive {
+            // A caller waiting for its reply holds the reader (and queues what it reads): never wait for it.
+            match reader.try_lock() {
+                Ok(mut reader) => reader.drain(&self.shared),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().drain(&self.shared),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
         let mut state = self.shared.lock();
         if state.events.is_empty() {
             if let Some(e) = &state.broken {
