@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The whole blkif ring consumer: `transport_xen::dataplane::Dataplane` (worker thread, epoll loop, request copy,
+//! The whole blkif ring consumer: `transport_xen::dataplane::Dataplane` (I/O thread, epoll loop, request copy,
 //! decode, indirect pages, grant map / persistent grants / grant copy, `device-blk` queue with the synchronous
 //! engine on a real file, responses and notifications) serving a fuzzed frontend on the emulated Xen host.
 //!
 //! The host, one guest, its granted pages (8 read-write data pages, 2 read-only pages, 2 indirect-descriptor
 //! pages), its ring pages (one ring per page order, zeroed and initialised again for each input) and its event
 //! channel port live for the whole process, so the grant refs an input sees never depend on the inputs before
-//! it; each input gets a fresh data plane.
+//! it; each input gets a fresh data plane. Its ring is served by one I/O thread that lives for the whole process
+//! (`DataplaneOptions::io_threads`, the production default: `blkbackd xen --io-threads 1`), so an input hands its
+//! ring to that thread and takes it back at `stop`, instead of spawning and joining a thread; the same worker
+//! rounds serve a ring on a thread of its own (`--io-threads 0`), whose thread loop the crate's tests cover.
 //!
 //! Layout: `u8` flags (bit 0: x86_32; bits 1-2: ring page order 0..2; bit 3: persistent grants; bit 4: grant
 //! copy; bit 5: indirect segments advertised; bit 6: secure discard advertised; bit 7: read-only disk), `u8`
@@ -36,7 +39,7 @@ use transport_xen::blkif::{
 };
 use transport_xen::connect::QueueRing;
 use transport_xen::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS};
-use transport_xen::dataplane::{Dataplane, DataplaneOptions};
+use transport_xen::dataplane::{Dataplane, DataplaneOptions, IoThreads};
 use transport_xen::emulated::evtchn::EmulatedEventChannel;
 use transport_xen::emulated::{EmulatedHost, GuestDomain};
 use transport_xen::grant_memory::{segment_address, GrantMode};
@@ -76,6 +79,9 @@ struct Fixture {
     /// The frontend's event channel and its port, offered to dom0 (unbound again when a data plane stops).
     evtchn: EmulatedEventChannel,
     port: EvtchnPort,
+    /// One I/O thread for every input's data plane (as `blkbackd xen --io-threads` runs them): starting a data
+    /// plane hands its ring to this thread instead of spawning a thread per input.
+    io_thread: IoThreads,
 }
 
 fn fixture() -> Fixture {
@@ -135,6 +141,7 @@ fn fixture() -> Fixture {
         rings,
         evtchn,
         port,
+        io_thread: IoThreads::new(1),
     }
 }
 
@@ -437,7 +444,12 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         persistent_grants: plan.flags & 0x08 != 0,
         max_indirect_segments: if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 },
     };
-    let options = { let mut o = DataplaneOptions::default(); o.grant_mode = if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map }; o.max_in_flight = plan.in_flight; o.bounce_pages = 300; o.discard_secure = plan.flags & 0x40 != 0; o };
+    let mut options = DataplaneOptions::default();
+    options.grant_mode = if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map };
+    options.max_in_flight = plan.in_flight;
+    options.bounce_pages = 300;
+    options.discard_secure = plan.flags & 0x40 != 0;
+    options.io_threads = Some(f.io_thread.clone());
     let grants = Arc::new(f.host.grant_table(0));
     let dp = Dataplane::start(disk.clone(), EngineKind::Sync, grants, &f.host.evtchn_opener(0), &config, &options)
         .expect("data plane");
