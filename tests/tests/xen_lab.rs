@@ -19,28 +19,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The lab's driver script, next to the repository as CI lays it out (`../shared/xen-lab/xen-lab`).
-fn lab_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/xen-lab/xen-lab")
-}
+mod xen_lab_support;
+
+use xen_lab_support::lab::{lab_script, release_blkbackd, retry_while_locked, tail, why_skip};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Why the lab cannot run here, if it cannot.
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("BLKBACKD_SKIP_XEN_LAB").is_some_and(|v| v == "1") {
-        return Some("BLKBACKD_SKIP_XEN_LAB=1".into());
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (the lab needs QEMU, losetup and apt)".into());
-    }
-    if !lab_script().exists() {
-        return Some(format!("{} not found", lab_script().display()));
-    }
-    None
 }
 
 /// A lab work dir of its own, so an interactive lab elsewhere is not disturbed.
@@ -92,11 +76,6 @@ impl Drop for Lab {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
@@ -111,24 +90,6 @@ fn read_prefixed(dir: &Path, prefix: &str) -> String {
         .collect();
     names.sort();
     names.iter().map(|p| read(p)).collect::<Vec<_>>().join("\n")
-}
-
-/// Build the release `blkbackd` and return its path.
-fn build_release_blkbackd() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "-p", "blkbackd", "--bin", "blkbackd", "--message-format=json"])
-        .current_dir(repo_root())
-        .output()
-        .expect("run cargo build --release -p blkbackd");
-    assert!(out.status.success(), "building blkbackd failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = stdout
-        .lines()
-        .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""name":"blkbackd""#))
-        .find_map(|l| l.split(r#""executable":""#).nth(1).and_then(|rest| rest.split('"').next()))
-        .expect("cargo reported no blkbackd executable");
-    PathBuf::from(path)
 }
 
 fn install(from: &Path, to: &Path) {
@@ -157,15 +118,15 @@ fn iops_of(summary: &str, peer: &str) -> Vec<(f64, f64)> {
 
 #[test]
 fn blkbackd_serves_a_real_linux_blkfront() {
-    if let Some(reason) = skip_reason() {
+    if let Some(reason) = why_skip() {
         eprintln!("skipping the real Xen lab test: {reason}");
         return;
     }
     let lab = Lab::new();
-    let (ok, out) = lab.run(&["setup"]);
+    let (ok, out) = retry_while_locked(|| lab.run(&["setup"]));
     assert!(ok, "xen-lab setup failed:\n{}", tail(&out, 40));
 
-    let bin = build_release_blkbackd();
+    let bin = release_blkbackd();
     install(&bin, &lab.share_bin().join("blkbackd"));
     let script = repo_root().join("scripts/xen/block-blkbackd");
     install(&script, &lab.share_bin().join("block-blkbackd"));

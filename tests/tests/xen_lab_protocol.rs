@@ -385,7 +385,7 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
     // dom0 gets 1.5 GiB: `xl save` writes the guest's 384 MiB into dom0's /tmp (a tmpfs of half its memory).
     let lab = Lab::new(LAB_DIR, 3072).with_env("XENLAB_DOM0_MEM", "1536M");
     lab.wait_for_other_labs();
-    let (ok, out) = lab.xen_lab(&["setup"]);
+    let (ok, out) = lab.setup();
     assert!(ok, "xen-lab setup failed:\n{}", tail(&out, 30));
     let (ok, out) = lab.xen_lab(&["build"]);
     assert!(ok, "xen-lab build failed:\n{}", tail(&out, 30));

@@ -310,7 +310,7 @@ fn blkbackd_service_runs_one_confined_worker_per_guest() {
     let lab = Lab::new(LAB_DIR, 3072);
     let bin_dir = lab.share_bin();
     if !Path::new("/boot/xen-4.17-amd64.gz").exists() || !Path::new("/usr/bin/qemu-system-x86_64").exists() {
-        let (ok, out) = lab.xen_lab(&["setup"]);
+        let (ok, out) = lab.setup();
         assert!(ok, "xen-lab setup failed:\n{}", tail(&out, 30));
     }
     let bin = release_blkbackd();

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The lab's driver script, next to the repository as CI lays it out (`../shared/xen-lab/xen-lab`).
 pub fn lab_script() -> PathBuf {
@@ -81,6 +81,13 @@ impl Lab {
         (out.status.success(), text)
     }
 
+    /// `xen-lab setup`, waiting for the package manager when another process holds its lock (another lab's
+    /// setup, or an `apt-get` beside the test), up to [`SETUP_LOCK_WAIT`]: a held lock is not a failure of the
+    /// lab.
+    pub fn setup(&self) -> (bool, String) {
+        retry_while_locked(|| self.xen_lab(&["setup"]))
+    }
+
     /// A file of the run's output directory (`share/out`).
     pub fn out(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join("share/out").join(name)).unwrap_or_else(|e| format!("({name}: {e})"))
@@ -135,6 +142,24 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.xen_lab(&["stop"]);
+    }
+}
+
+/// How long [`Lab::setup`] waits for a package manager lock held by another process.
+pub const SETUP_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Run `setup` again while its output says that another process holds apt's or dpkg's lock, up to
+/// [`SETUP_LOCK_WAIT`]; the last result otherwise.
+pub fn retry_while_locked(setup: impl Fn() -> (bool, String)) -> (bool, String) {
+    let started = Instant::now();
+    loop {
+        let (ok, out) = setup();
+        let locked = !ok && (out.contains("Could not get lock") || out.contains("Unable to lock"));
+        if !locked || started.elapsed() >= SETUP_LOCK_WAIT {
+            return (ok, out);
+        }
+        eprintln!("xen-lab setup: the package manager's lock is held by another process; trying again in 10 s");
+        std::thread::sleep(Duration::from_secs(10));
     }
 }
 
