@@ -463,7 +463,10 @@ fn mark_dirty<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) {
 }
 
 /// Turn a request's guest segments into host iovecs, splitting at memory-region boundaries, and check the buffer
-/// alignment direct I/O needs (`align`) and the system-call limit of [`IOV_MAX`] iovecs.
+/// alignment direct I/O needs (`align`) and the system-call limit of [`IOV_MAX`] iovecs. Pieces that follow each
+/// other in host memory (consecutive segments on consecutive pages of one mapping) become one iovec: the kernel
+/// takes the pages of direct I/O one iovec at a time, with a page-table walk (and, for pages it cannot pin the
+/// fast way, such as Xen grant mappings, the memory-map lock) per iovec.
 fn resolve_segments<M: GuestMemoryBackend>(
     request: &Request,
     mem: &M,
@@ -482,6 +485,12 @@ fn resolve_segments<M: GuestMemoryBackend>(
                 return Err(RequestError::Misaligned { what: "guest buffer address", value: guest_addr, align });
             }
             guest_addr = guest_addr.wrapping_add(slice.len() as u64);
+            if let Some(last) = out.last_mut().filter(|v| (v.iov_base as usize).wrapping_add(v.iov_len) == ptr as usize)
+            {
+                // Both pieces are valid for the access: one iovec covers exactly the two.
+                last.iov_len += slice.len();
+                continue;
+            }
             if out.len() == IOV_MAX {
                 return Err(RequestError::TooManySegments { count: IOV_MAX + 1, max: IOV_MAX });
             }
