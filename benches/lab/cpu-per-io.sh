@@ -27,7 +27,9 @@
 # region), DISK_SIZE (128M), BIN (/mnt/host/bin/blkbackd), BLKBACKD_ARGS (more `blkbackd xen` arguments),
 # DOMU_EXTRA (more domU kernel arguments, e.g. xen_blkfront.max_indirect_segments=256), STATS (1: save the
 # blkbackd worker's counters at FIO-RC to $OUT/cpu-stats-<run>.prom), STRACE (1: `strace -c -f` the blkbackd
-# worker during fio, to $OUT/cpu-strace-<run>.txt; changes the CPU figures, diagnosis only).
+# worker during fio, to $OUT/cpu-strace-<run>.txt; changes the CPU figures, diagnosis only), PERF (1: `perf record
+# -e cpu-clock -g` the blkbackd worker during fio, the report to $OUT/cpu-perf-<run>.txt; needs a `perf` binary in
+# /mnt/host/bin, e.g. the host's; dom0 has no PMU, so software clock samples; diagnosis only).
 set -u
 . /etc/xenlab/common.sh # OUT, up, mkdomcfg, domid_of
 
@@ -42,6 +44,7 @@ BLKBACKD_ARGS=${BLKBACKD_ARGS:-}
 DOMU_EXTRA=${DOMU_EXTRA:-}
 STATS=${STATS:-1}
 STRACE=${STRACE:-0}
+PERF=${PERF:-0}
 CTL=/run/blkbackd
 VDEV=xvdb
 USED_LOOPS=""
@@ -166,17 +169,31 @@ run() {
   if [ $st = ok ] && console "$N" | grep -aq 'DOMU-DEVICE .* sectors=0 '; then st=fail; why=zero-sized-disk; fi
   if [ $st = ok ]; then
     a=$(snapshot "$P" "$DID"); t0=$(dom0_busy)
-    local SP=0
+    local SP=0 w
+    for w in $(backend_pids "$P" "$DID"); do [ "$w" != $SVC ] && break; done
     if [ "$STRACE" = 1 ] && [ "${P#blkbackd}" != "$P" ]; then
-      local w
-      for w in $(backend_pids "$P" "$DID"); do [ "$w" != $SVC ] && break; done
       strace -c -f -p "$w" -o "$OUT/cpu-strace-$N.txt" 2>/dev/null &
+      SP=$!
+    elif [ "$PERF" = 1 ] && [ "${P#blkbackd}" != "$P" ]; then
+      echo 0 >/proc/sys/kernel/kptr_restrict 2>/dev/null
+      echo -1 >/proc/sys/kernel/perf_event_paranoid 2>/dev/null
+      # system-wide (`-p` missed the worker's I/O threads here): the reports sort by thread name
+      perf record -q -a -e cpu-clock -F 499 -g -o "/tmp/cpu-perf-$N.data" >"$OUT/cpu-perf-record-$N.log" 2>&1 &
       SP=$!
     fi
     sleep $((RUNTIME - 1))
     if ! wait_console "$N" '^FIO-RC=' 120; then st=fail; why=no-fio-rc; fi
     b=$(snapshot "$P" "$DID"); t1=$(dom0_busy)
     [ $SP != 0 ] && { kill -INT $SP; wait $SP; }
+    if [ "$PERF" = 1 ] && [ -s "/tmp/cpu-perf-$N.data" ]; then
+      perf report -i "/tmp/cpu-perf-$N.data" --stdio --no-children -g none --sort comm --percent-limit 0.5 \
+        >"$OUT/cpu-perf-comm-$N.txt" 2>&1
+      perf report -i "/tmp/cpu-perf-$N.data" --stdio --no-children -g caller,0.5,callee --sort comm,sym \
+        --percent-limit 0.3 >"$OUT/cpu-perf-$N.txt" 2>&1
+      perf report -i "/tmp/cpu-perf-$N.data" --stdio --no-children -g none --sort comm,sym --percent-limit 0.2 \
+        >"$OUT/cpu-perf-flat-$N.txt" 2>&1
+      rm -f "/tmp/cpu-perf-$N.data"
+    fi
     if [ "$STATS" = 1 ] && [ "${P#blkbackd}" != "$P" ]; then
       "$(bin_of "$P")" stats --control "$CTL/dom$DID.ctl" --prometheus >"$OUT/cpu-stats-$N.prom" 2>&1
     fi

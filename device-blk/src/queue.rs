@@ -81,6 +81,9 @@ pub struct BlockQueue<C> {
     /// When the batch being built (everything since the last kick) started: one clock read per batch, not per
     /// request (in a Xen PV domain, where there is no vDSO clock, each read is a system call).
     batch_started: Option<Instant>,
+    /// Between [`begin_round`](BlockQueue::begin_round) and [`end_round`](BlockQueue::end_round): the clock read
+    /// of the round, if one was made yet (shared by the round's submissions and drains).
+    round: Option<Option<Instant>>,
     /// Alignment host buffers need (the engine's, from the disk's direct-I/O memory alignment).
     buffer_alignment: usize,
     /// Keep each read's guest segments for [`drain_logged`](BlockQueue::drain_logged) ([`log_reads`](BlockQueue::log_reads)).
@@ -125,6 +128,7 @@ impl<C> BlockQueue<C> {
             ready: VecDeque::with_capacity(depth),
             unsubmitted: false,
             batch_started: None,
+            round: None,
             buffer_alignment,
             stats: Arc::new(QueueStats::default()),
         }
@@ -247,11 +251,18 @@ impl<C> BlockQueue<C> {
         // iovec array lives in the slot, untouched until the slot is freed in `drain`.
         match unsafe { self.engine.enqueue(op, u64::from(index)) } {
             Ok(()) => {
+                let started = match self.batch_started {
+                    Some(at) => at,
+                    None => {
+                        let now = self.round_now();
+                        *self.batch_started.insert(now)
+                    }
+                };
                 let slot = &mut self.slots[slot_index];
                 slot.cookie = Some(cookie);
                 slot.expected = if request.kind.has_data() { range.len } else { 0 };
                 slot.kind = request.kind;
-                slot.started = *self.batch_started.get_or_insert_with(Instant::now);
+                slot.started = started;
                 self.stats.started();
                 self.free.pop();
                 self.unsubmitted = true;
@@ -263,6 +274,30 @@ impl<C> BlockQueue<C> {
                 self.finish_now(request.kind, cookie, Err(RequestError::Io { errno: libc::EIO }));
                 Ok(())
             }
+        }
+    }
+
+    /// Start a round of the caller's event loop: until [`end_round`](BlockQueue::end_round), the submissions and
+    /// drains share one clock read for their latency figures (made at the first that needs it), instead of one
+    /// per submitted batch and one per drain. In a Xen PV domain, with no vDSO clock, each read is a system call.
+    /// A round is meant to be short (one look at the work, no sleeping in between): a latency measured inside it
+    /// is off by at most the round's length.
+    pub fn begin_round(&mut self) {
+        self.round = Some(None);
+    }
+
+    /// End the round [`begin_round`](BlockQueue::begin_round) started: later submissions and drains read the
+    /// clock again.
+    pub fn end_round(&mut self) {
+        self.round = None;
+    }
+
+    /// Now, from the round's clock read if there is a round (made now if it is the round's first).
+    fn round_now(&mut self) -> Instant {
+        match &mut self.round {
+            Some(Some(at)) => *at,
+            Some(none) => *none.insert(Instant::now()),
+            None => Instant::now(),
         }
     }
 
@@ -345,8 +380,9 @@ impl<C> BlockQueue<C> {
         let slots = &mut self.slots;
         let free = &mut self.free;
         let stats = &self.stats;
-        // Requests reaped together share their end time (one clock read per drain, see `batch_started`).
-        let mut reaped_at: Option<Instant> = None;
+        // Requests reaped together share their end time (one clock read per drain, see `batch_started`; or the
+        // round's, see `begin_round`).
+        let mut reaped_at: Option<Instant> = self.round.flatten();
         let mut on_complete = |Completion { token, result }| {
             let Some(slot) = usize::try_from(token).ok().and_then(|i| slots.get_mut(i)) else {
                 tracing::error!(token, "engine returned an unknown token");
@@ -376,6 +412,9 @@ impl<C> BlockQueue<C> {
             self.engine.reap(&mut on_complete);
         } else {
             self.engine.reap_ready(&mut on_complete);
+        }
+        if let (Some(round), Some(at)) = (self.round.as_mut(), reaped_at) {
+            round.get_or_insert(at);
         }
     }
 
@@ -424,7 +463,10 @@ fn mark_dirty<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) {
 }
 
 /// Turn a request's guest segments into host iovecs, splitting at memory-region boundaries, and check the buffer
-/// alignment direct I/O needs (`align`) and the system-call limit of [`IOV_MAX`] iovecs.
+/// alignment direct I/O needs (`align`) and the system-call limit of [`IOV_MAX`] iovecs. Pieces that follow each
+/// other in host memory (consecutive segments on consecutive pages of one mapping) become one iovec: the kernel
+/// takes the pages of direct I/O one iovec at a time, with a page-table walk (and, for pages it cannot pin the
+/// fast way, such as Xen grant mappings, the memory-map lock) per iovec.
 fn resolve_segments<M: GuestMemoryBackend>(
     request: &Request,
     mem: &M,
@@ -443,6 +485,12 @@ fn resolve_segments<M: GuestMemoryBackend>(
                 return Err(RequestError::Misaligned { what: "guest buffer address", value: guest_addr, align });
             }
             guest_addr = guest_addr.wrapping_add(slice.len() as u64);
+            if let Some(last) = out.last_mut().filter(|v| (v.iov_base as usize).wrapping_add(v.iov_len) == ptr as usize)
+            {
+                // Both pieces are valid for the access: one iovec covers exactly the two.
+                last.iov_len += slice.len();
+                continue;
+            }
             if out.len() == IOV_MAX {
                 return Err(RequestError::TooManySegments { count: IOV_MAX + 1, max: IOV_MAX });
             }

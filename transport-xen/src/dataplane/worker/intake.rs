@@ -21,6 +21,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     /// and looking at its events (the way Linux's blkback thread yields after a batch).
     pub(super) fn process_ring(&mut self) {
         self.more_work = false;
+        self.backpressure = false;
         self.start_held();
         let mut budget = self.ring.size();
         loop {
@@ -34,6 +35,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             for _ in 0..avail.min(budget) {
                 if self.held.is_some() || self.barrier_active || self.free.is_empty() || !self.queue.has_room() {
                     // Backpressure: completions bring us back here; no final check, so no event is asked for.
+                    self.backpressure = true;
                     self.submit_batch();
                     return;
                 }
