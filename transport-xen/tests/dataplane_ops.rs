@@ -4,10 +4,11 @@
 mod dataplane_util;
 
 use dataplane_util::{pattern, Bed, BedConfig, Shape, DOMID, TIMEOUT};
+use device_blk::EngineKind;
 use transport_xen::blkif::{
     encode, BlkifSegment, RawRequest, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_OKAY, X86_32, X86_64,
 };
-use transport_xen::dataplane::QueueStats;
+use transport_xen::dataplane::{IoThreads, QueueStats};
 use transport_xen::emulated::GuestDomain;
 use transport_xen::grant_memory::GrantMode;
 use vm_memory::Bytes;
@@ -54,6 +55,39 @@ fn a_barrier_waits_for_earlier_requests_and_holds_later_ones() {
     assert!((200..204).all(|i| pos(i) > barrier), "later writes wait for the barrier: {order:?}");
     bed.stop();
     bed.fronts[0].release_pages(pages).expect("released");
+}
+
+/// A barrier held behind earlier writes, with nothing queued after it: the completion that lets it start must also
+/// submit it (no later request or event comes to do that, and the frontend waits for this answer). The requests
+/// are on the ring before the data plane starts, without an event, so its first round is the only look; the
+/// synchronous engine completes the writes as they are queued. Each engine, on the ring's own thread and on a
+/// pool thread.
+#[test]
+fn a_barrier_last_on_the_ring_starts_when_the_earlier_writes_complete() {
+    let shared = IoThreads::new(1);
+    for round in 0..8 {
+        let engine = if round % 2 == 0 { EngineKind::Sync } else { EngineKind::Auto };
+        let mut config = BedConfig { order: 1, engine, ..Default::default() };
+        config.options.io_threads = (round % 4 >= 2).then(|| shared.clone());
+        let mut granted = None;
+        let mut bed = Bed::<X86_64>::new_prepared(config, |bed| {
+            let pages = bed.fronts[0].grant_pages(11, true).expect("pages");
+            let segs = page_segs(&pages.grefs);
+            let ring = bed.fronts[0].ring();
+            for i in 0..8 {
+                assert!(ring.put_request(&encode::rw::<X86_64>(OP_WRITE, i, i * 88, &segs)));
+            }
+            assert!(ring.put_request(&encode::rw::<X86_64>(OP_WRITE_BARRIER, 100, 2000, &segs[..1])));
+            ring.push_requests();
+            granted = Some(pages);
+        });
+        let answered = bed.fronts[0].wait_responses(9, TIMEOUT);
+        let answered =
+            answered.unwrap_or_else(|e| panic!("round {round} ({engine:?}): the barrier was never answered: {e}"));
+        assert!(answered.iter().all(|r| r.status == RSP_OKAY), "round {round}: {answered:?}");
+        bed.stop();
+        bed.fronts[0].release_pages(granted.expect("pages")).expect("released");
+    }
 }
 
 #[test]

@@ -525,8 +525,11 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             self.finish(idx, status);
         }
         self.finished = finished;
-        self.submit_batch();
+        // A request held back (a barrier behind the ones that just finished, a bind that waited for bounce pages)
+        // starts now and goes out with this batch: nothing else may come to submit it (the ring can be empty, and
+        // the frontend waits for its answer).
         self.start_held();
+        self.submit_batch();
     }
 
     /// Answer slot `idx` with `status`, release its pages and free it.
