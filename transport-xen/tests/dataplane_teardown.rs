@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Stopping (also mid-I/O) answers every consumed request and leaves no mapping and no bound port; persistent
-//! grants stay within their bound; failed starts leak nothing.
+//! Stopping (also mid-I/O) answers every request the frontend queued (those the worker took are served, those
+//! still on the ring fail with an I/O error: Linux blkfront waits for an answer to each before it can remove the
+//! disk) and leaves no mapping and no bound port; persistent grants stay within their bound; failed starts leak
+//! nothing.
 
 mod dataplane_util;
 
@@ -8,7 +10,7 @@ use std::sync::Arc;
 
 use dataplane_util::{Bed, BedConfig, DOMID};
 use device_blk::EngineKind;
-use transport_xen::blkif::{encode, BlkifSegment, RawRequest, OP_READ, OP_WRITE, RSP_OKAY, X86_32, X86_64};
+use transport_xen::blkif::{encode, BlkifSegment, RawRequest, OP_READ, OP_WRITE, RSP_ERROR, RSP_OKAY, X86_32, X86_64};
 use transport_xen::connect::{ConnectConfig, QueueRing};
 use transport_xen::dataplane::{Dataplane, DataplaneError, QueueStats};
 use transport_xen::grant_memory::GrantMode;
@@ -38,13 +40,19 @@ fn stop_mid_io(mode: GrantMode, persistent: bool) {
     let stats: Vec<_> = (0..2).map(|q| bed.dp().stats(q).expect("stats")).collect();
     bed.stop(); // asserts: no live mapping, no bound port
     for (q, &count) in submitted.iter().enumerate() {
-        let mut answered = 0u64;
+        let (mut ok, mut failed) = (0u64, 0u64);
         while let Some(r) = bed.fronts[q].ring().take_response() {
-            assert_eq!(r.status, RSP_OKAY, "{mode:?} persistent {persistent}: request {} of queue {q}", r.id);
-            answered += 1;
+            // Those the worker took before the stop are served; those still on the ring fail.
+            assert!(matches!(r.status, RSP_OKAY | RSP_ERROR), "{mode:?} persistent {persistent}: {r:?} of queue {q}");
+            if r.status == RSP_OKAY {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
         }
-        assert!(answered <= count as u64);
-        assert_eq!(answered, QueueStats::get(&stats[q].requests), "every consumed request is answered");
+        assert_eq!(ok + failed, count as u64, "{mode:?} persistent {persistent}: every queued request is answered");
+        assert_eq!(failed, QueueStats::get(&stats[q].errors), "the failed ones are counted as errors");
+        assert_eq!(ok + failed, QueueStats::get(&stats[q].requests));
     }
     if bed.pool.is_none() {
         bed.fronts[0].release_pages(pages).expect("every data grant can be revoked");
@@ -71,14 +79,41 @@ fn every_consumed_request_is_answered_at_stop() {
     std::thread::sleep(std::time::Duration::from_millis(5));
     let stats = bed.dp().stats(0).expect("stats");
     bed.stop();
-    let mut answered = 0;
-    while bed.fronts[0].ring().take_response().is_some() {
+    let (mut ok, mut answered) = (0, 0);
+    while let Some(r) = bed.fronts[0].ring().take_response() {
         answered += 1;
+        ok += u64::from(r.status == RSP_OKAY);
     }
-    assert!(answered > 0, "the worker ran for 5 ms");
+    assert!(ok > 0, "the worker ran for 5 ms");
+    assert_eq!(answered, 500, "every queued request is answered (those left on the ring with an I/O error)");
     assert_eq!(answered, QueueStats::get(&stats.requests));
     assert_eq!(QueueStats::get(&stats.responses), answered);
+    assert_eq!(QueueStats::get(&stats.errors), answered - ok);
     assert_eq!(bed.host.live_mappings(), 0);
+    bed.fronts[0].release_pages(pages).expect("released");
+}
+
+#[test]
+fn requests_left_on_the_ring_fail_with_an_io_error_at_stop() {
+    let mut bed = Bed::<X86_64>::new(BedConfig::default());
+    let pages = bed.fronts[0].grant_pages(1, false).expect("pages");
+    let read = |id: u64| encode::rw::<X86_64>(OP_READ, id, 0, &[seg(pages.grefs[0])]);
+    // The worker served one request and went back to waiting for an event.
+    assert_eq!(bed.roundtrip(0, &[read(1)]), vec![RSP_OKAY]);
+    // Three more queued and published without an event, as a frontend does that queues while the vbd closes
+    // (the worker never looks at them before the stop).
+    for id in 2..5 {
+        assert!(bed.fronts[0].ring().put_request(&read(id)));
+    }
+    let _ = bed.fronts[0].ring().push_requests();
+    let stats = bed.dp().stats(0).expect("stats");
+    bed.stop();
+    let mut answered = Vec::new();
+    while let Some(r) = bed.fronts[0].ring().take_response() {
+        answered.push((r.id, r.operation, r.status));
+    }
+    assert_eq!(answered, vec![(2, OP_READ, RSP_ERROR), (3, OP_READ, RSP_ERROR), (4, OP_READ, RSP_ERROR)]);
+    assert_eq!(QueueStats::get(&stats.errors), 3);
     bed.fronts[0].release_pages(pages).expect("released");
 }
 

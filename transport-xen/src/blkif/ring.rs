@@ -16,7 +16,7 @@ use std::sync::atomic::{fence, AtomicU32, Ordering};
 use super::abi::{
     BlkifLayout, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, SRING_HEADER,
 };
-use super::request::{BlkifResponse, RawRequest};
+use super::request::{BlkifResponse, RawRequest, RSP_ERROR};
 
 /// Why a ring cannot be served.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -216,6 +216,25 @@ impl<L: BlkifLayout> BackRing<L> {
         fence(Ordering::Release);
         self.ring.index(RSP_PROD).store(self.rsp_prod_pvt, Ordering::Relaxed);
         true
+    }
+
+    /// Answer every request the frontend queued that we have not consumed with `BLKIF_RSP_ERROR` (its id and
+    /// operation echoed), for a ring that is being given up: a frontend waits for an answer to every request it
+    /// queued (Linux blkfront's removal of the disk waits for them forever). At most a ring's worth, as
+    /// [`unconsumed`](Self::unconsumed) bounds it; a bogus producer is its error and nothing is answered.
+    /// Returns how many were answered; [`push_responses`](Self::push_responses) then says whether to notify.
+    pub fn fail_unconsumed(&mut self) -> Result<u32, RingError> {
+        let mut raw = RawRequest::default();
+        let avail = self.unconsumed()?;
+        let mut answered = 0;
+        for _ in 0..avail {
+            if !self.next_request(&mut raw) {
+                break;
+            }
+            self.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: RSP_ERROR });
+            answered += 1;
+        }
+        Ok(answered)
     }
 
     /// The responses since the last call are published already: say whether the frontend wants an event for them

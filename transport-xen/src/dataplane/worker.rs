@@ -577,10 +577,13 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         }
     }
 
-    /// After the loop: nothing is in flight. Release every grant and the port.
+    /// After the loop: nothing is in flight. Answer what the frontend queued since our last look with an I/O
+    /// error (a frontend that has not yet seen the vbd close may still have queued requests, and Linux blkfront
+    /// waits for an answer to each before it can remove the disk), then release every grant and the port.
     fn shutdown(&mut self) {
         self.complete();
         self.push();
+        self.fail_unconsumed();
         self.mapper.clear_persistent();
         if let Err(e) = self.evtchn.unbind(self.port) {
             tracing::debug!(queue = self.index, error = %e, "evtchn unbind");

@@ -163,4 +163,32 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         }
         self.unkicked = true;
     }
+
+    /// The ring is given up: answer every request left on it with `BLKIF_RSP_ERROR` and notify the frontend
+    /// whatever event index it left (it must look at the ring now). Not on a halted ring: its producer is bogus.
+    pub(super) fn fail_unconsumed(&mut self) {
+        if self.halted {
+            return;
+        }
+        match self.ring.fail_unconsumed() {
+            Ok(0) => {}
+            Ok(answered) => {
+                self.answered = self.answered.wrapping_add(u64::from(answered));
+                for counter in [&self.stats.requests, &self.stats.responses, &self.stats.errors] {
+                    QueueStats::add(counter, u64::from(answered));
+                }
+                self.ring.push_responses();
+                QueueStats::add(&self.stats.notifications, 1);
+                if let Err(e) = self.evtchn.notify(self.port) {
+                    tracing::warn!(queue = self.index, error = %e, "evtchn notify failed");
+                }
+                tracing::info!(
+                    queue = self.index,
+                    answered,
+                    "answered the requests left on the ring with an I/O error"
+                );
+            }
+            Err(e) => tracing::debug!(queue = self.index, error = %e, "requests left on the ring not answered"),
+        }
+    }
 }
