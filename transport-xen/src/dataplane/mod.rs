@@ -18,11 +18,14 @@
 //! - `FLUSH_DISKCACHE` with data (Linux blkfront's FUA/preflush writes): the write, then `fdatasync`; the response
 //!   comes after both, so the data and every earlier completed write are durable.
 //! - `WRITE_BARRIER`: nothing more is consumed from the ring until it completes; it waits until every earlier
-//!   request of its queue has completed, then `fdatasync`, then its write (if it carries data).
+//!   request of its queue has completed, then `fdatasync`, then its write (if it carries data). The completion
+//!   that releases a held barrier submits it in the same batch: nothing else may come to do it.
 //!
 //! A ring whose frontend publishes more than a ring's worth of requests is halted: nothing more is consumed from
 //! it, requests in flight are still answered, and the [fatal channel](Dataplane::fatal_fd) tells the xenbus state
-//! machine to write the `error` node and go Closing. [`Dataplane::stop`] drains in-flight I/O, answers it, unmaps
+//! machine to write the `error` node and go Closing. [`Dataplane::stop`] drains in-flight I/O, answers it, answers
+//! every request still queued on a ring that is not halted with `BLKIF_RSP_ERROR` (a frontend waits for an answer
+//! to each request it queued: Linux blkfront's removal of the disk, on a detach during I/O, waits for them), unmaps
 //! every grant (ring pages, persistent grants) and unbinds the event channels.
 
 pub mod abandon;
