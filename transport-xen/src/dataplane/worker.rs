@@ -388,6 +388,10 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             }
         }
         self.queue.end_round();
+        // Whatever the round queued went out: nothing else may come to submit it (a held request started by the
+        // completions once stayed queued here, and its frontend waited forever). Only a failed submission, which
+        // halts the ring, leaves entries for a later try.
+        debug_assert!(!self.unkicked || self.halted, "queue {}: a round ended with requests not submitted", self.index);
         self.push();
         self.after_round();
         self.progress() != before
