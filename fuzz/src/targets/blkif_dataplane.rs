@@ -510,10 +510,10 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
     }
 }
 
-/// Give a guest that corrupts its own ring until the backend took `expected` requests and answered every one it
-/// took (or halted the ring), at most `limit`: its responses may land anywhere, so they are not waited for. The
-/// data plane is stopped after; most such inputs settle in well under a millisecond, the rest (their writes moved
-/// the producer back) use the limit.
+/// For a guest that corrupts its own ring, wait until the backend took `expected` requests and answered every one
+/// it took (or halted the ring), at most `limit`: its responses may land anywhere, so they are not waited for. The
+/// data plane is stopped after; most such inputs settle in well under a millisecond, the rest (e.g. a read that
+/// rewrote the producer index) use the limit.
 fn settle(dp: &Dataplane, expected: u64, limit: Duration) {
     let Some(stats) = dp.stats(0) else { return };
     let deadline = std::time::Instant::now() + limit;
