@@ -139,6 +139,13 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        if std::thread::panicking() {
+            // A failed test shows what the daemon logged (the end of it; BLKBACKD_TEST_LOG=debug for more).
+            let log = self.stderr();
+            let start = log.len().saturating_sub(16 * 1024);
+            let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
+            eprintln!("--- blkbackd's log (last {} bytes) ---\n{}", log.len() - start, &log[start..]);
+        }
     }
 }
 

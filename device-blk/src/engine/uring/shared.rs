@@ -18,7 +18,8 @@
 //! - **Completion eventfd.** The lanes share the ring's eventfd: the thread watches it once. Whichever lane reaps
 //!   sorts every lane's completions, so after a lane reaped the others must be looked at
 //!   ([`has_completions`](IoEngine::has_completions) tells, with no system call) before the thread sleeps: the
-//!   eventfd was cleared for all of them.
+//!   eventfd was cleared for all of them. A lane that clears the eventfd signals it again if anything waits for
+//!   any lane, so the thread's sleep is never left without a wake-up.
 //! - **Threads.** Like the ring, the lanes belong to one thread once the ring is enabled (`SINGLE_ISSUER`). The
 //!   mutex around the ring is only ever taken by that thread on the data path; others read only a lane's own
 //!   counters.
@@ -197,7 +198,16 @@ impl IoEngine for UringLane {
     }
 
     fn clear_completion_signal(&mut self) {
-        self.ring.lock().engine.clear_completion_signal();
+        let mut core = self.ring.lock();
+        core.engine.clear_completion_signal();
+        // The eventfd is every lane's: a clear for this lane must not swallow another lane's signal. With deferred
+        // task work the kernel signals only the first piece of work, so a swallowed signal never comes back and
+        // the thread would sleep on finished requests of the other lane. Whatever waits for any lane signals again.
+        if core.engine.completions_waiting() || core.lanes.iter().any(|list| !list.is_empty()) {
+            if let Err(error) = core.engine.signal() {
+                tracing::error!(%error, "cannot signal the shared io_uring's completion eventfd again");
+            }
+        }
     }
 
     fn completion_fd(&self) -> RawFd {

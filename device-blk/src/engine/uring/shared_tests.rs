@@ -93,3 +93,32 @@ fn a_round_submits_every_lane_at_its_end() {
     assert_eq!(done[0].len(), 1);
     assert!(buf_a.block(0).iter().all(|&x| x == 7));
 }
+
+/// The completion eventfd is the whole ring's: a lane that clears it (a thread about to sleep re-arms each queue
+/// in turn) must not swallow the signal of another lane's completion. With deferred task work the kernel signals
+/// only the first piece of work, so a swallowed signal never comes back and the thread sleeps on a finished
+/// request (seen as a rare hang of two polling vhost-user queues under backpressure).
+#[test]
+fn clearing_the_signal_for_one_lane_keeps_it_for_another_lanes_completions() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let ring = SharedUring::new(Arc::clone(&disk), 2, 4, Batching::Unplugged).expect("ring");
+    let (mut a, mut b) = (ring.lane().expect("lane 0"), ring.lane().expect("lane 1"));
+    let mut buf_b = Buffers::new(2);
+    let iov_b = buf_b.iovecs();
+    read(&mut b, &iov_b, 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !readable(b.completion_fd()) {
+        assert!(Instant::now() < deadline, "lane 1's reads signalled within 5 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Lane 0 has nothing in flight; it clears the signal before its thread would sleep.
+    a.clear_completion_signal();
+    assert!(!a.has_completions() || a.in_flight() == 0, "lane 0 owns nothing");
+    assert!(readable(a.completion_fd()), "lane 1's completions still wake the thread");
+    let done = reap_all(&mut [&mut b], 2);
+    assert!(done[0].iter().all(|c| c.result == Ok(BLOCK as u64)), "{done:?}");
+    // Cleared with nothing waiting for any lane, the signal stays cleared.
+    b.clear_completion_signal();
+    assert!(!readable(b.completion_fd()), "no spurious wake-up once everything is reaped");
+}
