@@ -33,18 +33,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::op::{run_blocking, OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
-use crate::disk::{Disk, DiskKind};
+use crate::disk::Disk;
+use setup::{build_ring, entry_for, FileTable};
 
 mod restrict;
+mod setup;
 mod shared;
 
 pub use shared::{SharedUring, UringLane};
 
-/// Index of the disk in the ring's registered file table.
-const DISK_FIXED_FD: types::Fixed = types::Fixed(0);
-
-/// `BLOCK_URING_CMD_DISCARD` from `<linux/blkdev.h>`: `_IO(0x12, 0)`.
-const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+/// Index of the disk in the registered file table of an engine of its own.
+const DISK_FILE: u32 = 0;
 
 /// `IORING_ENTER_GETEVENTS`: run waiting task work and post its completions.
 const ENTER_GETEVENTS: u32 = 1;
@@ -70,18 +69,28 @@ pub enum CompletionMode {
     Interrupting,
 }
 
+/// The registered file table an engine starts with.
+enum Table {
+    /// One disk, for an engine of its own.
+    Disk(Arc<Disk>),
+    /// This many empty slots, filled as lanes come.
+    Sparse(u32),
+}
+
 /// One operation in flight.
 #[derive(Debug)]
 struct Slot {
     /// The caller's token.
     token: u64,
+    /// The registered file (disk) it works on.
+    file: u32,
     /// The operation, while one of its steps is on the ring.
     state: Option<OpState>,
 }
 
-/// io_uring engine over one disk.
+/// io_uring engine over one disk (or over the disks of a thread's lanes, see [`SharedUring`]).
 pub struct UringEngine {
-    disk: Arc<Disk>,
+    files: FileTable,
     ring: IoUring,
     eventfd: EventFd,
     /// Fixed table of operation slots (never resized: no allocation after construction).
@@ -94,8 +103,6 @@ pub struct UringEngine {
     disabled: bool,
     /// The submission queue holds entries the kernel has not taken yet.
     sq_pending: bool,
-    /// Use `BLOCK_URING_CMD_DISCARD` for block-device discards.
-    discard_cmd: bool,
     /// How completions are delivered.
     mode: CompletionMode,
     /// How batches are submitted.
@@ -123,7 +130,7 @@ impl std::fmt::Debug for UringEngine {
         f.debug_struct("UringEngine")
             .field("capacity", &self.slots.len())
             .field("in_flight", &self.in_flight())
-            .field("discard_cmd", &self.discard_cmd)
+            .field("discard_cmd", &self.uses_discard_command())
             .field("mode", &self.mode)
             .field("restricted", &self.restricted)
             .finish()
@@ -146,26 +153,52 @@ impl UringEngine {
     /// A ring of `entries` submission entries (at most [`MAX_ENTRIES`]) with room for `slots` operations in
     /// flight: with more slots than entries, a full submission queue is submitted to make room.
     fn with_slots(disk: Arc<Disk>, entries: u32, slots: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
-        let depth = entries.clamp(1, MAX_ENTRIES);
-        let slots = slots.max(1);
+        let entries = entries.clamp(1, MAX_ENTRIES);
+        Self::build(Table::Disk(disk), entries, entries.saturating_mul(2), slots.max(1), preferred)
+    }
+
+    /// A ring with no disk yet: a sparse table of `files` registered files that
+    /// [`add_file`](Self::add_file) fills, `entries` submission and `cq_entries` completion entries, and no slot
+    /// until [`add_slots`](Self::add_slots) makes some. Its restrictions let the owner update the file table.
+    fn open_ended(files: u32, entries: u32, cq_entries: u32, preferred: CompletionMode) -> Result<Self, EngineError> {
+        let entries = entries.clamp(1, MAX_ENTRIES);
+        Self::build(Table::Sparse(files), entries, cq_entries.max(entries), 0, preferred)
+    }
+
+    fn build(
+        table: Table,
+        entries: u32,
+        cq_entries: u32,
+        slots: u32,
+        preferred: CompletionMode,
+    ) -> Result<Self, EngineError> {
         let io = |what| move |source| EngineError::Io { what, cause: source };
-        let (ring, disabled, mode) = build_ring(depth, preferred).map_err(io("io_uring_setup"))?;
-        ring.submitter().register_files(&[disk.file().as_raw_fd()]).map_err(io("io_uring register files"))?;
+        let (ring, disabled, mode) = build_ring(entries, cq_entries, preferred).map_err(io("io_uring_setup"))?;
         let eventfd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(io("io_uring register eventfd"))?;
-        // Probed now: once the ring is enabled, its restrictions refuse every register operation.
+        // Probed now: once the ring is enabled, its restrictions refuse every register operation they do not name.
         let mut probe = Probe::new();
         let probe = ring.submitter().register_probe(&mut probe).is_ok().then_some(probe);
-        let discard_cmd = matches!(disk.kind(), DiskKind::BlockDevice { .. })
-            && restrict::supports(probe.as_ref(), &[opcode::UringCmd16::CODE]);
+        let discard_supported = restrict::supports(probe.as_ref(), &[opcode::UringCmd16::CODE]);
         let fixed_vectored = restrict::supports(probe.as_ref(), &restrict::FIXED_VECTORED_OPS);
-        let restricted = restrict::confine(&ring, disabled, probe.as_ref(), discard_cmd)
-            .map_err(io("io_uring register restrictions"))?;
-        let capacity = usize::try_from(slots).unwrap_or(1);
+        let (files, allow) = match table {
+            Table::Disk(disk) => {
+                let files = FileTable::single(&ring, disk, discard_supported)?;
+                let discard_cmd = files.get(DISK_FILE).is_some_and(|f| f.discard_cmd);
+                (files, restrict::Allow { discard_cmd, file_updates: false })
+            }
+            Table::Sparse(count) => {
+                let files = FileTable::sparse(&ring, count, discard_supported)?;
+                (files, restrict::Allow { discard_cmd: discard_supported, file_updates: true })
+            }
+        };
+        let restricted =
+            restrict::confine(&ring, disabled, probe.as_ref(), allow).map_err(io("io_uring register restrictions"))?;
+        let capacity = usize::try_from(slots).unwrap_or(0);
         let free = (0..slots).rev().collect();
-        let slots = (0..capacity).map(|_| Slot { token: 0, state: None }).collect();
+        let slots = (0..capacity).map(|_| Slot { token: 0, file: DISK_FILE, state: None }).collect();
         Ok(UringEngine {
-            disk,
+            files,
             ring,
             eventfd,
             slots,
@@ -173,7 +206,6 @@ impl UringEngine {
             finished: VecDeque::with_capacity(capacity),
             disabled,
             sq_pending: false,
-            discard_cmd,
             mode,
             batching: Batching::Whole,
             deferred: false,
@@ -202,8 +234,8 @@ impl UringEngine {
     }
 
     /// The submission entry for `step`, from the registered buffer if every buffer of the step lies inside it.
-    fn entry(&mut self, step: Step) -> squeue::Entry {
-        let Some(region) = self.fixed.clone() else { return entry_for(step) };
+    fn entry(&mut self, step: Step, file: types::Fixed) -> squeue::Entry {
+        let Some(region) = self.fixed.clone() else { return entry_for(step, file) };
         let inside = |base: *const u8, len: usize| {
             let start = base as usize;
             start >= region.start && start.checked_add(len).is_some_and(|end| end <= region.end)
@@ -213,24 +245,24 @@ impl UringEngine {
                 // SAFETY: the operation's iovec array stays valid until it is reaped (the `enqueue` contract).
                 let list = unsafe { std::slice::from_raw_parts(iovecs, count as usize) };
                 if !list.iter().all(|v| inside(v.iov_base.cast_const().cast(), v.iov_len)) {
-                    return entry_for(step);
+                    return entry_for(step, file);
                 }
                 self.fixed_ops += 1;
                 if write {
-                    opcode::WritevFixed::new(DISK_FIXED_FD, iovecs, count, 0).offset(offset).build()
+                    opcode::WritevFixed::new(file, iovecs, count, 0).offset(offset).build()
                 } else {
-                    opcode::ReadvFixed::new(DISK_FIXED_FD, iovecs, count, 0).offset(offset).build()
+                    opcode::ReadvFixed::new(file, iovecs, count, 0).offset(offset).build()
                 }
             }
             Step::Single { write, buf, len, offset } if inside(buf.cast_const(), len as usize) => {
                 self.fixed_ops += 1;
                 if write {
-                    opcode::WriteFixed::new(DISK_FIXED_FD, buf.cast_const(), len, 0).offset(offset).build()
+                    opcode::WriteFixed::new(file, buf.cast_const(), len, 0).offset(offset).build()
                 } else {
-                    opcode::ReadFixed::new(DISK_FIXED_FD, buf, len, 0).offset(offset).build()
+                    opcode::ReadFixed::new(file, buf, len, 0).offset(offset).build()
                 }
             }
-            other => entry_for(other),
+            other => entry_for(other, file),
         }
     }
 
@@ -280,18 +312,74 @@ impl UringEngine {
 
     /// Whether block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
     pub fn uses_discard_command(&self) -> bool {
-        self.discard_cmd
+        self.files.get(DISK_FILE).is_some_and(|f| f.discard_cmd)
+    }
+
+    /// Register `disk` in a free slot of the file table of an [`open_ended`](Self::open_ended) ring; returns the
+    /// file's index for [`enqueue_on`](Self::enqueue_on). Call it on the thread that submits, or before the
+    /// first submission.
+    fn add_file(&mut self, disk: Arc<Disk>) -> Result<u32, EngineError> {
+        self.files.add(&self.ring, disk)
+    }
+
+    /// Take file `index` out of the table (nothing may be in flight on it).
+    fn remove_file(&mut self, index: u32) {
+        self.files.remove(&self.ring, index);
+    }
+
+    /// Apply file table changes made on another thread (see [`FileTable`]); call on the ring's thread.
+    fn sync_files(&mut self) {
+        self.files.sync(&self.ring);
+    }
+
+    /// The disk registered as file `index`.
+    fn file_disk(&self, index: u32) -> Option<&Arc<Disk>> {
+        self.files.get(index).map(|f| &f.disk)
+    }
+
+    /// Make room for `count` more operations in flight.
+    fn add_slots(&mut self, count: usize) {
+        let first = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        let count = u32::try_from(count).unwrap_or(0).min(u32::MAX - first);
+        self.slots.extend((0..count).map(|_| Slot { token: 0, file: DISK_FILE, state: None }));
+        self.free.extend((first..first + count).rev());
+        self.finished.reserve(count as usize);
+    }
+
+    /// [`IoEngine::enqueue`] on registered file `file`.
+    ///
+    /// # Safety
+    /// As for [`IoEngine::enqueue`].
+    unsafe fn enqueue_on(&mut self, file: u32, op: IoOp<'_>, token: u64) -> Result<(), EngineError> {
+        self.sync_files();
+        let Some((kind, discard_cmd)) = self.files.get(file).map(|f| (f.disk.kind(), f.discard_cmd)) else {
+            return Err(EngineError::Io { what: "io_uring enqueue", cause: std::io::ErrorKind::NotFound.into() });
+        };
+        let Some(index) = self.free.pop() else {
+            return Err(EngineError::Full(self.slots.len()));
+        };
+        if let Some(slot) = self.slots.get_mut(index as usize) {
+            slot.token = token;
+            slot.file = file;
+        }
+        match OpState::start(&op, kind, discard_cmd) {
+            Ok(state) => self.issue(index, state, false),
+            Err(errno) => self.finished.push_back((index, Err(errno))),
+        }
+        Ok(())
     }
 
     /// Issue the next step of the operation in slot `index`: ioctls run here until a step needs the ring, which is
     /// queued; an operation that finishes on the way is recorded in `finished`.
     fn issue(&mut self, index: u32, mut state: OpState, mut retry: bool) {
+        let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
         loop {
             // SAFETY: the operation's iovecs stay valid until it is reaped (the `enqueue` contract).
             let step = unsafe { state.step() };
             if matches!(step, Step::Ioctl { .. }) {
-                // SAFETY: an ioctl step names no guest memory.
-                let result = unsafe { run_blocking(self.disk.file().as_raw_fd(), step) };
+                let fd = self.files.get(file).map_or(-1, |f| f.disk.file().as_raw_fd());
+                // SAFETY: an ioctl step names no guest memory (a file no longer registered gives EBADF).
+                let result = unsafe { run_blocking(fd, step) };
                 match state.advance(result) {
                     Progress::Done(result) => return self.finished.push_back((index, result)),
                     Progress::Continue { retry: again } => {
@@ -300,7 +388,7 @@ impl UringEngine {
                     }
                 }
             }
-            let mut entry = self.entry(step).user_data(u64::from(index));
+            let mut entry = self.entry(step, types::Fixed(file)).user_data(u64::from(index));
             if retry {
                 // Retry after EAGAIN from the kernel's blocking worker context, where it cannot recur for lack of
                 // a non-blocking resource.
@@ -419,7 +507,10 @@ impl UringEngine {
             // SAFETY: reading the step of a range operation touches no memory; for transfers the iovecs are valid.
             if result == -libc::EOPNOTSUPP && matches!(unsafe { state.step() }, Step::DiscardCmd { .. }) {
                 tracing::debug!("the kernel refuses BLOCK_URING_CMD_DISCARD; using the BLKDISCARD ioctl");
-                self.discard_cmd = false;
+                let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
+                if let Some(f) = self.files.get_mut(file) {
+                    f.discard_cmd = false;
+                }
             }
             match state.advance(i64::from(result)) {
                 Progress::Done(result) => self.complete(index, result, on_complete),
@@ -430,77 +521,10 @@ impl UringEngine {
     }
 }
 
-/// Create a ring of `depth` entries, disabled where the kernel allows it (so that it can be restricted), with the
-/// best completion mode from `preferred` down that the kernel accepts. The completion queue holds twice the
-/// operations that can be in flight, so it never overflows.
-fn build_ring(depth: u32, preferred: CompletionMode) -> std::io::Result<(IoUring, bool, CompletionMode)> {
-    let modes = [CompletionMode::Deferred, CompletionMode::Cooperative];
-    for mode in modes.into_iter().skip_while(|&m| m != preferred) {
-        let mut builder = IoUring::builder();
-        builder.setup_cqsize(depth.saturating_mul(2)).setup_single_issuer().setup_submit_all().setup_r_disabled();
-        builder.setup_taskrun_flag();
-        if mode == CompletionMode::Deferred {
-            builder.setup_defer_taskrun();
-        } else {
-            builder.setup_coop_taskrun();
-        }
-        match builder.build(depth) {
-            Ok(ring) => return Ok((ring, true, mode)),
-            Err(error) => tracing::debug!(?mode, %error, "io_uring setup refused; trying the next mode"),
-        }
-    }
-    // Kernels before 5.19 lack these flags; from 5.10 on, the ring can still be created disabled.
-    match IoUring::builder().setup_cqsize(depth.saturating_mul(2)).setup_r_disabled().build(depth) {
-        Ok(ring) => return Ok((ring, true, CompletionMode::Interrupting)),
-        Err(error) => tracing::debug!(%error, "io_uring refuses disabled rings; trying a plain one"),
-    }
-    let ring = IoUring::builder().setup_cqsize(depth.saturating_mul(2)).build(depth)?;
-    Ok((ring, false, CompletionMode::Interrupting))
-}
-
-/// The submission entry for one step.
-fn entry_for(step: Step) -> squeue::Entry {
-    match step {
-        Step::Vectored { write: false, iovecs, count, offset } => {
-            opcode::Readv::new(DISK_FIXED_FD, iovecs, count).offset(offset).build()
-        }
-        Step::Vectored { write: true, iovecs, count, offset } => {
-            opcode::Writev::new(DISK_FIXED_FD, iovecs, count).offset(offset).build()
-        }
-        Step::Single { write: false, buf, len, offset } => {
-            opcode::Read::new(DISK_FIXED_FD, buf, len).offset(offset).build()
-        }
-        Step::Single { write: true, buf, len, offset } => {
-            opcode::Write::new(DISK_FIXED_FD, buf.cast_const(), len).offset(offset).build()
-        }
-        Step::Fsync => opcode::Fsync::new(DISK_FIXED_FD).flags(types::FsyncFlags::DATASYNC).build(),
-        Step::Fallocate { mode, offset, len } => {
-            opcode::Fallocate::new(DISK_FIXED_FD, len).offset(offset).mode(mode).build()
-        }
-        Step::DiscardCmd { offset, len } => {
-            // The command's `addr3` (the first 8 bytes of the command area) is the length, `addr` the offset.
-            let mut cmd = [0u8; 16];
-            cmd[..8].copy_from_slice(&len.to_ne_bytes());
-            opcode::UringCmd16::new(DISK_FIXED_FD, BLOCK_URING_CMD_DISCARD).addr(Some(offset)).cmd(cmd).build()
-        }
-        // Ioctls never reach the ring (`issue` runs them); an invalid opcode would fail the entry cleanly.
-        Step::Ioctl { .. } => opcode::Nop::new().build(),
-    }
-}
-
 impl IoEngine for UringEngine {
     unsafe fn enqueue(&mut self, op: IoOp<'_>, token: u64) -> Result<(), EngineError> {
-        let Some(index) = self.free.pop() else {
-            return Err(EngineError::Full(self.slots.len()));
-        };
-        if let Some(slot) = self.slots.get_mut(index as usize) {
-            slot.token = token;
-        }
-        match OpState::start(&op, self.disk.kind(), self.discard_cmd) {
-            Ok(state) => self.issue(index, state, false),
-            Err(errno) => self.finished.push_back((index, Err(errno))),
-        }
-        Ok(())
+        // SAFETY: the caller's contract is this function's.
+        unsafe { self.enqueue_on(DISK_FILE, op, token) }
     }
 
     fn submit(&mut self) -> Result<(), EngineError> {
@@ -559,7 +583,7 @@ impl IoEngine for UringEngine {
     }
 
     fn buffer_alignment(&self) -> usize {
-        self.disk.buffer_alignment()
+        self.file_disk(DISK_FILE).map_or(1, |disk| disk.buffer_alignment())
     }
 
     fn name(&self) -> &'static str {

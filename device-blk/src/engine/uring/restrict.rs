@@ -13,10 +13,17 @@
 //! - submission flags: `IOSQE_FIXED_FILE` is *required*, so every entry names a slot of the registered file
 //!   table (which holds the disk alone) and no other descriptor of the process; `IOSQE_ASYNC` (the `EAGAIN`
 //!   retry) is the only other flag allowed;
-//! - register operations: none. The kernel enforces the list from `IORING_REGISTER_ENABLE_RINGS` on, so what
-//!   the engine registers before its first submit (the disk, the completion eventfd, a transport's bounce pool
-//!   through [`register_buffer`](crate::engine::IoEngine::register_buffer)) is unaffected, while swapping the
-//!   file table or registering anything afterwards fails with `EACCES`.
+//! - register operations: none for an engine of its own. The kernel enforces the list from
+//!   `IORING_REGISTER_ENABLE_RINGS` on, so what the engine registers before its first submit (the disk, the
+//!   completion eventfd, a transport's bounce pool through
+//!   [`register_buffer`](crate::engine::IoEngine::register_buffer)) is unaffected, while swapping the file table
+//!   or registering anything afterwards fails with `EACCES`. A thread's ring shared by the queues of several
+//!   disks ([`SharedUring::open_ended`](super::SharedUring::open_ended)) allows one: `IORING_REGISTER_FILES_UPDATE`,
+//!   so that a lane can put its disk into the sparse file table when its queue starts and take it out when it
+//!   stops. That lets code running on the thread put any descriptor of the process into the table, and read or
+//!   write it through the ring: no more than the `read`/`write`/`pread64`/`pwrite64` system calls the thread's
+//!   seccomp filter allows it on any descriptor anyway; opening, connecting or sending stay refused. Such a ring
+//!   also allows `URING_CMD` wherever the kernel has it (a regular file refuses the command with `EOPNOTSUPP`).
 //!
 //! Rings need `IORING_SETUP_R_DISABLED` (Linux 5.10, the same release as restrictions) to be restricted. On an
 //! older kernel the ring works unrestricted: a warning is logged and
@@ -63,8 +70,20 @@ pub(super) fn allowed_ops(probe: Option<&Probe>, discard_cmd: bool) -> Vec<u8> {
     ops
 }
 
+/// `IORING_REGISTER_FILES_UPDATE` from `<linux/io_uring.h>`.
+const REGISTER_FILES_UPDATE: u8 = 6;
+
+/// What a ring may do beyond the base set.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Allow {
+    /// `URING_CMD` (block-device discards through `BLOCK_URING_CMD_DISCARD`).
+    pub discard_cmd: bool,
+    /// `IORING_REGISTER_FILES_UPDATE` (a thread's ring whose lanes come and go with their disks).
+    pub file_updates: bool,
+}
+
 /// Install the allowlist on `ring` if it is still disabled; returns whether the ring is restricted.
-pub(super) fn confine(ring: &IoUring, disabled: bool, probe: Option<&Probe>, discard_cmd: bool) -> io::Result<bool> {
+pub(super) fn confine(ring: &IoUring, disabled: bool, probe: Option<&Probe>, allow: Allow) -> io::Result<bool> {
     if !disabled {
         tracing::warn!(
             "io_uring: the kernel cannot create disabled rings (Linux 5.10+), so this ring is not restricted: \
@@ -72,11 +91,14 @@ pub(super) fn confine(ring: &IoUring, disabled: bool, probe: Option<&Probe>, dis
         );
         return Ok(false);
     }
-    let ops = allowed_ops(probe, discard_cmd);
+    let ops = allowed_ops(probe, allow.discard_cmd);
     let mut list: Vec<Restriction> = ops.iter().map(|&op| Restriction::sqe_op(op)).collect();
     list.push(Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()));
     list.push(Restriction::sqe_flags_allowed(squeue::Flags::ASYNC.bits()));
+    if allow.file_updates {
+        list.push(Restriction::register_op(REGISTER_FILES_UPDATE));
+    }
     ring.submitter().register_restrictions(&mut list)?;
-    tracing::debug!(?ops, "io_uring: ring restricted to the engine's operations on the registered disk");
+    tracing::debug!(?ops, ?allow, "io_uring: ring restricted to the engine's operations on its registered disks");
     Ok(true)
 }

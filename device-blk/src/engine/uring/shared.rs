@@ -23,6 +23,12 @@
 //! - **Threads.** Like the ring, the lanes belong to one thread once the ring is enabled (`SINGLE_ISSUER`). The
 //!   mutex around the ring is only ever taken by that thread on the data path; others read only a lane's own
 //!   counters.
+//! - **Disks.** [`SharedUring::new`] serves the queues of one disk, with a lane for each made up front.
+//!   [`SharedUring::open_ended`] serves queues of any disks, as they come: [`SharedUring::add_lane`] puts the
+//!   lane's disk in a slot of the ring's sparse table of registered files and makes room for the lane's depth in
+//!   the slot table; dropping the lane takes the disk out of the table again (so the ring holds no reference to a
+//!   closed disk, and a loop device set to clear itself on close goes away) and frees the lane for the next. A
+//!   lane dropped with operations in flight stays retired until the ring reaped them.
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -35,25 +41,59 @@ use crate::engine::{Batching, Completion, EngineError, IoEngine, IoOp};
 /// Bits of a ring token that carry the lane's own token (the lane's index is above them).
 const LANE_SHIFT: u32 = 32;
 
+/// Where a lane of the ring stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneUse {
+    /// Not handed out (made up front, or freed by a lane that went).
+    Free,
+    /// A [`UringLane`] uses it.
+    Taken,
+    /// Its lane went with operations in flight: reused once the ring reaped them.
+    Retired,
+}
+
+struct LaneState {
+    /// Completions reaped for the lane and not handed out yet.
+    ready: VecDeque<Completion>,
+    /// Operations it may have in flight (counted in the ring's room while it is taken or retired).
+    depth: usize,
+    /// Operations enqueued and not reaped from the ring yet.
+    outstanding: usize,
+    state: LaneUse,
+}
+
 struct Core {
     engine: UringEngine,
-    /// Completions reaped for each lane and not handed out yet.
-    lanes: Vec<VecDeque<Completion>>,
-    /// Depth of every lane.
+    lanes: Vec<LaneState>,
+    /// Depth of every lane made up front ([`SharedUring::new`]).
     depth: usize,
-    /// Lanes handed out so far.
-    taken: usize,
+    /// Lanes are added as queues come ([`SharedUring::open_ended`]).
+    open_ended: bool,
+    /// Operations the lanes in use may have in flight together, and the most the ring takes.
+    reserved: usize,
+    limit: usize,
 }
 
 impl Core {
     /// Reap the ring (see [`IoEngine::reap_ready`]) into the lanes' lists.
     fn reap_into_lanes(&mut self) {
-        let lanes = &mut self.lanes;
+        let (lanes, reserved, open_ended) = (&mut self.lanes, &mut self.reserved, self.open_ended);
         self.engine.reap_ready(&mut |Completion { token, result }| {
             let lane = usize::try_from(token >> LANE_SHIFT).unwrap_or(usize::MAX);
-            match lanes.get_mut(lane) {
-                Some(list) => list.push_back(Completion { token: token & ((1 << LANE_SHIFT) - 1), result }),
-                None => tracing::error!(token, "shared io_uring completed an operation of no lane"),
+            let Some(lane) = lanes.get_mut(lane) else {
+                tracing::error!(token, "shared io_uring completed an operation of no lane");
+                return;
+            };
+            lane.outstanding = lane.outstanding.saturating_sub(1);
+            match lane.state {
+                LaneUse::Taken => lane.ready.push_back(Completion { token: token & ((1 << LANE_SHIFT) - 1), result }),
+                LaneUse::Retired if lane.outstanding == 0 => {
+                    lane.state = LaneUse::Free;
+                    if open_ended {
+                        *reserved = reserved.saturating_sub(lane.depth);
+                    }
+                }
+                _ => {}
             }
         });
     }
@@ -85,30 +125,90 @@ impl SharedUring {
         let mut engine = UringEngine::with_slots(Arc::clone(&disk), slots, slots, CompletionMode::Deferred)?;
         engine.set_batching(batching);
         let depth = depth as usize;
+        let lane = || LaneState { ready: VecDeque::with_capacity(depth), depth, outstanding: 0, state: LaneUse::Free };
         let core = Core {
-            lanes: (0..lanes.max(1)).map(|_| VecDeque::with_capacity(depth)).collect(),
+            lanes: (0..lanes.max(1)).map(|_| lane()).collect(),
             depth,
-            taken: 0,
+            open_ended: false,
+            reserved: 0,
+            limit: slots as usize,
             engine,
         };
+        Ok(SharedUring::with_core(core, disk.buffer_alignment()))
+    }
+
+    /// A ring for the queues of any disks, added as they come with [`add_lane`](Self::add_lane): room for `files`
+    /// disks' lanes at once, and for `limit` operations in flight over all of them (the completion queue's
+    /// size: at most 4096); `entries` submission entries (a fuller round is submitted in pieces).
+    pub fn open_ended(files: u32, entries: u32, limit: u32, batching: Batching) -> Result<Self, EngineError> {
+        let limit = limit.clamp(1, super::MAX_ENTRIES);
+        let mut engine = UringEngine::open_ended(files.max(1), entries, limit, CompletionMode::Deferred)?;
+        engine.set_batching(batching);
+        let core = Core { lanes: Vec::new(), depth: 0, open_ended: true, reserved: 0, limit: limit as usize, engine };
+        Ok(SharedUring::with_core(core, 1))
+    }
+
+    fn with_core(core: Core, alignment: usize) -> Self {
         let (fd, restricted) = (core.engine.completion_fd(), core.engine.restricted());
-        Ok(SharedUring { core: Arc::new(Mutex::new(core)), fd, alignment: disk.buffer_alignment(), restricted })
+        SharedUring { core: Arc::new(Mutex::new(core)), fd, alignment, restricted }
+    }
+
+    /// A lane of `depth` operations on `disk`, on a ring made by [`open_ended`](Self::open_ended). Fails when the
+    /// ring has no room left for the disk or the depth (the caller then gives the queue an engine of its own).
+    /// Call it on the thread that uses the ring, or before that thread's first submission: a ring that thread
+    /// enabled takes registrations from it alone.
+    pub fn add_lane(&self, disk: Arc<Disk>, depth: u32) -> Result<UringLane, EngineError> {
+        let depth = depth.clamp(1, super::MAX_ENTRIES) as usize;
+        let mut core = self.lock();
+        if !core.open_ended {
+            return Err(EngineError::Full(core.lanes.len()));
+        }
+        if core.reserved + depth > core.limit {
+            return Err(EngineError::Full(core.limit));
+        }
+        let alignment = disk.buffer_alignment();
+        let file = core.engine.add_file(disk)?;
+        let lane = match core.lanes.iter().position(|l| l.state == LaneUse::Free) {
+            Some(lane) => lane,
+            None => {
+                core.lanes.push(LaneState { ready: VecDeque::new(), depth, outstanding: 0, state: LaneUse::Free });
+                core.lanes.len() - 1
+            }
+        };
+        let state = &mut core.lanes[lane];
+        state.state = LaneUse::Taken;
+        state.depth = depth;
+        state.ready.clear();
+        state.ready.reserve(depth);
+        core.reserved += depth;
+        // The slot table only grows: slots a lane that went left free serve the next.
+        let missing = core.reserved.saturating_sub(core.engine.capacity());
+        if missing > 0 {
+            core.engine.add_slots(missing);
+        }
+        let ring = SharedUring { alignment, ..self.clone() };
+        Ok(UringLane { ring, lane: lane as u64, file: Some(file), depth, in_flight: 0 })
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The next lane, or `None` once every lane the ring was built for is handed out.
+    /// The next lane made up front, or `None` once every lane the ring was built for is handed out.
     pub fn lane(&self) -> Option<UringLane> {
         let mut core = self.lock();
-        let lane = core.taken;
-        if lane >= core.lanes.len() {
+        if core.open_ended {
             return None;
         }
+        let lane = core.lanes.iter().position(|l| l.state == LaneUse::Free)?;
+        core.lanes[lane].state = LaneUse::Taken;
         let depth = core.depth;
-        core.taken += 1;
-        Some(UringLane { ring: self.clone(), lane: lane as u64, depth, in_flight: 0 })
+        Some(UringLane { ring: self.clone(), lane: lane as u64, file: None, depth, in_flight: 0 })
+    }
+
+    /// Lanes in use now (for tests and statistics).
+    pub fn lanes_in_use(&self) -> usize {
+        self.lock().lanes.iter().filter(|l| l.state == LaneUse::Taken).count()
     }
 
     /// The completion eventfd every lane shares.
@@ -116,9 +216,12 @@ impl SharedUring {
         self.fd
     }
 
-    /// Start a round: lanes' submissions wait for [`end_round`](Self::end_round).
+    /// Start a round: lanes' submissions wait for [`end_round`](Self::end_round). Call on the ring's thread
+    /// (it also applies file table changes made by lanes added or dropped on other threads).
     pub fn begin_round(&self) {
-        self.lock().engine.set_deferred(true);
+        let mut core = self.lock();
+        core.engine.sync_files();
+        core.engine.set_deferred(true);
     }
 
     /// End a round: submit everything its lanes queued, in one batch (as the batching allows).
@@ -136,8 +239,29 @@ impl SharedUring {
 pub struct UringLane {
     ring: SharedUring,
     lane: u64,
+    /// The lane's disk in the ring's file table (`None`: the disk of a ring made by [`SharedUring::new`]).
+    file: Option<u32>,
     depth: usize,
     in_flight: usize,
+}
+
+impl Drop for UringLane {
+    fn drop(&mut self) {
+        let mut core = self.ring.lock();
+        let core = &mut *core;
+        if let Some(file) = self.file {
+            core.engine.remove_file(file);
+        }
+        let Some(lane) = usize::try_from(self.lane).ok().and_then(|lane| core.lanes.get_mut(lane)) else { return };
+        lane.ready.clear();
+        if lane.outstanding == 0 {
+            lane.state = LaneUse::Free;
+            core.reserved = core.reserved.saturating_sub(lane.depth);
+        } else {
+            // Its room stays taken until the ring reaped what is in flight.
+            lane.state = LaneUse::Retired;
+        }
+    }
 }
 
 impl std::fmt::Debug for UringLane {
@@ -158,8 +282,8 @@ impl UringLane {
         if clear || core.engine.completions_waiting() {
             core.reap_into_lanes();
         }
-        let Some(list) = usize::try_from(*lane).ok().and_then(|lane| core.lanes.get_mut(lane)) else { return };
-        while let Some(completion) = list.pop_front() {
+        let Some(state) = usize::try_from(*lane).ok().and_then(|lane| core.lanes.get_mut(lane)) else { return };
+        while let Some(completion) = state.ready.pop_front() {
             *in_flight = in_flight.saturating_sub(1);
             on_complete(completion);
         }
@@ -172,9 +296,13 @@ impl IoEngine for UringLane {
             return Err(EngineError::Full(self.depth));
         }
         let mut core = self.ring.lock();
+        let tag = self.lane << LANE_SHIFT | token;
         // SAFETY: the caller's contract is the ring's: the buffers stay valid until this token is reaped, which
         // the lane hands out only after the ring reaped it.
-        unsafe { core.engine.enqueue(op, self.lane << LANE_SHIFT | token) }?;
+        unsafe { core.engine.enqueue_on(self.file.unwrap_or(0), op, tag) }?;
+        if let Some(lane) = usize::try_from(self.lane).ok().and_then(|lane| core.lanes.get_mut(lane)) {
+            lane.outstanding += 1;
+        }
         self.in_flight += 1;
         Ok(())
     }
@@ -193,7 +321,8 @@ impl IoEngine for UringLane {
 
     fn has_completions(&mut self) -> bool {
         let mut core = self.ring.lock();
-        let own = usize::try_from(self.lane).ok().and_then(|lane| core.lanes.get(lane)).is_some_and(|l| !l.is_empty());
+        let own =
+            usize::try_from(self.lane).ok().and_then(|lane| core.lanes.get(lane)).is_some_and(|l| !l.ready.is_empty());
         own || core.engine.completions_waiting()
     }
 
@@ -203,7 +332,7 @@ impl IoEngine for UringLane {
         // The eventfd is every lane's: a clear for this lane must not swallow another lane's signal. With deferred
         // task work the kernel signals only the first piece of work, so a swallowed signal never comes back and
         // the thread would sleep on finished requests of the other lane. Whatever waits for any lane signals again.
-        if core.engine.completions_waiting() || core.lanes.iter().any(|list| !list.is_empty()) {
+        if core.engine.completions_waiting() || core.lanes.iter().any(|lane| !lane.ready.is_empty()) {
             if let Err(error) = core.engine.signal() {
                 tracing::error!(%error, "cannot signal the shared io_uring's completion eventfd again");
             }

@@ -122,3 +122,90 @@ fn clearing_the_signal_for_one_lane_keeps_it_for_another_lanes_completions() {
     b.clear_completion_signal();
     assert!(!readable(b.completion_fd()), "no spurious wake-up once everything is reaped");
 }
+
+/// The ring's registered files that any io_uring of this process lists in its fdinfo under `path`.
+fn registered_anywhere(path: &std::path::Path) -> bool {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo").flatten().any(|e| {
+        std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("UserFiles") && info.contains(&needle))
+    })
+}
+
+#[test]
+fn lanes_of_different_disks_read_their_own_disk_and_leave_the_file_table_when_dropped() {
+    let (dir_a, dir_b) = (scratch_dir(), scratch_dir());
+    let (disk_a, disk_b) = (disk(dir_a.path(), 8), disk(dir_b.path(), 16));
+    let ring = SharedUring::open_ended(2, 8, 8, Batching::Whole).expect("ring");
+    assert!(ring.lane().is_none(), "an open-ended ring makes no lane up front");
+    let mut a = ring.add_lane(Arc::clone(&disk_a), 4).expect("lane a");
+    let mut b = ring.add_lane(Arc::clone(&disk_b), 4).expect("lane b");
+    assert!(matches!(ring.add_lane(Arc::clone(&disk_a), 1), Err(EngineError::Full(8))), "depth over the limit");
+    let (mut buf_a, mut buf_b) = (Buffers::new(4), Buffers::new(4));
+    let (iov_a, iov_b) = (buf_a.iovecs(), buf_b.iovecs());
+    ring.begin_round();
+    read(&mut a, &iov_a, 4);
+    read(&mut b, &iov_b, 10);
+    ring.end_round();
+    let done = reap_all(&mut [&mut a, &mut b], 4);
+    assert!(done.iter().all(|d| d.iter().all(|c| c.result == Ok(BLOCK as u64))), "{done:?}");
+    for i in 0..4 {
+        assert!(buf_a.block(i).iter().all(|&x| x == (i + 4) as u8), "lane a read its disk's block {}", i + 4);
+        assert!(buf_b.block(i).iter().all(|&x| x == (i + 10) as u8), "lane b read its disk's block {}", i + 10);
+    }
+    let path_b = dir_b.path().join("disk.img");
+    assert!(registered_anywhere(&path_b), "lane b's disk is in the ring's file table");
+    drop(b);
+    assert!(!registered_anywhere(&path_b), "a dropped lane's disk leaves the file table");
+    assert_eq!(ring.lanes_in_use(), 1);
+    // The lane's room and file slot serve the next lane, here added by another thread after the ring's thread
+    // enabled it (a queue started while the thread serves others): the kernel takes the registration from the
+    // ring's thread only, so it waits for that thread's next use of the ring.
+    let add = std::thread::spawn({
+        let (ring, disk_b) = (ring.clone(), Arc::clone(&disk_b));
+        move || ring.add_lane(disk_b, 4)
+    });
+    let mut c = add.join().expect("thread").expect("lane c, added by another thread");
+    read(&mut c, &iov_b[..2], 14);
+    let done = reap_all(&mut [&mut c], 2);
+    assert!(done[0].iter().all(|c| c.result == Ok(BLOCK as u64)), "{done:?}");
+    assert!(buf_b.block(1).iter().all(|&x| x == 15), "lane c read its disk");
+    assert!(registered_anywhere(&path_b));
+    // Dropped on another thread, the lane leaves the kernel's table at the ring thread's next round.
+    std::thread::spawn(move || drop(c)).join().expect("thread");
+    ring.begin_round();
+    ring.end_round();
+    assert!(!registered_anywhere(&path_b), "a lane dropped on another thread left the file table");
+    assert_eq!(ring.lanes_in_use(), 1);
+}
+
+#[test]
+fn a_lane_dropped_with_operations_in_flight_is_not_reused_until_they_are_reaped() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let ring = SharedUring::open_ended(4, 8, 16, Batching::Whole).expect("ring");
+    let mut a = ring.add_lane(Arc::clone(&disk), 4).expect("lane a");
+    let mut bufs = Buffers::new(4);
+    let iov = bufs.iovecs();
+    read(&mut a, &iov, 0);
+    let lane_a = a.lane;
+    drop(a);
+    let mut b = ring.add_lane(Arc::clone(&disk), 4).expect("lane b");
+    assert_ne!(b.lane, lane_a, "the retired lane still has reads in flight");
+    let mut other = Buffers::new(1);
+    let iov_b = other.iovecs();
+    read(&mut b, &iov_b, 3);
+    let done = reap_all(&mut [&mut b], 1);
+    assert_eq!(done[0].iter().map(|c| c.token).collect::<Vec<_>>(), [0], "only lane b's own completion");
+    // Once the ring reaped the retired lane's reads, its lane is free for the next.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        b.reap_ready(&mut |c| panic!("lane b has nothing more: {c:?}"));
+        let c = ring.add_lane(Arc::clone(&disk), 4).expect("lane c");
+        if c.lane == lane_a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retired lane freed within 5 s");
+        drop(c);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
