@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The I/O thread pool (`DataplaneOptions::io_threads`): several rings of several data planes on few threads,
 //! each ring served (verified data through every queue of every vbd), a halted ring and an event storm on a
-//! shared thread do not stop the others, and stopping releases everything while the other rings go on.
+//! shared thread do not stop the others, and stopping releases everything while the other rings go on. The
+//! rings of a thread share its io_uring, whatever their disks, and a stopped vbd's disk leaves its file table.
 
 mod dataplane_util;
 
@@ -18,6 +19,14 @@ fn pooled(pool: &IoThreads, queues: usize) -> BedConfig {
         o
     };
     BedConfig { queues, options, ..BedConfig::default() }
+}
+
+/// Whether any io_uring of this process has `path` in its registered file table (its `fdinfo` lists them).
+fn in_an_io_uring_file_table(path: &std::path::Path) -> bool {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo").flatten().any(|e| {
+        std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("UserFiles") && info.contains(&needle))
+    })
 }
 
 /// Write a pattern through queue `q` at `sector` and read it back.
@@ -37,6 +46,9 @@ fn several_vbds_and_queues_share_a_bounded_set_of_threads() {
     let mut beds: Vec<Bed<X86_64>> = (0..3).map(|_| Bed::new(pooled(&pool, 2))).collect();
     // Six rings on two threads, the least-loaded thread taking each new ring.
     assert_eq!(pool.rings_per_thread(), [3, 3]);
+    for bed in &beds {
+        assert_eq!(bed.dp().engine(), "io_uring (shared)", "each queue is a lane of its thread's io_uring");
+    }
     for round in 0..3u64 {
         for (b, bed) in beds.iter_mut().enumerate() {
             for q in 0..2 {
@@ -52,8 +64,14 @@ fn several_vbds_and_queues_share_a_bounded_set_of_threads() {
     }
     // Stopping one vbd releases its grants and ports while the others keep serving.
     let mut first = beds.remove(0);
+    let first_path = first.file.path().to_path_buf();
+    assert!(in_an_io_uring_file_table(&first_path), "a running vbd's disk is in its thread's io_uring");
     first.stop();
     assert_eq!(pool.rings_per_thread().iter().sum::<usize>(), 4);
+    // Its disk left the shared io_uring's file table: the ring keeps no stopped vbd's file open (a loop device
+    // set to clear itself on close goes away with the vbd).
+    assert!(!in_an_io_uring_file_table(&first_path), "a stopped vbd's disk stays registered with an io_uring");
+    assert!(in_an_io_uring_file_table(beds[0].file.path()), "the other vbds' disks stay");
     write_and_read(&mut beds[1], 1, 512, 7);
     // A new vbd goes to the threads that serve fewer rings.
     beds.push(Bed::new(pooled(&pool, 1)));

@@ -60,6 +60,10 @@ const fn req(request: libc::c_ulong) -> u64 {
 
 /// `IORING_REGISTER_ENABLE_RINGS`: a ring created disabled is enabled by the thread that submits to it.
 const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
+/// `IORING_REGISTER_FILES_UPDATE`: an I/O thread's ring, shared by the queues of several vbds, takes a queue's
+/// disk into its file table when the queue starts and out when it stops (the ring's own restrictions allow that
+/// operation and no other; see `device_blk`'s `engine::uring::restrict`).
+const IORING_REGISTER_FILES_UPDATE: u64 = 6;
 
 /// Rules under construction: `None` allows a call whatever its arguments.
 #[derive(Default)]
@@ -262,9 +266,9 @@ fn xen_guest(rules: &mut Rules) -> anyhow::Result<()> {
 }
 
 /// What a Xen data-plane worker adds to [`base`]: its ring's grant maps and copies, its event channel, discards,
-/// and enabling its io_uring ring at the first submission.
+/// enabling its io_uring ring at the first submission, and updating the file table of an I/O thread's ring.
 fn xen_worker(rules: &mut Rules) -> anyhow::Result<()> {
-    rules.arg_in(libc::SYS_io_uring_register, 1, &[IORING_REGISTER_ENABLE_RINGS])?;
+    rules.arg_in(libc::SYS_io_uring_register, 1, &[IORING_REGISTER_ENABLE_RINGS, IORING_REGISTER_FILES_UPDATE])?;
     rules.arg_in(
         libc::SYS_ioctl,
         1,

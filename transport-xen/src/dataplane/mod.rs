@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use device_blk::engine::{IoEngine, UringLane};
 use device_blk::{BlockQueue, Disk, EngineError, EngineKind, ID_BYTES, MAX_SEGMENTS};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -382,9 +383,20 @@ impl Dataplane {
             ),
             GrantMode::Map => None,
         };
-        let mut io = engine
-            .build(disk.clone(), depth)
-            .map_err(|source| DataplaneError::Engine { queue: index, cause: source })?;
+        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
+        // On an I/O thread pool, the queue's engine is a lane of its thread's io_uring where it can be.
+        let seat = match &options.io_threads {
+            Some(pool) => Some(pool.seat(options.worker_init.as_ref()).map_err(spawn_error)?),
+            None => None,
+        };
+        let lane = seat.as_ref().filter(|_| engine != EngineKind::Sync).and_then(|s| s.engine(disk.clone(), depth));
+        let thread_ring = lane.as_ref().map(UringLane::shared_ring);
+        let mut io = match lane {
+            Some(lane) => Box::new(lane) as Box<dyn IoEngine>,
+            None => engine
+                .build(disk.clone(), depth)
+                .map_err(|source| DataplaneError::Engine { queue: index, cause: source })?,
+        };
         if let Some(pool) = pool.as_ref().filter(|_| options.register_bounce_pool) {
             let (base, len) = pool.as_raw();
             // SAFETY: the pool moves into the worker with the engine, and the worker drops the engine first.
@@ -430,15 +442,15 @@ impl Dataplane {
             stats: stats.clone(),
             init: options.worker_init.clone(),
             done: None,
+            thread_ring,
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);
-        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
-        if let Some(pool) = &options.io_threads {
+        if let Some(seat) = seat {
             let (done, gone) = mpsc::channel();
             let setup = QueueSetup { init: None, done: Some(done), ..setup };
             let ring: pool::NewRing = Box::new(move || span.in_scope(|| worker::task(setup)));
-            pool.add(ring, options.worker_init.as_ref()).map_err(spawn_error)?;
+            seat.hand_over(ring);
             return Ok(QueueHandle { stop, thread: None, done: Some(gone), stats, engine: engine_name });
         }
         let thread = std::thread::Builder::new()

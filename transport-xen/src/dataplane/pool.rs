@@ -9,15 +9,26 @@
 //! polling time (the thread's epoll watches the rings' sources themselves: a turn needs no further system call
 //! to learn what fired). A ring whose frontend keeps it busy therefore gets one round per pass like every other ring on
 //! its thread, and cannot starve them.
+//!
+//! Each thread has one io_uring for all its rings, whatever their disks (`device_blk`'s open-ended
+//! [`SharedUring`]): a ring's queue gets a lane of it when it starts ([`Seat::engine`]), and a pass is one round of
+//! the shared ring, so the requests every ring took in the pass go to the kernel in one `io_uring_enter` at its
+//! end (with one io_uring per ring, each ring's turn made its own, carrying a request or two at many vbds), and one
+//! completion eventfd wakes the thread for all of them. Whichever ring reaps sorts every lane's completions: after
+//! a pass, rings whose lanes hold completions get a turn without waiting for an event (the eventfd already fired
+//! for them). A queue whose lane cannot be had (the ring's room is taken, no io_uring) builds an engine of its own.
 
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use device_blk::engine::{Batching, EngineError, SharedUring, UringLane};
+use device_blk::Disk;
 
 use super::worker::{RingTask, SOURCES};
 use super::WorkerInit;
@@ -27,6 +38,16 @@ pub const MAX_IO_THREADS: usize = 64;
 
 /// The token of a thread's wake-up eventfd (a ring's sources use `slot * STRIDE + kind`).
 const TOKEN_NEW: u64 = u64::MAX;
+/// The token of the completion eventfd of the thread's shared io_uring.
+const TOKEN_SHARED: u64 = u64::MAX - 1;
+/// The kind of a ring's completion source (its bit in `ready`).
+const COMPLETION: u8 = 1 << 1;
+/// Disks (queues) a thread's shared io_uring serves at most; queues beyond get engines of their own.
+const SHARED_FILES: u32 = 256;
+/// Submission entries of a thread's shared io_uring (a fuller pass is submitted in pieces).
+const SHARED_ENTRIES: u32 = 256;
+/// Operations in flight over all the lanes of a thread's shared io_uring (its completion queue's size).
+const SHARED_LIMIT: u32 = 4096;
 const STRIDE: u64 = 4;
 /// A ring's first turn (its frontend may have queued requests before its port was bound), in its `ready` bits.
 const FIRST_TURN: u8 = 0x80;
@@ -55,6 +76,14 @@ struct Inbox {
     rings: AtomicUsize,
     new: Mutex<Vec<NewRing>>,
     wake: EventFd,
+    /// The io_uring the thread's rings share, made with the first lane (`None`: io_uring is not available).
+    ring: OnceLock<Option<SharedUring>>,
+}
+
+impl Inbox {
+    fn shared(&self) -> Option<&SharedUring> {
+        self.ring.get().and_then(Option::as_ref)
+    }
 }
 
 impl std::fmt::Debug for IoThreads {
@@ -80,9 +109,9 @@ impl IoThreads {
         threads.iter().map(|t| t.rings.load(Ordering::Relaxed)).collect()
     }
 
-    /// Hand `ring` to the thread serving the fewest rings (a new thread while fewer than `count` run; `init` runs
-    /// on a new thread before it serves).
-    pub(crate) fn add(&self, ring: NewRing, init: Option<&WorkerInit>) -> std::io::Result<()> {
+    /// A place for a ring on the thread serving the fewest rings (a new thread while fewer than `count` run;
+    /// `init` runs on a new thread before it serves). The ring is counted on that thread from now on.
+    pub(crate) fn seat(&self, init: Option<&WorkerInit>) -> std::io::Result<Seat> {
         let mut threads = self.0.threads.lock().unwrap_or_else(PoisonError::into_inner);
         let idle = threads.iter().min_by_key(|t| t.rings.load(Ordering::Relaxed)).cloned();
         let inbox = match idle {
@@ -94,6 +123,7 @@ impl IoThreads {
                     rings: AtomicUsize::new(0),
                     new: Mutex::new(Vec::new()),
                     wake: EventFd::new(EFD_NONBLOCK)?,
+                    ring: OnceLock::new(),
                 });
                 let epoll = Arc::new(Epoll::new()?);
                 epoll.ctl(ControlOperation::Add, inbox.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_NEW))?;
@@ -106,11 +136,48 @@ impl IoThreads {
             }
         };
         inbox.rings.fetch_add(1, Ordering::Relaxed);
+        Ok(Seat { inbox: Some(inbox) })
+    }
+}
+
+/// A ring's place on a pool thread ([`IoThreads::seat`]): gives the ring's queue a lane of the thread's io_uring,
+/// then takes the ring to the thread. Dropped without [`hand_over`](Seat::hand_over), it leaves the count.
+pub(crate) struct Seat {
+    inbox: Option<Arc<Inbox>>,
+}
+
+impl Seat {
+    /// A lane of the thread's shared io_uring for a queue of `depth` on `disk` (the ring is made with the
+    /// thread's first lane); `None` where there is none to be had (the caller builds an engine of its own).
+    pub(crate) fn engine(&self, disk: Arc<Disk>, depth: u32) -> Option<UringLane> {
+        let inbox = self.inbox.as_ref()?;
+        let ring = inbox.ring.get_or_init(|| {
+            SharedUring::open_ended(SHARED_FILES, SHARED_ENTRIES, SHARED_LIMIT, Batching::Whole)
+                .inspect_err(|error| tracing::debug!(%error, "no shared io_uring for the I/O thread"))
+                .ok()
+        });
+        let lane = ring.as_ref()?.add_lane(disk, depth);
+        lane.inspect_err(|error: &EngineError| {
+            tracing::debug!(%error, "the I/O thread's io_uring has no room for the queue; it gets an engine of its own")
+        })
+        .ok()
+    }
+
+    /// Hand `ring` to the thread.
+    pub(crate) fn hand_over(mut self, ring: NewRing) {
+        let Some(inbox) = self.inbox.take() else { return };
         inbox.new.lock().unwrap_or_else(PoisonError::into_inner).push(ring);
         // The ring is handed over: it must not fail now. A write fails only on a counter at its maximum, which
         // wakes the thread all the same.
         let _ = inbox.wake.write(1);
-        Ok(())
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if let Some(inbox) = self.inbox.take() {
+            inbox.rings.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -127,6 +194,10 @@ impl Drop for Pool {
 /// A pool thread's rings, by slot (the slot is the ring's epoll token).
 struct Rings<'a> {
     slots: Vec<Option<Box<dyn RingTask>>>,
+    /// Per slot: the ring's completions come through the thread's shared io_uring.
+    on_shared: Vec<bool>,
+    /// The shared io_uring's completion eventfd is in the thread's epoll.
+    shared_watched: bool,
     /// The ring's sources that fired since its last turn (bits by kind, or [`FIRST_TURN`]).
     ready: Vec<u8>,
     epoll: &'a Arc<Epoll>,
@@ -154,11 +225,32 @@ impl Rings<'_> {
             }
             let slot = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
             let base = slot as u64 * STRIDE;
-            let added = (base..).zip(task.sources()).try_for_each(|(token, (fd, events))| {
+            let shared_fd = self.inbox.shared().map(SharedUring::completion_fd);
+            let on_shared = shared_fd.is_some() && task.sources()[1].0 == shared_fd.unwrap_or(-1);
+            if on_shared && !self.shared_watched {
+                let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+                match self.epoll.ctl(
+                    ControlOperation::Add,
+                    shared_fd.unwrap_or(-1),
+                    EpollEvent::new(events, TOKEN_SHARED),
+                ) {
+                    Ok(()) => self.shared_watched = true,
+                    Err(e) => {
+                        task.report(&format!("epoll_ctl (I/O thread's io_uring): {e}"));
+                        self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+            // The shared io_uring's eventfd is watched once, for every ring on it.
+            let added = (base..).zip(task.sources()).enumerate().try_for_each(|(kind, (token, (fd, events)))| {
+                if on_shared && kind == 1 {
+                    return Ok(());
+                }
                 self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
             });
             if let Err(e) = added {
-                self.forget(task.as_ref());
+                self.forget(task.as_ref(), on_shared);
                 task.report(&format!("epoll_ctl (I/O thread): {e}"));
                 self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 continue;
@@ -167,21 +259,44 @@ impl Rings<'_> {
             if slot == self.slots.len() {
                 self.slots.push(None);
                 self.ready.push(0);
+                self.on_shared.push(false);
             }
             self.slots[slot] = Some(task);
             self.ready[slot] = FIRST_TURN;
+            self.on_shared[slot] = on_shared;
         }
     }
 
-    /// Stop watching `task`'s sources (before it is dropped: their descriptors close).
-    fn forget(&self, task: &dyn RingTask) {
-        for (fd, _) in task.sources() {
+    /// Stop watching `task`'s sources (before it is dropped: their descriptors close), but for the shared
+    /// io_uring's eventfd, which serves the other rings.
+    fn forget(&self, task: &dyn RingTask, on_shared: bool) {
+        for (kind, (fd, _)) in task.sources().into_iter().enumerate() {
+            if on_shared && kind == 1 {
+                continue;
+            }
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    /// A ring on the shared io_uring whose lane holds completions, or has operations in flight while the ring
+    /// has completions to sort (after its eventfd fired, or after another ring's reap sorted them once the
+    /// eventfd's signal was taken), gets a turn; rings with nothing in flight do not.
+    fn shared_completions(&mut self) {
+        for slot in 0..self.slots.len() {
+            if !self.on_shared[slot] {
+                continue;
+            }
+            if self.slots[slot].as_mut().is_some_and(|task| task.completions_pending()) {
+                self.ready[slot] |= COMPLETION;
+            }
         }
     }
 
     /// How long the thread may sleep: until the earliest ring wants a turn without an event (-1: no such ring).
     fn timeout(&self) -> i32 {
+        if self.ready.iter().any(|&r| r != 0) {
+            return 0;
+        }
         let Some(at) = self.slots.iter().flatten().filter_map(|t| t.wake_at()).min() else { return -1 };
         let wait = at.saturating_duration_since(Instant::now());
         if wait.is_zero() {
@@ -193,8 +308,8 @@ impl Rings<'_> {
     /// One turn for every ring that had events or wants one now; rings that finished (or panicked) go.
     fn turns(&mut self) {
         for slot in 0..self.slots.len() {
-            let Some(task) = self.slots[slot].as_mut() else { continue };
             let fired = std::mem::take(&mut self.ready[slot]);
+            let Some(task) = self.slots[slot].as_mut() else { continue };
             // (`wake_at` says "now" as the time it is called.)
             if fired == 0 && task.wake_at().is_none_or(|at| at > Instant::now()) {
                 continue;
@@ -210,7 +325,8 @@ impl Rings<'_> {
                 // Counted out first: `Dataplane::stop` returns as soon as the ring is dropped.
                 self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 if let Some(task) = self.slots[slot].take() {
-                    self.forget(task.as_ref());
+                    let on_shared = std::mem::take(&mut self.on_shared[slot]);
+                    self.forget(task.as_ref(), on_shared);
                     // Dropping the ring releases what is left and tells `Dataplane::stop` it is gone.
                     drop(task);
                 }
@@ -222,7 +338,8 @@ impl Rings<'_> {
 /// A pool thread's body: ends when every handle of the pool is gone and its last ring stopped.
 fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: usize) {
     let init_error = init.and_then(|i| i.run(index).err()).map(|e| e.to_string());
-    let mut rings = Rings { slots: Vec::new(), ready: Vec::new(), epoll, inbox };
+    let mut rings =
+        Rings { slots: Vec::new(), on_shared: Vec::new(), shared_watched: false, ready: Vec::new(), epoll, inbox };
     let mut events = [EpollEvent::default(); EVENTS];
     loop {
         let n = match epoll.wait(rings.timeout(), &mut events) {
@@ -240,6 +357,7 @@ fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: us
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_NEW => rings.take_new(init_error.as_deref()),
+                TOKEN_SHARED => rings.shared_completions(),
                 token => {
                     let (slot, kind) = (token / STRIDE, token % STRIDE);
                     if let Some(r) = usize::try_from(slot).ok().and_then(|s| rings.ready.get_mut(s)) {
@@ -248,7 +366,16 @@ fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: us
                 }
             }
         }
+        // One round of the shared io_uring: what the rings' turns queue goes to the kernel at its end, together.
+        let shared = inbox.shared();
+        if let Some(ring) = shared {
+            ring.begin_round();
+        }
         rings.turns();
+        if let Some(ring) = shared {
+            ring.end_round();
+            rings.shared_completions();
+        }
         if inbox.closed.load(Ordering::SeqCst) && rings.slots.iter().all(Option::is_none) {
             let new = inbox.new.lock().unwrap_or_else(PoisonError::into_inner);
             if new.is_empty() {

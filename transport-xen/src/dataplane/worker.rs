@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use device_blk::engine::SharedUring;
 use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -68,6 +69,9 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub init: Option<super::WorkerInit>,
     /// Dropped when the worker is gone (everything released): what `Dataplane::stop` waits for on a pool thread.
     pub done: Option<std::sync::mpsc::Sender<()>>,
+    /// The pool thread's io_uring, when the queue's engine is a lane of it: its rounds span a pass over the
+    /// thread's rings, and a polling period submits at once (see `Worker::round`).
+    pub thread_ring: Option<SharedUring>,
 }
 
 /// What starting a request did.
@@ -131,6 +135,7 @@ struct Worker<L, G: GrantTable, E> {
     backpressure: bool,
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
+    thread_ring: Option<SharedUring>,
     /// Last: dropped after everything above was released.
     _done: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -191,6 +196,8 @@ pub(crate) trait RingTask {
     fn wake_at(&self) -> Option<Instant>;
     /// Report a fatal error of the ring (its pool thread could not be prepared, or a turn panicked).
     fn report(&self, message: &str);
+    /// Whether the ring's engine holds completions to take (judged without a system call).
+    fn completions_pending(&mut self) -> bool;
 }
 
 impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E> {
@@ -239,6 +246,10 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E
 
     fn report(&self, message: &str) {
         self.fatal.report(format!("queue {}: {message}", self.index));
+    }
+
+    fn completions_pending(&mut self) -> bool {
+        self.queue.has_finished()
     }
 }
 
@@ -289,6 +300,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             backpressure: false,
             fatal: setup.fatal,
             stats: setup.stats,
+            thread_ring: setup.thread_ring,
             _done: setup.done,
         };
         // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so
@@ -359,7 +371,15 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         let busy = self.pass();
         // A round without work re-arms (`rearm` makes the final check that polling skipped) before sleeping.
         if self.polling && (busy || self.rearm()) {
+            // On a pool thread's shared io_uring, submissions wait for the end of the pass over the thread's
+            // rings; a polling period waits for its own requests' completions, so it submits them at once.
+            if let Some(ring) = &self.thread_ring {
+                ring.end_round();
+            }
             self.poll_for_work(events);
+            if let Some(ring) = &self.thread_ring {
+                ring.begin_round();
+            }
         }
         self.polling = false;
     }

@@ -271,6 +271,11 @@ impl std::fmt::Debug for UringLane {
 }
 
 impl UringLane {
+    /// The ring the lane is part of (for its rounds).
+    pub fn shared_ring(&self) -> SharedUring {
+        self.ring.clone()
+    }
+
     /// Reap the ring into the lanes' lists (all of it if `all`, else only if something waits), then hand this
     /// lane's completions to `on_complete`.
     fn reap_lane(&mut self, clear: bool, on_complete: &mut dyn FnMut(Completion)) {
