@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The io_uring engine: one ring per queue, the disk registered as a fixed file, every operation of a kick
-//! submitted with one `io_uring_enter`, completions signalled on an eventfd registered with the ring.
+//! submitted with one `io_uring_enter`, completions signalled on an eventfd registered with the ring. A thread's
+//! ring can also serve several queues ([`SharedUring`]), of one disk or, with a sparse table of registered files,
+//! of several (module `setup`).
 //!
 //! Each operation occupies a slot of a table allocated once; the slot index is the entry's `user_data` and holds
 //! the operation's [`OpState`], so a short transfer, a fallback or an `EAGAIN` retry is resubmitted from the slot
@@ -34,7 +36,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::op::{run_blocking, OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
-use setup::{build_ring, entry_for, FileTable};
+use setup::{build_ring, entry_for, fixed_entry_for, FileTable};
 
 mod restrict;
 mod setup;
@@ -233,36 +235,16 @@ impl UringEngine {
         self.fixed_ops
     }
 
-    /// The submission entry for `step`, from the registered buffer if every buffer of the step lies inside it.
+    /// The submission entry for `step` on `file`, from the registered buffer if every buffer of the step lies
+    /// inside it.
     fn entry(&mut self, step: Step, file: types::Fixed) -> squeue::Entry {
         let Some(region) = self.fixed.clone() else { return entry_for(step, file) };
-        let inside = |base: *const u8, len: usize| {
-            let start = base as usize;
-            start >= region.start && start.checked_add(len).is_some_and(|end| end <= region.end)
-        };
-        match step {
-            Step::Vectored { write, iovecs, count, offset } => {
-                // SAFETY: the operation's iovec array stays valid until it is reaped (the `enqueue` contract).
-                let list = unsafe { std::slice::from_raw_parts(iovecs, count as usize) };
-                if !list.iter().all(|v| inside(v.iov_base.cast_const().cast(), v.iov_len)) {
-                    return entry_for(step, file);
-                }
+        match fixed_entry_for(step, file, &region) {
+            Some(entry) => {
                 self.fixed_ops += 1;
-                if write {
-                    opcode::WritevFixed::new(file, iovecs, count, 0).offset(offset).build()
-                } else {
-                    opcode::ReadvFixed::new(file, iovecs, count, 0).offset(offset).build()
-                }
+                entry
             }
-            Step::Single { write, buf, len, offset } if inside(buf.cast_const(), len as usize) => {
-                self.fixed_ops += 1;
-                if write {
-                    opcode::WriteFixed::new(file, buf.cast_const(), len, 0).offset(offset).build()
-                } else {
-                    opcode::ReadFixed::new(file, buf, len, 0).offset(offset).build()
-                }
-            }
-            other => entry_for(other, file),
+            None => entry_for(step, file),
         }
     }
 

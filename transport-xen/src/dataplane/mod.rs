@@ -4,7 +4,8 @@
 //! [`Dataplane::start`] maps each queue's ring, binds its event channel, builds its I/O engine, and spawns one
 //! worker thread per queue, or hands the queue to an I/O thread pool ([`DataplaneOptions::io_threads`], see
 //! [`IoThreads`]: a bounded set of threads serving the rings of every data plane of the process, one bounded
-//! round per ring per pass). A worker runs an epoll loop over the event channel, the engine's completion eventfd
+//! round per ring per pass; each thread's rings share one io_uring, whatever their disks, and its submissions go
+//! out once per pass). A worker runs an epoll loop over the event channel, the engine's completion eventfd
 //! and a stop eventfd. Per round it consumes the available requests, at most a ring's worth (copy out once, decode
 //! and check the copy, bind the data pages, submit to `device-blk`'s `BlockQueue`), kicks the engine once, drains
 //! completions into responses, releases their pages, and publishes the responses with at most one notification

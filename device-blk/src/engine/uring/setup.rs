@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Building an engine's ring, its table of registered files, and the submission entry of each step.
 
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -192,5 +193,34 @@ pub(super) fn entry_for(step: Step, file: types::Fixed) -> squeue::Entry {
         }
         // Ioctls never reach the ring (`issue` runs them); an invalid opcode would fail the entry cleanly.
         Step::Ioctl { .. } => opcode::Nop::new().build(),
+    }
+}
+
+/// The entry for `step` on `file` from the registered buffer (index 0) covering `region`, if every buffer of the
+/// step lies inside it.
+pub(super) fn fixed_entry_for(step: Step, file: types::Fixed, region: &Range<usize>) -> Option<squeue::Entry> {
+    let inside = |base: *const u8, len: usize| {
+        let start = base as usize;
+        start >= region.start && start.checked_add(len).is_some_and(|end| end <= region.end)
+    };
+    match step {
+        Step::Vectored { write, iovecs, count, offset } => {
+            // SAFETY: the operation's iovec array stays valid until it is reaped (the `enqueue` contract).
+            let list = unsafe { std::slice::from_raw_parts(iovecs, count as usize) };
+            if !list.iter().all(|v| inside(v.iov_base.cast_const().cast(), v.iov_len)) {
+                return None;
+            }
+            Some(if write {
+                opcode::WritevFixed::new(file, iovecs, count, 0).offset(offset).build()
+            } else {
+                opcode::ReadvFixed::new(file, iovecs, count, 0).offset(offset).build()
+            })
+        }
+        Step::Single { write, buf, len, offset } if inside(buf.cast_const(), len as usize) => Some(if write {
+            opcode::WriteFixed::new(file, buf.cast_const(), len, 0).offset(offset).build()
+        } else {
+            opcode::ReadFixed::new(file, buf, len, 0).offset(offset).build()
+        }),
+        _ => None,
     }
 }
