@@ -31,8 +31,8 @@
 //! Linux; an input of up to 4096 bytes never makes one) is finished by a thread of that call, which writes the rest
 //! while the client reads and stops when the call returns. The client's `XsReader` and the peer's buffers serve every
 //! input of the process; an input only gets a new socket pair and store: nothing it can observe outlives it. About 6000
-//! to 6350 executions per second of CPU time (`FUZZ_SECONDS=30 fuzz/run-smoke xenstore_peer`, 2 loaded cores), against
-//! 3800 with a peer thread answering each call.
+//! to 6500 executions per second of CPU time (`FUZZ_SECONDS=30 fuzz/run-smoke xenstore_peer`, 2 loaded cores), against
+//! 3800 to 4600 with a peer thread answering each call.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
