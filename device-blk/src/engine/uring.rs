@@ -278,6 +278,11 @@ impl UringEngine {
         self.deferred = deferred;
     }
 
+    /// Entries queued for submission.
+    fn queued(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     /// Submit every queued entry now (deferred or not).
     fn flush(&mut self) -> Result<(), EngineError> {
         if !self.finished.is_empty() {

@@ -48,6 +48,9 @@ const SHARED_FILES: u32 = 256;
 const SHARED_ENTRIES: u32 = 256;
 /// Operations in flight over all the lanes of a thread's shared io_uring (its completion queue's size).
 const SHARED_LIMIT: u32 = 4096;
+/// Entries of a pass submitted before its end once this many are queued (so that the first rings' requests do
+/// not wait for the whole pass at many rings; well above the block layer's plugging threshold).
+const SHARED_BATCH: usize = 16;
 const STRIDE: u64 = 4;
 /// A ring's first turn (its frontend may have queued requests before its port was bound), in its `ready` bits.
 const FIRST_TURN: u8 = 0x80;
@@ -307,7 +310,12 @@ impl Rings<'_> {
 
     /// One turn for every ring that had events or wants one now; rings that finished (or panicked) go.
     fn turns(&mut self) {
+        let shared = self.inbox.shared();
         for slot in 0..self.slots.len() {
+            if let Some(ring) = shared {
+                // Requests of the rings before in the pass go out once they make a batch.
+                ring.submit_if_at_least(SHARED_BATCH);
+            }
             let fired = std::mem::take(&mut self.ready[slot]);
             let Some(task) = self.slots[slot].as_mut() else { continue };
             // (`wake_at` says "now" as the time it is called.)

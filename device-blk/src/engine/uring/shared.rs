@@ -224,6 +224,19 @@ impl SharedUring {
         core.engine.set_deferred(true);
     }
 
+    /// Within a round: submit what its lanes queued so far if that is at least `batch` entries (the round goes
+    /// on). A thread with many queues bounds how long the first queue's requests wait for the round's end while
+    /// keeping batches large.
+    pub fn submit_if_at_least(&self, batch: usize) {
+        let mut core = self.lock();
+        if core.engine.queued() < batch {
+            return;
+        }
+        if let Err(error) = core.engine.flush() {
+            tracing::error!(%error, "submitting to the shared io_uring failed");
+        }
+    }
+
     /// End a round: submit everything its lanes queued, in one batch (as the batching allows).
     pub fn end_round(&self) {
         let mut core = self.lock();

@@ -209,3 +209,30 @@ fn a_lane_dropped_with_operations_in_flight_is_not_reused_until_they_are_reaped(
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn a_round_submits_early_only_once_a_batch_is_queued() {
+    let dir = scratch_dir();
+    let disk = disk(dir.path(), 8);
+    let ring = SharedUring::open_ended(2, 8, 8, Batching::Whole).expect("ring");
+    let mut a = ring.add_lane(Arc::clone(&disk), 4).expect("lane");
+    let mut bufs = Buffers::new(4);
+    let iov = bufs.iovecs();
+    ring.begin_round();
+    read(&mut a, &iov[..2], 0);
+    ring.submit_if_at_least(3);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!a.has_completions(), "two entries are no batch of three: still held");
+    let op = IoOp::Read { offset: 2 * BLOCK as u64, iovecs: &iov[2..3] };
+    // SAFETY: the buffers outlive the lane's use (reaped below).
+    unsafe { a.enqueue(op, 2) }.expect("enqueue");
+    ring.submit_if_at_least(3);
+    let done = reap_all(&mut [&mut a], 3);
+    assert_eq!(done[0].len(), 3, "the batch went out before the round's end: {done:?}");
+    ring.end_round();
+    assert!(buf_block_is(&bufs, 2, 2));
+}
+
+fn buf_block_is(bufs: &Buffers, block: usize, value: u8) -> bool {
+    bufs.block(block).iter().all(|&x| x == value)
+}
