@@ -212,9 +212,10 @@ pub struct VhostUserArgs {
           value_parser = clap::value_parser!(u32).range(0..=i64::from(vhost_user_blk::MAX_POLL_US)))]
     pub poll_us: u32,
     /// How a batch of requests goes to io_uring: `unplugged` (at most two per system call, so that the block
-    /// layer neither holds them back nor merges them: each reaches the disk as the guest made it) or `whole`
-    /// (one system call per batch).
-    #[arg(long, value_enum, value_name = "MODE", default_value_t = BatchingArg::Unplugged)]
+    /// layer neither holds them back nor merges them: each reaches the disk as the guest made it), `whole` (one
+    /// system call per batch), or `auto`: unplugged where requests reach a block layer, whole for a file in
+    /// memory (tmpfs), which has none.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = BatchingArg::Auto)]
     pub io_batching: BatchingArg,
 }
 
@@ -263,6 +264,8 @@ fn parse_queue_size(text: &str) -> Result<u16, String> {
 /// `--io-batching`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BatchingArg {
+    /// Unplugged where requests reach a block layer, whole for a file in memory.
+    Auto,
     /// At most two requests per io_uring_enter (no block-layer plug).
     Unplugged,
     /// A whole batch per io_uring_enter.
@@ -272,6 +275,7 @@ pub enum BatchingArg {
 impl From<BatchingArg> for device_blk::engine::Batching {
     fn from(arg: BatchingArg) -> Self {
         match arg {
+            BatchingArg::Auto => Self::Auto,
             BatchingArg::Unplugged => Self::Unplugged,
             BatchingArg::Whole => Self::Whole,
         }

@@ -83,8 +83,8 @@ pub struct VhostUserBlkOptions {
     pub io_depth: Option<u32>,
     /// The I/O engine of each queue.
     pub engine: EngineKind,
-    /// How each queue's engine submits a batch (default: [`Batching::Unplugged`], which keeps the guest's
-    /// request boundaries).
+    /// How each queue's engine submits a batch (default: [`Batching::Auto`]: unplugged, which keeps the guest's
+    /// request boundaries, where requests reach a block layer; whole for a file in memory).
     pub batching: Batching,
     /// The GET_ID answer.
     pub serial: [u8; ID_BYTES],
@@ -107,7 +107,7 @@ impl VhostUserBlkOptions {
             queue_size: DEFAULT_QUEUE_SIZE,
             io_depth: None,
             engine: EngineKind::default(),
-            batching: Batching::Unplugged,
+            batching: Batching::Auto,
             serial,
             stats: None,
             poll_us: 0,
@@ -257,6 +257,8 @@ impl VhostUserBlkBackend {
     /// A device for `disk`; `options` must have passed [`VhostUserBlkOptions::validate`].
     pub fn new(disk: Arc<Disk>, options: VhostUserBlkOptions) -> io::Result<Self> {
         options.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // `Batching::Auto` is resolved here (a system call), not on the I/O threads, which may be sandboxed.
+        let options = VhostUserBlkOptions { batching: options.batching.for_disk(&disk), ..options };
         let geometry = *disk.geometry();
         let seg_max = seg_max_for(options.queue_size);
         let queues = (0..options.num_queues)

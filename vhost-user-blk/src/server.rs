@@ -39,6 +39,8 @@ impl VhostUserBlkServer {
         options.validate()?;
         // Read while the process may still ask (before a daemon locks its system calls down).
         config_change::scan_limit();
+        // Likewise `Batching::Auto` looks at the disk's file system now, not on the I/O threads.
+        let options = VhostUserBlkOptions { batching: options.batching.for_disk(&disk), ..options };
         Ok(VhostUserBlkServer { disk, options, current: Arc::new(Mutex::new(Weak::new())) })
     }
 

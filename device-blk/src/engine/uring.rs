@@ -250,7 +250,10 @@ impl UringEngine {
 
     /// Submit batches as `batching` says from now on.
     pub fn set_batching(&mut self, batching: Batching) {
-        self.batching = batching;
+        self.batching = match (batching, self.file_disk(DISK_FILE)) {
+            (Batching::Auto, Some(disk)) => batching.for_disk(disk),
+            _ => batching,
+        };
     }
 
     /// How this ring gets its completions.
@@ -429,6 +432,8 @@ impl UringEngine {
         let chunk = match self.batching {
             Batching::Whole => u32::MAX,
             Batching::Unplugged => UNPLUGGED_CHUNK,
+            // Resolved by `set_batching`; an engine over several disks batches whole.
+            Batching::Auto => u32::MAX,
         };
         loop {
             let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
