@@ -6,7 +6,9 @@
 //! The host, one guest, its granted pages (8 read-write data pages, 2 read-only pages, 2 indirect-descriptor
 //! pages), its ring pages (one ring per page order, zeroed and initialised again for each input) and its event
 //! channel port live for the whole process, so the grant refs an input sees never depend on the inputs before
-//! it; each input gets a fresh data plane. Its ring is served by one I/O thread that lives for the whole process
+//! it; each input gets a fresh data plane. The buffers an input fills (its requests, indirect pages, expected
+//! answers, responses) and the connection parameters are kept too, so an input allocates little besides what the
+//! data plane itself needs (each allocation is dear under AddressSanitizer). Its ring is served by one I/O thread that lives for the whole process
 //! (`DataplaneOptions::io_threads`, the production default: `blkbackd xen --io-threads 1`), so an input hands its
 //! ring to that thread and takes it back at `stop`, instead of spawning and joining a thread; the same worker
 //! rounds serve a ring on a thread of its own (`--io-threads 0`), whose thread loop the crate's tests cover.
@@ -26,7 +28,7 @@
 //! stays bound.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +40,10 @@ use transport_xen::blkif::{
     RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE, X86_32, X86_64,
 };
 use transport_xen::connect::QueueRing;
-use transport_xen::connect::{ConnectConfig, MAX_INDIRECT_SEGMENTS};
+use transport_xen::connect::{BlkifAbi, ConnectConfig, MAX_INDIRECT_SEGMENTS};
 use transport_xen::dataplane::{Dataplane, DataplaneOptions, IoThreads, QueueStats};
-use transport_xen::emulated::evtchn::EmulatedEventChannel;
+use transport_xen::emulated::evtchn::{EmulatedEventChannel, EmulatedEvtchnOpener};
+use transport_xen::emulated::grants::EmulatedGrantTable;
 use transport_xen::emulated::{EmulatedHost, GuestDomain};
 use transport_xen::grant_memory::{segment_address, GrantMode};
 use transport_xen::services::{EventChannel, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
@@ -76,9 +79,16 @@ struct Fixture {
     page: Vec<u8>,
     /// The ring of each page order: its first page and its grant refs (granted writable to dom0).
     rings: Vec<(usize, Vec<GrantRef>)>,
-    /// The frontend's event channel and its port, offered to dom0 (unbound again when a data plane stops).
+    /// The connection to the ring of each page order (its ABI and features are set per input).
+    configs: Vec<ConnectConfig>,
+    /// Dom0's grant table and event channels.
+    grants: Arc<EmulatedGrantTable>,
+    opener: EmulatedEvtchnOpener,
+    /// Buffers every input reuses (taken by the input that runs).
+    scratch: Option<Scratch>,
+    /// The frontend's event channel (its port, offered to dom0, is in `configs`; unbound again when a data plane
+    /// stops).
     evtchn: EmulatedEventChannel,
-    port: EvtchnPort,
     /// One I/O thread for every input's data plane (as `blkbackd xen --io-threads` runs them): starting a data
     /// plane hands its ring to this thread instead of spawning a thread per input.
     io_thread: IoThreads,
@@ -118,7 +128,7 @@ fn fixture() -> Fixture {
             break;
         }
     }
-    let rings = (0..=2u32)
+    let rings: Vec<(usize, Vec<GrantRef>)> = (0..=2u32)
         .map(|order| {
             let pages = grant(1 << order, false);
             (pages[0].0, pages.iter().map(|&(_, g)| g).collect())
@@ -126,6 +136,17 @@ fn fixture() -> Fixture {
         .collect();
     let mut evtchn = guest.evtchn().expect("event channel");
     let port = evtchn.alloc_unbound(0).expect("unbound port");
+    let configs = rings
+        .iter()
+        .map(|(_, grefs)| ConnectConfig {
+            frontend_domid: DOMID,
+            abi: BlkifAbi::X86_64,
+            queues: vec![QueueRing { ring_refs: grefs.clone(), remote_port: port }],
+            persistent_grants: false,
+            max_indirect_segments: 0,
+        })
+        .collect();
+    let (grants, opener) = (Arc::new(host.grant_table(0)), host.evtchn_opener(0));
     Fixture {
         host,
         guest,
@@ -139,11 +160,35 @@ fn fixture() -> Fixture {
         ro_pattern,
         page,
         rings,
+        configs,
+        grants,
+        opener,
+        scratch: Some(Scratch::default()),
         evtchn,
-        port,
         io_thread: IoThreads::new(1),
     }
 }
+
+/// What an input fills, kept from one input to the next for the capacity (every field is cleared or overwritten
+/// before it is read).
+#[derive(Default)]
+struct Scratch {
+    requests: Vec<RawRequest>,
+    /// Both indirect pages as this input writes them.
+    indirect: Vec<u8>,
+    /// The descriptor pages of an indirect request, as the model reads them.
+    copy: Vec<u8>,
+    req: BlkifRequest,
+    dev: device_blk::Request,
+    /// Per request id: the operation and status expected.
+    ids: HashMap<u64, (u8, Option<i16>)>,
+    seen: HashSet<u64>,
+    responses: Vec<BlkifResponse>,
+    ports: Vec<EvtchnPort>,
+}
+
+/// Zeroes for the rings' pages.
+static ZEROS: [u8; 4 * XEN_PAGE_SIZE] = [0; 4 * XEN_PAGE_SIZE];
 
 /// The frontend's side of one input's ring (on the fixture's ring pages: it must not outlive the fixture).
 struct Front<L: BlkifLayout> {
@@ -153,11 +198,10 @@ struct Front<L: BlkifLayout> {
 impl<L: BlkifLayout> Front<L> {
     /// The ring of page order `order`, initialised. Every ring is zeroed first: no request of an earlier input
     /// stays in a slot, and a page of another ring that an earlier input read into is blank again.
-    fn new(f: &mut Fixture, order: u32) -> (Front<L>, QueueRing) {
-        let zeros = vec![0; 4 * XEN_PAGE_SIZE];
+    fn new(f: &mut Fixture, order: u32, ports: &mut Vec<EvtchnPort>) -> Front<L> {
         for (first, grefs) in &f.rings {
             let addr = GuestDomain::page_addr(*first);
-            f.guest.memory().write_slice(&zeros[..grefs.len() * XEN_PAGE_SIZE], addr).expect("clear ring");
+            f.guest.memory().write_slice(&ZEROS[..grefs.len() * XEN_PAGE_SIZE], addr).expect("clear ring");
         }
         let (first, ref grefs) = f.rings[order as usize];
         let bytes = grefs.len() * XEN_PAGE_SIZE;
@@ -165,33 +209,34 @@ impl<L: BlkifLayout> Front<L> {
         // SAFETY: `grefs.len()` consecutive guest pages, contiguous in the guest's mapping, allocated for the
         // fixture's life (never freed); the ring lives only while one input runs on the fixture.
         let ring = unsafe { FrontRing::<L>::init(base, bytes) }.expect("ring");
-        let queue = QueueRing { ring_refs: grefs.clone(), remote_port: f.port };
         // An event the last data plane sent after its input was done: clear it.
-        let mut ports = Vec::new();
-        let _ = f.evtchn.pending(&mut ports);
-        for p in ports {
+        ports.clear();
+        let _ = f.evtchn.pending(ports);
+        for &p in ports.iter() {
             let _ = f.evtchn.unmask(p);
         }
-        (Front { ring }, queue)
+        Front { ring }
     }
 
-    /// At least `count` responses (every published one), waiting on the event channel up to `timeout`; as
-    /// blkfront, re-arms the response event index before returning (`RingFrontend::wait_responses`).
+    /// At least `count` responses (every published one) into `out`, waiting on the event channel up to `timeout`;
+    /// as blkfront, re-arms the response event index before returning (`RingFrontend::wait_responses`).
     fn wait_responses(
         &mut self,
         evtchn: &mut EmulatedEventChannel,
         count: usize,
         timeout: Duration,
-    ) -> Result<Vec<BlkifResponse>, String> {
+        out: &mut Vec<BlkifResponse>,
+        ports: &mut Vec<EvtchnPort>,
+    ) -> Result<(), String> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut out = Vec::with_capacity(count);
+        out.clear();
         loop {
             while let Some(r) = self.ring.take_response() {
                 out.push(r);
             }
             let more = self.ring.final_check_for_responses();
             if out.len() >= count && !more {
-                return Ok(out);
+                return Ok(());
             }
             if more {
                 continue;
@@ -204,9 +249,9 @@ impl<L: BlkifLayout> Front<L> {
             let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
             // SAFETY: one valid pollfd for the duration of the call.
             unsafe { libc::poll(&mut pfd, 1, ms) };
-            let mut ports = Vec::new();
-            let _ = evtchn.pending(&mut ports);
-            for p in ports {
+            ports.clear();
+            let _ = evtchn.pending(ports);
+            for &p in ports.iter() {
                 let _ = evtchn.unmask(p);
             }
         }
@@ -258,28 +303,30 @@ fn page_of(f: &Fixture, gref: GrantRef) -> Option<(usize, bool)> {
     find(&f.rw).or_else(ring).map(|p| (p, true)).or_else(|| find(&f.ro).or_else(|| find(&f.ind)).map(|p| (p, false)))
 }
 
+/// An input's settings; its requests and indirect pages go to `Scratch::requests` and `Scratch::indirect`.
 struct Plan {
     flags: u8,
     forged: Option<u32>,
     in_flight: u32,
-    requests: Vec<RawRequest>,
-    indirect: Vec<u8>,
 }
 
-fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
+fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>, s: &mut Scratch) -> Plan {
     let flags = r.u8();
     let flags2 = r.u8();
     let forged = (flags2 & 1 != 0).then(|| r.u32());
     let in_flight = u32::from(r.u8() % 64) + 1;
     let count = usize::from(r.u8() % 65);
     // Both indirect pages: 1024 valid descriptors, then the overrides.
-    let mut indirect = f.indirect_base.clone();
+    let indirect = &mut s.indirect;
+    indirect.clear();
+    indirect.extend_from_slice(&f.indirect_base);
     for _ in 0..r.u8() {
         let j = usize::from(r.u16()) % (2 * SEGMENTS_PER_INDIRECT_PAGE);
         let seg = BlkifSegment { gref: data_gref(f, r.u8()), first_sect: r.u8(), last_sect: r.u8() };
         indirect[j * 8..j * 8 + 8].copy_from_slice(&seg.encode());
     }
-    let mut requests = Vec::with_capacity(count);
+    let requests = &mut s.requests;
+    requests.clear();
     for _ in 0..count {
         if r.is_empty() {
             break;
@@ -288,22 +335,19 @@ fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
             RawRequest { bytes: r.array() }
         } else {
             let (op, byte1, nseg, sector, nr) = (r.u8(), r.u8(), r.u16(), u64::from(r.u16()), u64::from(r.u8()));
-            let specs: Vec<(u8, u8, u8)> = (0..11).map(|_| (r.u8(), r.u8(), r.u8())).collect();
+            // (Read in order: `from_fn` fills index 0 first.)
+            let specs: [(u8, u8, u8); 11] = std::array::from_fn(|_| (r.u8(), r.u8(), r.u8()));
             let mut raw = match op {
                 OP_DISCARD => encode::discard::<L>(0, sector, nr, false),
                 OP_INDIRECT => {
-                    let grefs: Vec<GrantRef> = specs[..8].iter().map(|s| indirect_gref(f, s.0)).collect();
+                    let grefs: [GrantRef; 8] = std::array::from_fn(|i| indirect_gref(f, specs[i].0));
                     encode::indirect::<L>(byte1, 0, sector, nseg, &grefs)
                 }
                 _ => {
-                    let segs: Vec<BlkifSegment> = specs
-                        .iter()
-                        .map(|&(sel, first, last)| BlkifSegment {
-                            gref: data_gref(f, sel),
-                            first_sect: first,
-                            last_sect: last,
-                        })
-                        .collect();
+                    let segs: [BlkifSegment; 11] = std::array::from_fn(|i| {
+                        let (sel, first, last) = specs[i];
+                        BlkifSegment { gref: data_gref(f, sel), first_sect: first, last_sect: last }
+                    });
                     encode::rw::<L>(op, 0, sector, &segs)
                 }
             };
@@ -312,43 +356,48 @@ fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>) -> Plan {
         };
         requests.push(raw);
     }
-    Plan { flags, forged, in_flight, requests, indirect }
+    Plan { flags, forged, in_flight }
 }
 
 /// The operation a response must echo (the decoder's choice: for indirect requests, the indirect operation)
 /// and the status the model expects (`None`: either outcome is right).
+/// (`s`: the input's indirect pages, and scratch for the model.)
 fn expected<L: BlkifLayout>(
     f: &Fixture,
     plan: &Plan,
     raw: &RawRequest,
     geometry: &device_blk::Geometry,
+    s: &mut Scratch,
 ) -> (u8, Option<i16>) {
     let max_indirect = if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS as usize } else { 0 };
-    let mut req = BlkifRequest::default();
-    let status = status::<L>(f, plan, raw, geometry, max_indirect, &mut req);
-    (req.operation, status)
+    let status = status::<L>(f, plan, raw, geometry, max_indirect, s);
+    (s.req.operation, status)
 }
 
+/// (Every field of `s.req` the model reads is set by `decode`, and `s.dev` by `reset`: nothing of the request
+/// before leaks in.)
 fn status<L: BlkifLayout>(
     f: &Fixture,
     plan: &Plan,
     raw: &RawRequest,
     geometry: &device_blk::Geometry,
     max_indirect: usize,
-    req: &mut BlkifRequest,
+    s: &mut Scratch,
 ) -> Option<i16> {
     let persistent = plan.flags & 0x08 != 0;
+    let req = &mut s.req;
     if let Err(fault) = req.decode::<L>(raw, max_indirect) {
         return Some(fault.status());
     }
     if let Some(ind) = req.indirect {
-        let mut copy = Vec::with_capacity(ind.pages * XEN_PAGE_SIZE);
+        let copy = &mut s.copy;
+        copy.clear();
         for &g in &ind.grefs[..ind.pages] {
             if g == f.ind[0].1 || g == f.ind[1].1 {
                 let k = usize::from(g != f.ind[0].1);
-                copy.extend_from_slice(&plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
+                copy.extend_from_slice(&s.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
             } else if g == f.ro[0].1 || g == f.ro[1].1 {
-                copy.extend_from_slice(&[0x5a; XEN_PAGE_SIZE]);
+                copy.extend_from_slice(&f.ro_pattern);
             } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
                 // Another ring's page (zeroed for this input, but its earlier requests may have read into it).
                 return None;
@@ -356,7 +405,7 @@ fn status<L: BlkifLayout>(
                 return Some(RSP_ERROR);
             }
         }
-        if req.set_indirect_segments(&copy).is_err() {
+        if req.set_indirect_segments(copy).is_err() {
             return Some(RSP_ERROR);
         }
     }
@@ -369,8 +418,8 @@ fn status<L: BlkifLayout>(
         BlkifOp::Discard { secure } => device_blk::RequestKind::Discard { secure },
         _ => device_blk::RequestKind::Write,
     };
-    let mut dev = device_blk::Request::new(kind);
-    dev.sector = device_blk::Sector(req.sector);
+    let dev = &mut s.dev;
+    dev.reset(kind, device_blk::Sector(req.sector));
     dev.discard_sectors = req.nr_sectors;
     dev.segments.extend(req.segments.iter().enumerate().map(|(i, s)| segment_address(i, s)));
     let data_phase = has_data || matches!(req.op, BlkifOp::Read | BlkifOp::Write | BlkifOp::Discard { .. });
@@ -402,30 +451,37 @@ fn status<L: BlkifLayout>(
 }
 
 fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
-    let plan = decode::<L>(f, r);
+    let mut s = f.scratch.take().unwrap_or_default();
+    run_with::<L>(f, r, &mut s);
+    f.scratch = Some(s);
+}
+
+fn run_with<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>, s: &mut Scratch) {
+    let plan = decode::<L>(f, r, s);
     for (k, &(page, _)) in f.ind.iter().enumerate() {
-        let bytes = &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE];
+        let bytes = &s.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE];
         f.guest.memory().write_slice(bytes, GuestDomain::page_addr(page)).expect("indirect page");
     }
     let order = u32::from((plan.flags >> 1) & 3).min(2);
-    let (mut front, queue_ring) = Front::<L>::new(f, order);
+    let mut front = Front::<L>::new(f, order, &mut s.ports);
     let size = front.ring.size();
-    let mut ids = HashMap::new();
+    s.ids.clear();
     let disk = if plan.flags & 0x80 != 0 { &f.ro_disk } else { &f.rw_disk };
     let geometry = *disk.geometry();
-    for (i, raw) in plan.requests.iter().take(size as usize).enumerate() {
-        let mut raw = *raw;
+    for i in 0..s.requests.len().min(size as usize) {
+        let mut raw = s.requests[i];
         // The ring was zeroed: no entry of an earlier input can carry one of these ids.
         let id = 0xF00D_0000_0000_0000 | i as u64;
         raw.put(L::REQ_ID, &id.to_le_bytes());
         assert!(front.ring.put_request(&raw));
-        ids.insert(id, expected::<L>(f, &plan, &raw, &geometry));
+        let want = expected::<L>(f, &plan, &raw, &geometry, s);
+        s.ids.insert(id, want);
     }
     // A guest that points its own buffers at its own ring pages corrupts its ring: it may only harm itself, so
     // then nothing is asserted about its responses (the backend must still stop cleanly).
-    let ring_refs = &queue_ring.ring_refs;
+    let ring_refs = &f.rings[order as usize].1;
     let names_ring = |bytes: &[u8]| ring_refs.iter().any(|g| contains(bytes, &g.to_le_bytes()));
-    let self_harm = plan.requests.iter().any(|r| names_ring(&r.bytes)) || names_ring(&plan.indirect);
+    let self_harm = s.requests.iter().any(|r| names_ring(&r.bytes)) || names_ring(&s.indirect);
     let published = match plan.forged {
         Some(v) => {
             front.ring.set_req_prod_raw(v);
@@ -437,21 +493,18 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         }
     };
 
-    let config = ConnectConfig {
-        frontend_domid: DOMID,
-        abi: L::ABI,
-        queues: vec![queue_ring.clone()],
-        persistent_grants: plan.flags & 0x08 != 0,
-        max_indirect_segments: if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 },
-    };
+    let config = &mut f.configs[order as usize];
+    config.abi = L::ABI;
+    config.persistent_grants = plan.flags & 0x08 != 0;
+    config.max_indirect_segments = if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS } else { 0 };
+    let config = &f.configs[order as usize];
     let mut options = DataplaneOptions::default();
     options.grant_mode = if plan.flags & 0x10 != 0 { GrantMode::Copy } else { GrantMode::Map };
     options.max_in_flight = plan.in_flight;
     options.bounce_pages = 300;
     options.discard_secure = plan.flags & 0x40 != 0;
     options.io_threads = Some(f.io_thread.clone());
-    let grants = Arc::new(f.host.grant_table(0));
-    let dp = Dataplane::start(disk.clone(), EngineKind::Sync, grants, &f.host.evtchn_opener(0), &config, &options)
+    let dp = Dataplane::start(disk.clone(), EngineKind::Sync, f.grants.clone(), &f.opener, config, &options)
         .expect("data plane");
 
     if self_harm {
@@ -473,22 +526,23 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
         assert!(dp.halted());
         assert_eq!(front.ring.rsp_prod(), 0, "requests of a bogus producer were answered");
     } else {
-        let responses = front
-            .wait_responses(&mut f.evtchn, published as usize, WAIT)
+        front
+            .wait_responses(&mut f.evtchn, published as usize, WAIT, &mut s.responses, &mut s.ports)
             .unwrap_or_else(|e| panic!("worker hung: {e}"));
         assert!(!dp.halted(), "halted on a valid producer: {:?}", dp.fatal_error());
-        let mut seen = HashMap::new();
-        for rsp in &responses {
+        let seen = &mut s.seen;
+        seen.clear();
+        for rsp in &s.responses {
             assert!(matches!(rsp.status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP), "status {}", rsp.status);
-            if let Some(&(operation, want)) = ids.get(&rsp.id) {
-                assert!(seen.insert(rsp.id, ()).is_none(), "request {:#x} answered twice", rsp.id);
+            if let Some(&(operation, want)) = s.ids.get(&rsp.id) {
+                assert!(seen.insert(rsp.id), "request {:#x} answered twice", rsp.id);
                 assert_eq!(rsp.operation, operation, "response echoes another operation");
                 if let Some(want) = want {
                     assert_eq!(rsp.status, want, "request {:#x} (flags {:#x})", rsp.id, plan.flags);
                 }
             }
         }
-        let answered_ours = ids.len().min(published as usize);
+        let answered_ours = s.ids.len().min(published as usize);
         assert_eq!(seen.len(), answered_ours, "some requests were never answered");
     }
     dp.stop();
@@ -502,11 +556,7 @@ fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {
     }
     for (k, &(p, _)) in f.ind.iter().enumerate() {
         f.guest.memory().read_slice(page, GuestDomain::page_addr(p)).expect("read");
-        assert_eq!(
-            &page[..],
-            &plan.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE],
-            "an indirect page was written"
-        );
+        assert_eq!(&page[..], &s.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE], "an indirect page was written");
     }
 }
 

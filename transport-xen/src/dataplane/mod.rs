@@ -39,7 +39,7 @@ pub use pool::{IoThreads, MAX_IO_THREADS};
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use device_blk::engine::{IoEngine, UringLane};
@@ -270,9 +270,9 @@ impl FatalState {
 struct QueueHandle {
     engine: &'static str,
     stop: Arc<EventFd>,
-    /// The queue's own worker thread, or (on an I/O thread pool) the channel that closes when its worker is gone.
+    /// The queue's own worker thread, or (on an I/O thread pool) its ring as handed to the pool thread.
     thread: Option<JoinHandle<()>>,
-    done: Option<mpsc::Receiver<()>>,
+    handed: Option<pool::Handed>,
     stats: Arc<QueueStats>,
 }
 
@@ -442,23 +442,21 @@ impl Dataplane {
             fatal: self.fatal.clone(),
             stats: stats.clone(),
             init: options.worker_init.clone(),
-            done: None,
             thread_ring,
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);
         if let Some(seat) = seat {
-            let (done, gone) = mpsc::channel();
-            let setup = QueueSetup { init: None, done: Some(done), ..setup };
+            let setup = QueueSetup { init: None, ..setup };
             let ring: pool::NewRing = Box::new(move || span.in_scope(|| worker::task(setup)));
-            seat.hand_over(ring);
-            return Ok(QueueHandle { stop, thread: None, done: Some(gone), stats, engine: engine_name });
+            let handed = seat.hand_over(ring);
+            return Ok(QueueHandle { stop, thread: None, handed, stats, engine: engine_name });
         }
         let thread = std::thread::Builder::new()
             .name(format!("blkif-d{domid}-q{index}"))
             .spawn(move || span.in_scope(|| worker::run(setup)))
             .map_err(spawn_error)?;
-        Ok(QueueHandle { stop, thread: Some(thread), done: None, stats, engine: engine_name })
+        Ok(QueueHandle { stop, thread: Some(thread), handed: None, stats, engine: engine_name })
     }
 
     /// The I/O engine the queues use (`io_uring`, or `sync` where io_uring is unavailable).
@@ -504,7 +502,8 @@ impl Dataplane {
     }
 
     fn shutdown(&mut self) {
-        for q in &self.queues {
+        // (Not again for queues already stopped: `stop` shuts down, then `drop` comes here once more.)
+        for q in self.queues.iter().filter(|q| q.thread.is_some() || q.handed.is_some()) {
             let _ = q.stop.write(1);
         }
         for q in &mut self.queues {
@@ -513,9 +512,9 @@ impl Dataplane {
                     tracing::error!("data plane worker panicked");
                 }
             }
-            if let Some(gone) = q.done.take() {
-                // Nothing is ever sent: this returns when the pool thread dropped the worker.
-                let _ = gone.recv();
+            if let Some(handed) = q.handed.take() {
+                // Returns once the pool thread dropped the worker and freed it.
+                handed.wait_released();
             }
         }
     }

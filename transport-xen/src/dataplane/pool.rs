@@ -17,11 +17,16 @@
 //! completion eventfd wakes the thread for all of them. Whichever ring reaps sorts every lane's completions: after
 //! a pass, rings whose lanes hold completions get a turn without waiting for an event (the eventfd already fired
 //! for them). A queue whose lane cannot be had (the ring's room is taken, no io_uring) builds an engine of its own.
+//!
+//! A ring handed to a thread gets a ticket ([`Handed`]); the thread marks it released once it dropped the ring
+//! and freed its memory, so [`Dataplane::stop`](super::Dataplane::stop) returns only when nothing of the ring is
+//! left (the signal lives in the thread's [`Inbox`], which outlives the ring: no memory of the ring is freed after
+//! it).
 
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -77,8 +82,14 @@ struct Inbox {
     /// Every handle of the pool is gone: the thread ends once its rings are.
     closed: AtomicBool,
     rings: AtomicUsize,
-    new: Mutex<Vec<NewRing>>,
+    /// The rings handed over and not yet taken by the thread, with their tickets.
+    new: Mutex<Vec<(u64, NewRing)>>,
     wake: EventFd,
+    /// The next ticket.
+    tickets: AtomicU64,
+    /// The tickets of the rings handed over and not released yet; `released` is signalled when one goes.
+    unreleased: Mutex<Vec<u64>>,
+    released: Condvar,
     /// The io_uring the thread's rings share, made with the first lane (`None`: io_uring is not available).
     ring: OnceLock<Option<SharedUring>>,
 }
@@ -126,6 +137,9 @@ impl IoThreads {
                     rings: AtomicUsize::new(0),
                     new: Mutex::new(Vec::new()),
                     wake: EventFd::new(EFD_NONBLOCK)?,
+                    tickets: AtomicU64::new(0),
+                    unreleased: Mutex::new(Vec::new()),
+                    released: Condvar::new(),
                     ring: OnceLock::new(),
                 });
                 let epoll = Arc::new(Epoll::new()?);
@@ -166,13 +180,55 @@ impl Seat {
         .ok()
     }
 
-    /// Hand `ring` to the thread.
-    pub(crate) fn hand_over(mut self, ring: NewRing) {
-        let Some(inbox) = self.inbox.take() else { return };
-        inbox.new.lock().unwrap_or_else(PoisonError::into_inner).push(ring);
+    /// Hand `ring` to the thread; [`Handed::wait_released`] waits until the thread released it.
+    pub(crate) fn hand_over(mut self, ring: NewRing) -> Option<Handed> {
+        let inbox = self.inbox.take()?;
+        let ticket = inbox.tickets.fetch_add(1, Ordering::Relaxed);
+        inbox.unreleased.lock().unwrap_or_else(PoisonError::into_inner).push(ticket);
+        inbox.new.lock().unwrap_or_else(PoisonError::into_inner).push((ticket, ring));
         // The ring is handed over: it must not fail now. A write fails only on a counter at its maximum, which
         // wakes the thread all the same.
         let _ = inbox.wake.write(1);
+        Some(Handed { inbox, ticket })
+    }
+}
+
+/// A ring handed to a pool thread ([`Seat::hand_over`]).
+pub(crate) struct Handed {
+    inbox: Arc<Inbox>,
+    ticket: u64,
+}
+
+impl std::fmt::Debug for Handed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handed").field("ticket", &self.ticket).finish()
+    }
+}
+
+impl Handed {
+    /// Wait until the thread dropped the ring (after it stopped, or failed to start) and freed all of it.
+    pub(crate) fn wait_released(self) {
+        let mut unreleased = self.inbox.unreleased.lock().unwrap_or_else(PoisonError::into_inner);
+        while unreleased.contains(&self.ticket) {
+            unreleased = self.inbox.released.wait(unreleased).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Marks a ring released when dropped: held by the thread next to the ring, and dropped after it (also when the
+/// ring could not be built, and when the thread unwinds).
+struct Release<'a> {
+    inbox: &'a Inbox,
+    ticket: u64,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let mut unreleased = self.inbox.unreleased.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = unreleased.iter().position(|&t| t == self.ticket) {
+            unreleased.swap_remove(i);
+        }
+        self.inbox.released.notify_all();
     }
 }
 
@@ -197,6 +253,10 @@ impl Drop for Pool {
 /// A pool thread's rings, by slot (the slot is the ring's epoll token).
 struct Rings<'a> {
     slots: Vec<Option<Box<dyn RingTask>>>,
+    /// Per slot: what marks the ring released (after `slots`: a thread that unwinds drops its rings first).
+    releases: Vec<Option<Release<'a>>>,
+    /// The rings taken from the inbox (kept for its capacity).
+    incoming: Vec<(u64, NewRing)>,
     /// Per slot: the ring's completions come through the thread's shared io_uring.
     on_shared: Vec<bool>,
     /// The shared io_uring's completion eventfd is in the thread's epoll.
@@ -212,8 +272,11 @@ impl Rings<'_> {
     /// requests before the port was bound).
     fn take_new(&mut self, init_error: Option<&str>) {
         let _ = self.inbox.wake.read();
-        let new = std::mem::take(&mut *self.inbox.new.lock().unwrap_or_else(PoisonError::into_inner));
-        for build in new {
+        let mut new = std::mem::take(&mut self.incoming);
+        std::mem::swap(&mut new, &mut *self.inbox.new.lock().unwrap_or_else(PoisonError::into_inner));
+        for (ticket, build) in new.drain(..) {
+            // Declared before the task: on every path below that gives up the ring, the task goes first.
+            let release = Release { inbox: self.inbox, ticket };
             let mut task = match catch_unwind(AssertUnwindSafe(build)) {
                 Ok(Some(task)) => task,
                 Ok(None) | Err(_) => {
@@ -261,13 +324,16 @@ impl Rings<'_> {
             task.attach(self.epoll.clone());
             if slot == self.slots.len() {
                 self.slots.push(None);
+                self.releases.push(None);
                 self.ready.push(0);
                 self.on_shared.push(false);
             }
             self.slots[slot] = Some(task);
+            self.releases[slot] = Some(release);
             self.ready[slot] = FIRST_TURN;
             self.on_shared[slot] = on_shared;
         }
+        self.incoming = new;
     }
 
     /// Stop watching `task`'s sources (before it is dropped: their descriptors close), but for the shared
@@ -330,14 +396,16 @@ impl Rings<'_> {
                 }
             };
             if !alive {
-                // Counted out first: `Dataplane::stop` returns as soon as the ring is dropped.
+                // Counted out first: `Dataplane::stop` returns as soon as the ring is released.
                 self.inbox.rings.fetch_sub(1, Ordering::Relaxed);
                 if let Some(task) = self.slots[slot].take() {
                     let on_shared = std::mem::take(&mut self.on_shared[slot]);
                     self.forget(task.as_ref(), on_shared);
-                    // Dropping the ring releases what is left and tells `Dataplane::stop` it is gone.
+                    // Dropping the ring releases what is left (grants, port, engine) and frees its memory.
                     drop(task);
                 }
+                // Only then is `Dataplane::stop` told: nothing of the ring is freed after it returns.
+                drop(self.releases[slot].take());
             }
         }
     }
@@ -346,8 +414,16 @@ impl Rings<'_> {
 /// A pool thread's body: ends when every handle of the pool is gone and its last ring stopped.
 fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: usize) {
     let init_error = init.and_then(|i| i.run(index).err()).map(|e| e.to_string());
-    let mut rings =
-        Rings { slots: Vec::new(), on_shared: Vec::new(), shared_watched: false, ready: Vec::new(), epoll, inbox };
+    let mut rings = Rings {
+        slots: Vec::new(),
+        releases: Vec::new(),
+        incoming: Vec::new(),
+        on_shared: Vec::new(),
+        shared_watched: false,
+        ready: Vec::new(),
+        epoll,
+        inbox,
+    };
     let mut events = [EpollEvent::default(); EVENTS];
     loop {
         let n = match epoll.wait(rings.timeout(), &mut events) {

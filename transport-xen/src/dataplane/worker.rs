@@ -67,8 +67,6 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub stats: Arc<QueueStats>,
     /// Run on this thread before serving.
     pub init: Option<super::WorkerInit>,
-    /// Dropped when the worker is gone (everything released): what `Dataplane::stop` waits for on a pool thread.
-    pub done: Option<std::sync::mpsc::Sender<()>>,
     /// The pool thread's io_uring, when the queue's engine is a lane of it: its rounds span a pass over the
     /// thread's rings, and a polling period submits at once (see `Worker::round`).
     pub thread_ring: Option<SharedUring>,
@@ -136,8 +134,6 @@ struct Worker<L, G: GrantTable, E> {
     fatal: Arc<FatalState>,
     stats: Arc<QueueStats>,
     thread_ring: Option<SharedUring>,
-    /// Last: dropped after everything above was released.
-    _done: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Reports a worker that ends without being stopped (a panic) on the fatal channel.
@@ -301,7 +297,6 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             fatal: setup.fatal,
             stats: setup.stats,
             thread_ring: setup.thread_ring,
-            _done: setup.done,
         };
         // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so
         // it never needs to be read (a system call per round saved; `complete` looks at the completion ring
