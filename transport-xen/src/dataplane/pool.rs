@@ -236,6 +236,10 @@ impl Drop for Seat {
     fn drop(&mut self) {
         if let Some(inbox) = self.inbox.take() {
             inbox.rings.fetch_sub(1, Ordering::Relaxed);
+            // A lane made for the ring and dropped on this thread (a start that failed after making it) may have
+            // left its disk in the thread's io_uring, whose file table only the thread may change once it enabled
+            // the ring: a pass of the thread (`begin_round`) takes it out, so wake it rather than wait for an event.
+            let _ = inbox.wake.write(1);
         }
     }
 }
@@ -468,3 +472,7 @@ fn serve(inbox: &Inbox, epoll: &Arc<Epoll>, init: Option<&WorkerInit>, index: us
         }
     }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The pool thread's shared io_uring and lanes given up off the thread.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use device_blk::disk::DirectIo;
+use device_blk::engine::{Completion, IoEngine, IoOp, UringLane};
+use device_blk::{Disk, DiskOptions};
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+use crate::dataplane::worker::{RingTask, SOURCES};
+
+fn disk_in(dir: &Path) -> Arc<Disk> {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, vec![7u8; 1 << 16]).expect("image");
+    Arc::new(Disk::open(&path, &DiskOptions::default().with_direct_io(DirectIo::Off)).expect("disk"))
+}
+
+/// Whether any io_uring of this process has `path` in its registered file table (its `fdinfo` lists them).
+fn registered(path: &Path) -> bool {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo").flatten().any(|e| {
+        std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("UserFiles") && info.contains(&needle))
+    })
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within 5 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A ring that reads one block through its lane on its first turn (which enables the thread's io_uring on the
+/// pool thread) and ends when its stop eventfd fires.
+struct OneRead {
+    lane: UringLane,
+    buf: Vec<u8>,
+    /// The read's iovec array (it must outlive the submission, which comes at the end of the thread's pass).
+    iov: [libc::iovec; 1],
+    started: bool,
+    read: Arc<AtomicBool>,
+    idle: EventFd,
+    stop: Arc<EventFd>,
+}
+
+impl RingTask for OneRead {
+    fn sources(&self) -> [(RawFd, EventSet); SOURCES] {
+        [
+            (self.idle.as_raw_fd(), EventSet::IN),
+            (self.lane.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (self.stop.as_raw_fd(), EventSet::IN),
+        ]
+    }
+
+    fn attach(&mut self, _pool_epoll: Arc<Epoll>) {}
+
+    fn turn(&mut self, fired: u8) -> bool {
+        if !self.started {
+            self.started = true;
+            self.iov[0] = libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: self.buf.len() };
+            // SAFETY: the buffer and the iovec array live in the task, which ends only after the read was reaped.
+            unsafe { self.lane.enqueue(IoOp::Read { offset: 0, iovecs: &self.iov }, 1) }.expect("enqueue");
+            self.lane.submit().expect("submit");
+        }
+        if self.lane.has_completions() {
+            let read = &self.read;
+            self.lane.reap_ready(&mut |c: Completion| read.store(c.result == Ok(4096), Ordering::SeqCst));
+        }
+        fired & 0b100 == 0 || !self.read.load(Ordering::SeqCst)
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        None
+    }
+
+    fn report(&self, message: &str) {
+        panic!("ring reported: {message}");
+    }
+
+    fn completions_pending(&mut self) -> bool {
+        self.lane.has_completions()
+    }
+}
+
+#[test]
+fn a_lane_given_up_off_the_thread_leaves_the_file_table_without_waiting_for_an_event() {
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (disk_a, disk_b) = (disk_in(dir_a.path()), disk_in(dir_b.path()));
+    let path_b = dir_b.path().join("disk.img");
+    let pool = IoThreads::new(1);
+    // Two queues seated on the one thread; both lanes registered while the thread's ring is still disabled.
+    let seat_a = pool.seat(None).expect("seat a");
+    let lane_a = seat_a.engine(disk_a, 4).expect("lane a");
+    let seat_b = pool.seat(None).expect("seat b");
+    let lane_b = seat_b.engine(disk_b, 4).expect("lane b");
+    assert!(registered(&path_b));
+    // Queue a starts on the thread, whose first submission enables the ring.
+    let (read, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+    let (read2, stop2) = (read.clone(), stop.clone());
+    // Built on the pool thread (the iovec array holds a raw pointer, which is not `Send`).
+    let build = move || {
+        let task = OneRead {
+            lane: lane_a,
+            buf: vec![0; 4096],
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
+            started: false,
+            read: read2,
+            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            stop: stop2,
+        };
+        Some(Box::new(task) as Box<dyn RingTask>)
+    };
+    let handed = seat_a.hand_over(Box::new(build)).expect("handed");
+    wait_for("queue a's read on the pool thread", || read.load(Ordering::SeqCst));
+    // Queue b's start fails on this thread after its lane was made: the lane goes here, where the kernel refuses
+    // to change the enabled ring's file table, and the thread, with nothing to do, sleeps.
+    // (Whether the file is still registered in between is not asserted: an event of queue a's could come late
+    // and give the thread a pass, which would take it out as well.)
+    drop(lane_b);
+    drop(seat_b);
+    wait_for("queue b's disk out of the ring's file table", || !registered(&path_b));
+    stop.write(1).expect("stop");
+    handed.wait_released();
+    assert_eq!(pool.rings_per_thread(), [0]);
+}
