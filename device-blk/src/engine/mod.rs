@@ -198,7 +198,6 @@ impl EngineKind {
 
     /// [`build`](EngineKind::build) with the submission `batching` given.
     pub fn build_with(self, disk: Arc<Disk>, depth: u32, batching: Batching) -> Result<Box<dyn IoEngine>, EngineError> {
-        let batching = batching.for_disk(&disk);
         let uring = |disk| {
             UringEngine::new(disk, depth).map(|mut engine| {
                 engine.set_batching(batching);

@@ -430,10 +430,9 @@ impl UringEngine {
             self.disabled = false;
         }
         let chunk = match self.batching {
-            Batching::Whole => u32::MAX,
+            // (`Auto` is resolved by `set_batching`; left so, on a ring over several disks, it batches whole.)
+            Batching::Whole | Batching::Auto => u32::MAX,
             Batching::Unplugged => UNPLUGGED_CHUNK,
-            // Resolved by `set_batching`; an engine over several disks batches whole.
-            Batching::Auto => u32::MAX,
         };
         loop {
             let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);

@@ -45,8 +45,9 @@ pub const MAX_IO_THREADS: usize = 64;
 const TOKEN_NEW: u64 = u64::MAX;
 /// The token of the completion eventfd of the thread's shared io_uring.
 const TOKEN_SHARED: u64 = u64::MAX - 1;
-/// The kind of a ring's completion source (its bit in `ready`).
-const COMPLETION: u8 = 1 << 1;
+/// The kind of a ring's completion source: its index in `RingTask::sources`, and its bit in `ready`.
+const COMPLETION_KIND: usize = 1;
+const COMPLETION: u8 = 1 << COMPLETION_KIND;
 /// Disks (queues) a thread's shared io_uring serves at most; queues beyond get engines of their own.
 const SHARED_FILES: u32 = 256;
 /// Submission entries of a thread's shared io_uring (a fuller pass is submitted in pieces).
@@ -296,14 +297,10 @@ impl Rings<'_> {
             let slot = self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len());
             let base = slot as u64 * STRIDE;
             let shared_fd = self.inbox.shared().map(SharedUring::completion_fd);
-            let on_shared = shared_fd.is_some() && task.sources()[1].0 == shared_fd.unwrap_or(-1);
-            if on_shared && !self.shared_watched {
+            let on_shared = shared_fd.is_some_and(|fd| task.sources()[COMPLETION_KIND].0 == fd);
+            if let Some(fd) = shared_fd.filter(|_| on_shared && !self.shared_watched) {
                 let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
-                match self.epoll.ctl(
-                    ControlOperation::Add,
-                    shared_fd.unwrap_or(-1),
-                    EpollEvent::new(events, TOKEN_SHARED),
-                ) {
+                match self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, TOKEN_SHARED)) {
                     Ok(()) => self.shared_watched = true,
                     Err(e) => {
                         task.report(&format!("epoll_ctl (I/O thread's io_uring): {e}"));
@@ -314,7 +311,7 @@ impl Rings<'_> {
             }
             // The shared io_uring's eventfd is watched once, for every ring on it.
             let added = (base..).zip(task.sources()).enumerate().try_for_each(|(kind, (token, (fd, events)))| {
-                if on_shared && kind == 1 {
+                if on_shared && kind == COMPLETION_KIND {
                     return Ok(());
                 }
                 self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
@@ -344,7 +341,7 @@ impl Rings<'_> {
     /// io_uring's eventfd, which serves the other rings.
     fn forget(&self, task: &dyn RingTask, on_shared: bool) {
         for (kind, (fd, _)) in task.sources().into_iter().enumerate() {
-            if on_shared && kind == 1 {
+            if on_shared && kind == COMPLETION_KIND {
                 continue;
             }
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());

@@ -65,11 +65,9 @@ struct LaneState {
 struct Core {
     engine: UringEngine,
     lanes: Vec<LaneState>,
-    /// Depth of every lane made up front ([`SharedUring::new`]).
-    depth: usize,
     /// Lanes are added as queues come ([`SharedUring::open_ended`]).
     open_ended: bool,
-    /// Operations the lanes in use may have in flight together, and the most the ring takes.
+    /// Operations the lanes taken or retired may have in flight together, and the most the ring takes.
     reserved: usize,
     limit: usize,
 }
@@ -77,7 +75,7 @@ struct Core {
 impl Core {
     /// Reap the ring (see [`IoEngine::reap_ready`]) into the lanes' lists.
     fn reap_into_lanes(&mut self) {
-        let (lanes, reserved, open_ended) = (&mut self.lanes, &mut self.reserved, self.open_ended);
+        let (lanes, reserved) = (&mut self.lanes, &mut self.reserved);
         self.engine.reap_ready(&mut |Completion { token, result }| {
             let lane = usize::try_from(token >> LANE_SHIFT).unwrap_or(usize::MAX);
             let Some(lane) = lanes.get_mut(lane) else {
@@ -89,9 +87,7 @@ impl Core {
                 LaneUse::Taken => lane.ready.push_back(Completion { token: token & ((1 << LANE_SHIFT) - 1), result }),
                 LaneUse::Retired if lane.outstanding == 0 => {
                     lane.state = LaneUse::Free;
-                    if open_ended {
-                        *reserved = reserved.saturating_sub(lane.depth);
-                    }
+                    *reserved = reserved.saturating_sub(lane.depth);
                 }
                 _ => {}
             }
@@ -128,7 +124,6 @@ impl SharedUring {
         let lane = || LaneState { ready: VecDeque::with_capacity(depth), depth, outstanding: 0, state: LaneUse::Free };
         let core = Core {
             lanes: (0..lanes.max(1)).map(|_| lane()).collect(),
-            depth,
             open_ended: false,
             reserved: 0,
             limit: slots as usize,
@@ -144,7 +139,7 @@ impl SharedUring {
         let limit = limit.clamp(1, super::MAX_ENTRIES);
         let mut engine = UringEngine::open_ended(files.max(1), entries, limit, CompletionMode::Deferred)?;
         engine.set_batching(batching);
-        let core = Core { lanes: Vec::new(), depth: 0, open_ended: true, reserved: 0, limit: limit as usize, engine };
+        let core = Core { lanes: Vec::new(), open_ended: true, reserved: 0, limit: limit as usize, engine };
         Ok(SharedUring::with_core(core, 1))
     }
 
@@ -202,7 +197,8 @@ impl SharedUring {
         }
         let lane = core.lanes.iter().position(|l| l.state == LaneUse::Free)?;
         core.lanes[lane].state = LaneUse::Taken;
-        let depth = core.depth;
+        let depth = core.lanes[lane].depth;
+        core.reserved += depth;
         Some(UringLane { ring: self.clone(), lane: lane as u64, file: None, depth, in_flight: 0 })
     }
 
