@@ -207,6 +207,8 @@ pub struct Disk {
     /// The size in sectors now: it starts at `geometry.capacity` and only grows ([`Disk::refresh_size`]); the
     /// queues serving the disk read it for every request ([`BlockQueue::follow_capacity`](crate::BlockQueue)).
     capacity: Arc<AtomicU64>,
+    /// A file on tmpfs (in memory), found when the disk is opened (see [`Disk::in_memory`]).
+    in_memory: bool,
 }
 
 /// What [`Disk::refresh_size`] found.
@@ -294,7 +296,8 @@ impl Disk {
         );
         let buffer_alignment = if direct { direct_io_memory_alignment(&file, kind, &geometry) } else { 1 };
         let capacity = Arc::new(AtomicU64::new(geometry.capacity.0));
-        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity })
+        let in_memory = file_in_memory(&file, kind);
+        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity, in_memory })
     }
 
     /// A disk another process opened (and pinned) with [`Disk::open`] and handed over as a descriptor, with the
@@ -344,7 +347,8 @@ impl Disk {
         }
         let buffer_alignment = if buffer_alignment.is_power_of_two() { buffer_alignment } else { 4096 };
         let capacity = Arc::new(AtomicU64::new(geometry.capacity.0));
-        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity })
+        let in_memory = file_in_memory(&file, kind);
+        Ok(Disk { file, path, kind, geometry, buffer_alignment, capacity, in_memory })
     }
 
     /// The same disk (a duplicate of its descriptor) with discards refused: a guest that was told the disk
@@ -360,7 +364,16 @@ impl Disk {
             buffer_alignment: self.buffer_alignment,
             // The same disk: a resize is seen through both.
             capacity: self.capacity.clone(),
+            in_memory: self.in_memory,
         })
+    }
+
+    /// Whether the disk is a file on tmpfs: its data is in memory, the kernel has no asynchronous path to it
+    /// (io_uring hands every read and write to a worker thread), and no block layer is below it. Engines use it
+    /// to run a request inline when that is cheaper than the hand-over (see `engine::uring`), and to choose
+    /// how to batch ([`Batching::Auto`](crate::engine::Batching::Auto)).
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// The size now, in sectors (what [`Disk::refresh_size`] last found; [`Geometry::capacity`] is the size at
@@ -506,6 +519,20 @@ fn statx_dio_align(file: &File) -> Option<(u32, u32)> {
 
 /// The memory alignment O_DIRECT needs on `file`: statx where the kernel reports it (files on most file systems,
 /// block devices since 6.11), else the device's DMA alignment from sysfs, else the logical block size.
+/// Whether `file` (of `kind`) is a regular file on tmpfs (`fstatfs`; a failure counts as "no").
+fn file_in_memory(file: &File, kind: DiskKind) -> bool {
+    if kind != DiskKind::File {
+        return false;
+    }
+    // SAFETY: an all-zero `statfs` is a valid value of the plain C struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fs` is a live, writable `statfs` for the duration of the call; the descriptor is the disk's own.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return false;
+    }
+    fs.f_type == libc::TMPFS_MAGIC
+}
+
 fn direct_io_memory_alignment(file: &File, kind: DiskKind, geometry: &Geometry) -> usize {
     let reported = statx_dio_align(file).map(|(mem, _)| mem).filter(|mem| *mem > 0);
     let from_sysfs = || match kind {

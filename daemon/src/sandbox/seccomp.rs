@@ -216,6 +216,8 @@ fn process(rules: &mut Rules, unlink: bool) -> anyhow::Result<()> {
         libc::SYS_dup,
         libc::SYS_dup3,
         libc::SYS_fstat,
+        // A disk handed over is looked at once: whether it is a file on tmpfs (`Disk::from_parts`).
+        libc::SYS_fstatfs,
         libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_io_uring_setup,

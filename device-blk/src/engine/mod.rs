@@ -25,10 +25,10 @@
 //! - Completions of flush, discard and write-zeroes carry `Ok(0)`; reads and writes the bytes transferred.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::disk::{Disk, DiskKind};
+use crate::disk::Disk;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fault;
@@ -169,25 +169,11 @@ impl Batching {
     /// What this batching means for `disk` ([`Auto`](Batching::Auto) resolved; the others as they are).
     pub fn for_disk(self, disk: &Disk) -> Batching {
         match self {
-            Batching::Auto if in_memory(disk) => Batching::Whole,
+            Batching::Auto if disk.in_memory() => Batching::Whole,
             Batching::Auto => Batching::Unplugged,
             other => other,
         }
     }
-}
-
-/// Whether `disk` is a file on tmpfs (shared memory).
-fn in_memory(disk: &Disk) -> bool {
-    if disk.kind() != DiskKind::File {
-        return false;
-    }
-    // SAFETY: an all-zero `statfs` is a valid value of the plain C struct.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `fs` is a live, writable `statfs` for the duration of the call; the descriptor is the disk's own.
-    if unsafe { libc::fstatfs(disk.file().as_raw_fd(), &mut fs) } != 0 {
-        return false;
-    }
-    fs.f_type == libc::TMPFS_MAGIC
 }
 
 impl EngineKind {

@@ -8,7 +8,9 @@
 //! the operation's [`OpState`], so a short transfer, a fallback or an `EAGAIN` retry is resubmitted from the slot
 //! when its completion is reaped, without allocating. Block-layer ioctls that io_uring cannot issue
 //! (`BLKSECDISCARD`, and `BLKDISCARD` on kernels without `BLOCK_URING_CMD_DISCARD`) run synchronously on the
-//! calling thread.
+//! calling thread. A small read or write of a file on tmpfs that finds the ring idle runs inline, on the calling
+//! thread (module `inline`: tmpfs has no asynchronous path, and the kernel's worker-thread hand-over costs more
+//! than the copy).
 //!
 //! The ring is created disabled and enabled by the first [`submit`](IoEngine::submit), so that with
 //! `IORING_SETUP_SINGLE_ISSUER` the ring belongs to the thread that submits (the queue's worker), not to the thread
@@ -33,14 +35,16 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::op::{run_blocking, OpState, Progress, Step};
+use super::op::{OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
 use setup::{build_ring, entry_for, fixed_entry_for, FileTable};
 
+mod inline;
 mod restrict;
 mod setup;
 mod shared;
+mod submit;
 
 pub use shared::{SharedUring, UringLane};
 
@@ -116,6 +120,8 @@ pub struct UringEngine {
     fixed: Option<std::ops::Range<usize>>,
     /// Reads and writes issued from the registered buffer.
     fixed_ops: u64,
+    /// Reads and writes run inline (module `inline`).
+    inline_ops: u64,
     /// The kernel has fixed vectored I/O (`READV_FIXED`, `WRITEV_FIXED`).
     fixed_vectored: bool,
     /// The ring carries the engine's allowlist (`IORING_REGISTER_RESTRICTIONS`).
@@ -213,6 +219,7 @@ impl UringEngine {
             deferred: false,
             fixed: None,
             fixed_ops: 0,
+            inline_ops: 0,
             fixed_vectored,
             restricted,
         })
@@ -233,6 +240,17 @@ impl UringEngine {
     /// Reads and writes issued from the registered buffer so far ([`IoEngine::register_buffer`]).
     pub fn fixed_ops(&self) -> u64 {
         self.fixed_ops
+    }
+
+    /// Reads and writes run inline so far: small ones on a disk in memory that found the ring idle (module
+    /// `inline`).
+    pub fn inline_ops(&self) -> u64 {
+        self.inline_ops
+    }
+
+    /// Nothing in flight, queued or unreported.
+    fn idle(&mut self) -> bool {
+        self.free.len() == self.slots.len() && self.finished.is_empty() && self.ring.submission().is_empty()
     }
 
     /// The submission entry for `step` on `file`, from the registered buffer if every buffer of the step lies
@@ -342,7 +360,10 @@ impl UringEngine {
     /// As for [`IoEngine::enqueue`].
     unsafe fn enqueue_on(&mut self, file: u32, op: IoOp<'_>, token: u64) -> Result<(), EngineError> {
         self.sync_files();
-        let Some((kind, discard_cmd)) = self.files.get(file).map(|f| (f.disk.kind(), f.discard_cmd)) else {
+        let idle = self.idle();
+        let Some((kind, discard_cmd, inline, fd)) = self.files.get(file).map(|f| {
+            (f.disk.kind(), f.discard_cmd, inline::runs_inline(&f.disk, &op, idle), f.disk.file().as_raw_fd())
+        }) else {
             return Err(EngineError::Io { what: "io_uring enqueue", cause: std::io::ErrorKind::NotFound.into() });
         };
         let Some(index) = self.free.pop() else {
@@ -353,115 +374,17 @@ impl UringEngine {
             slot.file = file;
         }
         match OpState::start(&op, kind, discard_cmd) {
+            Ok(state) if inline => {
+                self.inline_ops += 1;
+                // SAFETY: the operation's buffers stay valid until it is reaped (the `enqueue` contract), which
+                // is after this call.
+                let result = unsafe { inline::run_to_end(fd, state) };
+                self.finished.push_back((index, result));
+            }
             Ok(state) => self.issue(index, state, false),
             Err(errno) => self.finished.push_back((index, Err(errno))),
         }
         Ok(())
-    }
-
-    /// Issue the next step of the operation in slot `index`: ioctls run here until a step needs the ring, which is
-    /// queued; an operation that finishes on the way is recorded in `finished`.
-    fn issue(&mut self, index: u32, mut state: OpState, mut retry: bool) {
-        let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
-        loop {
-            // SAFETY: the operation's iovecs stay valid until it is reaped (the `enqueue` contract).
-            let step = unsafe { state.step() };
-            if matches!(step, Step::Ioctl { .. }) {
-                let fd = self.files.get(file).map_or(-1, |f| f.disk.file().as_raw_fd());
-                // SAFETY: an ioctl step names no guest memory (a file no longer registered gives EBADF).
-                let result = unsafe { run_blocking(fd, step) };
-                match state.advance(result) {
-                    Progress::Done(result) => return self.finished.push_back((index, result)),
-                    Progress::Continue { retry: again } => {
-                        retry = again;
-                        continue;
-                    }
-                }
-            }
-            let mut entry = self.entry(step, types::Fixed(file)).user_data(u64::from(index));
-            if retry {
-                // Retry after EAGAIN from the kernel's blocking worker context, where it cannot recur for lack of
-                // a non-blocking resource.
-                entry = entry.flags(squeue::Flags::ASYNC);
-            }
-            // SAFETY: the entry names the disk (a registered file) and buffers the `enqueue` contract keeps valid
-            // until this slot's operation is reaped.
-            let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
-            if !pushed {
-                // A ring with more slots than entries (a shared ring): submit what is queued to make room.
-                self.sq_pending = true;
-                if let Err(error) = self.submit_queued() {
-                    tracing::debug!(%error, "io_uring submission to make room failed");
-                }
-                // SAFETY: as above.
-                pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
-            }
-            if !pushed {
-                // The kernel took none of the queued entries: fail this one rather than wait.
-                return self.finished.push_back((index, Err(libc::EBUSY)));
-            }
-            if let Some(slot) = self.slots.get_mut(index as usize) {
-                slot.state = Some(state);
-            }
-            self.sq_pending = true;
-            return;
-        }
-    }
-
-    /// Hand the queued entries to the kernel. What it cannot take now (EAGAIN, EBUSY) stays queued, and the
-    /// completion eventfd is signalled so that the next [`reap`](IoEngine::reap) tries again.
-    fn flush_submissions(&mut self) -> Result<(), EngineError> {
-        if self.deferred {
-            return Ok(());
-        }
-        self.submit_queued()
-    }
-
-    /// [`flush_submissions`](Self::flush_submissions), deferred or not.
-    fn submit_queued(&mut self) -> Result<(), EngineError> {
-        if !self.sq_pending {
-            return Ok(());
-        }
-        if self.disabled {
-            self.ring
-                .submitter()
-                .register_enable_rings()
-                .map_err(|source| EngineError::Io { what: "io_uring enable rings", cause: source })?;
-            self.disabled = false;
-        }
-        let chunk = match self.batching {
-            // (`Auto` is resolved by `set_batching`; left so, on a ring over several disks, it batches whole.)
-            Batching::Whole | Batching::Auto => u32::MAX,
-            Batching::Unplugged => UNPLUGGED_CHUNK,
-        };
-        loop {
-            let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
-            if queued == 0 {
-                break;
-            }
-            // Deferred completions are fetched by the same system call.
-            let flags = if self.task_work_waiting() { ENTER_GETEVENTS } else { 0 };
-            // SAFETY: the queued entries are valid (see `issue`); no argument pointer.
-            match unsafe { self.ring.submitter().enter::<libc::sigset_t>(queued.min(chunk), 0, flags, None) } {
-                Ok(0) => break, // Took nothing: keep the entries queued and try again later.
-                Ok(_) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    tracing::debug!("io_uring submit deferred: {e}");
-                    break;
-                }
-                Err(source) => return Err(EngineError::Io { what: "io_uring_enter", cause: source }),
-            }
-        }
-        self.sq_pending = !self.ring.submission().is_empty();
-        if self.sq_pending {
-            self.signal()?;
-        }
-        Ok(())
-    }
-
-    fn signal(&self) -> Result<(), EngineError> {
-        self.eventfd.write(1).map_err(|source| EngineError::Io { what: "eventfd write", cause: source })
     }
 
     /// Report every operation in `finished` and free its slot.

@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Handing operations to the ring: queueing an operation's next step (running the ioctl steps io_uring cannot
+//! issue on the way) and submitting the queued entries as the engine's batching says.
+
+use std::os::fd::AsRawFd;
+
+use io_uring::{squeue, types};
+
+use super::super::op::{run_blocking, Progress, Step};
+use super::{OpState, UringEngine, DISK_FILE, ENTER_GETEVENTS, UNPLUGGED_CHUNK};
+use crate::engine::{Batching, EngineError};
+
+impl UringEngine {
+    /// Issue the next step of the operation in slot `index`: ioctls run here until a step needs the ring, which is
+    /// queued; an operation that finishes on the way is recorded in `finished`.
+    pub(super) fn issue(&mut self, index: u32, mut state: OpState, mut retry: bool) {
+        let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
+        loop {
+            // SAFETY: the operation's iovecs stay valid until it is reaped (the `enqueue` contract).
+            let step = unsafe { state.step() };
+            if matches!(step, Step::Ioctl { .. }) {
+                let fd = self.files.get(file).map_or(-1, |f| f.disk.file().as_raw_fd());
+                // SAFETY: an ioctl step names no guest memory (a file no longer registered gives EBADF).
+                let result = unsafe { run_blocking(fd, step) };
+                match state.advance(result) {
+                    Progress::Done(result) => return self.finished.push_back((index, result)),
+                    Progress::Continue { retry: again } => {
+                        retry = again;
+                        continue;
+                    }
+                }
+            }
+            let mut entry = self.entry(step, types::Fixed(file)).user_data(u64::from(index));
+            if retry {
+                // Retry after EAGAIN from the kernel's blocking worker context, where it cannot recur for lack of
+                // a non-blocking resource.
+                entry = entry.flags(squeue::Flags::ASYNC);
+            }
+            // SAFETY: the entry names the disk (a registered file) and buffers the `enqueue` contract keeps valid
+            // until this slot's operation is reaped.
+            let mut pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            if !pushed {
+                // A ring with more slots than entries (a shared ring): submit what is queued to make room.
+                self.sq_pending = true;
+                if let Err(error) = self.submit_queued() {
+                    tracing::debug!(%error, "io_uring submission to make room failed");
+                }
+                // SAFETY: as above.
+                pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            }
+            if !pushed {
+                // The kernel took none of the queued entries: fail this one rather than wait.
+                return self.finished.push_back((index, Err(libc::EBUSY)));
+            }
+            if let Some(slot) = self.slots.get_mut(index as usize) {
+                slot.state = Some(state);
+            }
+            self.sq_pending = true;
+            return;
+        }
+    }
+
+    /// Hand the queued entries to the kernel. What it cannot take now (EAGAIN, EBUSY) stays queued, and the
+    /// completion eventfd is signalled so that the next [`reap`](IoEngine::reap) tries again.
+    pub(super) fn flush_submissions(&mut self) -> Result<(), EngineError> {
+        if self.deferred {
+            return Ok(());
+        }
+        self.submit_queued()
+    }
+
+    /// [`flush_submissions`](Self::flush_submissions), deferred or not.
+    pub(super) fn submit_queued(&mut self) -> Result<(), EngineError> {
+        if !self.sq_pending {
+            return Ok(());
+        }
+        if self.disabled {
+            self.ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(|source| EngineError::Io { what: "io_uring enable rings", cause: source })?;
+            self.disabled = false;
+        }
+        let chunk = match self.batching {
+            // (`Auto` is resolved by `set_batching`; left so, on a ring over several disks, it batches whole.)
+            Batching::Whole | Batching::Auto => u32::MAX,
+            Batching::Unplugged => UNPLUGGED_CHUNK,
+        };
+        loop {
+            let queued = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+            if queued == 0 {
+                break;
+            }
+            // Deferred completions are fetched by the same system call.
+            let flags = if self.task_work_waiting() { ENTER_GETEVENTS } else { 0 };
+            // SAFETY: the queued entries are valid (see `issue`); no argument pointer.
+            match unsafe { self.ring.submitter().enter::<libc::sigset_t>(queued.min(chunk), 0, flags, None) } {
+                Ok(0) => break, // Took nothing: keep the entries queued and try again later.
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    tracing::debug!("io_uring submit deferred: {e}");
+                    break;
+                }
+                Err(source) => return Err(EngineError::Io { what: "io_uring_enter", cause: source }),
+            }
+        }
+        self.sq_pending = !self.ring.submission().is_empty();
+        if self.sq_pending {
+            self.signal()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn signal(&self) -> Result<(), EngineError> {
+        self.eventfd.write(1).map_err(|source| EngineError::Io { what: "eventfd write", cause: source })
+    }
+}
