@@ -124,12 +124,37 @@ fn a_lane_of_a_shared_ring_runs_a_lone_transfer_inline() {
     // SAFETY: `buf` and `iov` outlive the operation, which is reaped below.
     unsafe { lane.enqueue(IoOp::Read { offset: 5 * BLOCK as u64, iovecs: &iov }, 7) }.expect("enqueue");
     assert!(lane.has_completions(), "finished within the round, before the ring submitted anything");
+    lane.submit().expect("submit");
     let mut done = Vec::new();
     lane.reap_ready(&mut |c| done.push(c));
     ring.end_round();
     assert_eq!(done.len(), 1);
     assert_eq!((done[0].token, done[0].result), (7, Ok(BLOCK as u64)));
     assert_eq!(buf[..], image[5 * BLOCK..6 * BLOCK]);
+    assert!(
+        !readable(ring.completion_fd()),
+        "reaped within its round, an inline completion costs no eventfd signal (nor a wake-up of the thread)"
+    );
+
+    // Not reaped by the end of the round: the round's end signals it, so the thread does not sleep on it.
+    ring.begin_round();
+    // SAFETY: as above.
+    unsafe { lane.enqueue(IoOp::Read { offset: 6 * BLOCK as u64, iovecs: &iov }, 8) }.expect("enqueue");
+    lane.submit().expect("submit");
+    assert!(!readable(ring.completion_fd()), "not signalled within the round");
+    ring.end_round();
+    assert!(readable(ring.completion_fd()), "an unreaped completion is signalled when the round ends");
+    let mut done = Vec::new();
+    lane.reap(&mut |c| done.push(c));
+    assert_eq!((done.len(), done[0].token, done[0].result), (1, 8, Ok(BLOCK as u64)));
+    assert_eq!(buf[..], image[6 * BLOCK..7 * BLOCK]);
+}
+
+/// Whether `fd` is readable now.
+fn readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
 }
 
 #[test]

@@ -442,7 +442,9 @@ impl IoEngine for UringEngine {
     }
 
     fn submit(&mut self) -> Result<(), EngineError> {
-        if !self.finished.is_empty() {
+        // Within a shared ring's round, operations that finished without the ring are signalled when the round
+        // ends, and only if no lane reaped them by then (`flush`): the thread does not sleep before that.
+        if !self.finished.is_empty() && !self.deferred {
             self.signal()?;
         }
         self.flush_submissions()

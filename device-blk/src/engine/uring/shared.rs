@@ -14,7 +14,8 @@
 //!   beyond), and the ring has a slot for every lane's full depth: a queue never takes another's slots.
 //! - **Rounds.** Between [`SharedUring::begin_round`] and [`SharedUring::end_round`], a lane's
 //!   [`submit`](IoEngine::submit) leaves its entries queued, and `end_round` submits the whole round's at once.
-//!   Outside rounds a lane submits at once, as an engine of its own would.
+//!   Operations that finished without the ring (inline, or refused) are likewise signalled on the eventfd only at
+//!   `end_round`, and only if no lane reaped them by then. Outside rounds a lane submits at once, as an engine of its own would.
 //! - **Completion eventfd.** The lanes share the ring's eventfd: the thread watches it once. Whichever lane reaps
 //!   sorts every lane's completions, so after a lane reaped the others must be looked at
 //!   ([`has_completions`](IoEngine::has_completions) tells, with no system call) before the thread sleeps: the
