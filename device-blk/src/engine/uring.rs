@@ -8,9 +8,9 @@
 //! the operation's [`OpState`], so a short transfer, a fallback or an `EAGAIN` retry is resubmitted from the slot
 //! when its completion is reaped, without allocating. Block-layer ioctls that io_uring cannot issue
 //! (`BLKSECDISCARD`, and `BLKDISCARD` on kernels without `BLOCK_URING_CMD_DISCARD`) run synchronously on the
-//! calling thread. A small read or write of a file on tmpfs that finds the ring idle runs inline, on the calling
-//! thread (module `inline`: tmpfs has no asynchronous path, and the kernel's worker-thread hand-over costs more
-//! than the copy).
+//! calling thread. A small read of a file on tmpfs, or a small write that finds the ring idle, runs inline on the
+//! calling thread (module `inline`: tmpfs has no asynchronous path, and the kernel's worker-thread hand-over costs
+//! more than the copy).
 //!
 //! The ring is created disabled and enabled by the first [`submit`](IoEngine::submit), so that with
 //! `IORING_SETUP_SINGLE_ISSUER` the ring belongs to the thread that submits (the queue's worker), not to the thread
@@ -242,8 +242,8 @@ impl UringEngine {
         self.fixed_ops
     }
 
-    /// Reads and writes run inline so far: small ones on a disk in memory that found the ring idle (module
-    /// `inline`).
+    /// Reads and writes run inline so far: small ones on a disk in memory (writes only when they found the ring
+    /// idle; module `inline`).
     pub fn inline_ops(&self) -> u64 {
         self.inline_ops
     }

@@ -1,16 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Operations run inline: a small read or write of a disk in memory (a file on tmpfs) that finds the ring idle
-//! runs at once on the calling thread, with `preadv`/`pwritev`, instead of going through the ring.
+//! Operations run inline: a small read of a disk in memory (a file on tmpfs), or a small write that finds the ring
+//! idle, runs at once on the calling thread with `preadv`/`pwritev` instead of going through the ring.
 //!
 //! tmpfs has no asynchronous path: io_uring cannot read or write it without blocking, so it hands every such
 //! operation to one of its worker threads (io-wq), and the completion comes back to the ring's thread as task
-//! work. For a request alone on the ring (a guest at queue depth 1) that is two thread hand-overs and a wake-up of
-//! the ring's thread for a copy of a few KiB; run inline it is the copy. Measured with the vhost-user bench on
-//! `/dev/shm` (`docs/performance.md`): the synchronous engine answered 4 KiB reads at QD1 in 14.8 µs p50 where
-//! io_uring took 36.9 µs, but at QD32 io_uring's workers copy on other CPUs in parallel (writes: 1.2–1.4× the
-//! IOPS). So only an operation that finds nothing else in flight or queued runs inline; once requests overlap they
-//! go through the ring as before. The size bound keeps the time an inline copy holds the thread (and the other
-//! queues it serves) short.
+//! work: two thread hand-overs and a wake-up of the ring's thread for a copy of a few KiB. Run inline it is the
+//! copy. Measured with the vhost-user bench on `/dev/shm` (2 CPUs, `docs/performance.md`):
+//! - reads: the synchronous engine beat io_uring at QD1 (14.8 against 36.9 µs p50) and at QD32 too (1.1–1.2×
+//!   the IOPS with 1 and 4 queues, for less CPU). A read of tmpfs is a copy out of the page cache (a hole reads
+//!   the zero page), so every small read runs inline;
+//! - writes may allocate pages (and reclaim to get them), and at QD32 io-wq's parallel workers wrote more (1.2–1.4×
+//!   the IOPS in two runs of three): a write runs inline only when it finds nothing else in flight or queued (a
+//!   guest at queue depth 1), else it goes through the ring as before.
+//!
+//! The size bound keeps the time one inline copy holds the thread (and the other queues it serves) short; a round
+//! takes at most a ring's worth of requests from a queue, so the time inline copies can take per round is bounded
+//! too.
 
 use std::os::fd::RawFd;
 
@@ -23,10 +28,14 @@ pub(super) const INLINE_MAX_BYTES: usize = 64 * 1024;
 
 /// Whether `op` on `disk` runs inline, on a ring that is `idle` (no operation in flight or queued).
 pub(super) fn runs_inline(disk: &Disk, op: &IoOp<'_>, idle: bool) -> bool {
-    if !idle || !disk.in_memory() {
+    if !disk.in_memory() {
         return false;
     }
-    let (IoOp::Read { iovecs, .. } | IoOp::Write { iovecs, .. }) = op else { return false };
+    let iovecs = match op {
+        IoOp::Read { iovecs, .. } => iovecs,
+        IoOp::Write { iovecs, .. } if idle => iovecs,
+        _ => return false,
+    };
     let mut bytes = 0usize;
     iovecs.iter().all(|v| {
         bytes = bytes.saturating_add(v.iov_len);
