@@ -160,8 +160,9 @@ pub enum Batching {
     Unplugged,
     /// [`Unplugged`](Batching::Unplugged) where requests reach a block layer (a block device, or a file on a file
     /// system over one), [`Whole`](Batching::Whole) for a file on tmpfs (in memory): there is no block layer
-    /// to plug, every read goes through io_uring's worker threads (the file cannot be read without blocking), and
-    /// one system call hands the batch over at once (`docs/performance.md`, tmpfs rows: more IOPS for less CPU).
+    /// to plug, what the ring carries there goes to io_uring's worker threads (the file cannot be read or written
+    /// without blocking; small reads do not reach the ring at all, see [`Disk::in_memory`]), and one system call
+    /// hands the batch over at once (`docs/performance.md`, tmpfs rows: more IOPS for less CPU).
     Auto,
 }
 
