@@ -105,14 +105,17 @@ impl<C> BlockQueue<C> {
     /// A queue for a disk of `geometry`, answering GET_ID with `serial`, doing I/O through `engine`.
     pub fn new(geometry: Geometry, serial: [u8; ID_BYTES], engine: Box<dyn IoEngine>) -> Self {
         let depth = engine.capacity();
+        // A slot's buffers get their room with its first request and keep it (nothing is allocated per request once
+        // warm): a queue whose transport never fills it does not pay for the slots it never uses.
+        let now = Instant::now();
         let slots = (0..depth)
             .map(|_| Slot {
                 cookie: None,
-                iovecs: Vec::with_capacity(16),
-                reads: Vec::with_capacity(16),
+                iovecs: Vec::new(),
+                reads: Vec::new(),
                 expected: 0,
                 kind: RequestKind::Flush,
-                started: Instant::now(),
+                started: now,
             })
             .collect();
         let free = (0..u32::try_from(depth).unwrap_or(u32::MAX)).rev().collect();

@@ -85,6 +85,73 @@ impl<M> Slot<M> {
     }
 }
 
+/// A queue's in-flight slots, indexed by the engine cookie. A slot is made the first time every slot made so far is
+/// in use, at most `depth` of them, and kept: a queue's memory follows the depth its frontend actually uses (a data
+/// plane that serves a few requests builds a few slots, not one per ring entry), and once warm nothing is
+/// allocated per request.
+#[derive(Debug)]
+pub(crate) struct Slots<M> {
+    slots: Vec<Slot<M>>,
+    /// The slots made and not in use (the one freed last is taken first).
+    free: Vec<u32>,
+    depth: usize,
+    /// The segments a slot has room for.
+    max_segments: usize,
+}
+
+impl<M> Slots<M> {
+    /// Room for `depth` slots of `max_segments` segments each; none made yet.
+    pub fn new(depth: usize, max_segments: usize) -> Self {
+        Slots { slots: Vec::with_capacity(depth), free: Vec::with_capacity(depth), depth, max_segments }
+    }
+
+    /// Slots in use.
+    pub fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Slots made so far.
+    pub fn made(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether [`take`](Self::take) would give a slot.
+    pub fn available(&self) -> bool {
+        !self.free.is_empty() || self.slots.len() < self.depth
+    }
+
+    /// A slot for a request: a free one, else a new one while fewer than `depth` exist.
+    pub fn take(&mut self) -> Option<u32> {
+        if let Some(idx) = self.free.pop() {
+            return Some(idx);
+        }
+        if self.slots.len() >= self.depth {
+            return None;
+        }
+        let idx = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push(Slot::new(self.max_segments));
+        Some(idx)
+    }
+
+    /// Give slot `idx` back.
+    pub fn free(&mut self, idx: u32) {
+        self.free.push(idx);
+    }
+}
+
+impl<M> std::ops::Index<u32> for Slots<M> {
+    type Output = Slot<M>;
+    fn index(&self, idx: u32) -> &Slot<M> {
+        &self.slots[idx as usize]
+    }
+}
+
+impl<M> std::ops::IndexMut<u32> for Slots<M> {
+    fn index_mut(&mut self, idx: u32) -> &mut Slot<M> {
+        &mut self.slots[idx as usize]
+    }
+}
+
 /// A `device-blk` status as a blkif response status.
 pub(crate) fn blkif_status(status: Status) -> i16 {
     match status {
