@@ -67,10 +67,13 @@ pub struct SegmentMapper<G: GrantTable> {
     mode: GrantMode,
     persistent: Option<PersistentGrants<G::Mapping>>,
     pool: Option<BouncePool>,
-    /// Per segment of the request being bound: host address of its page and whether it is writable.
+    /// Per segment of the request being bound: host address of its page and whether it is writable (persistent
+    /// grants; room for the most segments made with the first such request).
     ptrs: Vec<(usize, bool)>,
     misses: Vec<GrantRef>,
     ops: Vec<GrantCopyOp>,
+    /// The descriptor pages of an indirect request, copied (made with the queue's first indirect request, and
+    /// kept: a queue that sees none does not pay for them).
     indirect: Vec<u8>,
 }
 
@@ -104,10 +107,10 @@ impl<G: GrantTable> SegmentMapper<G> {
             mode,
             persistent,
             pool,
-            ptrs: Vec::with_capacity(crate::connect::MAX_INDIRECT_SEGMENTS as usize),
+            ptrs: Vec::new(),
             misses: Vec::new(),
             ops: Vec::new(),
-            indirect: vec![0; MAX_INDIRECT_PAGES * XEN_PAGE_SIZE],
+            indirect: Vec::new(),
         }
     }
 
@@ -138,6 +141,9 @@ impl<G: GrantTable> SegmentMapper<G> {
         let Some(ind) = req.indirect else {
             return Ok(());
         };
+        if self.indirect.is_empty() {
+            self.indirect = vec![0; MAX_INDIRECT_PAGES * XEN_PAGE_SIZE];
+        }
         let pages = ind.pages.min(MAX_INDIRECT_PAGES);
         let grefs = &ind.grefs[..pages];
         let mode = self.mode;
@@ -251,6 +257,9 @@ impl<G: GrantTable> SegmentMapper<G> {
         let Some(cache) = self.persistent.as_mut() else {
             return Err(BindError::Fault(RequestFault::Grants("no persistent grant cache".into())));
         };
+        if self.ptrs.capacity() == 0 {
+            self.ptrs.reserve_exact(crate::connect::MAX_INDIRECT_SEGMENTS as usize);
+        }
         self.ptrs.clear();
         self.misses.clear();
         for s in &req.segments {
