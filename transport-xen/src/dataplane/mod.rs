@@ -408,7 +408,11 @@ impl Dataplane {
             Some(wrapper) => wrapper.wrap(io),
             None => io,
         };
-        let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io).follow_capacity(disk.capacity_handle());
+        let queue = match seat.as_ref().filter(|_| options.stats.is_none()).and_then(pool::Seat::unreported_stats) {
+            Some(stats) => BlockQueue::with_stats(*disk.geometry(), [0; ID_BYTES], io, stats),
+            None => BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io),
+        }
+        .follow_capacity(disk.capacity_handle());
         if let Some(registry) = &options.stats {
             let labels =
                 vec![("transport", "xen".to_string()), ("domid", domid.to_string()), ("queue", index.to_string())];
