@@ -30,10 +30,14 @@ pub(crate) struct Slot<M> {
 }
 
 impl<M> Slot<M> {
+    /// A slot with room for `max_segments` segments (the most a request of its queue may carry: 11 without
+    /// indirect segments, not `device-blk`'s maximum).
     pub fn new(max_segments: usize) -> Self {
+        let mut dev = Request::default();
+        dev.segments.reserve_exact(max_segments);
         Slot {
             req: BlkifRequest::default(),
-            dev: Request::with_capacity(),
+            dev,
             pages: RequestPages::new(max_segments),
             phases: [Phase::Data; 2],
             count: 0,
