@@ -60,6 +60,8 @@ pub struct GrantHost {
     domains: Mutex<HashMap<DomId, DomainGrants>>,
     live_mappings: AtomicUsize,
     map_calls: AtomicU64,
+    /// `mmap` system calls made by map calls (a reservation and one per run of consecutive pages).
+    mmaps: AtomicU64,
     copy_calls: AtomicU64,
     copy_ops: AtomicU64,
 }
@@ -155,6 +157,11 @@ impl GrantHost {
         self.map_calls.load(Ordering::SeqCst)
     }
 
+    /// `mmap` system calls made by map calls so far.
+    pub fn mmaps(&self) -> u64 {
+        self.mmaps.load(Ordering::SeqCst)
+    }
+
     /// `GrantTable::copy` calls (batches) so far.
     pub fn copy_calls(&self) -> u64 {
         self.copy_calls.load(Ordering::SeqCst)
@@ -230,7 +237,9 @@ fn map_scattered(
     refs: &[GrantRef],
     len: usize,
     prot: libc::c_int,
+    mmaps: &AtomicU64,
 ) -> Result<*mut libc::c_void, XenError> {
+    mmaps.fetch_add(1, Ordering::SeqCst);
     // SAFETY: a fresh anonymous PROT_NONE reservation; no existing memory is affected.
     let base = unsafe {
         libc::mmap(
@@ -263,6 +272,7 @@ fn map_scattered(
                 offset,
             )
         };
+        mmaps.fetch_add(1, Ordering::SeqCst);
         if p == libc::MAP_FAILED {
             let e = std::io::Error::last_os_error();
             // SAFETY: unmapping the region reserved above, which nothing else refers to.
@@ -312,12 +322,13 @@ impl GrantTable for EmulatedGrantTable {
             // (checked when they were granted); no existing memory is affected.
             let p =
                 unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, dom.memfd.as_raw_fd(), offset) };
+            self.host.mmaps.fetch_add(1, Ordering::SeqCst);
             if p == libc::MAP_FAILED {
                 return Err(XenError::os("gntdev: map guest pages", &std::io::Error::last_os_error()));
             }
             p
         } else {
-            map_scattered(dom, refs, len, prot)?
+            map_scattered(dom, refs, len, prot, &self.host.mmaps)?
         };
         for r in refs {
             if let Some(e) = dom.entries.get_mut(r) {
