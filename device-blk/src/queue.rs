@@ -29,6 +29,9 @@ pub struct Finished<C> {
     pub error: Option<RequestError>,
 }
 
+/// The iovecs (and logged read segments) a slot has room for from its first request on.
+const SLOT_ROOM: usize = 16;
+
 #[derive(Debug)]
 struct Slot<C> {
     cookie: Option<C>,
@@ -116,8 +119,8 @@ impl<C> BlockQueue<C> {
         stats: Arc<QueueStats>,
     ) -> Self {
         let depth = engine.capacity();
-        // A slot's buffers get their room with its first request and keep it (nothing is allocated per request once
-        // warm): a queue whose transport never fills it does not pay for the slots it never uses.
+        // A slot's buffers get their room with its first request (`SLOT_ROOM`) and keep it, so nothing is allocated
+        // per request once warm, and a queue pays only for the depth its transport uses. One clock read for all.
         let now = Instant::now();
         let slots = (0..depth)
             .map(|_| Slot {
@@ -243,6 +246,13 @@ impl<C> BlockQueue<C> {
         let slot = &mut self.slots[slot_index];
         slot.iovecs.clear();
         slot.reads.clear();
+        if slot.iovecs.capacity() == 0 {
+            // The slot's first request (whatever its kind: the slot serves any kind later).
+            slot.iovecs.reserve(SLOT_ROOM);
+            if self.log_reads {
+                slot.reads.reserve(SLOT_ROOM);
+            }
+        }
         if self.log_reads && request.kind == RequestKind::Read {
             // Copied, not allocated once warm: the slot's vector keeps its capacity.
             slot.reads.extend_from_slice(&request.segments);
