@@ -35,7 +35,7 @@ mod pool;
 mod slot;
 mod worker;
 
-pub use pool::{IoThreads, MAX_IO_THREADS};
+pub use pool::{IoThreads, MAX_IO_THREADS, MAX_SPARE_SLOTS};
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -447,6 +447,7 @@ impl Dataplane {
             stats: stats.clone(),
             init: options.worker_init.clone(),
             thread_ring,
+            spares: seat.as_ref().and_then(pool::Seat::spare_slots),
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);

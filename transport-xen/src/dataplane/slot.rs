@@ -2,10 +2,12 @@
 //! One in-flight request of a queue: the decoded blkif request, its `device-blk` form, the pages it holds, and
 //! the steps (phases) it still has to run.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use device_blk::{Request, RequestKind, Sector, Status};
 
 use crate::blkif::{BlkifOp, BlkifRequest, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY};
-use crate::grant_memory::{segment_address, RequestPages};
+use crate::grant_memory::{segment_address, GrantMemory, RequestPages};
 
 /// One step of a request on the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,25 @@ impl<M> Slot<M> {
             req: BlkifRequest::default(),
             dev,
             pages: RequestPages::new(max_segments),
+            phases: [Phase::Data; 2],
+            count: 0,
+            next: 0,
+            barrier: false,
+        }
+    }
+
+    /// A slot on the buffers of a slot whose queue is gone, with room for `max_segments` segments.
+    fn reuse(spare: SpareSlot, max_segments: usize) -> Self {
+        let SpareSlot { mut req, mut dev, mut memory } = spare;
+        req.segments.clear();
+        dev.segments.clear();
+        dev.segments.reserve_exact(max_segments);
+        memory.clear();
+        memory.reserve(max_segments);
+        Slot {
+            req,
+            dev,
+            pages: RequestPages::with_memory(memory),
             phases: [Phase::Data; 2],
             count: 0,
             next: 0,
@@ -89,6 +110,54 @@ impl<M> Slot<M> {
     }
 }
 
+/// The buffers of a slot whose queue is gone (its request, device request and page table), for a later queue of
+/// the same I/O thread.
+#[derive(Debug)]
+pub(crate) struct SpareSlot {
+    req: BlkifRequest,
+    dev: Request,
+    memory: GrantMemory,
+}
+
+/// The spare slots an I/O thread keeps for its next queues ([`IoThreads::with_spare_slots`](super::IoThreads)),
+/// at most `limit`: a queue that starts takes its slots from here before it makes new ones, and gives them back
+/// when it goes.
+#[derive(Debug)]
+pub(crate) struct SpareSlots {
+    limit: usize,
+    spares: Mutex<Vec<SpareSlot>>,
+}
+
+impl SpareSlots {
+    /// Room for `limit` spare slots (none kept yet).
+    pub fn new(limit: usize) -> Self {
+        SpareSlots { limit, spares: Mutex::new(Vec::new()) }
+    }
+
+    /// Spare slots kept now.
+    pub fn len(&self) -> usize {
+        self.spares.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    fn take(&self) -> Option<SpareSlot> {
+        self.spares.lock().unwrap_or_else(PoisonError::into_inner).pop()
+    }
+
+    /// Keep the buffers of `slots` (released, nothing in flight) up to the limit; the rest are freed.
+    fn keep<M>(&self, slots: &mut Vec<Slot<M>>) {
+        let mut spares = self.spares.lock().unwrap_or_else(PoisonError::into_inner);
+        while spares.len() < self.limit {
+            let Some(slot) = slots.pop() else { break };
+            if !slot.pages.is_empty() {
+                // Still holds grants (a worker that died with requests in flight): not kept.
+                continue;
+            }
+            let Slot { req, dev, pages, .. } = slot;
+            spares.push(SpareSlot { req, dev, memory: pages.memory });
+        }
+    }
+}
+
 /// A queue's in-flight slots, indexed by the engine cookie. A slot is made the first time every slot made so far is
 /// in use, at most `depth` of them, and kept: a queue's memory follows the depth its frontend actually uses (a data
 /// plane that serves a few requests builds a few slots, not one per ring entry), and once warm nothing is
@@ -101,12 +170,14 @@ pub(crate) struct Slots<M> {
     depth: usize,
     /// The segments a slot has room for.
     max_segments: usize,
+    /// Where slots are taken from before new ones are made, and go when the queue does.
+    spares: Option<Arc<SpareSlots>>,
 }
 
 impl<M> Slots<M> {
     /// Room for `depth` slots of `max_segments` segments each; none made yet.
-    pub fn new(depth: usize, max_segments: usize) -> Self {
-        Slots { slots: Vec::with_capacity(depth), free: Vec::with_capacity(depth), depth, max_segments }
+    pub fn new(depth: usize, max_segments: usize, spares: Option<Arc<SpareSlots>>) -> Self {
+        Slots { slots: Vec::with_capacity(depth), free: Vec::with_capacity(depth), depth, max_segments, spares }
     }
 
     /// Slots in use.
@@ -133,13 +204,25 @@ impl<M> Slots<M> {
             return None;
         }
         let idx = u32::try_from(self.slots.len()).ok()?;
-        self.slots.push(Slot::new(self.max_segments));
+        let slot = match self.spares.as_ref().and_then(|s| s.take()) {
+            Some(spare) => Slot::reuse(spare, self.max_segments),
+            None => Slot::new(self.max_segments),
+        };
+        self.slots.push(slot);
         Some(idx)
     }
 
     /// Give slot `idx` back.
     pub fn free(&mut self, idx: u32) {
         self.free.push(idx);
+    }
+}
+
+impl<M> Drop for Slots<M> {
+    fn drop(&mut self) {
+        if let Some(spares) = self.spares.take() {
+            spares.keep(&mut self.slots);
+        }
     }
 }
 

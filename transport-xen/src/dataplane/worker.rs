@@ -73,6 +73,8 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     /// The pool thread's io_uring, when the queue's engine is a lane of it: its rounds span a pass over the
     /// thread's rings, and a polling period submits at once (see `Worker::round`).
     pub thread_ring: Option<SharedUring>,
+    /// The pool thread's spare slots, which the queue's slots come from and go back to.
+    pub spares: Option<Arc<super::slot::SpareSlots>>,
 }
 
 /// What starting a request did.
@@ -184,7 +186,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
         let w = Worker {
             index: setup.index,
-            slots: Slots::new(setup.config.depth, max_segments),
+            slots: Slots::new(setup.config.depth, max_segments, setup.spares),
             mapper,
             queue: setup.queue,
             ring: setup.ring,

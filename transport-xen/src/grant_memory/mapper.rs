@@ -50,6 +50,12 @@ impl<M> RequestPages<M> {
         }
     }
 
+    /// Empty, over `memory` (cleared; e.g. the page table of a slot whose queue is gone).
+    pub(crate) fn with_memory(mut memory: GrantMemory) -> Self {
+        memory.clear();
+        RequestPages { memory, mapping: None, held: Vec::new(), bounce: Vec::new(), copy_back: false }
+    }
+
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.mapping.is_none() && self.held.is_empty() && self.bounce.is_empty()

@@ -112,6 +112,11 @@ impl GrantMemory {
         GrantMemory { regions: Vec::with_capacity(pages), next: 0 }
     }
 
+    /// Room for at least `pages` regions.
+    pub fn reserve(&mut self, pages: usize) {
+        self.regions.reserve(pages.saturating_sub(self.regions.len()));
+    }
+
     /// Forget every region (keeping the allocation).
     pub fn clear(&mut self) {
         self.regions.clear();
