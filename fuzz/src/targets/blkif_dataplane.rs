@@ -165,7 +165,8 @@ fn fixture() -> Fixture {
         opener,
         scratch: Some(Scratch::default()),
         evtchn,
-        io_thread: IoThreads::new(1),
+        // Keeps the slots of an input's data plane for the next input's (at most 64 in flight per input).
+        io_thread: IoThreads::with_spare_slots(1, 64),
     }
 }
 
