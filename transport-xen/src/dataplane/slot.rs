@@ -247,3 +247,27 @@ pub(crate) fn blkif_status(status: Status) -> i16 {
         Status::Unsupported => RSP_EOPNOTSUPP,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_has_room_for_its_queues_largest_request_only() {
+        let direct = Slot::<()>::new(11);
+        assert!((11..256).contains(&direct.dev.segments.capacity()), "{}", direct.dev.segments.capacity());
+        let indirect = Slot::<()>::new(256);
+        assert!(indirect.dev.segments.capacity() >= 256);
+        // A spare of a direct queue grows to an indirect queue's size when reused there.
+        let spares = Arc::new(SpareSlots::new(4));
+        let mut slots = Slots::<()>::new(2, 11, Some(spares.clone()));
+        assert_eq!(slots.take(), Some(0));
+        slots.free(0);
+        drop(slots);
+        assert_eq!(spares.len(), 1);
+        let mut slots = Slots::<()>::new(2, 256, Some(spares.clone()));
+        assert_eq!((slots.take(), spares.len()), (Some(0), 0));
+        assert!(slots[0].dev.segments.capacity() >= 256 && slots[0].pages.memory.capacity() >= 256);
+        assert_eq!((slots.take(), slots.take(), slots.in_use()), (Some(1), None, 2));
+    }
+}
