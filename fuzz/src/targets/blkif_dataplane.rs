@@ -33,10 +33,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use device_blk::disk::DirectIo;
-use device_blk::{Disk, DiskOptions, EngineKind, Status};
+use device_blk::{Disk, DiskOptions, EngineKind};
 use transport_xen::blkif::FrontRing;
 use transport_xen::blkif::{
-    encode, BlkifLayout, BlkifOp, BlkifRequest, BlkifResponse, BlkifSegment, RawRequest, OP_DISCARD, OP_INDIRECT,
+    encode, BlkifLayout, BlkifRequest, BlkifResponse, BlkifSegment, RawRequest, OP_DISCARD, OP_INDIRECT,
     RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY, SEGMENTS_PER_INDIRECT_PAGE, X86_32, X86_64,
 };
 use transport_xen::connect::QueueRing;
@@ -45,11 +45,15 @@ use transport_xen::dataplane::{Dataplane, DataplaneOptions, IoThreads, QueueStat
 use transport_xen::emulated::evtchn::{EmulatedEventChannel, EmulatedEvtchnOpener};
 use transport_xen::emulated::grants::EmulatedGrantTable;
 use transport_xen::emulated::{EmulatedHost, GuestDomain};
-use transport_xen::grant_memory::{segment_address, GrantMode};
+use transport_xen::grant_memory::GrantMode;
 use transport_xen::services::{EventChannel, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
 use vm_memory::Bytes;
 
 use crate::input::{Reader, Writer};
+
+mod model;
+
+use model::expected;
 
 const DOMID: u16 = 7;
 const DISK_BYTES: u64 = 1 << 20;
@@ -165,7 +169,8 @@ fn fixture() -> Fixture {
         opener,
         scratch: Some(Scratch::default()),
         evtchn,
-        io_thread: IoThreads::new(1),
+        // Keeps the slots of an input's data plane for the next input's (at most 64 in flight per input).
+        io_thread: IoThreads::with_spare_slots(1, 64),
     }
 }
 
@@ -357,97 +362,6 @@ fn decode<L: BlkifLayout>(f: &Fixture, r: &mut Reader<'_>, s: &mut Scratch) -> P
         requests.push(raw);
     }
     Plan { flags, forged, in_flight }
-}
-
-/// The operation a response must echo (the decoder's choice: for indirect requests, the indirect operation)
-/// and the status the model expects (`None`: either outcome is right).
-/// (`s`: the input's indirect pages, and scratch for the model.)
-fn expected<L: BlkifLayout>(
-    f: &Fixture,
-    plan: &Plan,
-    raw: &RawRequest,
-    geometry: &device_blk::Geometry,
-    s: &mut Scratch,
-) -> (u8, Option<i16>) {
-    let max_indirect = if plan.flags & 0x20 != 0 { MAX_INDIRECT_SEGMENTS as usize } else { 0 };
-    let status = status::<L>(f, plan, raw, geometry, max_indirect, s);
-    (s.req.operation, status)
-}
-
-/// (Every field of `s.req` the model reads is set by `decode`, and `s.dev` by `reset`: nothing of the request
-/// before leaks in.)
-fn status<L: BlkifLayout>(
-    f: &Fixture,
-    plan: &Plan,
-    raw: &RawRequest,
-    geometry: &device_blk::Geometry,
-    max_indirect: usize,
-    s: &mut Scratch,
-) -> Option<i16> {
-    let persistent = plan.flags & 0x08 != 0;
-    let req = &mut s.req;
-    if let Err(fault) = req.decode::<L>(raw, max_indirect) {
-        return Some(fault.status());
-    }
-    if let Some(ind) = req.indirect {
-        let copy = &mut s.copy;
-        copy.clear();
-        for &g in &ind.grefs[..ind.pages] {
-            if g == f.ind[0].1 || g == f.ind[1].1 {
-                let k = usize::from(g != f.ind[0].1);
-                copy.extend_from_slice(&s.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
-            } else if g == f.ro[0].1 || g == f.ro[1].1 {
-                copy.extend_from_slice(&f.ro_pattern);
-            } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
-                // Another ring's page (zeroed for this input, but its earlier requests may have read into it).
-                return None;
-            } else {
-                return Some(RSP_ERROR);
-            }
-        }
-        if req.set_indirect_segments(copy).is_err() {
-            return Some(RSP_ERROR);
-        }
-    }
-    if req.op == (BlkifOp::Discard { secure: true }) && plan.flags & 0x40 == 0 {
-        return Some(RSP_EOPNOTSUPP);
-    }
-    let has_data = !req.segments.is_empty();
-    let kind = match req.op {
-        BlkifOp::Read => device_blk::RequestKind::Read,
-        BlkifOp::Discard { secure } => device_blk::RequestKind::Discard { secure },
-        _ => device_blk::RequestKind::Write,
-    };
-    let dev = &mut s.dev;
-    dev.reset(kind, device_blk::Sector(req.sector));
-    dev.discard_sectors = req.nr_sectors;
-    dev.segments.extend(req.segments.iter().enumerate().map(|(i, s)| segment_address(i, s)));
-    let data_phase = has_data || matches!(req.op, BlkifOp::Read | BlkifOp::Write | BlkifOp::Discard { .. });
-    if data_phase {
-        if let Err(e) = dev.validate(geometry) {
-            return Some(match e.status() {
-                Status::Ok => RSP_OKAY,
-                Status::IoError => RSP_ERROR,
-                Status::Unsupported => RSP_EOPNOTSUPP,
-            });
-        }
-    }
-    let to_guest = req.op == BlkifOp::Read;
-    let mut unsure = false;
-    for s in &req.segments {
-        match page_of(f, s.gref) {
-            None => return Some(RSP_ERROR),
-            Some((_, false)) if to_guest => return Some(RSP_ERROR),
-            // Persistent grants are mapped writable while the cache has room.
-            Some((_, false)) if persistent && plan.flags & 0x10 == 0 => unsure = true,
-            Some(_) => {}
-        }
-    }
-    if unsure {
-        None
-    } else {
-        Some(RSP_OKAY)
-    }
 }
 
 fn run_abi<L: BlkifLayout>(f: &mut Fixture, r: &mut Reader<'_>) {

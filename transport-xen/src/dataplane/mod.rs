@@ -35,7 +35,7 @@ mod pool;
 mod slot;
 mod worker;
 
-pub use pool::{IoThreads, MAX_IO_THREADS};
+pub use pool::{IoThreads, MAX_IO_THREADS, MAX_SPARE_SLOTS};
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -408,7 +408,11 @@ impl Dataplane {
             Some(wrapper) => wrapper.wrap(io),
             None => io,
         };
-        let queue = BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io).follow_capacity(disk.capacity_handle());
+        let queue = match seat.as_ref().filter(|_| options.stats.is_none()).and_then(pool::Seat::unreported_stats) {
+            Some(stats) => BlockQueue::with_stats(*disk.geometry(), [0; ID_BYTES], io, stats),
+            None => BlockQueue::new(*disk.geometry(), [0; ID_BYTES], io),
+        }
+        .follow_capacity(disk.capacity_handle());
         if let Some(registry) = &options.stats {
             let labels =
                 vec![("transport", "xen".to_string()), ("domid", domid.to_string()), ("queue", index.to_string())];
@@ -443,6 +447,7 @@ impl Dataplane {
             stats: stats.clone(),
             init: options.worker_init.clone(),
             thread_ring,
+            spares: seat.as_ref().and_then(pool::Seat::spare_slots),
         };
         // The worker logs inside the caller's span (the vbd) with its queue number.
         let span = tracing::info_span!("queue", queue = index);

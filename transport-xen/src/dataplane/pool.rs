@@ -33,13 +33,17 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use device_blk::engine::{Batching, EngineError, SharedUring, UringLane};
+use device_blk::stats::QueueStats;
 use device_blk::Disk;
 
+use super::slot::SpareSlots;
 use super::worker::{RingTask, SOURCES};
 use super::WorkerInit;
 
 /// The most threads a pool may have.
 pub const MAX_IO_THREADS: usize = 64;
+/// The most spare slots a pool thread keeps ([`IoThreads::with_spare_slots`]).
+pub const MAX_SPARE_SLOTS: usize = 1024;
 
 /// The token of a thread's wake-up eventfd (a ring's sources use `slot * STRIDE + kind`).
 const TOKEN_NEW: u64 = u64::MAX;
@@ -75,6 +79,8 @@ pub struct IoThreads(Arc<Pool>);
 
 struct Pool {
     count: usize,
+    /// Spare slots each thread keeps ([`IoThreads::with_spare_slots`]).
+    spare_slots: usize,
     threads: Mutex<Vec<Arc<Inbox>>>,
 }
 
@@ -93,6 +99,11 @@ struct Inbox {
     released: Condvar,
     /// The io_uring the thread's rings share, made with the first lane (`None`: io_uring is not available).
     ring: OnceLock<Option<SharedUring>>,
+    /// The `device-blk` counters of the thread's queues that nobody reports (a data plane started without a stats
+    /// registry): one set for all of them, made once, instead of 40 KiB of histograms made and zeroed per queue.
+    unreported: OnceLock<Arc<QueueStats>>,
+    /// The slots of the thread's stopped queues kept for its next ones (`None`: none kept).
+    spares: Option<Arc<SpareSlots>>,
 }
 
 impl Inbox {
@@ -110,7 +121,26 @@ impl std::fmt::Debug for IoThreads {
 impl IoThreads {
     /// A pool of `count` threads (1..=[`MAX_IO_THREADS`]; other values are clamped).
     pub fn new(count: usize) -> IoThreads {
-        IoThreads(Arc::new(Pool { count: count.clamp(1, MAX_IO_THREADS), threads: Mutex::new(Vec::new()) }))
+        IoThreads::with_spare_slots(count, 0)
+    }
+
+    /// As [`new`](Self::new), each thread keeping the in-flight slots (a request's buffers: up to 14 KiB each with
+    /// indirect segments, under 1 KiB without) of the queues it stopped, at most `spare_slots` (at most
+    /// [`MAX_SPARE_SLOTS`]), for the queues it starts later: a data plane started after another one stopped then
+    /// makes no slot its predecessor made (e.g. a fuzzer that starts one per input). The memory stays with the
+    /// thread while no queue uses it.
+    pub fn with_spare_slots(count: usize, spare_slots: usize) -> IoThreads {
+        IoThreads(Arc::new(Pool {
+            count: count.clamp(1, MAX_IO_THREADS),
+            spare_slots: spare_slots.min(MAX_SPARE_SLOTS),
+            threads: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Spare slots the threads keep now ([`with_spare_slots`](Self::with_spare_slots)).
+    pub fn spare_slots(&self) -> usize {
+        let threads = self.0.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        threads.iter().filter_map(|t| t.spares.as_ref()).map(|s| s.len()).sum()
     }
 
     /// The most threads the pool runs.
@@ -142,6 +172,8 @@ impl IoThreads {
                     unreleased: Mutex::new(Vec::new()),
                     released: Condvar::new(),
                     ring: OnceLock::new(),
+                    unreported: OnceLock::new(),
+                    spares: (self.0.spare_slots > 0).then(|| Arc::new(SpareSlots::new(self.0.spare_slots))),
                 });
                 let epoll = Arc::new(Epoll::new()?);
                 epoll.ctl(ControlOperation::Add, inbox.wake.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_NEW))?;
@@ -179,6 +211,17 @@ impl Seat {
             tracing::debug!(%error, "the I/O thread's io_uring has no room for the queue; it gets an engine of its own")
         })
         .ok()
+    }
+
+    /// Counters for a queue of the thread whose counters nobody reads: shared by every such queue of the thread
+    /// (only the thread updates them).
+    pub(crate) fn unreported_stats(&self) -> Option<Arc<QueueStats>> {
+        self.inbox.as_ref().map(|inbox| inbox.unreported.get_or_init(Arc::default).clone())
+    }
+
+    /// Where the queue's slots come from and go (the thread's spare slots), if the pool keeps any.
+    pub(crate) fn spare_slots(&self) -> Option<Arc<SpareSlots>> {
+        self.inbox.as_ref().and_then(|inbox| inbox.spares.clone())
     }
 
     /// Hand `ring` to the thread; [`Handed::wait_released`] waits until the thread released it.

@@ -11,7 +11,7 @@ use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::slot::{blkif_status, Slot};
+use super::slot::{blkif_status, Slots};
 use super::{FatalState, QueueStats};
 use crate::blkif::{BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError};
 use crate::blkif::{MAX_DIRECT_SEGMENTS, RSP_ERROR, RSP_OKAY};
@@ -21,6 +21,9 @@ use crate::services::{DomId, EventChannel, EvtchnPort, GrantTable};
 
 mod intake;
 mod poll;
+mod task;
+
+pub(crate) use task::{task, RingTask, SOURCES};
 
 const TOKEN_EVTCHN: u64 = 0;
 const TOKEN_COMPLETION: u64 = 1;
@@ -70,6 +73,8 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     /// The pool thread's io_uring, when the queue's engine is a lane of it: its rounds span a pass over the
     /// thread's rings, and a polling period submits at once (see `Worker::round`).
     pub thread_ring: Option<SharedUring>,
+    /// The pool thread's spare slots, which the queue's slots come from and go back to.
+    pub spares: Option<Arc<super::slot::SpareSlots>>,
 }
 
 /// What starting a request did.
@@ -86,12 +91,11 @@ struct Worker<L, G: GrantTable, E> {
     // in flight by then); requests and the mapper release their grants before the ring (which owns the mapping of
     // its pages) and the event channel go.
     queue: BlockQueue<u32>,
-    slots: Vec<Slot<G::Mapping>>,
+    slots: Slots<G::Mapping>,
     mapper: SegmentMapper<G>,
     ring: MappedRing<L, G::Mapping>,
     evtchn: E,
     port: EvtchnPort,
-    free: Vec<u32>,
     held: Option<u32>,
     barrier_active: bool,
     flush: Request,
@@ -99,7 +103,10 @@ struct Worker<L, G: GrantTable, E> {
     finished: Vec<Finished<u32>>,
     ports: Vec<EvtchnPort>,
     config: WorkerConfig,
-    epoll: Epoll,
+    /// The ring's own epoll over its sources: for the worker's own thread loop, and for polling periods (which look
+    /// at the sources without waiting). A ring on a pool thread that does not poll has none: the thread's epoll
+    /// watches its sources (two system calls per source and one epoll less per start and stop).
+    epoll: Option<Epoll>,
     /// On a pool thread: the thread's epoll, which watches the ring's sources too (a source taken off the ring's
     /// epoll is taken off this one as well).
     pool_epoll: Option<Arc<Epoll>>,
@@ -157,102 +164,17 @@ pub(crate) fn run<L: BlkifLayout, G: GrantTable + 'static, E: EventChannel>(setu
         setup.fatal.report(format!("queue {}: cannot prepare the worker thread: {e}", setup.index));
         return;
     }
-    if let Some(mut w) = Worker::build(setup) {
+    if let Some(mut w) = Worker::build(setup, true) {
         w.event_loop();
         w.shutdown();
     }
 }
 
-/// A ring served by a thread of an I/O thread pool, built on that thread (`None`: it could not be set up, and
-/// said so on the fatal channel).
-pub(crate) fn task<L, G, E>(setup: QueueSetup<L, G, E>) -> Option<Box<dyn RingTask>>
-where
-    L: BlkifLayout + 'static,
-    G: GrantTable + 'static,
-    E: EventChannel + 'static,
-{
-    Worker::build(setup).map(|w| Box::new(w) as Box<dyn RingTask>)
-}
-
-/// The kinds of a ring's event sources, as indexes of [`RingTask::sources`] and bits of a turn's `fired`.
-pub(crate) const SOURCES: usize = 3;
-
-/// A ring as a thread of the I/O thread pool sees it: its event sources, which the thread watches in its own
-/// epoll, and a bounded turn.
-pub(crate) trait RingTask {
-    /// The ring's event sources (event channel, engine completions, stop request) and how to watch them.
-    fn sources(&self) -> [(RawFd, EventSet); SOURCES];
-    /// The thread's epoll now watches the sources: a source the ring stops watching leaves it too.
-    fn attach(&mut self, pool_epoll: Arc<Epoll>);
-    /// Take in the events of the sources whose bits are set in `fired` and do one round (at most a ring's worth
-    /// of requests, and a bounded polling period). Returns `false` once the ring stopped and released everything.
-    fn turn(&mut self, fired: u8) -> bool;
-    /// When the ring wants a turn without an event: now (work left by a round that used its budget), or when a
-    /// delayed unmask is due.
-    fn wake_at(&self) -> Option<Instant>;
-    /// Report a fatal error of the ring (its pool thread could not be prepared, or a turn panicked).
-    fn report(&self, message: &str);
-    /// Whether the ring's engine holds completions to take (judged without a system call).
-    fn completions_pending(&mut self) -> bool;
-}
-
-impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E> {
-    fn sources(&self) -> [(RawFd, EventSet); SOURCES] {
-        [
-            (self.evtchn.fd(), EventSet::IN),
-            (self.queue.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (self.stop.as_raw_fd(), EventSet::IN),
-        ]
-    }
-
-    fn attach(&mut self, pool_epoll: Arc<Epoll>) {
-        self.pool_epoll = Some(pool_epoll);
-    }
-
-    fn turn(&mut self, fired: u8) -> bool {
-        let mut events = [EpollEvent::default(); SOURCES];
-        if !self.finished() {
-            let mut n = 0;
-            for token in [TOKEN_EVTCHN, TOKEN_COMPLETION, TOKEN_STOP] {
-                if fired & (1 << token) != 0 {
-                    events[n] = EpollEvent::new(EventSet::IN, token);
-                    n += 1;
-                }
-            }
-            if n > 0 {
-                QueueStats::add(&self.stats.wakeups, 1);
-            }
-            self.dispatch(&events[..n]);
-            self.round(&mut events);
-        }
-        if self.finished() {
-            self.shutdown();
-            return false;
-        }
-        true
-    }
-
-    fn wake_at(&self) -> Option<Instant> {
-        if self.more_work {
-            Some(Instant::now())
-        } else {
-            self.unmask_at
-        }
-    }
-
-    fn report(&self, message: &str) {
-        self.fatal.report(format!("queue {}: {message}", self.index));
-    }
-
-    fn completions_pending(&mut self) -> bool {
-        self.queue.has_finished()
-    }
-}
-
 impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
-    /// Set up the worker from `setup` on the calling thread; `None` after a fatal error (reported).
-    fn build(setup: QueueSetup<L, G, E>) -> Option<Self> {
-        let epoll = match Epoll::new() {
+    /// Set up the worker from `setup` on the calling thread (`own_loop`: a thread of its own, which waits in the
+    /// ring's epoll); `None` after a fatal error (reported).
+    fn build(setup: QueueSetup<L, G, E>, own_loop: bool) -> Option<Self> {
+        let epoll = match (own_loop || !setup.config.poll.is_zero()).then(Epoll::new).transpose() {
             Ok(e) => e,
             Err(e) => {
                 setup.fatal.report(format!("queue {}: epoll: {e}", setup.index));
@@ -264,13 +186,12 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
         let w = Worker {
             index: setup.index,
-            slots: (0..setup.config.depth).map(|_| Slot::new(max_segments)).collect(),
+            slots: Slots::new(setup.config.depth, max_segments, setup.spares),
             mapper,
             queue: setup.queue,
             ring: setup.ring,
             evtchn: setup.evtchn,
             port: setup.port,
-            free: (0..u32::try_from(setup.config.depth).unwrap_or(u32::MAX)).rev().collect(),
             held: None,
             barrier_active: false,
             flush: Request::new(RequestKind::Flush),
@@ -301,10 +222,12 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         // The completion eventfd is watched edge-triggered: every completion the engine posts signals it anew, so
         // it never needs to be read (a system call per round saved; `complete` looks at the completion ring
         // itself).
-        for (token, (fd, events)) in (0u64..).zip(w.sources()) {
-            if let Err(e) = w.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
-                w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
-                return None;
+        if let Some(epoll) = &w.epoll {
+            for (token, (fd, events)) in (0u64..).zip(w.sources()) {
+                if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token)) {
+                    w.fatal.report(format!("queue {}: epoll_ctl: {e}", w.index));
+                    return None;
+                }
             }
         }
         Some(w)
@@ -318,7 +241,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
 impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     fn in_use(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.in_use()
     }
 
     fn event_loop(&mut self) {
@@ -338,7 +261,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     i32::try_from(at.saturating_duration_since(Instant::now()).as_millis() + 1).unwrap_or(i32::MAX)
                 })
             };
-            let n = match self.epoll.wait(timeout, &mut events) {
+            let n = match self.wait_events(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -473,8 +396,18 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         }
     }
 
+    /// Wait up to `timeout` ms (-1: no limit) for events of the ring's own epoll.
+    fn wait_events(&self, timeout: i32, events: &mut [EpollEvent]) -> std::io::Result<usize> {
+        match &self.epoll {
+            Some(epoll) => epoll.wait(timeout, events),
+            None => Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the ring has no epoll of its own")),
+        }
+    }
+
     fn remove_fd(&self, fd: RawFd) {
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Some(epoll) = &self.epoll {
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
         if let Some(pool) = &self.pool_epoll {
             let _ = pool.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
@@ -529,7 +462,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                 self.finish(idx, blkif_status(f.status));
                 continue;
             }
-            let slot = &mut self.slots[idx as usize];
+            let slot = &mut self.slots[idx];
             if !slot.done() {
                 self.submit_phase(idx);
                 continue;
@@ -553,7 +486,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Answer slot `idx` with `status`, release its pages and free it.
     fn finish(&mut self, idx: u32, status: i16) {
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         self.mapper.release(&mut slot.pages);
         let rsp = BlkifResponse { id: slot.req.id, operation: slot.req.operation, status };
         if !self.ring.put_response(&rsp) {
@@ -578,7 +511,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             self.barrier_active = false;
         }
         slot.dev.segments.clear();
-        self.free.push(idx);
+        self.slots.free(idx);
         self.unpushed = true;
     }
 
@@ -610,6 +543,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         tracing::debug!(
             queue = self.index,
             ring_pages = crate::services::GrantMapping::pages(self.ring.mapping()),
+            slots = self.slots.made(),
             "queue stopped"
         );
     }

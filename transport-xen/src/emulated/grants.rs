@@ -60,6 +60,8 @@ pub struct GrantHost {
     domains: Mutex<HashMap<DomId, DomainGrants>>,
     live_mappings: AtomicUsize,
     map_calls: AtomicU64,
+    /// `mmap` system calls made by map calls (a reservation and one per run of consecutive pages).
+    mmaps: AtomicU64,
     copy_calls: AtomicU64,
     copy_ops: AtomicU64,
 }
@@ -155,6 +157,11 @@ impl GrantHost {
         self.map_calls.load(Ordering::SeqCst)
     }
 
+    /// `mmap` system calls made by map calls so far.
+    pub fn mmaps(&self) -> u64 {
+        self.mmaps.load(Ordering::SeqCst)
+    }
+
     /// `GrantTable::copy` calls (batches) so far.
     pub fn copy_calls(&self) -> u64 {
         self.copy_calls.load(Ordering::SeqCst)
@@ -223,6 +230,60 @@ impl Drop for EmulatedMapping {
     }
 }
 
+/// Map the pages of `refs` (checked, not all consecutive) into one reserved region of `len` bytes, one mapping per
+/// run of consecutive guest pages.
+fn map_scattered(
+    dom: &DomainGrants,
+    refs: &[GrantRef],
+    len: usize,
+    prot: libc::c_int,
+    mmaps: &AtomicU64,
+) -> Result<*mut libc::c_void, XenError> {
+    mmaps.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: a fresh anonymous PROT_NONE reservation; no existing memory is affected.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(XenError::os("gntdev: reserve address space", &std::io::Error::last_os_error()));
+    }
+    let page_of = |r: &GrantRef| dom.entries.get(r).map_or(0, |e| e.page);
+    let mut i = 0;
+    while i < refs.len() {
+        let first = page_of(&refs[i]);
+        let run = 1 + refs[i + 1..].iter().zip(1..).take_while(|&(r, k)| page_of(r) == first + k).count();
+        let offset = libc::off_t::try_from(first * XEN_PAGE_SIZE).unwrap_or(libc::off_t::MAX);
+        // SAFETY: replaces pages `i..i + run` of the reservation made above (MAP_FIXED inside our own region) with
+        // a shared mapping of the guest's memfd pages `first..first + run`, which exist (checked when granted).
+        let p = unsafe {
+            libc::mmap(
+                base.cast::<u8>().add(i * XEN_PAGE_SIZE).cast(),
+                run * XEN_PAGE_SIZE,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                dom.memfd.as_raw_fd(),
+                offset,
+            )
+        };
+        mmaps.fetch_add(1, Ordering::SeqCst);
+        if p == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping the region reserved above, which nothing else refers to.
+            unsafe { libc::munmap(base, len) };
+            return Err(XenError::os("gntdev: map guest page", &e));
+        }
+        i += run;
+    }
+    Ok(base)
+}
+
 impl GrantTable for EmulatedGrantTable {
     type Mapping = EmulatedMapping;
 
@@ -233,7 +294,9 @@ impl GrantTable for EmulatedGrantTable {
         }
         let mut d = self.host.lock();
         let dom = d.get_mut(&domid).ok_or_else(|| err(format!("gntdev: no domain {domid}"), libc::ESRCH))?;
-        let mut pages = Vec::with_capacity(refs.len());
+        // Check every ref first (the batch fails as a whole), and see whether their pages follow each other.
+        let mut contiguous = true;
+        let mut prev: Option<usize> = None;
         for &r in refs {
             let e = match dom.entries.get(&r) {
                 Some(e) if e.grantee == self.domid => e,
@@ -242,48 +305,31 @@ impl GrantTable for EmulatedGrantTable {
             if e.readonly && access == MapAccess::ReadWrite {
                 return Err(err(format!("gntdev: ref {r} of domain {domid} is read-only"), libc::EPERM));
             }
-            pages.push(e.page);
+            contiguous &= prev.is_none_or(|p| p.checked_add(1) == Some(e.page));
+            prev = Some(e.page);
         }
         let len = refs.len() * XEN_PAGE_SIZE;
-        // SAFETY: a fresh anonymous PROT_NONE reservation; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(XenError::os("gntdev: reserve address space", &std::io::Error::last_os_error()));
-        }
         let prot = match access {
             MapAccess::ReadOnly => libc::PROT_READ,
             MapAccess::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
         };
-        for (i, &page) in pages.iter().enumerate() {
-            let offset = libc::off_t::try_from(page * XEN_PAGE_SIZE).unwrap_or(libc::off_t::MAX);
-            // SAFETY: replaces page `i` of the reservation made above (MAP_FIXED inside our own region) with a
-            // shared mapping of the guest's memfd page, which exists (`page < pages`).
-            let p = unsafe {
-                libc::mmap(
-                    base.cast::<u8>().add(i * XEN_PAGE_SIZE).cast(),
-                    XEN_PAGE_SIZE,
-                    prot,
-                    libc::MAP_SHARED | libc::MAP_FIXED,
-                    dom.memfd.as_raw_fd(),
-                    offset,
-                )
-            };
+        let base = if contiguous {
+            // Consecutive guest pages (the common case: a ring, a request's pages of one buffer): one mapping of
+            // the memfd's range, no reservation.
+            let first = dom.entries.get(&refs[0]).map_or(0, |e| e.page);
+            let offset = libc::off_t::try_from(first * XEN_PAGE_SIZE).unwrap_or(libc::off_t::MAX);
+            // SAFETY: a fresh shared mapping of the guest's memfd pages `first..first + refs.len()`, which exist
+            // (checked when they were granted); no existing memory is affected.
+            let p =
+                unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, dom.memfd.as_raw_fd(), offset) };
+            self.host.mmaps.fetch_add(1, Ordering::SeqCst);
             if p == libc::MAP_FAILED {
-                let e = std::io::Error::last_os_error();
-                // SAFETY: unmapping the region reserved above, which nothing else refers to.
-                unsafe { libc::munmap(base, len) };
-                return Err(XenError::os("gntdev: map guest page", &e));
+                return Err(XenError::os("gntdev: map guest pages", &std::io::Error::last_os_error()));
             }
-        }
+            p
+        } else {
+            map_scattered(dom, refs, len, prot, &self.host.mmaps)?
+        };
         for r in refs {
             if let Some(e) = dom.entries.get_mut(r) {
                 e.maps += 1;

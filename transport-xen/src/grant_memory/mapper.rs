@@ -50,6 +50,12 @@ impl<M> RequestPages<M> {
         }
     }
 
+    /// Empty, over `memory` (cleared; e.g. the page table of a slot whose queue is gone).
+    pub(crate) fn with_memory(mut memory: GrantMemory) -> Self {
+        memory.clear();
+        RequestPages { memory, mapping: None, held: Vec::new(), bounce: Vec::new(), copy_back: false }
+    }
+
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.mapping.is_none() && self.held.is_empty() && self.bounce.is_empty()
@@ -67,10 +73,13 @@ pub struct SegmentMapper<G: GrantTable> {
     mode: GrantMode,
     persistent: Option<PersistentGrants<G::Mapping>>,
     pool: Option<BouncePool>,
-    /// Per segment of the request being bound: host address of its page and whether it is writable.
+    /// Per segment of the request being bound: host address of its page and whether it is writable (persistent
+    /// grants; room for the most segments made with the first such request).
     ptrs: Vec<(usize, bool)>,
     misses: Vec<GrantRef>,
     ops: Vec<GrantCopyOp>,
+    /// The descriptor pages of an indirect request, copied (made with the queue's first indirect request, and
+    /// kept: a queue that sees none does not pay for them).
     indirect: Vec<u8>,
 }
 
@@ -104,10 +113,10 @@ impl<G: GrantTable> SegmentMapper<G> {
             mode,
             persistent,
             pool,
-            ptrs: Vec::with_capacity(crate::connect::MAX_INDIRECT_SEGMENTS as usize),
+            ptrs: Vec::new(),
             misses: Vec::new(),
             ops: Vec::new(),
-            indirect: vec![0; MAX_INDIRECT_PAGES * XEN_PAGE_SIZE],
+            indirect: Vec::new(),
         }
     }
 
@@ -138,6 +147,9 @@ impl<G: GrantTable> SegmentMapper<G> {
         let Some(ind) = req.indirect else {
             return Ok(());
         };
+        if self.indirect.is_empty() {
+            self.indirect = vec![0; MAX_INDIRECT_PAGES * XEN_PAGE_SIZE];
+        }
         let pages = ind.pages.min(MAX_INDIRECT_PAGES);
         let grefs = &ind.grefs[..pages];
         let mode = self.mode;
@@ -251,6 +263,9 @@ impl<G: GrantTable> SegmentMapper<G> {
         let Some(cache) = self.persistent.as_mut() else {
             return Err(BindError::Fault(RequestFault::Grants("no persistent grant cache".into())));
         };
+        if self.ptrs.capacity() == 0 {
+            self.ptrs.reserve_exact(crate::connect::MAX_INDIRECT_SEGMENTS as usize);
+        }
         self.ptrs.clear();
         self.misses.clear();
         for s in &req.segments {

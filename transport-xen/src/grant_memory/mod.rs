@@ -112,6 +112,16 @@ impl GrantMemory {
         GrantMemory { regions: Vec::with_capacity(pages), next: 0 }
     }
 
+    /// The regions there is room for without allocating.
+    pub fn capacity(&self) -> usize {
+        self.regions.capacity()
+    }
+
+    /// Room for at least `pages` regions.
+    pub fn reserve(&mut self, pages: usize) {
+        self.regions.reserve(pages.saturating_sub(self.regions.len()));
+    }
+
     /// Forget every region (keeping the allocation).
     pub fn clear(&mut self) {
         self.regions.clear();

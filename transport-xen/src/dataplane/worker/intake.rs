@@ -33,7 +33,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                 Err(e) => return self.halt(&e),
             };
             for _ in 0..avail.min(budget) {
-                if self.held.is_some() || self.barrier_active || self.free.is_empty() || !self.queue.has_room() {
+                if self.held.is_some() || self.barrier_active || !self.slots.available() || !self.queue.has_room() {
                     // Backpressure: completions bring us back here; no final check, so no event is asked for.
                     self.backpressure = true;
                     self.submit_batch();
@@ -48,7 +48,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     QueueStats::add(&self.stats.polled_requests, 1);
                 }
                 self.taken += 1;
-                let Some(idx) = self.free.pop() else { break };
+                let Some(idx) = self.slots.take() else { break };
                 self.accept(idx);
             }
             self.submit_batch();
@@ -88,7 +88,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Decode and check a freshly copied request in slot `idx`, then start it (or answer it at once).
     fn accept(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         if let Err(fault) = slot.req.decode::<L>(&self.raw, self.config.max_indirect) {
             tracing::debug!(queue = self.index, %fault, "request refused");
             return self.finish(idx, fault.status());
@@ -125,7 +125,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     /// Bind the pages of slot `idx` and submit its first phase; a barrier waits for every other request.
     fn start(&mut self, idx: u32) -> Start {
         let others = self.in_use() - 1;
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         if slot.barrier && others > 0 {
             return Start::Held;
         }
@@ -149,7 +149,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Submit the next phase of slot `idx`.
     pub(super) fn submit_phase(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         let request = match slot.next_phase() {
             Some(Phase::Data) => &slot.dev,
             Some(Phase::Flush) => &self.flush,

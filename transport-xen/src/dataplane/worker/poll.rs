@@ -83,7 +83,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
 
     /// Take in what epoll has ready without waiting (the stop eventfd, the event channel).
     fn look_at_epoll(&mut self, events: &mut [EpollEvent]) {
-        match self.epoll.wait(0, events) {
+        match self.wait_events(0, events) {
             Ok(n) => self.dispatch(&events[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => tracing::debug!(queue = self.index, error = %e, "epoll_wait (polling) failed"),

@@ -120,3 +120,40 @@ fn guests_get_a_xenstore_home_and_go_away() {
     assert_eq!(ev.len(), 1);
     assert!(dom0.read(TxId::NONE, "/local/domain/3").is_err());
 }
+
+#[test]
+fn a_batch_is_mapped_one_run_of_consecutive_pages_at_a_time() {
+    let host = EmulatedHost::new().expect("host");
+    let guest = host.add_guest(5, 16).expect("guest");
+    let table = host.grant_table(0);
+    let refs: Vec<GrantRef> = (0..8).map(|p| guest.grant_access(p, false).expect("grant")).collect();
+    for p in 0..8u8 {
+        guest.memory().write_slice(&[p + 1; 8], GuestDomain::page_addr(usize::from(p))).expect("write");
+    }
+    let check = |m: &crate::emulated::grants::EmulatedMapping, pages: &[u8]| {
+        for (i, &p) in pages.iter().enumerate() {
+            // SAFETY: page `i` of a mapping of `pages.len()` pages, alive.
+            let got = unsafe { std::slice::from_raw_parts(m.as_ptr().add(i * 4096), 8) };
+            assert_eq!(got, &[p + 1; 8][..], "page {i} of the mapping shows guest page {p}");
+        }
+    };
+    // Consecutive pages: one mapping, no reservation.
+    let m = table.map(5, &refs[2..6], MapAccess::ReadWrite).expect("map");
+    assert_eq!(host.grants().mmaps(), 1);
+    check(&m, &[2, 3, 4, 5]);
+    // Runs 6-7, 0-1, 4 and 4 again (a page named twice makes two runs): a reservation and a mapping per run.
+    let pages = [6u8, 7, 0, 1, 4, 4];
+    let batch: Vec<GrantRef> = pages.iter().map(|&p| refs[usize::from(p)]).collect();
+    let n = table.map(5, &batch, MapAccess::ReadOnly).expect("map");
+    assert_eq!(host.grants().mmaps(), 1 + 1 + 4);
+    check(&n, &pages);
+    // The guest's later writes show through both.
+    guest.memory().write_slice(&[9; 8], GuestDomain::page_addr(4)).expect("write");
+    // SAFETY: page 2 of `m` and page 4 of `n` are guest page 4, mapped and alive.
+    unsafe {
+        assert_eq!(std::slice::from_raw_parts(m.as_ptr().add(2 * 4096), 8), &[9; 8][..]);
+        assert_eq!(std::slice::from_raw_parts(n.as_ptr().add(4 * 4096), 8), &[9; 8][..]);
+    }
+    drop((m, n));
+    assert_eq!(host.live_mappings(), 0);
+}
