@@ -299,6 +299,11 @@ impl UringEngine {
         self.deferred = deferred;
     }
 
+    /// Whether submissions are deferred (a shared ring's round is open).
+    fn is_deferred(&self) -> bool {
+        self.deferred
+    }
+
     /// Entries queued for submission.
     fn queued(&mut self) -> usize {
         self.ring.submission().len()

@@ -289,13 +289,15 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         let busy = self.pass();
         // A round without work re-arms (`rearm` makes the final check that polling skipped) before sleeping.
         if self.polling && (busy || self.rearm()) {
-            // On a pool thread's shared io_uring, submissions wait for the end of the pass over the thread's
-            // rings; a polling period waits for its own requests' completions, so it submits them at once.
-            if let Some(ring) = &self.thread_ring {
+            // On a pool thread's shared io_uring, submissions may wait for the end of the pass over the thread's
+            // rings; a polling period waits for its own requests' completions, so it submits them at once (and
+            // opens the round again after, if one was open).
+            let in_round = self.thread_ring.as_ref().is_some_and(|ring| ring.in_round());
+            if let Some(ring) = self.thread_ring.as_ref().filter(|_| in_round) {
                 ring.end_round();
             }
             self.poll_for_work(events);
-            if let Some(ring) = &self.thread_ring {
+            if let Some(ring) = self.thread_ring.as_ref().filter(|_| in_round) {
                 ring.begin_round();
             }
         }

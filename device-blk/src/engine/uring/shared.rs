@@ -234,6 +234,17 @@ impl SharedUring {
         }
     }
 
+    /// Apply the file table changes made by lanes added or dropped on other threads (as
+    /// [`begin_round`](Self::begin_round) does): for the ring's thread when it serves its lanes without a round.
+    pub fn apply_file_changes(&self) {
+        self.lock().engine.sync_files();
+    }
+
+    /// Whether a round is open ([`begin_round`](Self::begin_round) without its [`end_round`](Self::end_round)).
+    pub fn in_round(&self) -> bool {
+        self.lock().engine.is_deferred()
+    }
+
     /// End a round: submit everything its lanes queued, in one batch (as the batching allows).
     pub fn end_round(&self) {
         let mut core = self.lock();
