@@ -9,6 +9,7 @@
 // Test helpers: a failed setup is a failed test.
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
+pub mod alloc;
 pub mod loop_device;
 pub mod mount;
 pub mod pattern;

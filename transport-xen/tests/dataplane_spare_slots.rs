@@ -8,53 +8,14 @@
 
 mod dataplane_util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use dataplane_util::{pattern, Bed, BedConfig, Shape};
 use device_blk::EngineKind;
+use test_kit::alloc::Counting;
 use transport_xen::blkif::{RSP_OKAY, X86_64};
 use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Set while the test thread plays the guest.
-    static GUEST: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count() {
-    if !GUEST.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to `System`, which upholds the `GlobalAlloc` contract; counting only
-// touches an atomic and a const-initialised thread-local, neither of which allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: Counting = Counting::new();
 
 /// On a fresh bed on `pool` (indirect segments advertised when `indirect`): start a data plane, write 32 pages in
 /// three requests taken together (three slots), stop. Returns the allocations of everything but the guest.
@@ -66,14 +27,12 @@ fn cycle(pool: &IoThreads, indirect: bool) -> usize {
     let mut bed = Bed::<X86_64>::new(config);
     bed.stop();
     let data = pattern(32 * 4096, 5);
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = ALLOCATOR.allocations();
     bed.dp = Some(bed.start().expect("data plane"));
-    GUEST.with(|g| g.set(true));
-    let (statuses, _) = bed.transfer(0, Some(&data), 0, 256, Shape::Direct);
-    GUEST.with(|g| g.set(false));
+    let (statuses, _) = ALLOCATOR.uncounted(|| bed.transfer(0, Some(&data), 0, 256, Shape::Direct));
     bed.stop();
     assert_eq!(statuses, [RSP_OKAY; 3]);
-    ALLOCATIONS.load(Ordering::SeqCst) - before
+    ALLOCATOR.allocations() - before
 }
 
 #[test]

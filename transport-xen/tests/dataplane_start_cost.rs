@@ -10,56 +10,15 @@
 
 mod dataplane_util;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use dataplane_util::{pattern, Bed, BedConfig, Shape};
 use device_blk::stats::Registry;
 use device_blk::EngineKind;
+use test_kit::alloc::Counting;
 use transport_xen::blkif::{RSP_OKAY, X86_64};
 use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static BYTES: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Set while the test thread plays the guest.
-    static GUEST: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count(bytes: usize) {
-    if !GUEST.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        BYTES.fetch_add(bytes, Ordering::SeqCst);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to `System`, which upholds the `GlobalAlloc` contract; counting only
-// touches atomics and a const-initialised thread-local, none of which allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count(layout.size());
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count(new_size.saturating_sub(layout.size()));
-        // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: Counting = Counting::new();
 
 /// A bed on `pool` with a 512-entry ring (indirect segments advertised), at most `depth` requests in flight.
 fn bed(pool: &IoThreads, depth: u32, registry: bool) -> Bed<X86_64> {
@@ -81,16 +40,15 @@ fn bed(pool: &IoThreads, depth: u32, registry: bool) -> Bed<X86_64> {
 /// allocated by everything but the guest.
 fn cycle(bed: &mut Bed<X86_64>) -> (usize, usize) {
     let data = pattern(4 * 4096, 3);
-    let before = (ALLOCATIONS.load(Ordering::SeqCst), BYTES.load(Ordering::SeqCst));
+    let before = (ALLOCATOR.allocations(), ALLOCATOR.bytes());
     bed.dp = Some(bed.start().expect("data plane"));
-    GUEST.with(|g| g.set(true));
-    let (written, _) = bed.transfer(0, Some(&data), 0, 32, Shape::Direct);
-    let (read, back) = bed.transfer(0, None, 0, 32, Shape::Direct);
-    GUEST.with(|g| g.set(false));
+    let ((written, _), (read, back)) = ALLOCATOR.uncounted(|| {
+        (bed.transfer(0, Some(&data), 0, 32, Shape::Direct), bed.transfer(0, None, 0, 32, Shape::Direct))
+    });
     bed.stop();
     assert_eq!((written, read), (vec![RSP_OKAY], vec![RSP_OKAY]));
     assert!(back == data, "the data came back");
-    (ALLOCATIONS.load(Ordering::SeqCst) - before.0, BYTES.load(Ordering::SeqCst) - before.1)
+    (ALLOCATOR.allocations() - before.0, ALLOCATOR.bytes() - before.1)
 }
 
 #[test]

@@ -365,12 +365,12 @@ impl UringEngine {
     /// As for [`IoEngine::enqueue`].
     unsafe fn enqueue_on(&mut self, file: u32, op: IoOp<'_>, token: u64) -> Result<(), EngineError> {
         self.sync_files();
-        let idle = self.idle();
-        let Some((kind, discard_cmd, inline, fd)) = self.files.get(file).map(|f| {
-            (f.disk.kind(), f.discard_cmd, inline::runs_inline(&f.disk, &op, idle), f.disk.file().as_raw_fd())
-        }) else {
+        let Some((kind, discard_cmd, in_memory, fd)) =
+            self.files.get(file).map(|f| (f.disk.kind(), f.discard_cmd, f.disk.in_memory(), f.disk.file().as_raw_fd()))
+        else {
             return Err(EngineError::Io { what: "io_uring enqueue", cause: std::io::ErrorKind::NotFound.into() });
         };
+        let inline = in_memory && inline::runs_inline(&op, || self.idle());
         let Some(index) = self.free.pop() else {
             return Err(EngineError::Full(self.slots.len()));
         };

@@ -43,10 +43,12 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 struct OneRead {
     lane: UringLane,
     buf: Vec<u8>,
-    /// The read's iovec array (it must outlive the submission, which comes at the end of the thread's pass).
+    /// The read's iovec array (it must outlive the submission, which may come at the end of the thread's pass).
     iov: [libc::iovec; 1],
     started: bool,
     read: Arc<AtomicBool>,
+    /// Wait within the first turn for the read, and say here whether it completed before the turn returned.
+    within_turn: Option<Arc<AtomicBool>>,
     idle: EventFd,
     stop: Arc<EventFd>,
 }
@@ -69,6 +71,13 @@ impl RingTask for OneRead {
             // SAFETY: the buffer and the iovec array live in the task, which ends only after the read was reaped.
             unsafe { self.lane.enqueue(IoOp::Read { offset: 0, iovecs: &self.iov }, 1) }.expect("enqueue");
             self.lane.submit().expect("submit");
+            if let Some(within) = &self.within_turn {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !self.lane.has_completions() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                within.store(self.lane.has_completions(), Ordering::SeqCst);
+            }
         }
         if self.lane.has_completions() {
             let read = &self.read;
@@ -113,6 +122,7 @@ fn a_lane_given_up_off_the_thread_leaves_the_file_table_without_waiting_for_an_e
             iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
             started: false,
             read: read2,
+            within_turn: None,
             idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             stop: stop2,
         };
@@ -132,63 +142,6 @@ fn a_lane_given_up_off_the_thread_leaves_the_file_table_without_waiting_for_an_e
     assert_eq!(pool.rings_per_thread(), [0]);
 }
 
-/// A ring that, on its first turn, reads one block and waits within the turn for the read to complete.
-struct ReadWithinTurn {
-    lane: UringLane,
-    buf: Vec<u8>,
-    iov: [libc::iovec; 1],
-    started: bool,
-    /// Set when the read completed before the turn returned.
-    within: Arc<AtomicBool>,
-    idle: EventFd,
-    stop: Arc<EventFd>,
-}
-
-impl RingTask for ReadWithinTurn {
-    fn sources(&self) -> [(RawFd, EventSet); SOURCES] {
-        [
-            (self.idle.as_raw_fd(), EventSet::IN),
-            (self.lane.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (self.stop.as_raw_fd(), EventSet::IN),
-        ]
-    }
-
-    fn attach(&mut self, _pool_epoll: Arc<Epoll>) {}
-
-    fn turn(&mut self, fired: u8) -> bool {
-        if !self.started {
-            self.started = true;
-            self.iov[0] = libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: self.buf.len() };
-            // SAFETY: the buffer and the iovec array live in the task, which ends only after the read was reaped.
-            unsafe { self.lane.enqueue(IoOp::Read { offset: 0, iovecs: &self.iov }, 1) }.expect("enqueue");
-            self.lane.submit().expect("submit");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut done = false;
-            while !done && Instant::now() < deadline {
-                if self.lane.has_completions() {
-                    self.lane.reap_ready(&mut |c: Completion| done = c.result == Ok(4096));
-                } else {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            self.within.store(done, Ordering::SeqCst);
-        }
-        fired & 0b100 == 0
-    }
-
-    fn wake_at(&self) -> Option<Instant> {
-        None
-    }
-
-    fn report(&self, message: &str) {
-        panic!("ring reported: {message}");
-    }
-
-    fn completions_pending(&mut self) -> bool {
-        self.lane.has_completions()
-    }
-}
-
 #[test]
 fn a_ring_alone_on_its_thread_submits_within_its_own_turn() {
     // With one ring to serve, the thread opens no round of its shared io_uring: the ring's submission goes to the
@@ -202,12 +155,13 @@ fn a_ring_alone_on_its_thread_submits_within_its_own_turn() {
     let (within, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
     let (within2, stop2) = (within.clone(), stop.clone());
     let build = move || {
-        let task = ReadWithinTurn {
+        let task = OneRead {
             lane,
             buf: vec![0; 4096],
             iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
             started: false,
-            within: within2,
+            read: Arc::new(AtomicBool::new(false)),
+            within_turn: Some(within2),
             idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
             stop: stop2,
         };

@@ -21,19 +21,16 @@ use std::os::fd::RawFd;
 
 use super::super::op::{run_blocking, OpState, Progress};
 use super::IoOp;
-use crate::disk::Disk;
 
 /// The largest read or write run inline, in bytes.
 pub(super) const INLINE_MAX_BYTES: usize = 64 * 1024;
 
-/// Whether `op` on `disk` runs inline, on a ring that is `idle` (no operation in flight or queued).
-pub(super) fn runs_inline(disk: &Disk, op: &IoOp<'_>, idle: bool) -> bool {
-    if !disk.in_memory() {
-        return false;
-    }
+/// Whether `op`, on a disk in memory, runs inline; `idle` says whether the ring has no operation in flight or
+/// queued (asked only for a write).
+pub(super) fn runs_inline(op: &IoOp<'_>, idle: impl FnOnce() -> bool) -> bool {
     let iovecs = match op {
         IoOp::Read { iovecs, .. } => iovecs,
-        IoOp::Write { iovecs, .. } if idle => iovecs,
+        IoOp::Write { iovecs, .. } if idle() => iovecs,
         _ => return false,
     };
     let mut bytes = 0usize;
