@@ -51,7 +51,10 @@ fn status<L: BlkifLayout>(
             } else if g == f.ro[0].1 || g == f.ro[1].1 {
                 copy.extend_from_slice(&f.ro_pattern);
             } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
-                // Another ring's page (zeroed for this input, but its earlier requests may have read into it).
+                // A ring's page as descriptor page: the segments are whatever that ring holds when the backend
+                // reads it (this input's requests and responses, or what its reads put there), and may name the
+                // ring in use; counted as harming it.
+                s.harms_ring = true;
                 return None;
             } else {
                 return Some(RSP_ERROR);
@@ -85,6 +88,11 @@ fn status<L: BlkifLayout>(
         }
     }
     let to_guest = req.op == BlkifOp::Read;
+    // A read into a page of the ring in use rewrites the guest's own ring while the backend serves it.
+    let ring_refs = &f.rings[plan.ring].1;
+    if to_guest && req.segments.iter().any(|s| ring_refs.contains(&s.gref)) {
+        s.harms_ring = true;
+    }
     let mut unsure = false;
     for s in &req.segments {
         match page_of(f, s.gref) {
