@@ -20,9 +20,10 @@
 # A pid absent at FIO-START counts from 0. The I/Os are fio's (terse v3 of the console: fields 6 and 47, read
 # and write KiB, over the job's block size). Prints one line per run:
 #   cpu-per-io: peer=P job=J round=R status=ok read_iops=.. write_iops=.. ios=.. runtime_ms=.. backend_cpu_ms=..
-#     us_per_io=.. dom0_busy_ms=.. dom0_us_per_io=.. tasks=N
-# (`blkback-bench lab-cpu-table` turns them into a table). dom0_busy_ms: all of dom0's non-idle CPU time in the
-# same window (loop workers, interrupts, xenstored, this script's polling), as context.
+#     us_per_io=.. user_us_per_io=.. dom0_busy_ms=.. dom0_us_per_io=.. tasks=N
+# (`blkback-bench lab-cpu-table` turns them into a table). user_us_per_io: the part of us_per_io spent in user
+# space (utime; kernel blkback has none). dom0_busy_ms: all of dom0's non-idle CPU time in the same window (loop
+# workers, interrupts, xenstored, this script's polling), as context.
 # Environment: ROUNDS (2), PEERS ("kernel qdisk blkbackd"), JOBS ("4k 1m"), RUNTIME (15 s), SIZE (64M, the fio
 # region), DISK_SIZE (128M), BIN (/mnt/host/bin/blkbackd), BLKBACKD_ARGS (more `blkbackd xen` arguments),
 # DOMU_EXTRA (more domU kernel arguments, e.g. xen_blkfront.max_indirect_segments=256), STATS (1: save the
@@ -97,12 +98,12 @@ backend_pids() {
       ;;
   esac
 }
-# snapshot PEER DOMID: "pid ticks" per backend pid (utime+stime, fields 14 and 15 of /proc/PID/stat)
+# snapshot PEER DOMID: "pid utime stime" per backend pid (fields 14 and 15 of /proc/PID/stat, in ticks)
 snapshot() {
   local p
   for p in $(backend_pids "$1" "$2"); do
     # the fields after "(comm) ": state is the first, utime the 12th, stime the 13th
-    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk -v p="$p" '{ print p, $12 + $13 }'
+    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk -v p="$p" '{ print p, $12, $13 }'
   done
 }
 # dom0's busy ticks: all CPU time but idle and iowait
@@ -216,8 +217,11 @@ run() {
   terse=$(console "$N" | grep -a '^3;fio-' | tail -n 1)
   # the backend's CPU: per pid, the ticks at FIO-RC minus those at FIO-START (0 if it was not there)
   awk -v hz="$HZ" -v bskib="$bskib" -v t0="$t0" -v t1="$t1" -v head="peer=$P job=$J round=$R" -v domid="$DID" -v terse="$terse" '
-    FNR == NR { if (NF == 2) start[$1] = $2; next }
-    NF == 2 { d = $2 - ($1 in start ? start[$1] : 0); ticks += d; tasks++; who = who " " $1 ":" d }
+    FNR == NR { if (NF == 3) { su[$1] = $2; ss[$1] = $3 } next }
+    NF == 3 {
+      du = $2 - su[$1]; d = du + $3 - ss[$1]
+      ticks += d; uticks += du; tasks++; who = who " " $1 ":" d
+    }
     END {
       n = split(terse, f, ";")
       if (n < 50) { print "cpu-per-io: " head " status=fail why=no-terse-line"; exit }
@@ -225,9 +229,11 @@ run() {
       ms = ticks * 1000 / hz; dom0 = (t1 - t0) * 1000 / hz
       rt = f[9]; if (f[50] + 0 > rt + 0) rt = f[50]
       # (no unparenthesized ">" in a printf: awk reads it as a redirection)
-      per = 0; dper = 0; if (ios + 0 != 0) { per = ms * 1000 / ios; dper = dom0 * 1000 / ios }
-      printf "cpu-per-io: %s status=ok read_iops=%s write_iops=%s ios=%d runtime_ms=%d backend_cpu_ms=%d us_per_io=%.1f dom0_busy_ms=%d dom0_us_per_io=%.1f tasks=%d\n",
-        head, f[8], f[49], ios, rt, ms, per, dom0, dper, tasks
+      ums = uticks * 1000 / hz
+      per = 0; uper = 0; dper = 0
+      if (ios + 0 != 0) { per = ms * 1000 / ios; uper = ums * 1000 / ios; dper = dom0 * 1000 / ios }
+      printf "cpu-per-io: %s status=ok read_iops=%s write_iops=%s ios=%d runtime_ms=%d backend_cpu_ms=%d us_per_io=%.1f user_us_per_io=%.1f dom0_busy_ms=%d dom0_us_per_io=%.1f tasks=%d\n",
+        head, f[8], f[49], ios, rt, ms, per, uper, dom0, dper, tasks
       print "cpu-note: " head " domid=" domid " ticks per pid:" who
     }' <(echo "$a") <(echo "$b")
 }

@@ -31,6 +31,8 @@ struct Run {
     iops: f64,
     /// The backend's CPU time per I/O (µs).
     us_per_io: f64,
+    /// The part of it spent in user space (µs), if given.
+    user_us_per_io: Option<f64>,
     /// All of dom0's busy CPU time per I/O in the same window (µs), if given.
     dom0_us_per_io: Option<f64>,
 }
@@ -69,6 +71,7 @@ fn parse(text: &str) -> (Vec<Run>, Vec<String>) {
             round,
             iops: read + write,
             us_per_io,
+            user_us_per_io: number("user_us_per_io"),
             dom0_us_per_io: number("dom0_us_per_io"),
         });
     }
@@ -84,19 +87,26 @@ fn median(values: &mut [f64]) -> Option<f64> {
     Some(if values.len().is_multiple_of(2) { f64::midpoint(values[mid - 1], values[mid]) } else { values[mid] })
 }
 
-/// Median IOPS, µs per I/O and dom0 µs per I/O of one peer on one job.
+/// Median IOPS, µs per I/O (all, in user space) and dom0 µs per I/O of one peer on one job.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Medians {
     iops: f64,
     us_per_io: f64,
+    user_us_per_io: Option<f64>,
     dom0_us_per_io: Option<f64>,
 }
 
 fn medians(runs: &[&Run]) -> Option<Medians> {
     let mut iops: Vec<f64> = runs.iter().map(|r| r.iops).collect();
     let mut cpu: Vec<f64> = runs.iter().map(|r| r.us_per_io).collect();
+    let mut user: Vec<f64> = runs.iter().filter_map(|r| r.user_us_per_io).collect();
     let mut dom0: Vec<f64> = runs.iter().filter_map(|r| r.dom0_us_per_io).collect();
-    Some(Medians { iops: median(&mut iops)?, us_per_io: median(&mut cpu)?, dom0_us_per_io: median(&mut dom0) })
+    Some(Medians {
+        iops: median(&mut iops)?,
+        us_per_io: median(&mut cpu)?,
+        user_us_per_io: median(&mut user),
+        dom0_us_per_io: median(&mut dom0),
+    })
 }
 
 const PEERS: [(&str, &str); 3] = [("kernel", "kernel blkback"), ("qdisk", "QEMU qdisk"), ("blkbackd", "blkbackd xen")];
@@ -119,7 +129,7 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
     }
     let mut out = String::from(
         "| fio job (domU) | backend | runs | read+write IOPS per run | median IOPS | backend CPU µs/I/O per run | \
-         median µs/I/O | dom0 busy µs/I/O (median) |\n|---|---|---|---|---|---|---|---|\n",
+         median µs/I/O | of it in user space (median) | dom0 busy µs/I/O (median) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     // The three peers first, then any other (e.g. `blkbackd-before`, an older build side by side).
     let mut peers: Vec<(&str, &str)> = PEERS.to_vec();
@@ -140,13 +150,14 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
             };
             writeln!(
                 out,
-                "| {} | {label} | {} | {} | {:.0} | {} | {:.1} | {} |",
+                "| {} | {label} | {} | {} | {:.0} | {} | {:.1} | {} | {} |",
                 job_label(job),
                 these.len(),
                 per_run(|r| r.iops, 0),
                 m.iops,
                 per_run(|r| r.us_per_io, 1),
                 m.us_per_io,
+                m.user_us_per_io.map_or("—".to_string(), |v| format!("{v:.1}")),
                 m.dom0_us_per_io.map_or("—".to_string(), |v| format!("{v:.0}")),
             )?;
         }
@@ -211,9 +222,9 @@ cpu-note: [631.07] dom0 6.1.0-57-amd64, 2 vCPUs, CLK_TCK=100; rounds=2
 cpu-per-io: peer=kernel job=4k round=1 status=ok read_iops=400 write_iops=410 ios=12150 runtime_ms=15000 backend_cpu_ms=600 us_per_io=49.4 dom0_busy_ms=9000 dom0_us_per_io=740.7 tasks=1
 cpu-note: peer=kernel job=4k round=1 domid=1 ticks per pid: 321:60
 cpu-per-io: peer=qdisk job=4k round=1 status=ok read_iops=300 write_iops=300 ios=9000 runtime_ms=15000 backend_cpu_ms=1800 us_per_io=200.0 dom0_busy_ms=9000 dom0_us_per_io=1000.0 tasks=1
-cpu-per-io: peer=blkbackd job=4k round=1 status=ok read_iops=420 write_iops=420 ios=12600 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=79.4 tasks=2
-cpu-per-io: peer=blkbackd job=4k round=2 status=ok read_iops=440 write_iops=440 ios=13200 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=75.8 tasks=2
-cpu-per-io: peer=blkbackd job=4k round=3 status=ok read_iops=400 write_iops=400 ios=12000 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=83.3 tasks=2
+cpu-per-io: peer=blkbackd job=4k round=1 status=ok read_iops=420 write_iops=420 ios=12600 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=79.4 user_us_per_io=20.0 tasks=2
+cpu-per-io: peer=blkbackd job=4k round=2 status=ok read_iops=440 write_iops=440 ios=13200 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=75.8 user_us_per_io=30.0 tasks=2
+cpu-per-io: peer=blkbackd job=4k round=3 status=ok read_iops=400 write_iops=400 ios=12000 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=83.3 user_us_per_io=10.0 tasks=2
 cpu-per-io: peer=kernel job=1m round=1 status=ok read_iops=20 write_iops=20 ios=600 runtime_ms=15000 backend_cpu_ms=60 us_per_io=100.0 tasks=1
 cpu-per-io: peer=blkbackd job=1m round=1 status=ok read_iops=10 write_iops=10 ios=300 runtime_ms=15000 backend_cpu_ms=60 us_per_io=200.0 tasks=2
 cpu-per-io: peer=qdisk job=1m round=1 status=fail why=no-fio-start
@@ -232,10 +243,12 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
                 round: 1,
                 iops: 810.0,
                 us_per_io: 49.4,
+                user_us_per_io: None,
                 dom0_us_per_io: Some(740.7)
             }
         );
         assert_eq!(runs[2].dom0_us_per_io, None);
+        assert_eq!(runs[2].user_us_per_io, Some(20.0));
         assert_eq!(failed, vec!["qdisk 1m round 1: no-fio-start".to_string()]);
     }
 
@@ -243,10 +256,10 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
     fn renders_medians_and_ratios() {
         let (runs, failed) = parse(OUTPUT);
         let table = render(&runs, &failed).expect("table");
-        // blkbackd 4k: median of 840, 880, 800 IOPS and of 79.4, 75.8, 83.3 µs
+        // blkbackd 4k: median of 840, 880, 800 IOPS, of 79.4, 75.8, 83.3 µs and of 20, 30, 10 µs in user space
         assert!(
             table.contains(
-                "| randrw 50/50 4k QD16 | blkbackd xen | 3 | 840, 880, 800 | 840 | 79.4, 75.8, 83.3 | 79.4 | — |"
+                "| randrw 50/50 4k QD16 | blkbackd xen | 3 | 840, 880, 800 | 840 | 79.4, 75.8, 83.3 | 79.4 | 20.0 | — |"
             ),
             "{table}"
         );
@@ -261,7 +274,7 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
         assert!(table.contains("Failed runs (left out): qdisk 1m round 1: no-fio-start."), "{table}");
         // another peer gets its own row, after the three
         assert!(
-            table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — |"),
+            table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — | — |"),
             "{table}"
         );
     }

@@ -60,3 +60,40 @@ fn an_image_smaller_than_a_sector_is_refused() {
     assert!(matches!(err, DiskError::Empty { block_size: 512, .. }), "{err}");
     assert!(err.to_string().contains("tiny.img"), "{err}");
 }
+
+/// A regular file is opened without access-time upkeep (`O_NOATIME`, on the open file description, so it goes
+/// with a descriptor handed to a worker): a guest's reads leave the image's access time alone. The file here
+/// belongs to the test's user, who may always set it.
+#[test]
+fn reads_leave_the_access_time_of_an_image_alone() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    for dir in [tempfile::tempdir().ok(), tempfile::tempdir_in("/dev/shm").ok()].into_iter().flatten() {
+        let path = image(dir.path(), "disk.img", &[3u8; 8192]);
+        // An access time in 2001 (older than the modification: even `relatime` would update it).
+        let old = libc::timespec { tv_sec: 1_000_000_000, tv_nsec: 0 };
+        let times = [old, libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }];
+        let cpath = std::ffi::CString::new(path.to_str().expect("path")).expect("path");
+        // SAFETY: a NUL-terminated path and an array of two timespecs.
+        assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, cpath.as_ptr(), times.as_ptr(), 0) }, 0);
+        for direct_io in [DirectIo::Auto, DirectIo::Off] {
+            let disk = open_with(&path, direct_io).expect("open");
+            // SAFETY: F_GETFL on the disk's open descriptor.
+            let flags = unsafe { libc::fcntl(disk.file().as_raw_fd(), libc::F_GETFL) };
+            assert_ne!(flags & libc::O_NOATIME, 0, "{}: {direct_io:?}", dir.path().display());
+            // (Aligned for O_DIRECT.)
+            #[repr(C, align(4096))]
+            struct Page([u8; 4096]);
+            let mut page = Box::new(Page([0; 4096]));
+            disk.file().read_exact_at(&mut page.0, 0).expect("read");
+            let atime = std::fs::metadata(&path).expect("stat").accessed().expect("atime");
+            let secs = atime.duration_since(std::time::UNIX_EPOCH).expect("after the epoch").as_secs();
+            assert_eq!(
+                secs,
+                1_000_000_000,
+                "{}: {direct_io:?}: the read touched the access time",
+                dir.path().display()
+            );
+        }
+    }
+}

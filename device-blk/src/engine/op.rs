@@ -43,7 +43,8 @@ pub(crate) enum Step {
         /// Byte offset on the disk.
         offset: u64,
     },
-    /// `pread`/`pwrite` of the rest of one iovec that a short transfer split.
+    /// `pread`/`pwrite` of one buffer: a transfer of a single iovec (the usual 4 KiB request), or the rest of one
+    /// that a short transfer split (no iovec array for the kernel to copy in).
     Single {
         /// Write (else read).
         write: bool,
@@ -204,6 +205,12 @@ impl OpState {
                 let slice = unsafe { std::slice::from_raw_parts(iovecs, count) };
                 let position = offset.saturating_add(done);
                 match remainder(slice, done) {
+                    // One buffer left: without the vector (the kernel copies no iovec array in for it).
+                    Remainder::Whole(index) if count - index == 1 && u32::try_from(slice[index].iov_len).is_ok() => {
+                        let v = &slice[index];
+                        let len = u32::try_from(v.iov_len).unwrap_or(u32::MAX);
+                        Step::Single { write, buf: v.iov_base.cast(), len, offset: position }
+                    }
                     Remainder::Whole(index) => Step::Vectored {
                         write,
                         iovecs: iovecs.wrapping_add(index),
@@ -402,12 +409,21 @@ mod tests {
         assert_eq!(state.advance(3096), Progress::Continue { retry: false });
         // SAFETY: as above.
         let whole = unsafe { state.step() };
-        assert_eq!(
-            whole,
-            Step::Vectored { write: false, iovecs: iovecs.as_ptr().wrapping_add(1), count: 1, offset: 12288 }
-        );
+        assert_eq!(whole, Step::Single { write: false, buf: b.as_mut_ptr(), len: 4096, offset: 12288 });
         assert_eq!(state.advance(-i64::from(libc::EAGAIN)), Progress::Continue { retry: true });
         assert_eq!(state.advance(0), Progress::Done(Ok(4096)), "end of file reports what was done");
+    }
+
+    #[test]
+    fn a_transfer_of_one_buffer_goes_without_the_vector() {
+        let mut a = vec![0u8; 4096];
+        let iovecs = [iov(&mut a)];
+        let op = IoOp::Write { offset: 4096, iovecs: &iovecs };
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
+        // SAFETY: `iovecs` outlives the call.
+        let step = unsafe { state.step() };
+        assert_eq!(step, Step::Single { write: true, buf: a.as_mut_ptr(), len: 4096, offset: 4096 });
+        assert_eq!(state.advance(4096), Progress::Done(Ok(4096)));
     }
 
     #[test]
