@@ -234,7 +234,6 @@ impl Disk {
     pub fn open(path: impl AsRef<Path>, options: &DiskOptions) -> Result<Disk, DiskError> {
         let path = path.as_ref().to_path_buf();
         let (file, direct) = open_file(&path, options).map_err(|e| read_only_hint(e, options))?;
-        skip_access_times(&file, &path);
         let meta = file.metadata().map_err(|source| DiskError::Geometry {
             path: path.clone(),
             what: "fstat",
@@ -243,6 +242,9 @@ impl Disk {
         let file_type = meta.file_type();
         if file_type.is_file() && !options.read_only && meta.mode() & 0o222 == 0 {
             return Err(DiskError::WriteProtected { path, mode: meta.mode() & 0o7777 });
+        }
+        if file_type.is_file() {
+            skip_access_times(&file, &path);
         }
         let (kind, mut geometry) = if file_type.is_block_device() {
             let rdev = meta.rdev();
@@ -499,15 +501,12 @@ fn open_file(path: &Path, options: &DiskOptions) -> Result<(File, bool), DiskErr
     }
 }
 
-/// Stop the kernel from keeping the access time of a regular file as the guest reads it (`O_NOATIME`, set on the
+/// Stop the kernel from keeping the access time of a regular `file` as the guest reads it (`O_NOATIME`, set on the
 /// open file description, so it goes with the descriptor to a worker): every read otherwise checks whether the
 /// access time is due (`touch_atime`, about 3 % of the I/O thread's time for 4 KiB reads of a file on tmpfs),
 /// and a disk image's access time tells nothing a backend should keep. Only the file's owner (or `CAP_FOWNER`)
 /// may set it; for anyone else the file stays as it was.
 fn skip_access_times(file: &File, path: &Path) {
-    if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
-        return;
-    }
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL on a valid descriptor, no pointer argument.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };

@@ -115,8 +115,8 @@ fn requests_left_on_the_ring_fail_with_an_io_error_at_stop() {
     // Almost always none of them was looked at before the stop. But the worker may still take one more round after
     // the response to request 1 was published (an event that arrives after the round that answered it, such as an
     // edge of its completion eventfd), and every round looks at the ring: a request it took then is served (seen
-    // once in a CI run; not reproduced in 450 local runs). Either way each is answered exactly once, in order, and those left on the ring with an
-    // I/O error.
+    // once in a CI run; not reproduced in 450 local runs). Either way each is answered exactly once, in order, and
+    // those left on the ring with an I/O error.
     let ids: Vec<(u64, u8)> = answered.iter().map(|&(id, op, _)| (id, op)).collect();
     assert_eq!(ids, vec![(2, OP_READ), (3, OP_READ), (4, OP_READ)], "{answered:?}");
     assert!(answered.iter().all(|&(_, _, status)| status == RSP_ERROR || status == RSP_OKAY), "{answered:?}");

@@ -205,18 +205,16 @@ impl OpState {
                 let slice = unsafe { std::slice::from_raw_parts(iovecs, count) };
                 let position = offset.saturating_add(done);
                 match remainder(slice, done) {
-                    // One buffer left: without the vector (the kernel copies no iovec array in for it).
-                    Remainder::Whole(index) if count - index == 1 && u32::try_from(slice[index].iov_len).is_ok() => {
-                        let v = &slice[index];
-                        let len = u32::try_from(v.iov_len).unwrap_or(u32::MAX);
-                        Step::Single { write, buf: v.iov_base.cast(), len, offset: position }
-                    }
-                    Remainder::Whole(index) => Step::Vectored {
-                        write,
-                        iovecs: iovecs.wrapping_add(index),
-                        // `count <= IOV_MAX` was checked in `start`.
-                        count: u32::try_from(count - index).unwrap_or(u32::MAX),
-                        offset: position,
+                    Remainder::Whole(index) => match one_buffer(&slice[index..]) {
+                        // One buffer left: without the vector (the kernel copies no iovec array in for it).
+                        Some((buf, len)) => Step::Single { write, buf, len, offset: position },
+                        None => Step::Vectored {
+                            write,
+                            iovecs: iovecs.wrapping_add(index),
+                            // `count <= IOV_MAX` was checked in `start`.
+                            count: u32::try_from(count - index).unwrap_or(u32::MAX),
+                            offset: position,
+                        },
                     },
                     Remainder::Split { buf, len } => Step::Single { write, buf, len, offset: position },
                 }
@@ -322,6 +320,14 @@ fn remainder(iovecs: &[libc::iovec], done: u64) -> Remainder {
         skip -= len;
     }
     Remainder::Whole(iovecs.len())
+}
+
+/// The buffer of `rest` if it holds exactly one whose length fits a single call's.
+fn one_buffer(rest: &[libc::iovec]) -> Option<(*mut u8, u32)> {
+    match rest {
+        [v] => u32::try_from(v.iov_len).ok().map(|len| (v.iov_base.cast(), len)),
+        _ => None,
+    }
 }
 
 /// Execute one step with a blocking system call on `fd`; returns bytes or a negative errno, as a CQE would.
