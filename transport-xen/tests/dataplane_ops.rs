@@ -109,6 +109,32 @@ fn discard_punches_zeroes_and_secure_discard_when_advertised() {
     bed.stop();
 }
 
+/// blkif advertises no discard limit and Linux blkfront sends discards of up to 4 GiB (its whole disk before 6.9,
+/// `mkfs` and `blkdiscard` ask for all of it): a discard of a whole 6 GiB disk in one request is served (in pieces
+/// of at most 2 GiB per system call), not refused for exceeding virtio's advertised maximum.
+#[test]
+fn a_discard_of_a_whole_large_disk_is_served() {
+    let config = BedConfig { disk_bytes: 6 << 30, ..BedConfig::default() };
+    let mut bed = Bed::<X86_64>::new(config);
+    let sectors = (6u64 << 30) / 512;
+    let data = pattern(64 * 512, 3);
+    // Data in each 2 GiB piece of the disk, and at its very end.
+    let places = [0, (2u64 << 30) / 512 + 64, (4u64 << 30) / 512 + 8, sectors - 64];
+    for &sector in &places {
+        let (st, _) = bed.transfer(0, Some(&data), sector, 64, Shape::Direct);
+        assert!(st.iter().all(|&s| s == RSP_OKAY), "write at {sector}");
+    }
+    assert_eq!(bed.roundtrip(0, &[encode::discard::<X86_64>(1, 0, sectors, false)]), vec![RSP_OKAY]);
+    for &sector in &places {
+        let (st, back) = bed.transfer(0, None, sector, 64, Shape::Direct);
+        assert!(st.iter().all(|&s| s == RSP_OKAY));
+        assert!(back.iter().all(|&b| b == 0), "sector {sector} reads back as zeroes after the discard");
+    }
+    // One sector beyond the disk is still refused.
+    assert_ne!(bed.roundtrip(0, &[encode::discard::<X86_64>(2, 8, sectors, false)]), vec![RSP_OKAY]);
+    bed.stop();
+}
+
 #[test]
 fn one_map_batch_per_request_and_persistent_hits_map_nothing() {
     let mut bed = Bed::<X86_64>::new(BedConfig { max_indirect: 256, ..Default::default() });

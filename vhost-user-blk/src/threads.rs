@@ -159,7 +159,8 @@ pub(super) struct ThreadSlot {
 
 impl ThreadSlot {
     pub(super) fn new(queues: Vec<usize>) -> io::Result<Self> {
-        let (exit, name) = (EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?);
+        let (exit, name) =
+            (EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?, EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
         Ok(ThreadSlot { queues, exit, name, ring: OnceLock::new() })
     }
 

@@ -57,6 +57,9 @@ pub(super) struct QueueWorker {
     seg_max: usize,
     /// Chains were left in the avail ring for lack of room; completions resume popping.
     blocked: bool,
+    /// The last pop found the avail ring broken (e.g. an index more than a ring ahead): nothing can be taken until
+    /// the driver resets the queue, so neither re-arming nor polling may go round again for it.
+    broken: bool,
     /// Malformed chains seen: the first is logged as a warning, the rest at debug level.
     malformed: u64,
     /// Signalled when a round stopped popping at its budget: the worker thread watches it and comes back for the
@@ -87,8 +90,8 @@ impl QueueWorker {
             Some(wrapper) => wrapper.wrap(engine),
             None => engine,
         };
-        let resume =
-            EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Io { what: "resume eventfd", cause: source })?;
+        let resume = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|source| EngineError::Io { what: "resume eventfd", cause: source })?;
         tracing::debug!(queue = index, engine = engine.name(), depth, "queue worker started");
         Ok(QueueWorker {
             index,
@@ -98,6 +101,7 @@ impl QueueWorker {
             request: Request::with_capacity(),
             seg_max,
             blocked: false,
+            broken: false,
             malformed: 0,
             resume,
             shared,
@@ -183,13 +187,15 @@ impl QueueWorker {
         if may_pop && self.queue.has_room() && avail_pending(&ring, mem) {
             let snapshot = mem.memory().into_inner();
             // What the budget leaves is taken by the next pass (polling goes on while there is work).
-            let mut budget = ring.get_queue().size();
+            let size = ring.get_queue().size();
+            let mut budget = size;
             self.pop_available(&mut ring, &snapshot, &mut used, &mut budget);
             if let Err(error) = self.queue.submit_batch() {
                 tracing::error!(queue = self.index, %error, "submitting to the I/O engine failed");
             }
             self.answer_finished(&mut ring, &mut used, false);
-            progress = true;
+            // Only chains taken are progress: a broken avail ring stays "pending" for ever.
+            progress |= budget < size;
         }
         if used {
             notify_guest(&mut ring, self.index);
@@ -294,7 +300,8 @@ impl QueueWorker {
             if self.pop_available(ring, mem, used, budget) {
                 return true;
             }
-            if self.blocked || !ring.get_queue().event_idx_enabled() {
+            // (A broken ring would make `enable_notification` report chains forever: its index is ahead.)
+            if self.blocked || self.broken || !ring.get_queue().event_idx_enabled() {
                 return false;
             }
             match ring.enable_notification() {
@@ -318,6 +325,7 @@ impl QueueWorker {
         budget: &mut u16,
     ) -> bool {
         self.blocked = false;
+        self.broken = false;
         loop {
             if !self.queue.has_room() {
                 // Backpressure: leave the rest in the avail ring; the next completion resumes.
@@ -336,6 +344,7 @@ impl QueueWorker {
                 Err(error) => {
                     // E.g. an avail index more than a ring ahead: nothing can be taken until the driver resets.
                     self.log_bad_ring(&error);
+                    self.broken = true;
                     return false;
                 }
             };

@@ -218,10 +218,34 @@ fn a_broken_avail_ring_is_survived() {
     assert_eq!(driver.used_idx(), 0, "nothing returned for an out-of-ring head");
     assert_eq!(h.vring.get_ref().get_queue().next_avail(), 1);
 
-    // An avail index more than a ring ahead: nothing is taken.
+    // An avail index more than a ring ahead: nothing is taken, and nothing goes round for ever: neither the
+    // re-arm with EVENT_IDX (which would see chains "published" again and again) nor a polling pass (which would
+    // count the pending index as progress).
     snapshot.write_obj(1 + 2 * QUEUE_SIZE, avail_idx).expect("avail idx");
-    worker.on_kick(&h.vring, &h.atomic);
-    assert_eq!(h.vring.get_ref().get_queue().next_avail(), 1);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_secs(10) {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            eprintln!("a broken avail ring kept the worker busy for 10 s");
+            std::process::abort();
+        })
+    };
+    for event_idx in [false, true] {
+        h.vring.set_queue_event_idx(event_idx);
+        worker.on_kick(&h.vring, &h.atomic);
+        assert_eq!(h.vring.get_ref().get_queue().next_avail(), 1);
+        assert!(!worker.poll_once(&h.vring, &h.atomic, true), "a broken ring is no progress (event idx {event_idx})");
+    }
+    h.vring.set_queue_event_idx(false);
+    done.store(true, std::sync::atomic::Ordering::Release);
+    watchdog.join().expect("watchdog");
 
     // Repaired by the driver: served again.
     snapshot.write_obj(1u16, avail_idx).expect("avail idx");

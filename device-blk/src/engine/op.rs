@@ -29,6 +29,11 @@ const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 /// `fallocate` mode: allocate the range (unwritten blocks read back zeroes).
 const ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 
+/// Most bytes one discard or write-zeroes system call covers: a larger request (a Xen guest may discard its
+/// whole disk in one request; blkif has no limit to advertise) is done in pieces of this size, one system call
+/// each, so no single call takes longer than one of the largest requests a virtio guest may send.
+pub(crate) const RANGE_CHUNK: u64 = crate::request::MAX_DISCARD_SECTORS * crate::units::SECTOR_SIZE;
+
 /// One system call's worth of an operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -126,16 +131,20 @@ pub(crate) enum OpState {
         /// `EAGAIN` retries.
         retries: u8,
     },
-    /// Discard or write-zeroes.
+    /// Discard or write-zeroes, in pieces of at most [`RANGE_CHUNK`] bytes.
     Range {
         /// Current stage.
         stage: RangeStage,
+        /// The stage each piece starts with (a fallback found on one piece is kept for the next).
+        first: RangeStage,
         /// On a block device (write-zeroes with unmap falls back to zeroing in place there).
         block_device: bool,
         /// Byte offset.
         offset: u64,
         /// Length.
         len: u64,
+        /// Bytes of the finished pieces.
+        done: u64,
         /// `EAGAIN` retries of the current stage.
         retries: u8,
     },
@@ -159,7 +168,8 @@ impl OpState {
     /// `BLOCK_URING_CMD_DISCARD`. Fails with an errno for an operation no step can serve.
     pub(crate) fn start(op: &IoOp<'_>, kind: DiskKind, discard_cmd: bool) -> Result<OpState, i32> {
         let block_device = matches!(kind, DiskKind::BlockDevice { .. });
-        let range = |stage, offset, len| OpState::Range { stage, block_device, offset, len, retries: 0 };
+        let range =
+            |stage, offset, len| OpState::Range { stage, first: stage, block_device, offset, len, done: 0, retries: 0 };
         Ok(match *op {
             IoOp::Read { offset, iovecs } | IoOp::Write { offset, iovecs } => {
                 if iovecs.len() > IOV_MAX {
@@ -220,13 +230,16 @@ impl OpState {
                 }
             }
             OpState::Flush { .. } => Step::Fsync,
-            OpState::Range { stage, offset, len, .. } => match stage {
-                RangeStage::Punch | RangeStage::PunchThenAllocate => Step::Fallocate { mode: PUNCH, offset, len },
-                RangeStage::ZeroRange => Step::Fallocate { mode: ZERO_RANGE, offset, len },
-                RangeStage::Allocate => Step::Fallocate { mode: ALLOCATE, offset, len },
-                RangeStage::DiscardCmd => Step::DiscardCmd { offset, len },
-                RangeStage::Ioctl(request) => Step::Ioctl { request, offset, len },
-            },
+            OpState::Range { stage, offset, len, done, .. } => {
+                let (offset, len) = range_piece(offset, len, done);
+                match stage {
+                    RangeStage::Punch | RangeStage::PunchThenAllocate => Step::Fallocate { mode: PUNCH, offset, len },
+                    RangeStage::ZeroRange => Step::Fallocate { mode: ZERO_RANGE, offset, len },
+                    RangeStage::Allocate => Step::Fallocate { mode: ALLOCATE, offset, len },
+                    RangeStage::DiscardCmd => Step::DiscardCmd { offset, len },
+                    RangeStage::Ioctl(request) => Step::Ioctl { request, offset, len },
+                }
+            }
         }
     }
 
@@ -264,9 +277,24 @@ impl OpState {
                 }
             },
             OpState::Flush { .. } => Progress::Done(errno.map_or(Ok(0), Err)),
-            OpState::Range { stage, block_device, retries, .. } => {
+            OpState::Range { stage, first, block_device, len, done, retries, .. } => {
                 let next = match (*stage, errno) {
-                    (RangeStage::PunchThenAllocate, None) => Some(RangeStage::Allocate),
+                    // The second half of the same piece.
+                    (RangeStage::PunchThenAllocate, None) => {
+                        *stage = RangeStage::Allocate;
+                        *retries = 0;
+                        return Progress::Continue { retry: false };
+                    }
+                    // A piece done: the next one, if any.
+                    (_, None) => {
+                        *done = done.saturating_add(RANGE_CHUNK).min(*len);
+                        if *done >= *len {
+                            return Progress::Done(Ok(0));
+                        }
+                        *stage = *first;
+                        *retries = 0;
+                        return Progress::Continue { retry: false };
+                    }
                     (RangeStage::ZeroRange, Some(libc::EOPNOTSUPP)) if !*block_device => {
                         Some(RangeStage::PunchThenAllocate)
                     }
@@ -279,8 +307,10 @@ impl OpState {
                     _ => None,
                 };
                 match next {
+                    // A fallback: this piece again the other way, and every later piece too.
                     Some(next) => {
                         *stage = next;
+                        *first = next;
                         *retries = 0;
                         Progress::Continue { retry: false }
                     }
@@ -289,6 +319,11 @@ impl OpState {
             }
         }
     }
+}
+
+/// The piece of the range `(offset, len)` after `done` bytes: `(offset, len)` of at most [`RANGE_CHUNK`] bytes.
+fn range_piece(offset: u64, len: u64, done: u64) -> (u64, u64) {
+    (offset.saturating_add(done), len.saturating_sub(done).min(RANGE_CHUNK))
 }
 
 /// Where a transfer resumes inside the caller's iovecs.
@@ -439,6 +474,41 @@ mod tests {
             assert_eq!(state.advance(-i64::from(libc::EAGAIN)), Progress::Continue { retry: true });
         }
         assert_eq!(state.advance(-i64::from(libc::EAGAIN)), Progress::Done(Err(libc::EAGAIN)));
+    }
+
+    /// A range larger than [`RANGE_CHUNK`] is done a piece at a time, and a fallback found on one piece is kept for
+    /// the next.
+    #[test]
+    fn a_large_range_goes_in_pieces() {
+        // SAFETY: range steps refer to no memory.
+        let step = |s: &OpState| unsafe { s.step() };
+        let (gib, len) = (1u64 << 30, 5u64 << 30);
+        let op = IoOp::Discard { offset: 4096, len, secure: false };
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
+        for (offset, piece) in [(4096, 2 * gib), (4096 + 2 * gib, 2 * gib)] {
+            assert_eq!(step(&state), Step::Fallocate { mode: PUNCH, offset, len: piece });
+            assert_eq!(state.advance(0), Progress::Continue { retry: false });
+        }
+        assert_eq!(step(&state), Step::Fallocate { mode: PUNCH, offset: 4096 + 4 * gib, len: gib });
+        assert_eq!(state.advance(0), Progress::Done(Ok(0)));
+
+        let op = IoOp::WriteZeroes { offset: 0, len: 3 * gib, unmap: false };
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
+        assert_eq!(step(&state), Step::Fallocate { mode: ZERO_RANGE, offset: 0, len: 2 * gib });
+        assert_eq!(state.advance(-i64::from(libc::EOPNOTSUPP)), Progress::Continue { retry: false });
+        for (offset, piece) in [(0, 2 * gib), (2 * gib, gib)] {
+            assert_eq!(step(&state), Step::Fallocate { mode: PUNCH, offset, len: piece });
+            assert_eq!(state.advance(0), Progress::Continue { retry: false });
+            assert_eq!(step(&state), Step::Fallocate { mode: ALLOCATE, offset, len: piece });
+            let last = offset == 2 * gib;
+            let want = if last { Progress::Done(Ok(0)) } else { Progress::Continue { retry: false } };
+            assert_eq!(state.advance(0), want);
+        }
+        // An error on a later piece fails the whole operation.
+        let op = IoOp::Discard { offset: 0, len: 3 * gib, secure: false };
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
+        assert_eq!(state.advance(0), Progress::Continue { retry: false });
+        assert_eq!(state.advance(-i64::from(libc::EIO)), Progress::Done(Err(libc::EIO)));
     }
 
     #[test]

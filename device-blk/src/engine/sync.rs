@@ -28,8 +28,8 @@ pub struct SyncEngine {
 impl SyncEngine {
     /// An engine for `disk` holding up to `depth` unreaped completions.
     pub fn new(disk: Arc<Disk>, depth: u32) -> Result<Self, EngineError> {
-        let eventfd =
-            EventFd::new(EFD_NONBLOCK).map_err(|source| EngineError::Io { what: "eventfd", cause: source })?;
+        let eventfd = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|source| EngineError::Io { what: "eventfd", cause: source })?;
         let capacity = usize::try_from(depth.max(1)).unwrap_or(1);
         Ok(SyncEngine { disk, done: VecDeque::with_capacity(capacity), capacity, eventfd })
     }

@@ -182,7 +182,7 @@ impl UringEngine {
     ) -> Result<Self, EngineError> {
         let io = |what| move |source| EngineError::Io { what, cause: source };
         let (ring, disabled, mode) = build_ring(entries, cq_entries, preferred).map_err(io("io_uring_setup"))?;
-        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(io("eventfd"))?;
+        let eventfd = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io("eventfd"))?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd()).map_err(io("io_uring register eventfd"))?;
         // Probed now: once the ring is enabled, its restrictions refuse every register operation they do not name.
         let mut probe = Probe::new();

@@ -100,6 +100,12 @@ pub enum ChainError {
         /// The advertised maximum.
         max: usize,
     },
+    /// A chain longer than any request needs: it is not read to its end (so no status can be written).
+    #[error("chain of more than {max} descriptors")]
+    TooLong {
+        /// The most descriptors read ([`max_chain_len`]).
+        max: usize,
+    },
     /// A flush carrying data descriptors.
     #[error("flush request carries data descriptors")]
     UnexpectedData,
@@ -153,8 +159,15 @@ impl ChainError {
     }
 }
 
+/// The most descriptors of one chain read with `seg_max` data segments advertised: a header, the segments, the
+/// status, and one more (a chain with one segment too many is still answered, with an error status). The bound
+/// keeps the work per chain small: an indirect table may list 65535 descriptors.
+pub fn max_chain_len(seg_max: usize) -> usize {
+    seg_max.max(1).saturating_add(3)
+}
+
 /// Parse the descriptors of one chain into `request` (reset first; its segment allocation is reused, nothing is
-/// allocated), accepting at most `seg_max` data segments.
+/// allocated), accepting at most `seg_max` data segments and reading at most [`max_chain_len`] descriptors.
 ///
 /// `mem` is the guest memory the descriptors point into. Only the shape is checked here; the request's fit on
 /// the disk is checked by [`Request::validate`].
@@ -176,7 +189,12 @@ pub fn parse_chain<M: GuestMemoryBackend>(
     });
     // The status descriptor is the last one, known only when the chain ends: hold one descriptor back.
     let mut last: Option<Descriptor> = None;
-    for desc in descriptors {
+    let max = max_chain_len(seg_max);
+    for (read, desc) in descriptors.enumerate() {
+        // (`read` descriptors after the head were read before this one.)
+        if read + 2 > max {
+            return Parsed::Unanswerable { error: ChainError::TooLong { max } };
+        }
         if let (Some(data), Ok(s)) = (last.replace(desc), shape.as_mut()) {
             if let Err(e) = s.add_data(&data, mem, request) {
                 shape = Err(e);

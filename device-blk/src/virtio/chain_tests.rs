@@ -183,6 +183,35 @@ fn segments_beyond_seg_max_are_refused() {
     assert_eq!(refused(parse(mem, &descs).0), ChainError::TooManySegments { max: SEG_MAX });
 }
 
+/// A chain is read to [`max_chain_len`] descriptors at most (an indirect table may list 65535): one segment too
+/// many still gets its error status, a longer chain is left unanswerable without reading the rest.
+#[test]
+fn a_chain_is_read_only_as_far_as_a_request_can_reach() {
+    let mem = &memory();
+    header(mem, VIRTIO_BLK_T_IN, 0);
+    let max = max_chain_len(SEG_MAX);
+    assert_eq!(max, SEG_MAX + 3);
+    let chain = |data: usize| {
+        let mut descs = vec![hdr()];
+        descs.extend((0..data as u64).map(|i| desc(DATA + (i % 8) * 512, 512, true)));
+        descs.push(status());
+        descs
+    };
+    let descs = chain(SEG_MAX + 1);
+    assert_eq!(descs.len(), max);
+    assert_eq!(refused(parse(mem, &descs).0), ChainError::TooManySegments { max: SEG_MAX });
+    let long = chain(60_000);
+    let mut read = 0usize;
+    let mut request = Request::with_capacity();
+    let counted = long.iter().map(|&d| {
+        read += 1;
+        Descriptor::from(d)
+    });
+    let parsed = parse_chain(counted, mem, SEG_MAX, &mut request);
+    assert!(matches!(parsed, Parsed::Unanswerable { error: ChainError::TooLong { max: m } } if m == max), "{parsed:?}");
+    assert_eq!(read, max + 1, "read one descriptor past the bound, not 60002");
+}
+
 #[test]
 fn unknown_types_are_unsupported() {
     let mem = &memory();

@@ -11,7 +11,7 @@ mod chain;
 mod config;
 mod serial;
 
-pub use chain::{parse_chain, ChainError, Parsed, HEADER_BYTES, RANGE_BYTES};
+pub use chain::{max_chain_len, parse_chain, ChainError, Parsed, HEADER_BYTES, RANGE_BYTES};
 pub use config::{device_features, BlkConfig, CONFIG_SPACE_SIZE, MAX_RANGE_SEGMENTS};
 pub use serial::{default_serial, serial_from_str, SerialError};
 

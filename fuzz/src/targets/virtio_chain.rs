@@ -49,6 +49,11 @@ fn model(descs: &[Descriptor], mem: &GuestMemoryMmap, seg_max: usize) -> (Parsed
     let Some(head) = descs.first() else {
         return (Parsed::Unanswerable { error: ChainError::Empty }, None);
     };
+    // A header, `seg_max` segments (one at least), the status and one more are read; a longer chain is not.
+    let max = seg_max.max(1) + 3;
+    if descs.len() > max {
+        return (Parsed::Unanswerable { error: ChainError::TooLong { max } }, None);
+    }
     if descs.len() == 1 {
         return (Parsed::Unanswerable { error: ChainError::NoStatus }, None);
     }

@@ -318,7 +318,7 @@ impl Dataplane {
     {
         check_config(config)?;
         let fatal = Arc::new(FatalState {
-            eventfd: EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
+            eventfd: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| DataplaneError::Io {
                 queue: 0,
                 what: "eventfd",
                 cause: source,
@@ -419,7 +419,7 @@ impl Dataplane {
             registry.register(labels, queue.stats());
         }
         let engine_name = queue.engine_name();
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DataplaneError::Io {
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| DataplaneError::Io {
             queue: index,
             what: "eventfd",
             cause: source,

@@ -167,7 +167,7 @@ impl IoThreads {
                     closed: AtomicBool::new(false),
                     rings: AtomicUsize::new(0),
                     new: Mutex::new(Vec::new()),
-                    wake: EventFd::new(EFD_NONBLOCK)?,
+                    wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
                     tickets: AtomicU64::new(0),
                     unreleased: Mutex::new(Vec::new()),
                     released: Condvar::new(),

@@ -268,9 +268,16 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     // Never abandon I/O in flight (its pages must stay mapped): poll until stopped.
                     tracing::error!(queue = self.index, error = %e, "epoll_wait failed, polling");
                     std::thread::sleep(std::time::Duration::from_millis(10));
+                    // The stop event only if one was asked for (its eventfd says so): a stop that was not would
+                    // abandon the ring without a word.
                     events[0] = EpollEvent::new(EventSet::IN, TOKEN_EVTCHN);
-                    events[1] = EpollEvent::new(EventSet::IN, TOKEN_STOP);
-                    2
+                    events[1] = EpollEvent::new(EventSet::IN, TOKEN_COMPLETION);
+                    if self.stop.read().is_ok() {
+                        events[2] = EpollEvent::new(EventSet::IN, TOKEN_STOP);
+                        3
+                    } else {
+                        2
+                    }
                 }
             };
             if n > 0 || timeout != 0 {
@@ -326,6 +333,11 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                 self.process_ring();
                 self.submit_batch();
             }
+        }
+        // A request the completions started (the next phase of one, a held one) or the second look at the ring
+        // took may have finished on the spot (refused by the engine): no eventfd says so, so come back at once.
+        if self.queue.has_finished() {
+            self.more_work = true;
         }
         self.queue.end_round();
         // Whatever the round queued went out: nothing else may come to submit it (a held request started by the
