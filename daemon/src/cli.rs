@@ -345,8 +345,9 @@ pub struct XenArgs {
 #[derive(Clone, Debug, Args)]
 pub struct XenServingArgs {
     /// How guest data pages are reached: `auto` (persistent mappings for a frontend that uses persistent grants,
-    /// as Linux blkfront does; grant copy otherwise), `map` (map every request's grants), `copy` (grant copy through
-    /// a bounce pool; persistent grants are not offered).
+    /// as Linux blkfront does; otherwise grant copy with `--direct-grants`, maps of every request's grants
+    /// without), `map` (map every request's grants), `copy` (grant copy through a bounce pool; persistent grants
+    /// are not offered; needs `--direct-grants`).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = GrantModeArg::Auto)]
     pub grant_mode: GrantModeArg,
     /// Most queues a frontend may use (`multi-queue-max-queues`).
@@ -372,6 +373,14 @@ pub struct XenServingArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(0..=transport_xen::dataplane::MAX_IO_THREADS as i64))]
     pub io_threads: u16,
+    /// Let each guest's worker map and copy grants by itself. By default the supervisor registers every grant map
+    /// a worker makes, always as the worker's own guest's, and the worker's system call filter refuses the calls
+    /// that name a domain: Linux's grant device has no per-domain restriction, so a worker its guest took over
+    /// could otherwise map pages other guests granted to this domain. Costs a round trip to the supervisor per map
+    /// (rare with persistent grants, per request without); allows `--grant-mode copy`. For a driver domain that
+    /// serves one guest, or guests that are trusted.
+    #[arg(long)]
+    pub direct_grants: bool,
 }
 
 impl XenServingArgs {
@@ -391,6 +400,9 @@ impl XenServingArgs {
         ];
         if self.no_persistent {
             args.push("--no-persistent".to_string());
+        }
+        if self.direct_grants {
+            args.push("--direct-grants".to_string());
         }
         args
     }
@@ -600,6 +612,21 @@ mod tests {
         let Command::XenWorker(w) = cli.command else { panic!("expected xen-worker") };
         assert_eq!((w.domid, w.channel_fd, w.serving.poll_us, w.serving.grant_mode), (3, 3, 50, GrantModeArg::Auto));
         assert_eq!(w.serving.io_threads, 2, "the worker gets --io-threads");
+        assert!(!w.serving.direct_grants, "grant maps go through the supervisor by default");
+        // `--direct-grants` reaches the worker; grant copy needs it.
+        let mode = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["blkbackd", "xen"][..], extra].concat()).expect("xen");
+            let Command::Xen(args) = cli.command else { panic!("expected xen") };
+            let cli = Cli::try_parse_from(worker.iter().map(|s| s.to_string()).chain(args.serving.to_args()));
+            let Command::XenWorker(w) = cli.expect("worker").command else { panic!("expected xen-worker") };
+            assert_eq!(w.serving.direct_grants, args.serving.direct_grants);
+            crate::xen::grant_mode(&w.serving).map_err(|e| e.to_string())
+        };
+        use transport_xen::grant_memory::GrantMode;
+        assert_eq!(mode(&[]), Ok((GrantMode::Map, false)), "brokered: maps for every frontend");
+        assert_eq!(mode(&["--direct-grants"]), Ok((GrantMode::Map, true)), "copy without persistent grants");
+        assert!(mode(&["--grant-mode", "copy"]).expect_err("refused").contains("--direct-grants"));
+        assert_eq!(mode(&["--grant-mode", "copy", "--direct-grants"]), Ok((GrantMode::Copy, false)));
         assert!(Cli::try_parse_from(["blkbackd", "xen", "--poll-us", "1000001"]).is_err(), "above the bound");
         assert!(Cli::try_parse_from(["blkbackd", "xen", "--io-threads", "65"]).is_err(), "above the bound");
         for bad in [&["--user", "root"][..], &["--user", "no-such-user-blkbackd"], &["--seccomp", "kill"]] {

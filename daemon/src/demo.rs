@@ -60,7 +60,7 @@ pub fn run(seccomp: SeccompMode) -> anyhow::Result<()> {
     let host = EmulatedHost::new().context("starting the emulated Xen host")?;
     let rings = DataplaneServer::new(Arc::new(host.grant_table(0)), host.evtchn_opener(0), EngineKind::Auto, {
         let mut o = DataplaneOptions::default();
-        o.worker_init = Some(sandbox::xen_worker_init(seccomp)?);
+        o.worker_init = Some(sandbox::xen_worker_init(seccomp, sandbox::GrantAccess::Brokered)?);
         o
     });
     let backend = BackendThread::spawn(&host, Arc::new(rings), BackendConfig::default(), Scope::AllDomains)

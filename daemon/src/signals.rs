@@ -38,7 +38,7 @@ impl Shutdown {
         }
         Ok(Arc::new(Shutdown {
             requested: AtomicBool::new(false),
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             hook: Mutex::new(None),
             listening: AtomicBool::new(false),
         }))

@@ -64,7 +64,7 @@ use caps::{CAP_DAC_OVERRIDE, CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, CAP_
 pub const XEN_SUPERVISOR_CAPS: CapSet =
     CapSet::of(&[CAP_DAC_OVERRIDE, CAP_KILL, CAP_SYS_ADMIN, CAP_SYS_CHROOT, CAP_SETPCAP, CAP_SETUID, CAP_SETGID]);
 pub use confine::confine_worker;
-pub use seccomp::Role;
+pub use seccomp::{GrantAccess, Role};
 pub use user::UserSpec;
 
 /// `--seccomp`.
@@ -147,8 +147,8 @@ pub fn lock_down(role: Role, mode: SeccompMode) -> anyhow::Result<()> {
 
 /// The hook each Xen data-plane worker runs on its own thread before serving: drop every capability and add the
 /// [`Role::XenWorker`] filter (in `mode`) to the thread. A worker that cannot do so does not serve.
-pub fn xen_worker_init(mode: SeccompMode) -> anyhow::Result<WorkerInit> {
-    let programs = Arc::new(seccomp::filters(Role::XenWorker, mode)?);
+pub fn xen_worker_init(mode: SeccompMode, access: GrantAccess) -> anyhow::Result<WorkerInit> {
+    let programs = Arc::new(seccomp::filters(Role::XenWorker(access), mode)?);
     if !programs.is_empty() {
         sigsys::install().context("cannot install the SIGSYS handler")?;
     }

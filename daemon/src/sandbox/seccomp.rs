@@ -12,8 +12,8 @@
 //!   without `unlink`, plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
 //!   themselves; no `open` (`EACCES`), no `socket`, no `exec`, no `unlink`.
 //! - [`Role::XenWorker`] (each data-plane thread, stacked on the process filter): only the data path: its event
-//!   channel, grant maps and copies, its disk through io_uring or `preadv`/`pwritev`, epoll. No `open`
-//!   (`EACCES`), no `socket`, no new threads or rings.
+//!   channel, grant maps (registered by the supervisor: [`GrantAccess`]), its disk through io_uring or
+//!   `preadv`/`pwritev`, epoll. No `open` (`EACCES`), no `socket`, no new threads or rings.
 //!
 //! `ioctl` is allowed only for the request numbers each role issues.
 //!
@@ -37,10 +37,35 @@ pub enum Role {
     /// The whole `blkbackd vhost-user` process.
     VhostUser,
     /// One Xen data-plane worker thread.
-    XenWorker,
+    XenWorker(GrantAccess),
     /// The whole process of one guest's worker (`blkbackd xen-worker`): confined, fed descriptors by the
     /// supervisor. The data-plane threads add [`Role::XenWorker`] on top.
-    XenGuest,
+    XenGuest(GrantAccess),
+}
+
+/// Which grant-device calls a Xen role may make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantAccess {
+    /// Only mmap, unmap and `IOCTL_GNTDEV_UNMAP_GRANT_REF` on the grant device: the calls that name a granting
+    /// domain (`IOCTL_GNTDEV_MAP_GRANT_REF`, `IOCTL_GNTDEV_GRANT_COPY`) are the supervisor's, which makes them for
+    /// the worker's guest only. Linux's gntdev restricts neither to a domain.
+    Brokered,
+    /// Also maps and copies of any domain's grants (`blkbackd xen --direct-grants`).
+    Direct,
+}
+
+/// The grant-device ioctls of `access`.
+fn gntdev_requests(access: GrantAccess) -> &'static [u64] {
+    const BROKERED: [u64; 1] = [req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF)];
+    const DIRECT: [u64; 3] = [
+        req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
+        req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
+        req(xen::IOCTL_GNTDEV_GRANT_COPY),
+    ];
+    match access {
+        GrantAccess::Brokered => &BROKERED,
+        GrantAccess::Direct => &DIRECT,
+    }
 }
 
 // Block-device ioctls (`<linux/fs.h>`): size and geometry queries when a disk is opened, discards on the data path.
@@ -242,7 +267,7 @@ fn process(rules: &mut Rules, unlink: bool) -> anyhow::Result<()> {
 
 /// What a guest's worker process adds to [`base`] and [`process`]: the Xen and block-device ioctls on the
 /// descriptors the supervisor gave it, and letting its data-plane threads sandbox themselves. It opens nothing.
-fn xen_guest(rules: &mut Rules) -> anyhow::Result<()> {
+fn xen_guest(rules: &mut Rules, access: GrantAccess) -> anyhow::Result<()> {
     rules.any(&[libc::SYS_capget, libc::SYS_capset]);
     let ambient = eq(0, libc::PR_CAP_AMBIENT as u64)?;
     rules.when(libc::SYS_prctl, vec![vec![ambient, eq(1, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64)?]])?;
@@ -258,31 +283,22 @@ fn xen_guest(rules: &mut Rules) -> anyhow::Result<()> {
             req(xen::IOCTL_EVTCHN_NOTIFY),
             req(xen::IOCTL_EVTCHN_RESET),
             req(xen::IOCTL_EVTCHN_RESTRICT_DOMID),
-            req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
-            req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
-            req(xen::IOCTL_GNTDEV_SET_MAX_GRANTS),
-            req(xen::IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
-            req(xen::IOCTL_GNTDEV_GRANT_COPY),
-        ],
-    )
-}
-
-/// What a Xen data-plane worker adds to [`base`]: its ring's grant maps and copies, its event channel, discards,
-/// enabling its io_uring ring at the first submission, and updating the file table of an I/O thread's ring.
-fn xen_worker(rules: &mut Rules) -> anyhow::Result<()> {
-    rules.arg_in(libc::SYS_io_uring_register, 1, &[IORING_REGISTER_ENABLE_RINGS, IORING_REGISTER_FILES_UPDATE])?;
-    rules.arg_in(
-        libc::SYS_ioctl,
-        1,
-        &[
-            req(xen::IOCTL_EVTCHN_NOTIFY),
-            req(xen::IOCTL_EVTCHN_UNBIND),
-            req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
-            req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
-            req(xen::IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
-            req(xen::IOCTL_GNTDEV_GRANT_COPY),
         ],
     )?;
+    rules.arg_in(libc::SYS_ioctl, 1, gntdev_requests(access))
+}
+
+/// What a Xen data-plane worker adds to [`base`]: its ring's grant maps (and, with direct access, copies), its
+/// event channel, discards, enabling its io_uring ring at the first submission, and updating the file table of an
+/// I/O thread's ring. With brokered grants it asks the supervisor to register each map: a request and its answer
+/// on the supervisor's socket (`send`, `recv`), which the worker already holds.
+fn xen_worker(rules: &mut Rules, access: GrantAccess) -> anyhow::Result<()> {
+    rules.arg_in(libc::SYS_io_uring_register, 1, &[IORING_REGISTER_ENABLE_RINGS, IORING_REGISTER_FILES_UPDATE])?;
+    rules.arg_in(libc::SYS_ioctl, 1, &[req(xen::IOCTL_EVTCHN_NOTIFY), req(xen::IOCTL_EVTCHN_UNBIND)])?;
+    rules.arg_in(libc::SYS_ioctl, 1, gntdev_requests(access))?;
+    if access == GrantAccess::Brokered {
+        rules.any(&[libc::SYS_sendto, libc::SYS_recvfrom]);
+    }
     rules.arg_in(libc::SYS_ioctl, 1, &BLK_DATA)
 }
 
@@ -328,13 +344,13 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
             rules.arg_in(libc::SYS_ioctl, 1, &[BLKGETSIZE64])?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
-        Role::XenGuest => {
+        Role::XenGuest(access) => {
             process(&mut rules, false)?;
-            xen_guest(&mut rules)?;
+            xen_guest(&mut rules, access)?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
-        Role::XenWorker => {
-            xen_worker(&mut rules)?;
+        Role::XenWorker(access) => {
+            xen_worker(&mut rules, access)?;
             vec![(open_calls(), libc::EACCES)]
         }
     };

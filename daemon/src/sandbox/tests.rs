@@ -72,9 +72,18 @@ fn run_scenario(scenario: &str) -> i32 {
     });
     let mode = if mode == "log" { SeccompMode::Log } else { SeccompMode::Enforce };
     let existing = std::env::current_exe().expect("the test binary");
+    // What a worker holds before it locks itself down: a device, and its socket to the supervisor.
+    let held = Held {
+        device: File::open("/dev/null").expect("open /dev/null"),
+        supervisor: std::os::unix::net::UnixDatagram::pair().expect("socket pair"),
+    };
+    let (role, access) = match role.strip_suffix("-direct") {
+        Some(role) => (role, GrantAccess::Direct),
+        None => (role, GrantAccess::Brokered),
+    };
     match role {
         "vhost-user" => lock_down(Role::VhostUser, mode).expect("vhost-user filter"),
-        "xen-guest" | "xen-worker" => lock_down(Role::XenGuest, mode).expect("xen guest filter"),
+        "xen-guest" | "xen-worker" => lock_down(Role::XenGuest(access), mode).expect("xen guest filter"),
         "confined" => {
             // The test harness runs this on a thread of its own: confine a single-threaded fork instead.
             let nobody = UserSpec::parse("65534:65534").expect("uid 65534");
@@ -96,21 +105,52 @@ fn run_scenario(scenario: &str) -> i32 {
         other => panic!("unknown role {other:?}"),
     }
     if role == "xen-worker" {
-        let init = xen_worker_init(mode).expect("worker hook");
+        let init = xen_worker_init(mode, access).expect("worker hook");
         // A worker gets its descriptors from the control thread.
         let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let action = action.to_string();
         let thread = std::thread::Builder::new().name("blkif-d9-q0".into()).spawn(move || {
             init.run(0).expect("the worker sandboxes itself");
-            forbidden_or_allowed(&action, existing, Some(evt))
+            forbidden_or_allowed(&action, existing, Some(evt), &held)
         });
         return thread.expect("spawn").join().expect("join");
     }
-    forbidden_or_allowed(action, existing, None)
+    forbidden_or_allowed(action, existing, None, &held)
 }
 
-fn forbidden_or_allowed(action: &str, existing: PathBuf, evt: Option<EventFd>) -> i32 {
+/// Descriptors a child opened before its filter: a device for ioctls, and a socket pair.
+struct Held {
+    device: File,
+    supervisor: (std::os::unix::net::UnixDatagram, std::os::unix::net::UnixDatagram),
+}
+
+/// An ioctl on /dev/null (which answers `ENOTTY` to everything): `ALLOWED` if the filter let it through.
+fn ioctl_on(device: &File, request: libc::c_ulong) -> i32 {
+    let mut arg = [0u64; 8];
+    // SAFETY: /dev/null reads nothing of the argument, a live 64-byte buffer for the call.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), request as _, arg.as_mut_ptr()) };
+    assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOTTY)));
+    ALLOWED
+}
+
+fn forbidden_or_allowed(action: &str, existing: PathBuf, evt: Option<EventFd>, held: &Held) -> i32 {
+    use transport_xen::xen::ioctl as xen;
     match action {
+        // The grant-device calls that name a granting domain, and the one that does not.
+        "gntdev-map" => return ioctl_on(&held.device, xen::IOCTL_GNTDEV_MAP_GRANT_REF),
+        "gntdev-copy" => return ioctl_on(&held.device, xen::IOCTL_GNTDEV_GRANT_COPY),
+        "gntdev-notify" => return ioctl_on(&held.device, xen::IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
+        "gntdev-unmap" => return ioctl_on(&held.device, xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
+        // A brokered grant map: a request to the supervisor and its answer.
+        "supervisor-call" => {
+            let (worker, supervisor) = &held.supervisor;
+            worker.send(b"map").expect("send");
+            let mut buf = [0u8; 8];
+            assert_eq!(supervisor.recv(&mut buf).expect("recv"), 3);
+            supervisor.send(b"index").expect("send");
+            assert_eq!(worker.recv(&mut buf).expect("recv"), 5);
+            return ALLOWED;
+        }
         "socket" => {
             // SAFETY: socket(2) with constant arguments; the descriptor (if any) is closed at exit.
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -250,6 +290,26 @@ fn forbidden_calls_end_the_process_with_sigsys_and_a_line_naming_them() {
     assert_refused("xen-worker exec", libc::SYS_execve, "execve");
 }
 
+/// Linux's gntdev lets any holder map or copy the grants of any domain that granted to this one: a worker
+/// confined with brokered grants (the default) cannot make the calls that name a domain (the supervisor registers
+/// its maps, as its guest's), nor send events to other handles' ports on unmap; with `--direct-grants` it can.
+#[test]
+fn a_worker_cannot_name_another_domain_to_the_grant_device() {
+    for role in ["xen-guest", "xen-worker"] {
+        assert_refused(&format!("{role} gntdev-map"), libc::SYS_ioctl, "ioctl");
+        assert_refused(&format!("{role} gntdev-copy"), libc::SYS_ioctl, "ioctl");
+        assert_refused(&format!("{role} gntdev-notify"), libc::SYS_ioctl, "ioctl");
+        for allowed in ["gntdev-unmap", "supervisor-call"] {
+            let (status, stderr) = in_child(&format!("{role} {allowed}"));
+            assert_eq!(status.code(), Some(ALLOWED), "{role} {allowed}: {status}\n{stderr}");
+        }
+        for allowed in ["gntdev-map", "gntdev-copy", "gntdev-unmap"] {
+            let (status, stderr) = in_child(&format!("{role}-direct {allowed}"));
+            assert_eq!(status.code(), Some(ALLOWED), "{role}-direct {allowed}: {status}\n{stderr}");
+        }
+    }
+}
+
 #[test]
 fn a_confined_worker_reaches_no_file_and_no_network() {
     // SAFETY: geteuid has no preconditions.
@@ -319,7 +379,8 @@ fn xen_workers_serve_every_request_with_no_capability_under_the_worker_filter() 
         let dir = if on_tmpfs { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
         let image = Image::new_in(&dir, &domid.to_string(), 8 << 20);
         let host = EmulatedHost::new().expect("emulated host");
-        let init = xen_worker_init(SeccompMode::Enforce).expect("worker hook");
+        // The emulated host's grants make no system call: the strictest filter serves them.
+        let init = xen_worker_init(SeccompMode::Enforce, GrantAccess::Brokered).expect("worker hook");
         let options = {
             let mut o = DataplaneOptions::default();
             o.grant_mode = grant_mode;

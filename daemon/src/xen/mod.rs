@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context};
 use transport_xen::xen::{XenBusStore, EVTCHN_DEVICE, GNTDEV_DEVICE, XENBUS_DEVICE, XENSTORED_SOCKETS};
 
-use crate::cli::GrantModeArg;
+use crate::cli::{GrantModeArg, XenServingArgs};
 use transport_xen::grant_memory::GrantMode;
 
 pub use supervisor::run;
@@ -53,12 +53,17 @@ pub fn open_store() -> anyhow::Result<XenBusStore> {
     })
 }
 
-/// `--grant-mode` as the data plane takes it: the mode, and whether to copy for a frontend without persistent
-/// grants.
-pub fn grant_mode(arg: GrantModeArg) -> (GrantMode, bool) {
-    match arg {
-        GrantModeArg::Auto => (GrantMode::Map, true),
-        GrantModeArg::Map => (GrantMode::Map, false),
-        GrantModeArg::Copy => (GrantMode::Copy, false),
+/// `--grant-mode` with `--direct-grants` as the data plane takes it: the mode, and whether a frontend without
+/// persistent grants gets grant copy. Grant copy names domains, so only a worker with direct grant access may use
+/// it.
+pub fn grant_mode(serving: &XenServingArgs) -> anyhow::Result<(GrantMode, bool)> {
+    match (serving.grant_mode, serving.direct_grants) {
+        (GrantModeArg::Copy, false) => anyhow::bail!(
+            "--grant-mode copy needs --direct-grants (grant copy names domains: only a worker that maps grants by \
+             itself can use it)"
+        ),
+        (GrantModeArg::Auto, direct) => Ok((GrantMode::Map, direct)),
+        (GrantModeArg::Map, _) => Ok((GrantMode::Map, false)),
+        (GrantModeArg::Copy, true) => Ok((GrantMode::Copy, false)),
     }
 }

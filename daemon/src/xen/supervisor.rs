@@ -42,7 +42,7 @@ use crate::cli::{value_name, LogFormat, XenArgs};
 use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
 use crate::signals::Shutdown;
-use transport_xen::separation::broker::{Broker, SessionEnd, Welcome};
+use transport_xen::separation::broker::{Broker, SessionEnd, Welcome, SEND_TIMEOUT};
 use transport_xen::separation::wire;
 
 /// The system user the package creates for the workers.
@@ -68,6 +68,8 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
     if !args.allow_kernel_blkback {
         crate::coexist::check_kernel_blkback(std::path::Path::new("/sys"))?;
     }
+    // A combination the workers would refuse fails here, once, not in every worker.
+    super::grant_mode(&args.serving)?;
     crate::sandbox::restrict_supervisor()?;
     // Bound now (a taken address fails before anything else), served once the signals are taken.
     let fleet = SharedFleet::default();
@@ -122,7 +124,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         given_up: BTreeSet::new(),
         cleaning: BTreeSet::new(),
         cleanup_done: (done_tx, done_rx),
-        cleanup_wake: Arc::new(EventFd::new(EFD_NONBLOCK).context("eventfd")?),
+        cleanup_wake: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).context("eventfd")?),
     };
     tracing::info!(
         user = %user, seccomp = ?args.sandbox.seccomp, scope = ?args.frontend_domid,
@@ -323,8 +325,14 @@ impl Service {
         let domids = exited.iter().map(|(domid, _)| *domid).collect();
         for (domid, status) in exited {
             let Some(worker) = self.workers.remove(&domid) else { continue };
+            // The worker is gone, so its broker ends (its sends fail, or time out if the worker left a way to keep
+            // its end open): join it only once it has, never waiting here for one guest.
             if let Some(broker) = worker.broker {
-                let _ = broker.join();
+                if broker.is_finished() {
+                    let _ = broker.join();
+                } else {
+                    tracing::debug!(domid, "the worker's broker is still ending: not waited for");
+                }
             }
             let pid = worker.child.id();
             if let Some(path) = self.control_path(domid) {
@@ -375,6 +383,9 @@ impl Service {
             .custom_flags(libc::O_CLOEXEC)
             .open(GNTDEV_DEVICE)
             .with_context(|| format!("opening {GNTDEV_DEVICE}"))?;
+        // The worker's grant maps are registered through a duplicate of its grant device (the same open file, so
+        // the same maps), always as its guest's.
+        let registrar = GntDev::from_file(grants.try_clone().context("duplicating the grant device")?);
         let store: Arc<dyn XenStore> = Arc::new(super::open_store()?);
         let control = self.control_socket(domid)?;
         let mut command = Command::new(&self.exe);
@@ -399,8 +410,10 @@ impl Service {
             events: supervisor_events,
             welcome: Some(Welcome { events: OwnedFd::from(worker_events), grants, control }),
             evtchn: Box::new(restricted_evtchn),
+            grants: Box::new(move |domid, refs| registrar.register_refs(domid, refs)),
             disks: Arc::new(LocalDiskOpener),
             direct_io: device_blk::disk::DirectIo::Auto,
+            send_timeout: SEND_TIMEOUT,
         };
         let broker = std::thread::Builder::new()
             .name(format!("broker-{domid}"))

@@ -17,13 +17,14 @@ use device_blk::stats::Registry;
 use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 use transport_xen::xen::GntDev;
 use transport_xen::xenbus::dataplane_server::DataplaneServer;
+use transport_xen::xenbus::RingServer;
 use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
 
 use crate::cli::XenWorkerArgs;
 use crate::control::ControlServer;
-use crate::sandbox::{self, Role};
+use crate::sandbox::{self, GrantAccess, Role};
 use crate::signals::Shutdown;
-use transport_xen::separation::client::{BrokeredDisks, BrokeredEvtchn, BrokeredStore, Channel};
+use transport_xen::separation::client::{BrokeredDisks, BrokeredEvtchn, BrokeredGrants, BrokeredStore, Channel};
 
 /// Serve one guest until SIGTERM (or the supervisor goes away).
 pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
@@ -41,12 +42,13 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         .control
         .map(|(listener, path)| ControlServer::from_listener(listener, path, registry.clone()))
         .transpose()?;
-    let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp)?;
-    sandbox::lock_down(Role::XenGuest, args.sandbox.seccomp)?;
+    let access = if args.serving.direct_grants { GrantAccess::Direct } else { GrantAccess::Brokered };
+    let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp, access)?;
+    sandbox::lock_down(Role::XenGuest(access), args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
 
     let serving = &args.serving;
-    let (grant_mode, copy_without_persistent) = super::grant_mode(serving.grant_mode);
+    let (grant_mode, copy_without_persistent) = super::grant_mode(serving)?;
     let persistent_grants = !serving.no_persistent && grant_mode == transport_xen::grant_memory::GrantMode::Map;
     let options = {
         let mut o = DataplaneOptions::default();
@@ -58,12 +60,14 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         o.io_threads = (serving.io_threads > 0).then(|| IoThreads::new(serving.io_threads.into()));
         o
     };
-    let rings = DataplaneServer::new(
-        Arc::new(GntDev::from_file(grants)),
-        BrokeredEvtchn(channel.clone()),
-        serving.engine.into(),
-        options,
-    );
+    let (evtchn, engine) = (BrokeredEvtchn(channel.clone()), serving.engine.into());
+    let grants = GntDev::from_file(grants);
+    let rings: Arc<dyn RingServer> = if serving.direct_grants {
+        Arc::new(DataplaneServer::new(Arc::new(grants), evtchn, engine, options))
+    } else {
+        let brokered = BrokeredGrants::new(channel.clone(), grants, args.domid);
+        Arc::new(DataplaneServer::new(Arc::new(brokered), evtchn, engine, options))
+    };
     let config = {
         let mut o = BackendConfig::default();
         o.domain_path = args.domain_path.clone();
@@ -71,10 +75,15 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         o.persistent_grants = persistent_grants;
         o
     };
-    let mut backend = XenBackend::new(Arc::new(store), Arc::new(rings), config, Scope::Domain(args.domid))
+    let mut backend = XenBackend::new(Arc::new(store), rings, config, Scope::Domain(args.domid))
         .context("watching the guest's vbd directory")?
         .with_disk_opener(Arc::new(BrokeredDisks { channel, domid: args.domid }));
-    tracing::info!(domid = args.domid, grant_mode = ?serving.grant_mode, "worker serving the guest's vbds");
+    tracing::info!(
+        domid = args.domid,
+        grant_mode = ?serving.grant_mode,
+        direct_grants = serving.direct_grants,
+        "worker serving the guest's vbds"
+    );
     if let Some(control) = &mut control {
         let resize = backend.resize_handle();
         control.set_resize(Arc::new(move || {

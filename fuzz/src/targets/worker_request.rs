@@ -81,6 +81,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         one(7, Request::Watch { path: p("/local/domain/0/backend/vbd/7"), token: p("t") }),
         one(7, Request::Read { tx: 0, path: p("/local/domain/0/backend/vbd/7/../8") }),
         one(1, Request::OpenDisk { devid: 51712 }),
+        one(7, Request::MapGrants { refs: vec![8, 9, u32::MAX] }),
         one(1, Request::TransactionEnd { tx: 9, commit: true }),
         one(1, Request::SetPerms { tx: 0, path: p("/local/domain/0/backend/vbd/1"), perms: vec![(1, b'b')] }),
     ]

@@ -115,7 +115,8 @@ impl EvtchnSwitch {
 
     /// Open a handle for `domid` (like opening `/dev/xen/evtchn` in that domain).
     pub fn open(&self, domid: DomId) -> Result<EmulatedEventChannel, XenError> {
-        let eventfd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("evtchn: eventfd", &e))?);
+        let eventfd =
+            Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| XenError::os("evtchn: eventfd", &e))?);
         let mut st = self.lock();
         st.next_handle += 1;
         let handle = st.next_handle;

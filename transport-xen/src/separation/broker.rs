@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor's side of one worker: a thread that answers the worker's requests on a xenstore connection of
-//! its own, within the worker's [`Policy`], opens the worker's disks and event-channel handles, and forwards the
-//! worker's watch events.
+//! its own, within the worker's [`Policy`], opens the worker's disks and event-channel handles, registers its
+//! grant maps as its guest's, and forwards the worker's watch events.
 //!
 //! The worker is assumed hostile (its guest may have taken it over). Each request is decoded from one bounded
 //! packet, checked against the policy, and answered; a malformed one ends the worker's session (the supervisor
@@ -15,17 +15,23 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
-use crate::services::{with_transaction, DomId, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore};
+use crate::services::{
+    with_transaction, DomId, GrantRef, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore,
+};
 use crate::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, OpenedDisk};
 use crate::xenbus::{VbdId, VbdPaths};
 use device_blk::disk::DirectIo;
 use device_blk::DiskKind;
 
-use super::policy::{Access, Policy};
+use super::policy::{Access, Policy, MAX_TRANSACTIONS, MAX_VALUE, MAX_WATCHES};
 use super::wire::{self, DiskGrant, Event, Reply, Request, WireError, WireSource};
 
 /// Opens a fresh event-channel handle restricted to one guest.
 pub type EvtchnFactory = Box<dyn Fn(DomId) -> Result<File, XenError> + Send>;
+
+/// Registers grant refs of a domain with the worker's grant device and returns their offset in it
+/// (`GntDev::register_refs` on the supervisor's duplicate of the descriptor handed to the worker).
+pub type GrantRegistrar = Box<dyn Fn(DomId, &[GrantRef]) -> Result<u64, XenError> + Send>;
 
 /// Everything one worker's broker needs.
 pub struct Broker {
@@ -44,11 +50,20 @@ pub struct Broker {
     pub welcome: Option<Welcome>,
     /// Opens event-channel handles.
     pub evtchn: EvtchnFactory,
+    /// Registers the grant refs the worker asks to map, always as its guest's (the worker names refs only).
+    pub grants: GrantRegistrar,
     /// Opens disks (as root, with the diskseq pin).
     pub disks: Arc<dyn DiskOpener>,
     /// O_DIRECT policy for the disks.
     pub direct_io: DirectIo,
+    /// Longest wait for the worker to take an answer or a watch event ([`SEND_TIMEOUT`] in the service): a worker
+    /// that stops reading is cut off after it, so its broker always ends.
+    pub send_timeout: std::time::Duration,
 }
+
+/// How long a broker waits for a worker to make room for an answer or a watch event. A worker that reads nothing
+/// for that long is treated as hostile (a busy worker's socket holds a few hundred events before it fills).
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,10 +93,29 @@ pub enum SessionEnd {
     StoreFailed(String),
 }
 
+/// What a worker holds in xenstore through its broker, bounded: xenstored does not hold dom0's connections to the
+/// quotas it keeps for guests, so the broker keeps them for the worker.
+#[derive(Debug, Default)]
+struct Held {
+    watches: std::collections::HashSet<(String, String)>,
+    transactions: std::collections::HashSet<u32>,
+}
+
 impl Broker {
     /// Serve the worker until it goes away.
     pub fn serve(mut self) -> SessionEnd {
+        // The worker never sends on the event socket: refuse it, so nothing it queues there (a descriptor of its
+        // own end, say) can keep that end alive after the worker is gone. And no send of ours waits for ever.
+        let hardened = self
+            .events
+            .shutdown(std::net::Shutdown::Read)
+            .and_then(|()| self.events.set_write_timeout(Some(self.send_timeout)))
+            .and_then(|()| self.rpc.set_write_timeout(Some(self.send_timeout)));
+        if let Err(e) = hardened {
+            return SessionEnd::Misbehaved(format!("cannot set up the worker's sockets: {e}"));
+        }
         let policy = Policy::for_guest(&self.domain_path, self.domid);
+        let mut held = Held::default();
         let mut buf = vec![0u8; wire::MAX_PACKET];
         let mut events = Vec::new();
         loop {
@@ -118,14 +152,14 @@ impl Broker {
                     }
                     Err(_) => return SessionEnd::Closed,
                 };
-                if let Err(end) = self.answer(&policy, request) {
+                if let Err(end) = self.answer(&policy, &mut held, request) {
                     return end;
                 }
             }
         }
     }
 
-    fn answer(&mut self, policy: &Policy, request: Request) -> Result<(), SessionEnd> {
+    fn answer(&mut self, policy: &Policy, held: &mut Held, request: Request) -> Result<(), SessionEnd> {
         let store = &*self.store;
         let checked = |path: &str, access: Access| policy.check(path, access).map_err(|what| XenError::Access { what });
         let (reply, fds): (Reply, Vec<std::os::fd::RawFd>) = match request {
@@ -142,10 +176,13 @@ impl Broker {
             Request::Read { tx, path } => {
                 (xs(checked(&path, Access::Read).and_then(|()| store.read(TxId(tx), &path)), Reply::Value), vec![])
             }
-            Request::Write { tx, path, value } => (
-                xs(checked(&path, Access::Write).and_then(|()| store.write(TxId(tx), &path, &value)), |()| Reply::Done),
-                vec![],
-            ),
+            Request::Write { tx, path, value } => {
+                let written = checked(&path, Access::Write)
+                    .and_then(|()| bounded(value.len(), MAX_VALUE, "bytes in a value"))
+                    .and_then(|()| vbd_exists(store, policy, &path))
+                    .and_then(|()| store.write(TxId(tx), &path, &value));
+                (xs(written, |()| Reply::Done), vec![])
+            }
             Request::Mkdir { path, .. } | Request::Rm { path, .. } | Request::SetPerms { path, .. } => {
                 (refused(&path, "may not create, remove or change the permissions of nodes"), vec![])
             }
@@ -158,15 +195,36 @@ impl Broker {
                 }),
                 vec![],
             ),
-            Request::TransactionStart => (xs(store.transaction_start(), |tx| Reply::Transaction(tx.0)), vec![]),
+            Request::TransactionStart => {
+                let started = bounded(held.transactions.len() + 1, MAX_TRANSACTIONS, "open transactions")
+                    .and_then(|()| store.transaction_start());
+                if let Ok(tx) = started {
+                    held.transactions.insert(tx.0);
+                }
+                (xs(started, |tx| Reply::Transaction(tx.0)), vec![])
+            }
             Request::TransactionEnd { tx, commit } => {
+                // Ended whatever the answer (xenstored ends a transaction that fails to commit too).
+                held.transactions.remove(&tx);
                 (xs(store.transaction_end(TxId(tx), commit), |()| Reply::Done), vec![])
             }
             Request::Watch { path, token } => {
-                (xs(checked(&path, Access::Read).and_then(|()| store.watch(&path, &token)), |()| Reply::Done), vec![])
+                let key = (path, token);
+                let count = held.watches.len() + usize::from(!held.watches.contains(&key));
+                let watched = checked(&key.0, Access::Read)
+                    .and_then(|()| bounded(count, MAX_WATCHES, "watches"))
+                    .and_then(|()| store.watch(&key.0, &key.1));
+                if watched.is_ok() {
+                    held.watches.insert(key);
+                }
+                (xs(watched, |()| Reply::Done), vec![])
             }
             Request::Unwatch { path, token } => {
-                (xs(checked(&path, Access::Read).and_then(|()| store.unwatch(&path, &token)), |()| Reply::Done), vec![])
+                let unwatched = checked(&path, Access::Read).and_then(|()| store.unwatch(&path, &token));
+                if unwatched.is_ok() {
+                    held.watches.remove(&(path, token));
+                }
+                (xs(unwatched, |()| Reply::Done), vec![])
             }
             Request::OpenDisk { devid } => {
                 let (reply, file) = self.open_disk(devid);
@@ -185,11 +243,25 @@ impl Broker {
                 }
                 Err(e) => (Reply::Failed(to_wire(e)), vec![]),
             },
+            Request::MapGrants { refs } => (self.register(&refs), vec![]),
         };
         if let Reply::Failed(WireError::Disconnected) = reply {
             return Err(SessionEnd::StoreFailed("xenstore connection lost".into()));
         }
         wire::send(&self.rpc, &reply, &fds).map_err(|e| SessionEnd::Misbehaved(format!("cannot answer: {e}")))
+    }
+
+    /// Register `refs` as grants of the worker's own guest: the request carries no domain, so whatever the worker
+    /// sends, the refs it can mmap afterwards are ones its guest granted (Xen checks the rest).
+    fn register(&self, refs: &[GrantRef]) -> Reply {
+        if refs.is_empty() || refs.len() > wire::MAX_BROKERED_REFS {
+            let what = format!("map of {} grant refs (1..={} allowed)", refs.len(), wire::MAX_BROKERED_REFS);
+            return Reply::Failed(WireError::Os { what, errno: libc::EINVAL });
+        }
+        match (self.grants)(self.domid, refs) {
+            Ok(index) => Reply::Registered { index },
+            Err(e) => Reply::Failed(to_wire(e)),
+        }
     }
 
     /// Read the vbd's device nodes ourselves (never trusting the worker's reading) and open what they name.
@@ -249,6 +321,25 @@ fn grant_of(opened: &OpenedDisk) -> DiskGrant {
         discard_granularity: g.discard_granularity,
         buffer_alignment: u64::try_from(disk.buffer_alignment()).unwrap_or(4096),
     }
+}
+
+/// `count` within `max` of `what`, or the error a worker beyond its quota gets.
+fn bounded(count: usize, max: usize, what: &str) -> Result<(), XenError> {
+    if count > max {
+        return Err(XenError::Os { what: format!("{count} {what} (at most {max} per worker)"), errno: libc::ENOSPC });
+    }
+    Ok(())
+}
+
+/// A write is made only while its vbd's backend directory exists: xenstore creates missing parents, and a worker
+/// must not leave nodes of vbds that are not there (the toolstack removed them, or there never were any), as Linux
+/// blkback's state switch does not either. (Read outside the worker's transaction, so that the toolstack adding
+/// nodes to the vbd meanwhile does not make the worker's commit fail.)
+fn vbd_exists(store: &dyn XenStore, policy: &Policy, path: &str) -> Result<(), XenError> {
+    let Some(vbd) = policy.vbd_of_write(path) else {
+        return Err(XenError::Access { what: format!("{path}: not a vbd's node") });
+    };
+    store.read(TxId::NONE, &vbd).map(drop)
 }
 
 fn xs<T>(result: Result<T, XenError>, ok: impl FnOnce(T) -> Reply) -> Reply {

@@ -9,8 +9,11 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
-use crate::services::{DomId, EventChannelOpener, PermAccess, Permission, TxId, WatchEvent, XenError, XenStore};
-use crate::xen::EvtchnDevice;
+use crate::services::{
+    DomId, EventChannelOpener, GrantCopyOp, GrantRef, GrantTable, MapAccess, PermAccess, Permission, TxId, WatchEvent,
+    XenError, XenStore,
+};
+use crate::xen::{EvtchnDevice, GntDev, GntMapping};
 use crate::xenbus::device::{DeviceNodes, DeviceSource, DiskOpener, Fatal, OpenedDisk};
 use crate::xenbus::nodes::{Mode, PhysicalDevice};
 use crate::xenbus::VbdId;
@@ -51,6 +54,19 @@ impl Channel {
         let (socket, buf) = &mut *guard;
         wire::send(socket, request, &[]).map_err(|_| XenError::Disconnected { what: WHAT })?;
         match wire::recv_with_fds::<Reply>(socket, buf) {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(XenError::Disconnected { what: WHAT }),
+            Err(e) => Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
+        }
+    }
+
+    /// Send `request` and wait for an answer that carries no descriptor: `send` and `recv` alone, the calls a
+    /// data-plane thread's system call filter allows (any descriptor attached anyway is closed by the kernel).
+    pub fn call_plain(&self, request: &Request) -> Result<Reply, XenError> {
+        let mut guard = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
+        let (socket, buf) = &mut *guard;
+        wire::send(socket, request, &[]).map_err(|_| XenError::Disconnected { what: WHAT })?;
+        match wire::recv::<Reply>(socket, buf) {
             Ok(Some(answer)) => Ok(answer),
             Ok(None) => Err(XenError::Disconnected { what: WHAT }),
             Err(e) => Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
@@ -115,6 +131,13 @@ impl BrokeredStore {
             Reply::Done => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+impl BrokeredStore {
+    /// The worker's end of the event socket.
+    pub fn events_socket(&self) -> &UnixDatagram {
+        &self.events
     }
 }
 
@@ -219,6 +242,60 @@ impl EventChannelOpener for BrokeredEvtchn {
             (Reply::Failed(e), _) => Err(from_wire(e)),
             (other, _) => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Grant maps whose first step, the one that names the granting domain, is the supervisor's: the worker asks it
+/// to register refs with the worker's grant device ([`Request::MapGrants`]: refs only, registered as its guest's)
+/// and then mmaps the offset it gets back on its own handle; unmapping stays the worker's. A worker whose system
+/// call filter refuses `IOCTL_GNTDEV_MAP_GRANT_REF` and `IOCTL_GNTDEV_GRANT_COPY` can then map only what its own
+/// guest granted: Linux's gntdev has no per-domain restriction of its own.
+///
+/// Grant copy names domains too and works on the caller's addresses, so it cannot be brokered:
+/// [`GrantTable::copy`] fails, and a data plane on these grants maps (`GrantMode::Map`).
+#[derive(Debug)]
+pub struct BrokeredGrants {
+    channel: std::sync::Arc<Channel>,
+    device: GntDev,
+    domid: DomId,
+}
+
+impl BrokeredGrants {
+    /// Maps of `domid`'s grants through `device` (the grant device `Hello` brought), registered over `channel`.
+    pub fn new(channel: std::sync::Arc<Channel>, device: GntDev, domid: DomId) -> BrokeredGrants {
+        BrokeredGrants { channel, device, domid }
+    }
+}
+
+impl GrantTable for BrokeredGrants {
+    type Mapping = GntMapping;
+
+    fn map(&self, domid: DomId, refs: &[GrantRef], access: MapAccess) -> Result<GntMapping, XenError> {
+        if domid != self.domid {
+            return Err(XenError::Access {
+                what: format!("grants of domain {domid}: this worker serves {}", self.domid),
+            });
+        }
+        if refs.is_empty() || refs.len() > wire::MAX_BROKERED_REFS {
+            return Err(XenError::Os {
+                what: format!("map of {} grant refs (1..={} allowed)", refs.len(), wire::MAX_BROKERED_REFS),
+                errno: libc::EINVAL,
+            });
+        }
+        match self.channel.call_plain(&Request::MapGrants { refs: refs.to_vec() })? {
+            Reply::Registered { index } => self.device.map_registered(index, refs.len(), access),
+            Reply::Failed(e) => Err(from_wire(e)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    unsafe fn copy(&self, _ops: &mut [GrantCopyOp]) -> Result<(), XenError> {
+        Err(XenError::Os {
+            what: "grant copy: not available to a worker whose grant maps go through the supervisor \
+                   (blkbackd xen --direct-grants allows it)"
+                .into(),
+            errno: libc::EPERM,
+        })
     }
 }
 

@@ -38,6 +38,14 @@ pub const WRITABLE: &[&str] = &[
     "physical-sector-size",
 ];
 
+/// The longest value a worker may write (xenstored's limit for a guest's own nodes; every node a backend publishes
+/// is a few bytes, the `error` node a line).
+pub const MAX_VALUE: usize = 4096;
+/// Most watches one worker may hold (xenstored's default quota for a guest; a worker needs a few per vbd).
+pub const MAX_WATCHES: usize = 128;
+/// Most transactions one worker may have open at once (xenstored's default quota for a guest).
+pub const MAX_TRANSACTIONS: usize = 10;
+
 /// Kinds of access, as the request needs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -64,6 +72,17 @@ impl Policy {
             errors: format!("{base}/error/backend/vbd/{domid}"),
             frontends: format!("/local/domain/{domid}/device/vbd"),
         }
+    }
+
+    /// The backend directory of the vbd a permitted write `path` belongs to (`P/backend/vbd/D/<devid>`, for its
+    /// backend nodes and its `error` node alike): a write is made only while that vbd exists, so that a worker
+    /// cannot make xenstore (whose quotas do not hold for dom0) keep nodes of vbds that are not there.
+    pub fn vbd_of_write(&self, path: &str) -> Option<String> {
+        let devid = |root: &str| {
+            let rest = path.strip_prefix(root)?.strip_prefix('/')?;
+            rest.split_once('/').map(|(devid, _)| devid.to_string())
+        };
+        devid(&self.backend).or_else(|| devid(&self.errors)).map(|devid| format!("{}/{devid}", self.backend))
     }
 
     /// Whether `path` may be accessed as `access`; the error says why not.
@@ -159,6 +178,15 @@ mod tests {
         }
         let long = format!("/local/domain/0/backend/vbd/7/{}", "x".repeat(4000));
         assert!(p.check(&long, Access::Read).is_err());
+    }
+
+    #[test]
+    fn a_write_belongs_to_its_vbds_backend_directory() {
+        let p = Policy::for_guest("/local/domain/0", 7);
+        let vbd = Some("/local/domain/0/backend/vbd/7/51712".to_string());
+        assert_eq!(p.vbd_of_write("/local/domain/0/backend/vbd/7/51712/state"), vbd);
+        assert_eq!(p.vbd_of_write("/local/domain/0/error/backend/vbd/7/51712/error"), vbd);
+        assert_eq!(p.vbd_of_write("/local/domain/7/device/vbd/51712/state"), None);
     }
 
     #[test]

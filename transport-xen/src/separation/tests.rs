@@ -16,16 +16,22 @@ use crate::xenbus::VbdId;
 use device_blk::disk::DirectIo;
 
 use super::broker::{Broker, SessionEnd, Welcome};
-use super::client::{BrokeredDisks, BrokeredStore, Channel};
-use super::wire;
+use super::client::{BrokeredDisks, BrokeredGrants, BrokeredStore, Channel};
+use super::wire::{self, Reply, Request, WireError};
+use crate::services::{GrantTable, MapAccess};
+use crate::xen::GntDev;
 
 /// An attempt the policy must refuse.
 type Attempt<'a> = Box<dyn Fn() -> Result<(), XenError> + 'a>;
 
 const DOM0: &str = "/local/domain/0";
 
+/// The grant registrations a broker made: (domain, refs).
+type Registered = Arc<std::sync::Mutex<Vec<(u16, Vec<u32>)>>>;
+
 struct Session {
     store: Arc<EmulatedXenStore>,
+    registered: Registered,
     worker: BrokeredStore,
     channel: Arc<Channel>,
     broker: std::thread::JoinHandle<SessionEnd>,
@@ -49,6 +55,8 @@ fn session() -> Session {
     }
     let (supervisor_rpc, worker_rpc) = wire::seqpacket_pair().expect("pair");
     let (supervisor_events, worker_events) = wire::seqpacket_pair().expect("pair");
+    let registered = Registered::default();
+    let record = registered.clone();
     let broker = Broker {
         domid: 7,
         domain_path: DOM0.into(),
@@ -61,8 +69,18 @@ fn session() -> Session {
             control: Some((UnixListener::bind(&control).expect("bind"), control.to_string_lossy().into_owned())),
         }),
         evtchn: Box::new(|_| File::open("/dev/null").map_err(|e| XenError::os("open", &e))),
+        // As gntdev answers: an offset per registration; ref 13 is "bad".
+        grants: Box::new(move |domid, refs| {
+            if refs.contains(&13) {
+                return Err(XenError::Os { what: "gntdev: register".into(), errno: libc::EINVAL });
+            }
+            let mut log = record.lock().expect("log");
+            log.push((domid, refs.to_vec()));
+            Ok(0x1000 * log.len() as u64)
+        }),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
+        send_timeout: Duration::from_millis(300),
     };
     let broker = std::thread::spawn(move || broker.serve());
     let channel = Arc::new(Channel::new(worker_rpc));
@@ -71,7 +89,7 @@ fn session() -> Session {
     assert_eq!(path, control);
     drop(listener);
     let worker = BrokeredStore::new(channel.clone(), welcomed.events).expect("client");
-    Session { store, worker, channel, broker, _dir: dir, image }
+    Session { store, registered, worker, channel, broker, _dir: dir, image }
 }
 
 #[test]
@@ -142,6 +160,95 @@ fn disks_are_opened_from_the_toolstacks_nodes_not_the_workers() {
     assert!(disks.open(VbdId { domid: 8, devid: 51712 }, &claimed, DirectIo::Auto).is_err());
 }
 
+/// The worker names grant refs, never a domain: what it can map afterwards is what its own guest granted. (Its
+/// system call filter refuses the gntdev calls that name a domain: `daemon/src/sandbox/tests.rs`.)
+#[test]
+fn a_worker_registers_only_its_own_guests_grants() {
+    let s = session();
+    assert_eq!(
+        s.channel.call_plain(&Request::MapGrants { refs: vec![8, 9] }).expect("answer"),
+        Reply::Registered { index: 0x1000 }
+    );
+    // Bounds are the broker's: an empty or oversized batch is an error, and the session goes on.
+    for refs in [vec![], vec![1; wire::MAX_BROKERED_REFS + 1]] {
+        let reply = s.channel.call_plain(&Request::MapGrants { refs }).expect("answer");
+        assert!(matches!(reply, Reply::Failed(WireError::Os { errno: libc::EINVAL, .. })), "{reply:?}");
+    }
+    // The client: another domain's grants are not even asked for; a refused ref is the device's error; a
+    // registered batch is mmapped on the worker's own handle (/dev/null here, which cannot be mapped).
+    let grants = BrokeredGrants::new(s.channel.clone(), GntDev::open_path("/dev/null".as_ref()).expect("null"), 7);
+    let err = grants.map(8, &[8], MapAccess::ReadOnly).expect_err("another guest");
+    assert!(matches!(err, XenError::Access { .. }), "{err}");
+    let err = grants.map(7, &[12, 13], MapAccess::ReadWrite).expect_err("a bad ref");
+    assert!(matches!(err, XenError::Os { errno: libc::EINVAL, .. }), "{err}");
+    let err = grants.map(7, &[10, 11], MapAccess::ReadWrite).expect_err("/dev/null cannot be mapped");
+    assert!(matches!(err, XenError::Os { .. }) && err.to_string().contains("0x2000"), "{err}");
+    // SAFETY: no op, nothing is touched.
+    let err = unsafe { grants.copy(&mut []) }.expect_err("grant copy names domains: not brokered");
+    assert!(matches!(err, XenError::Os { errno: libc::EPERM, .. }), "{err}");
+    assert_eq!(*s.registered.lock().expect("log"), [(7, vec![8, 9]), (7, vec![10, 11])]);
+    drop(grants);
+    drop(s.worker);
+    drop(s.channel);
+    assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
+}
+
+/// xenstored does not hold dom0's connections to its guest quotas, so the broker does: a worker cannot grow the
+/// store (nodes of vbds that do not exist, large values) nor hold more than a guest's share of watches and
+/// transactions.
+#[test]
+fn a_worker_stays_within_a_guests_xenstore_quota() {
+    use super::policy::{MAX_TRANSACTIONS, MAX_VALUE, MAX_WATCHES};
+    let s = session();
+    let own = format!("{DOM0}/backend/vbd/7/51712");
+    let ghost = format!("{DOM0}/backend/vbd/7/99");
+    for path in [format!("{ghost}/state"), format!("{DOM0}/error/backend/vbd/7/99/error")] {
+        let err = s.worker.write(TxId::NONE, &path, b"1").expect_err("no such vbd");
+        assert!(matches!(err, XenError::NotFound { .. }), "{path}: {err}");
+    }
+    assert!(s.store.read(TxId::NONE, &ghost).is_err(), "nothing was created for a vbd that does not exist");
+    s.worker.write(TxId::NONE, &format!("{DOM0}/error/backend/vbd/7/51712/error"), b"5 bad").expect("own vbd");
+    let err = s.worker.write(TxId::NONE, &format!("{own}/info"), &vec![b'1'; MAX_VALUE + 1]).expect_err("too long");
+    assert!(matches!(err, XenError::Os { errno: libc::ENOSPC, .. }), "{err}");
+
+    for i in 0..MAX_WATCHES {
+        s.worker.watch(&own, &format!("w{i}")).expect("within the quota");
+    }
+    // A watch held already is no new one: xenstore's own answer, not the quota's.
+    let err = s.worker.watch(&own, "w0").expect_err("a duplicate");
+    assert!(matches!(err, XenError::Os { errno: libc::EEXIST, .. }), "{err}");
+    let err = s.worker.watch(&own, "one-more").expect_err("beyond the quota");
+    assert!(matches!(err, XenError::Os { errno: libc::ENOSPC, .. }), "{err}");
+    s.worker.unwatch(&own, "w0").expect("unwatch");
+    s.worker.watch(&own, "one-more").expect("room again");
+
+    let open: Vec<TxId> = (0..MAX_TRANSACTIONS).map(|_| s.worker.transaction_start().expect("within")).collect();
+    let err = s.worker.transaction_start().expect_err("beyond the quota");
+    assert!(matches!(err, XenError::Os { errno: libc::ENOSPC, .. }), "{err}");
+    s.worker.transaction_end(open[0], false).expect("abort");
+    s.worker.transaction_start().expect("room again");
+}
+
+/// A worker that stops reading cannot hold its broker (and the supervisor thread that joins it) for ever: a send
+/// that finds no room for the send timeout ends the session; and the worker cannot queue anything on the event
+/// socket (a descriptor of its own end left there would keep the broker's peer alive after the worker died).
+#[test]
+fn a_worker_that_stops_reading_is_cut_off() {
+    let s = session();
+    let own = format!("{DOM0}/backend/vbd/7/51712");
+    let err = s.worker.events_socket().send(b"anything").expect_err("the event socket is one way");
+    assert_eq!(err.raw_os_error(), Some(libc::EPIPE), "{err}");
+    s.worker.watch(&own, "flood").expect("watch");
+    let started = std::time::Instant::now();
+    // Events the worker never reads, until the broker gives up on it.
+    while !s.broker.is_finished() && started.elapsed() < Duration::from_secs(20) {
+        s.store.write(TxId::NONE, &format!("{own}/hotplug-status"), b"connected").expect("toolstack write");
+    }
+    let end = s.broker.join().expect("broker");
+    assert!(matches!(&end, SessionEnd::Misbehaved(why) if why.contains("watch event")), "{end:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off after {:?}", started.elapsed());
+}
+
 #[test]
 fn a_worker_that_sends_garbage_is_cut_off() {
     let (supervisor_rpc, worker_rpc) = wire::seqpacket_pair().expect("pair");
@@ -158,8 +265,10 @@ fn a_worker_that_sends_garbage_is_cut_off() {
             control: None,
         }),
         evtchn: Box::new(|_| Err(XenError::Again)),
+        grants: Box::new(|_, _| Err(XenError::Again)),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
+        send_timeout: Duration::from_millis(300),
     };
     let handle = std::thread::spawn(move || broker.serve());
     worker_rpc.send(&[0xff; 64]).expect("send garbage");

@@ -55,7 +55,15 @@ pub enum Request {
     OpenDisk { devid: u32 },
     /// A new event-channel handle, restricted to the worker's guest.
     OpenEventChannel,
+    /// Register these grant refs of the worker's guest with the worker's grant device
+    /// (`IOCTL_GNTDEV_MAP_GRANT_REF`), so that the worker can mmap them: the worker names the refs, never the
+    /// domain. At most [`MAX_BROKERED_REFS`].
+    MapGrants { refs: Vec<u32> },
 }
+
+/// Most grant refs one [`Request::MapGrants`] registers: a ring of the largest order, or one request's segments
+/// with indirect descriptors (what the data plane maps at once).
+pub const MAX_BROKERED_REFS: usize = 1024;
 
 /// Why a request failed, as [`crate::services::XenError`] says it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +145,8 @@ pub enum Reply {
     DiskFatal { errno: i32, message: String },
     /// An event-channel handle comes attached.
     EventChannel,
+    /// `MapGrants`' answer: the refs' offset in the worker's grant device, for its `mmap`.
+    Registered { index: u64 },
 }
 
 /// A watch that fired, on the event socket.

@@ -99,17 +99,39 @@ impl GntDev {
         std::fs::read_to_string(GNTDEV_LIMIT_PARAM).ok()?.trim().parse().ok()
     }
 
-    /// Map `refs` of `domid` contiguously, read-only or writable.
+    /// Map `refs` of `domid` contiguously, read-only or writable: [`GntDev::register_refs`], then
+    /// [`GntDev::map_registered`].
     pub fn map_grants(&self, domid: DomId, refs: &[GrantRef], access: MapAccess) -> Result<GntMapping, XenError> {
-        let what = || format!("gntdev: map {} grant(s) of domain {domid}", refs.len());
+        let index = self.register_refs(domid, refs)?;
+        self.map_registered(index, refs.len(), access)
+    }
+
+    /// The first step of a map (`IOCTL_GNTDEV_MAP_GRANT_REF`): register `refs` of `domid` with this handle and
+    /// return their offset in the device. Nothing is mapped yet; the hypervisor maps them when that offset is
+    /// mmapped ([`GntDev::map_registered`]), by whoever holds this handle. This is the step that names the domain,
+    /// so a confined worker leaves it to its supervisor, which registers only its guest's refs.
+    pub fn register_refs(&self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
+        let what = || format!("gntdev: register {} grant(s) of domain {domid}", refs.len());
         if refs.is_empty() || refs.len() > MAX_MAP_BATCH {
             return Err(XenError::Os {
                 what: format!("{} (1..={MAX_MAP_BATCH} allowed)", what()),
                 errno: libc::EINVAL,
             });
         }
-        let index = self.register(domid, refs).map_err(|e| XenError::os(what(), &e))?;
-        let len = refs.len() * XEN_PAGE_SIZE;
+        self.register(domid, refs).map_err(|e| XenError::os(what(), &e))
+    }
+
+    /// The second step of a map: mmap the `pages` grants registered at `index` (by this process or by the
+    /// supervisor on the same open file), read-only or writable. On failure the registration is undone.
+    pub fn map_registered(&self, index: u64, pages: usize, access: MapAccess) -> Result<GntMapping, XenError> {
+        let what = || format!("gntdev: map {pages} grant(s) registered at {index:#x}");
+        if pages == 0 || pages > MAX_MAP_BATCH {
+            return Err(XenError::Os {
+                what: format!("{} (1..={MAX_MAP_BATCH} allowed)", what()),
+                errno: libc::EINVAL,
+            });
+        }
+        let len = pages * XEN_PAGE_SIZE;
         let prot = match access {
             MapAccess::ReadOnly => libc::PROT_READ,
             MapAccess::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
@@ -118,7 +140,8 @@ impl GntDev {
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
             .and_then(|offset| {
                 // SAFETY: a fresh shared mapping chosen by the kernel (no fixed address, so nothing of ours is
-                // replaced) of exactly the pages the map ioctl registered at `offset`.
+                // replaced) of the device pages at `offset`; the kernel refuses an offset and length that are not
+                // exactly one registered batch.
                 let ptr = unsafe {
                     libc::mmap(
                         std::ptr::null_mut(),
@@ -136,9 +159,9 @@ impl GntDev {
                 }
             });
         match mapped {
-            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages: refs.len(), index, access }),
+            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages, index, access }),
             Err(e) => {
-                self.unregister(index, refs.len());
+                self.unregister(index, pages);
                 // EINVAL/EFAULT here mostly mean a bad ref, a wrong domain or a read-only grant mapped writable.
                 Err(XenError::os(format!("{} (mmap)", what()), &e))
             }

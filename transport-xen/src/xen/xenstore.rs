@@ -200,7 +200,7 @@ impl XenBusStore {
         write_errors_fatal: bool,
         inline: Option<XsReader>,
     ) -> Result<XenBusStore, XenError> {
-        let evt = |what| EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os(what, &e));
+        let evt = |what| EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| XenError::os(what, &e));
         let shared = Arc::new(Shared {
             conn,
             write_lock: Mutex::new(()),

@@ -111,8 +111,8 @@ impl XenBackend {
             Scope::AllDomains => root.clone(),
             Scope::Domain(domid) => format!("{root}/{domid}"),
         };
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("eventfd", &e))?;
-        let resize = EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("eventfd", &e))?;
+        let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| XenError::os("eventfd", &e))?;
+        let resize = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| XenError::os("eventfd", &e))?;
         store.watch(&watch_path, ROOT_TOKEN)?;
         tracing::info!(watch = %watch_path, "xen block backend watching");
         Ok(XenBackend {

@@ -99,7 +99,9 @@ impl EmulatedXenStore {
     }
 
     fn attach(shared: Arc<Mutex<State>>, domid: DomId) -> Result<EmulatedXenStore, XenError> {
-        let eventfd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| XenError::os("xenstore: eventfd", &e))?);
+        let eventfd = Arc::new(
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| XenError::os("xenstore: eventfd", &e))?,
+        );
         let conn = {
             let mut st = lock(&shared);
             st.next_conn += 1;
