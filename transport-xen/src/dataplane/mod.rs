@@ -66,7 +66,7 @@ pub struct DataplaneOptions {
     pub max_in_flight: u32,
     /// Persistent grants kept mapped per queue when the frontend uses `feature-persistent`.
     pub persistent_grants_limit: usize,
-    /// Pages of each queue's bounce pool (copy mode).
+    /// Pages of each queue's bounce pool (copy mode, and map mode for a frontend without persistent grants).
     pub bounce_pages: usize,
     /// We advertised `discard-secure` = 1 (else secure discards are answered `EOPNOTSUPP`).
     pub discard_secure: bool,
@@ -83,7 +83,7 @@ pub struct DataplaneOptions {
     pub worker_init: Option<WorkerInit>,
     /// Applied to each queue's I/O engine once built (e.g. fault injection in tests).
     pub engine_wrapper: Option<device_blk::engine::EngineWrapper>,
-    /// In copy mode, register the bounce pool with the I/O engine (io_uring fixed buffers, where the kernel has
+    /// Where there is a bounce pool, register it with the I/O engine (io_uring fixed buffers, where the kernel has
     /// fixed vectored I/O) so that reads and writes skip the per-request page pinning.
     pub register_bounce_pool: bool,
     /// Adaptive polling: after a round that took or answered requests, each worker keeps looking at its ring and
@@ -376,13 +376,22 @@ impl Dataplane {
         let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
         let depth = back.size().min(options.max_in_flight.max(1));
         let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
-        let pool = match options.effective_mode(config.persistent_grants) {
-            // Room for at least one request of the largest size, or it could never start.
-            GrantMode::Copy => Some(
-                BouncePool::new(options.bounce_pages.max(max_indirect).max(MAX_DIRECT_SEGMENTS))
-                    .map_err(|source| DataplaneError::Io { queue: index, what: "bounce pool", cause: source })?,
-            ),
-            GrantMode::Map => None,
+        let mode = options.effective_mode(config.persistent_grants);
+        // Copy mode does its I/O on a bounce pool; so does map mode for a frontend without persistent grants,
+        // which revokes each grant once answered (`SegmentMapper::new` says why the I/O must not use the mapping).
+        let pool = match (mode, config.persistent_grants) {
+            (GrantMode::Map, true) => None,
+            // Room for at least one request of the largest size, or it could never start; no more than the
+            // requests in flight can use.
+            _ => {
+                let largest = max_indirect.max(MAX_DIRECT_SEGMENTS);
+                let pages = options.bounce_pages.min((depth as usize).saturating_mul(largest)).max(largest);
+                Some(BouncePool::new(pages).map_err(|source| DataplaneError::Io {
+                    queue: index,
+                    what: "bounce pool",
+                    cause: source,
+                })?)
+            }
         };
         let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
         // On an I/O thread pool, the queue's engine is a lane of its thread's io_uring where it can be.
@@ -437,6 +446,7 @@ impl Dataplane {
             config: WorkerConfig {
                 depth: depth as usize,
                 max_indirect,
+                mode,
                 persistent: config.persistent_grants.then_some(options.persistent_grants_limit),
                 discard_secure: options.discard_secure,
                 poll: std::time::Duration::from_micros(u64::from(options.poll_us.min(MAX_POLL_US))),

@@ -42,6 +42,8 @@ pub(crate) struct WorkerConfig {
     pub depth: usize,
     /// Advertised indirect segment limit (0: none).
     pub max_indirect: usize,
+    /// How the guest's pages are reached.
+    pub mode: crate::grant_memory::GrantMode,
     /// Persistent grant limit, if the frontend uses persistent grants.
     pub persistent: Option<usize>,
     /// Secure discard was advertised.
@@ -183,7 +185,8 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             }
         };
         let max_segments = MAX_DIRECT_SEGMENTS.max(setup.config.max_indirect);
-        let mapper = SegmentMapper::new(setup.grants, setup.domid, setup.config.persistent, setup.pool);
+        let mapper =
+            SegmentMapper::new(setup.grants, setup.domid, setup.config.mode, setup.config.persistent, setup.pool);
         let w = Worker {
             index: setup.index,
             slots: Slots::new(setup.config.depth, max_segments, setup.spares),

@@ -102,10 +102,21 @@ fn fault(what: &str, err: impl std::fmt::Display) -> BindError {
 }
 
 impl<G: GrantTable> SegmentMapper<G> {
-    /// A binder for the grants of `domid`: copy mode through `pool` if one is given, else map mode, keeping up
-    /// to `persistent` grants mapped if set (`feature-persistent`; map mode only).
-    pub fn new(grants: Arc<G>, domid: DomId, persistent: Option<usize>, pool: Option<BouncePool>) -> Self {
-        let mode = if pool.is_some() { GrantMode::Copy } else { GrantMode::Map };
+    /// A binder for the grants of `domid` in `mode` (copy mode needs `pool`), keeping up to `persistent` grants
+    /// mapped if set (`feature-persistent`; map mode only).
+    ///
+    /// Map mode without persistent grants does the I/O on `pool` when one is given (see
+    /// [`SegmentMapper::bind`]): the frontend revokes each grant once answered, and Linux blkfront (since the
+    /// XSA-396 hardening) disables the device when one is still mapped then; a page that took part in direct I/O
+    /// can still be held by the block layer when the completion arrives, which defers gntdev's unmap.
+    pub fn new(
+        grants: Arc<G>,
+        domid: DomId,
+        mode: GrantMode,
+        persistent: Option<usize>,
+        pool: Option<BouncePool>,
+    ) -> Self {
+        let mode = if pool.is_none() { GrantMode::Map } else { mode };
         let persistent = persistent.filter(|_| mode == GrantMode::Map).map(PersistentGrants::new);
         SegmentMapper {
             grants,
@@ -240,6 +251,7 @@ impl<G: GrantTable> SegmentMapper<G> {
         let to_guest = req.op == BlkifOp::Read;
         match self.mode {
             GrantMode::Map if self.persistent.is_some() => self.bind_persistent(req, pages, to_guest)?,
+            GrantMode::Map if self.pool.is_some() => self.bind_mapped_bounce(req, pages, to_guest)?,
             GrantMode::Map => {
                 self.misses.clear();
                 self.misses.extend(req.segments.iter().map(|s| s.gref));
@@ -314,6 +326,58 @@ impl<G: GrantTable> SegmentMapper<G> {
         Ok(())
     }
 
+    /// Map mode without persistent grants: the request's grants are mapped for it alone, and its I/O goes through
+    /// bounce pages. A write's data is copied out of the mapping, which is dropped (unmapped) at once; a read's
+    /// mapping is kept until [`finish`](SegmentMapper::finish) copies the data in. No page of a mapping ever
+    /// takes part in I/O, so when the request is answered its grants are already unmapped (a page the block layer
+    /// still held at the I/O's completion would have deferred gntdev's unmap past the response).
+    fn bind_mapped_bounce(
+        &mut self,
+        req: &BlkifRequest,
+        pages: &mut RequestPages<G::Mapping>,
+        to_guest: bool,
+    ) -> Result<(), BindError> {
+        let Some(pool) = self.pool.as_mut() else {
+            return Err(BindError::Fault(RequestFault::Grants("no bounce pool".into())));
+        };
+        if !pool.alloc(req.segments.len(), &mut pages.bounce) {
+            return Err(BindError::Busy);
+        }
+        self.misses.clear();
+        self.misses.extend(req.segments.iter().map(|s| s.gref));
+        let access = if to_guest { MapAccess::ReadWrite } else { MapAccess::ReadOnly };
+        let mapping = match self.grants.map(self.domid, &self.misses, access) {
+            Ok(m) => m,
+            Err(e) => {
+                pool.release(&mut pages.bounce);
+                return Err(fault("map", e));
+            }
+        };
+        for (i, s) in req.segments.iter().enumerate() {
+            let page = pool.page_ptr(pages.bounce[i]);
+            // SAFETY: a pool page, owned by this request until release.
+            unsafe { pages.memory.push(page, 1, true) };
+            if !to_guest {
+                let (offset, len) = (s.offset() as usize, s.len() as usize);
+                // SAFETY: page `i` of the mapping (it maps one page per segment) and a pool page, both alive;
+                // `offset + len <= 4096` (checked segments). The guest may change its page meanwhile, which only
+                // changes what we write.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        mapping.as_ptr().add(i * XEN_PAGE_SIZE + offset),
+                        page.add(offset),
+                        len,
+                    );
+                }
+            }
+        }
+        if to_guest {
+            pages.mapping = Some(mapping);
+            pages.copy_back = true;
+        }
+        Ok(())
+    }
+
     fn bind_bounce(
         &mut self,
         req: &BlkifRequest,
@@ -350,7 +414,8 @@ impl<G: GrantTable> SegmentMapper<G> {
         Ok(())
     }
 
-    /// After the request's I/O succeeded: deliver read data to the guest (copy mode).
+    /// After the request's I/O succeeded: deliver read data to the guest (copy mode, and map mode through the
+    /// bounce pool).
     pub fn finish(&mut self, req: &BlkifRequest, pages: &mut RequestPages<G::Mapping>) -> Result<(), RequestFault> {
         if !pages.copy_back {
             return Ok(());
@@ -358,6 +423,22 @@ impl<G: GrantTable> SegmentMapper<G> {
         let Some(pool) = self.pool.as_ref() else {
             return Ok(());
         };
+        if let Some(mapping) = pages.mapping.as_ref() {
+            for (i, s) in req.segments.iter().enumerate() {
+                let page = pool.page_ptr(pages.bounce.get(i).copied().unwrap_or(0));
+                let (offset, len) = (s.offset() as usize, s.len() as usize);
+                // SAFETY: a pool page of this request and page `i` of its writable mapping (one page per
+                // segment, kept until release); `offset + len <= 4096` (checked segments).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        page.add(offset),
+                        mapping.as_ptr().add(i * XEN_PAGE_SIZE + offset),
+                        len,
+                    );
+                }
+            }
+            return Ok(());
+        }
         self.ops.clear();
         for (i, s) in req.segments.iter().enumerate() {
             let page = pool.page_ptr(pages.bounce.get(i).copied().unwrap_or(0));
@@ -424,7 +505,7 @@ mod tests {
     fn indirect_pages_stay_mapped_with_persistent_grants() {
         let host = EmulatedHost::new().expect("host");
         let guest = host.add_guest(5, 64).expect("guest");
-        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, Some(64), None);
+        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, GrantMode::Map, Some(64), None);
         let template = indirect_request(&guest, 0, 1, 32);
         let desc_gref = template.indirect.expect("indirect").grefs[0];
         for round in 0..3 {
@@ -446,12 +527,57 @@ mod tests {
         assert!(guest.end_access(desc_gref).is_ok());
     }
 
+    /// Without persistent grants the frontend revokes each grant once answered (Linux blkfront disables the
+    /// device if one is still mapped then): a write's grants are unmapped before its I/O, a read's right after
+    /// its data is copied in, and the I/O itself only ever touches bounce pages.
+    #[test]
+    fn without_persistent_grants_io_goes_through_bounce_pages() {
+        use crate::emulated::GuestDomain;
+        use vm_memory::Bytes;
+        let host = EmulatedHost::new().expect("host");
+        let guest = host.add_guest(5, 64).expect("guest");
+        let pool = BouncePool::new(16).expect("pool");
+        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, GrantMode::Map, None, Some(pool));
+        let pattern: Vec<u8> = (0..XEN_PAGE_SIZE).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
+        guest.memory().write_slice(&pattern, GuestDomain::page_addr(1)).expect("guest data");
+        // Sectors 2..=5 of the page.
+        let seg = |gref| BlkifSegment { gref, first_sect: 2, last_sect: 5 };
+        let (from, to) = (2 * 512, 6 * 512);
+
+        let gref = guest.grant_access(1, true).expect("grant");
+        let write = BlkifRequest { op: BlkifOp::Write, segments: vec![seg(gref)], ..BlkifRequest::default() };
+        let mut pages = RequestPages::new(1);
+        mapper.bind(&write, &mut pages).expect("bind a write");
+        assert_eq!(host.live_mappings(), 0, "a write's grants are unmapped before its I/O");
+        guest.end_access(gref).expect("the frontend may revoke the grant while the write is in flight");
+        let mut data = vec![0u8; to - from];
+        pages.memory.read_slice(&mut data, segment_address(0, &write.segments[0]).addr).expect("the I/O's view");
+        assert!(data == pattern[from..to], "the write's data was copied into its bounce page");
+        mapper.release(&mut pages);
+
+        let gref = guest.grant_access(2, false).expect("grant");
+        let read = BlkifRequest { op: BlkifOp::Read, segments: vec![seg(gref)], ..BlkifRequest::default() };
+        mapper.bind(&read, &mut pages).expect("bind a read");
+        assert_eq!(host.live_mappings(), 1, "a read's mapping waits for its data");
+        pages.memory.write_slice(&pattern[from..to], segment_address(0, &read.segments[0]).addr).expect("the I/O");
+        let mut page = vec![0u8; XEN_PAGE_SIZE];
+        guest.memory().read_slice(&mut page, GuestDomain::page_addr(2)).expect("guest page");
+        assert!(page.iter().all(|&b| b == 0), "the I/O wrote a bounce page, not the guest's");
+        mapper.finish(&read, &mut pages).expect("copy the data in");
+        mapper.release(&mut pages);
+        assert_eq!(host.live_mappings(), 0);
+        guest.end_access(gref).expect("nothing maps the grant once the read is answered");
+        guest.memory().read_slice(&mut page, GuestDomain::page_addr(2)).expect("guest page");
+        assert!(page[from..to] == pattern[from..to], "the read's data reached the guest");
+        assert!(page[..from].iter().chain(&page[to..]).all(|&b| b == 0), "and nothing outside the segment");
+    }
+
     #[test]
     fn indirect_pages_without_room_are_mapped_per_request() {
         let host = EmulatedHost::new().expect("host");
         let guest = host.add_guest(5, 64).expect("guest");
         // Room for the data pages only: the descriptor page is mapped for the request and unmapped at once.
-        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, Some(4), None);
+        let mut mapper = SegmentMapper::new(Arc::new(host.grant_table(0)), 5, GrantMode::Map, Some(4), None);
         let mut req = indirect_request(&guest, 0, 1, 4);
         let mut pages = RequestPages::new(4);
         let mut hold = RequestPages::new(4);

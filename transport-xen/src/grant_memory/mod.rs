@@ -3,9 +3,12 @@
 //!
 //! A request's data pages become the regions of a small per-request [`GrantMemory`]: segment `i` of a request
 //! lives at guest address `i * 4096 + first_sect * 512`, whatever backs page `i`:
-//! - [`GrantMode::Map`]: the request's grant refs mapped in one batch (one region), or, with persistent grants,
-//!   pages of longer-lived mappings from the [`PersistentGrants`] cache (one region per page, merged when
-//!   adjacent);
+//! - [`GrantMode::Map`] with persistent grants: pages of longer-lived mappings from the [`PersistentGrants`] cache
+//!   (one region per page, merged when adjacent), or beyond its bound the request's grant refs mapped in one batch
+//!   (one region);
+//! - [`GrantMode::Map`] without: pages of the queue's [`BouncePool`]; the request's grant refs are mapped in one
+//!   batch only to copy a write's data out (then unmapped, before the I/O) or a read's data in (after it), so
+//!   that no mapped page takes part in I/O and every grant is unmapped when the request is answered;
 //! - [`GrantMode::Copy`]: pages of the queue's [`BouncePool`], filled from the guest by grant copy before a write
 //!   and copied to the guest after a read (the robust path in a PV dom0, see DESIGN.md).
 //!
@@ -33,7 +36,9 @@ use crate::services::XEN_PAGE_SIZE;
 /// How a queue reaches the guest's data pages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GrantMode {
-    /// Map the grant refs (gntdev) and do I/O on the mapped pages.
+    /// Map the grant refs (gntdev). With persistent grants the I/O uses the mapped pages; without, a request's
+    /// I/O goes through bounce pages and its mapping only lives while its data is copied (the frontend revokes
+    /// each grant once answered).
     #[default]
     Map,
     /// Grant-copy between the guest's pages and a bounce pool, and do I/O on the pool.
