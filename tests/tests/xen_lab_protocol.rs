@@ -25,7 +25,9 @@
 //!   logdirty: EOPNOTSUPP`), so `xl migrate` fails at the sender before any vbd moves; the test then checks that
 //!   the failed attempt leaves the guest served (its verify job passes) and nothing behind, and says so;
 //! * **partition**: a partition of a loop device (`losetup -P`) attached with `script=block-blkbackd`: pinned by
-//!   its disk's diskseq (sysfs has none for partitions), served at the partition's size, fio verify passes;
+//!   its disk's diskseq (sysfs has none for partitions), served at the partition's size, fio verify passes, to a
+//!   blkfront without persistent grants (`xen_blkfront.feature_persistent=0`: each request's grants mapped
+//!   through the supervisor, its I/O on bounce pages);
 //! * **lost**: a delete-on-close disk whose worker is killed (SIGKILL) after a verify job: the loop device goes
 //!   with it; the restarted worker cannot reopen the device and says why in the `error` node (`opened` 0, the vbd
 //!   Closed, nothing opened in its place); `xl block-detach` succeeds and leaves nothing, `xl block-attach` of the
@@ -305,6 +307,12 @@ fn judge_partition(r: &Report, v: &mut Verdict) {
     v.expect(
         seen.is_some_and(|m| get(m, "sectors") == "65536"),
         format!("the guest's xvdb is the partition ({})", show(seen)),
+    );
+    // Each request's grants mapped through the supervisor, its I/O on bounce pages: a grant still mapped when
+    // its request is answered makes blkfront disable the disk, and the verify job fails.
+    v.expect(
+        c.is_some_and(|m| get(m, "front_persistent") == "0"),
+        format!("the guest's blkfront uses no persistent grants ({})", show(c)),
     );
     let (ok, what) = fio_ok(r, "ppart", "long");
     v.expect(ok, what);

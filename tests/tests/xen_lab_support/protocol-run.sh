@@ -23,7 +23,8 @@
 #   save     a verify job; `xl save` during it, `xl restore`: the job goes on and passes
 #   migrate  a verify job; `xl migrate` to this host during it: the job goes on and passes
 #   partition  a partition of a loop device (`losetup -P`) attached with script=block-blkbackd: pinned by its
-#            disk's diskseq (sysfs has none for partitions), served at the partition's size, fio verify passes
+#            disk's diskseq (sysfs has none for partitions), served at the partition's size, fio verify passes,
+#            to a blkfront without persistent grants
 #   lost     a delete-on-close disk (script=block-blkbackd) whose worker is killed after a verify job: the loop
 #            device goes with it; the restarted worker cannot reopen it and says why (error node, opened 0, the
 #            vbd stays Closed); `xl block-detach` succeeds, `xl block-attach` of the image serves it again
@@ -254,13 +255,16 @@ if [[ $PHASES == *" partition "* ]]; then
   wait_dev() { local i=0; while [ ! -b "$1" ]; do i=$((i + 1)); [ $i -ge 50 ] && return 1; sleep 0.2; done; }
   wait_dev $P || note "no $P after losetup -P"
   PN=${P#/dev/}
-  mkcfg ppart 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=$P'" "xenlab.proto=verify xenlab.vsize=8M"
+  # Without persistent grants (as BSD and older Windows frontends): every request's grants are mapped through the
+  # supervisor and its I/O goes through bounce pages.
+  mkcfg ppart 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=$P'" \
+    "xenlab.proto=verify xenlab.vsize=8M xen_blkfront.feature_persistent=0"
   create ppart
   D=$(xl domid ppart 2>/dev/null)
   BE=/local/domain/0/backend/vbd/$D/51728
   wait_state $BE/state 4 60
   pdev=$(cat /sys/class/block/$PN/dev 2>/dev/null)
-  check "part-connected state=$(xenstore-read $BE/state 2>/dev/null) physical_device=$(xenstore-read $BE/physical-device 2>/dev/null) want_device=$(printf '%x:%x' ${pdev%:*} ${pdev#*:}) diskseq=$(xenstore-read $BE/diskseq 2>/dev/null) disk_diskseq=$(printf '%x' $(cat /sys/block/${PL#/dev/}/diskseq)) opened=$(xenstore-read $BE/opened 2>/dev/null) sectors=$(xenstore-read $BE/sectors 2>/dev/null) part_sectors=$(cat /sys/class/block/$PN/size)"
+  check "part-connected state=$(xenstore-read $BE/state 2>/dev/null) physical_device=$(xenstore-read $BE/physical-device 2>/dev/null) want_device=$(printf '%x:%x' ${pdev%:*} ${pdev#*:}) diskseq=$(xenstore-read $BE/diskseq 2>/dev/null) disk_diskseq=$(printf '%x' $(cat /sys/block/${PL#/dev/}/diskseq)) opened=$(xenstore-read $BE/opened 2>/dev/null) sectors=$(xenstore-read $BE/sectors 2>/dev/null) part_sectors=$(cat /sys/class/block/$PN/size) front_persistent=$(xenstore-read /local/domain/$D/device/vbd/51728/feature-persistent 2>/dev/null)"
   wait_gone ppart 180 && check "gone name=ppart"
   guest_checks ppart
   /sbin/losetup -d $PL
