@@ -337,43 +337,47 @@ impl<G: GrantTable> SegmentMapper<G> {
         pages: &mut RequestPages<G::Mapping>,
         to_guest: bool,
     ) -> Result<(), BindError> {
-        let Some(pool) = self.pool.as_mut() else {
-            return Err(BindError::Fault(RequestFault::Grants("no bounce pool".into())));
-        };
-        if !pool.alloc(req.segments.len(), &mut pages.bounce) {
-            return Err(BindError::Busy);
-        }
+        self.bounce_pages(req, pages)?;
         self.misses.clear();
         self.misses.extend(req.segments.iter().map(|s| s.gref));
         let access = if to_guest { MapAccess::ReadWrite } else { MapAccess::ReadOnly };
         let mapping = match self.grants.map(self.domid, &self.misses, access) {
             Ok(m) => m,
             Err(e) => {
-                pool.release(&mut pages.bounce);
+                self.release(pages);
                 return Err(fault("map", e));
             }
         };
-        for (i, s) in req.segments.iter().enumerate() {
-            let page = pool.page_ptr(pages.bounce[i]);
-            // SAFETY: a pool page, owned by this request until release.
-            unsafe { pages.memory.push(page, 1, true) };
-            if !to_guest {
-                let (offset, len) = (s.offset() as usize, s.len() as usize);
-                // SAFETY: page `i` of the mapping (it maps one page per segment) and a pool page, both alive;
-                // `offset + len <= 4096` (checked segments). The guest may change its page meanwhile, which only
-                // changes what we write.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        mapping.as_ptr().add(i * XEN_PAGE_SIZE + offset),
-                        page.add(offset),
-                        len,
-                    );
-                }
-            }
-        }
         if to_guest {
             pages.mapping = Some(mapping);
             pages.copy_back = true;
+            return Ok(());
+        }
+        let pool = self.pool.as_ref().ok_or_else(|| fault("bounce", "no bounce pool"))?;
+        for (i, s) in req.segments.iter().enumerate() {
+            let (offset, len) = (s.offset() as usize, s.len() as usize);
+            let page = pool.page_ptr(pages.bounce[i]);
+            // SAFETY: page `i` of the mapping (it maps one page per segment) and the request's bounce page `i`, both
+            // alive; `offset + len <= 4096` (checked segments). The guest may change its page meanwhile, which only
+            // changes what we write.
+            unsafe {
+                std::ptr::copy_nonoverlapping(mapping.as_ptr().add(i * XEN_PAGE_SIZE + offset), page.add(offset), len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take a bounce page for each of `req`'s segments and make them its memory (segment `i` on page `i`).
+    fn bounce_pages(&mut self, req: &BlkifRequest, pages: &mut RequestPages<G::Mapping>) -> Result<(), BindError> {
+        let Some(pool) = self.pool.as_mut() else {
+            return Err(BindError::Fault(RequestFault::Grants("no bounce pool".into())));
+        };
+        if !pool.alloc(req.segments.len(), &mut pages.bounce) {
+            return Err(BindError::Busy);
+        }
+        for &page in &pages.bounce {
+            // SAFETY: a pool page, owned by this request until release.
+            unsafe { pages.memory.push(pool.page_ptr(page), 1, true) };
         }
         Ok(())
     }
@@ -384,18 +388,11 @@ impl<G: GrantTable> SegmentMapper<G> {
         pages: &mut RequestPages<G::Mapping>,
         to_guest: bool,
     ) -> Result<(), BindError> {
-        let Some(pool) = self.pool.as_mut() else {
-            return Err(BindError::Fault(RequestFault::Grants("no bounce pool".into())));
-        };
-        if !pool.alloc(req.segments.len(), &mut pages.bounce) {
-            return Err(BindError::Busy);
-        }
+        self.bounce_pages(req, pages)?;
         self.ops.clear();
-        for (i, s) in req.segments.iter().enumerate() {
-            let page = pool.page_ptr(pages.bounce[i]);
-            // SAFETY: a pool page, owned by this request until release.
-            unsafe { pages.memory.push(page, 1, true) };
-            if !to_guest {
+        if let Some(pool) = self.pool.as_ref().filter(|_| !to_guest) {
+            for (i, s) in req.segments.iter().enumerate() {
+                let page = pool.page_ptr(pages.bounce[i]);
                 self.ops.push(GrantCopyOp {
                     source: CopySide::Grant { domid: self.domid, gref: s.gref, offset: u16_of(s.offset()) },
                     dest: CopySide::Local(page as usize + s.offset() as usize),

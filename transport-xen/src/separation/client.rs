@@ -50,23 +50,25 @@ impl Channel {
 
     /// Send `request` and wait for its answer (with any descriptors attached).
     pub fn call(&self, request: &Request) -> Result<(Reply, Vec<OwnedFd>), XenError> {
-        let mut guard = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
-        let (socket, buf) = &mut *guard;
-        wire::send(socket, request, &[]).map_err(|_| XenError::Disconnected { what: WHAT })?;
-        match wire::recv_with_fds::<Reply>(socket, buf) {
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => Err(XenError::Disconnected { what: WHAT }),
-            Err(e) => Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
-        }
+        self.exchange(request, |socket, buf| wire::recv_with_fds::<Reply>(socket, buf))
     }
 
     /// Send `request` and wait for an answer that carries no descriptor: `send` and `recv` alone, the calls a
     /// data-plane thread's system call filter allows (any descriptor attached anyway is closed by the kernel).
     pub fn call_plain(&self, request: &Request) -> Result<Reply, XenError> {
+        self.exchange(request, |socket, buf| wire::recv::<Reply>(socket, buf))
+    }
+
+    /// One request and its answer, received by `receive`, with the socket to ourselves.
+    fn exchange<T>(
+        &self,
+        request: &Request,
+        receive: impl FnOnce(&UnixDatagram, &mut [u8]) -> std::io::Result<Option<T>>,
+    ) -> Result<T, XenError> {
         let mut guard = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
         let (socket, buf) = &mut *guard;
         wire::send(socket, request, &[]).map_err(|_| XenError::Disconnected { what: WHAT })?;
-        match wire::recv::<Reply>(socket, buf) {
+        match receive(socket, buf) {
             Ok(Some(answer)) => Ok(answer),
             Ok(None) => Err(XenError::Disconnected { what: WHAT }),
             Err(e) => Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
