@@ -102,13 +102,12 @@ fn fault(what: &str, err: impl std::fmt::Display) -> BindError {
 }
 
 impl<G: GrantTable> SegmentMapper<G> {
-    /// A binder for the grants of `domid` in `mode` (copy mode needs `pool`), keeping up to `persistent` grants
-    /// mapped if set (`feature-persistent`; map mode only).
-    ///
-    /// Map mode without persistent grants does the I/O on `pool` when one is given (see
-    /// [`SegmentMapper::bind`]): the frontend revokes each grant once answered, and Linux blkfront (since the
-    /// XSA-396 hardening) disables the device when one is still mapped then; a page that took part in direct I/O
-    /// can still be held by the block layer when the completion arrives, which defers gntdev's unmap.
+    /// A binder for the grants of `domid` in `mode`, keeping up to `persistent` grants mapped if set
+    /// (`feature-persistent`; map mode only). Copy mode, and map mode without persistent grants, do their I/O on
+    /// `pool` (without one, their requests fail): in map mode the frontend then revokes each grant once answered,
+    /// and Linux blkfront (since the XSA-396 hardening) disables the device when one is still mapped then; a page
+    /// that took part in direct I/O can still be held by the block layer when the completion arrives, which defers
+    /// gntdev's unmap.
     pub fn new(
         grants: Arc<G>,
         domid: DomId,
@@ -116,7 +115,6 @@ impl<G: GrantTable> SegmentMapper<G> {
         persistent: Option<usize>,
         pool: Option<BouncePool>,
     ) -> Self {
-        let mode = if pool.is_none() { GrantMode::Map } else { mode };
         let persistent = persistent.filter(|_| mode == GrantMode::Map).map(PersistentGrants::new);
         SegmentMapper {
             grants,
@@ -244,23 +242,13 @@ impl<G: GrantTable> SegmentMapper<G> {
     /// Make the data pages of `req` accessible in `pages.memory`, segment `i` at
     /// [`segment_address`]`(i, segment)`.
     pub fn bind(&mut self, req: &BlkifRequest, pages: &mut RequestPages<G::Mapping>) -> Result<(), BindError> {
-        let n = req.segments.len();
-        if n == 0 {
+        if req.segments.is_empty() {
             return Ok(());
         }
         let to_guest = req.op == BlkifOp::Read;
         match self.mode {
             GrantMode::Map if self.persistent.is_some() => self.bind_persistent(req, pages, to_guest)?,
-            GrantMode::Map if self.pool.is_some() => self.bind_mapped_bounce(req, pages, to_guest)?,
-            GrantMode::Map => {
-                self.misses.clear();
-                self.misses.extend(req.segments.iter().map(|s| s.gref));
-                let access = if to_guest { MapAccess::ReadWrite } else { MapAccess::ReadOnly };
-                let m = self.grants.map(self.domid, &self.misses, access).map_err(|e| fault("map", e))?;
-                // SAFETY: `m` maps `n` pages (writable when `to_guest`) and is kept in `pages` until release.
-                unsafe { pages.memory.push(m.as_ptr(), n, to_guest) };
-                pages.mapping = Some(m);
-            }
+            GrantMode::Map => self.bind_mapped_bounce(req, pages, to_guest)?,
             GrantMode::Copy => self.bind_bounce(req, pages, to_guest)?,
         }
         Ok(())
