@@ -164,7 +164,8 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "NAME|GID", requires = "socket_path", conflicts_with = "fd",
           value_parser = crate::vhost_user::parse_group)]
     pub socket_group: Option<u32>,
-    /// Write the process id to this file once listening (removed on exit if its directory lets the --user).
+    /// Write the process id to this file once listening (removed on exit if its directory lets the user blkbackd
+    /// started as).
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
     /// The disk to serve.
@@ -205,6 +206,13 @@ pub struct VhostUserArgs {
     /// Privileges.
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// Serve from the host's mount and network namespaces. By default, once its disk and sockets are open,
+    /// blkbackd moves to a mount namespace whose root is empty and read-only and to a network namespace of its
+    /// own (with a user namespace of its own when it lacks CAP_SYS_ADMIN and CAP_SYS_CHROOT), so that a process
+    /// its guest took over reaches no file and no socket by name, not even through an io_uring ring of its own
+    /// making, which the system call filter cannot see into. Only for hosts that allow neither.
+    #[arg(long)]
+    pub no_namespaces: bool,
     /// Adaptive polling: after a kick or a completion, keep polling the queue and its I/O completions (guest
     /// kicks off) until nothing happened for N µs, then sleep. Lower latency under load at the cost of CPU while
     /// busy; an idle daemon still sleeps. 0: never poll.

@@ -16,6 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use device_blk::stats::Registry;
 
+use crate::owned_path::{FileId, OwnedPath};
+
 const MAX_REQUEST: u64 = 128;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_POLL: Duration = Duration::from_millis(200);
@@ -27,7 +29,8 @@ pub type ResizeHook = Arc<dyn Fn() -> String + Send + Sync>;
 pub struct ControlServer {
     resize: Option<ResizeHook>,
     path: PathBuf,
-    remove_on_drop: bool,
+    /// The socket file, if this process bound it (removed on drop, unless handed over).
+    file: Option<OwnedPath>,
     stop: Arc<AtomicBool>,
     /// Until [`start`](Self::start): the socket and what it answers from.
     pending: Option<(UnixListener, Arc<Registry>)>,
@@ -45,11 +48,12 @@ impl ControlServer {
             std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
         let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let file = OwnedPath::claim(path).with_context(|| format!("cannot stat the socket {}", path.display()))?;
         listener.set_nonblocking(true).context("control socket")?;
         Ok(ControlServer {
             resize: None,
             path: path.to_path_buf(),
-            remove_on_drop: true,
+            file: Some(file),
             stop: Arc::new(AtomicBool::new(false)),
             pending: Some((listener, registry)),
             thread: None,
@@ -63,11 +67,16 @@ impl ControlServer {
         Ok(ControlServer {
             resize: None,
             path,
-            remove_on_drop: false,
+            file: None,
             stop: Arc::new(AtomicBool::new(false)),
             pending: Some((listener, registry)),
             thread: None,
         })
+    }
+
+    /// Leave the removal of the socket file (if this process bound it) to whoever takes the returned id.
+    pub fn hand_over(&mut self) -> Option<FileId> {
+        self.file.as_mut().and_then(OwnedPath::hand_over)
     }
 
     /// Answer `resize` with `hook` (before [`start`](Self::start)).
@@ -96,9 +105,7 @@ impl Drop for ControlServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        if self.remove_on_drop {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        // The socket file goes with `file`, after the thread that answers on it.
     }
 }
 

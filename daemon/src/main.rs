@@ -14,6 +14,7 @@ mod demo;
 mod logging;
 mod metrics_http;
 mod notify;
+mod owned_path;
 mod sandbox;
 mod signals;
 mod vhost_user;

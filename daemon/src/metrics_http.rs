@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use device_blk::stats::Registry;
 
+use crate::owned_path::{FileId, OwnedPath};
+
 /// The largest request head read; longer ones are answered 431 and closed.
 const MAX_REQUEST: usize = 4096;
 /// How long a client has to send its request head (in total) and then to take the answer.
@@ -77,6 +79,8 @@ pub struct MetricsServer {
     pending: Option<(Listener, Render)>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// A Unix socket's file (removed on drop, unless handed over).
+    file: Option<OwnedPath>,
 }
 
 impl MetricsServer {
@@ -88,12 +92,12 @@ impl MetricsServer {
     /// Bind `addr` to serve what `render` returns.
     pub fn bind_with(addr: &MetricsAddr, render: Render) -> anyhow::Result<MetricsServer> {
         let context = || format!("cannot listen on --metrics-listen {addr}");
-        let (listener, address) = match addr {
+        let (listener, address, file) = match addr {
             MetricsAddr::Tcp(tcp) => {
                 let listener = TcpListener::bind(tcp).with_context(context)?;
                 let bound = listener.local_addr().with_context(context)?;
                 listener.set_nonblocking(true).with_context(context)?;
-                (Listener::Tcp(listener), MetricsAddr::Tcp(bound))
+                (Listener::Tcp(listener), MetricsAddr::Tcp(bound), None)
             }
             MetricsAddr::Unix(path) => {
                 if path.exists() {
@@ -103,8 +107,9 @@ impl MetricsServer {
                     std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
                 }
                 let listener = UnixListener::bind(path).with_context(context)?;
+                let file = OwnedPath::claim(path).with_context(context)?;
                 listener.set_nonblocking(true).with_context(context)?;
-                (Listener::Unix(listener), addr.clone())
+                (Listener::Unix(listener), addr.clone(), Some(file))
             }
         };
         Ok(MetricsServer {
@@ -112,7 +117,13 @@ impl MetricsServer {
             pending: Some((listener, render)),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
+            file,
         })
+    }
+
+    /// Leave the removal of a Unix socket's file to whoever takes the returned id.
+    pub fn hand_over(&mut self) -> Option<FileId> {
+        self.file.as_mut().and_then(OwnedPath::hand_over)
     }
 
     /// Start serving on a thread of its own (once; later calls do nothing).
@@ -135,9 +146,7 @@ impl Drop for MetricsServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        if let MetricsAddr::Unix(path) = &self.address {
-            let _ = std::fs::remove_file(path);
-        }
+        // A Unix socket's file goes with `file`, after the thread that answers on it.
     }
 }
 

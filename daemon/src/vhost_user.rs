@@ -22,7 +22,7 @@ use crate::cli::VhostUserArgs;
 use crate::control::ControlServer;
 use crate::metrics_http::MetricsServer;
 use crate::notify::Notifier;
-use crate::sandbox::{self, CapSet, Role};
+use crate::sandbox::{self, CapSet, FileKeeper, Isolation, Role};
 use crate::signals::Shutdown;
 
 pub use listen::{activation_requested, capabilities_json, capabilities_requested, parse_group, parse_mode};
@@ -58,7 +58,7 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     };
     let server = VhostUserBlkServer::new(Arc::clone(&disk), options)?;
     probe_engine(&disk, args.engine.into(), server.options().effective_io_depth())?;
-    let (socket, shown) = match (inherited, &args.socket_path) {
+    let (mut socket, shown) = match (inherited, &args.socket_path) {
         (Some(listener), _) => {
             let shown = inherited_name(&listener, args.fd);
             (Socket::Inherited(listener), shown)
@@ -70,10 +70,26 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         (None, None) => bail!("no socket to listen on: give --socket-path PATH or --fd N"),
     };
     let mut listener = Listener::from(socket.listener().try_clone().context("cannot duplicate the socket")?);
-    let _pidfile = args.pidfile.as_deref().map(PidFile::write).transpose()?;
-    // Everything is open: from here on no root, no capability, and only the system calls serving needs. The other
-    // threads start afterwards and inherit it.
-    sandbox::drop_privileges(args.sandbox.user.as_ref(), CapSet::EMPTY)?;
+    let mut pidfile = args.pidfile.as_deref().map(PidFile::write).transpose()?;
+    // The files created here are removed on exit by a keeper process: this one will not see them any more.
+    let files: Vec<_> = [
+        socket.hand_over(),
+        control.as_mut().and_then(ControlServer::hand_over),
+        metrics.as_mut().and_then(MetricsServer::hand_over),
+        pidfile.as_mut().and_then(PidFile::hand_over),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let _keeper = if files.is_empty() {
+        None
+    } else {
+        Some(FileKeeper::spawn(files, args.sandbox.user.as_ref(), args.sandbox.seccomp)?)
+    };
+    // Everything is open: from here on no root, no capability, no file or network by name, and only the system
+    // calls serving needs. The other threads start afterwards and inherit it.
+    let isolation = if args.no_namespaces { Isolation::None } else { Isolation::Namespaces };
+    sandbox::drop_privileges(args.sandbox.user.as_ref(), CapSet::EMPTY, isolation)?;
     sandbox::lock_down(Role::VhostUser, args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
     if let Some(control) = &mut control {
@@ -137,6 +153,14 @@ impl Socket {
         match self {
             Socket::Bound(file) => &file.listener,
             Socket::Inherited(listener) => listener,
+        }
+    }
+
+    /// The file of a socket we bound, for whoever removes it on exit.
+    fn hand_over(&mut self) -> Option<crate::owned_path::FileId> {
+        match self {
+            Socket::Bound(file) => file.hand_over(),
+            Socket::Inherited(_) => None,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! Least privilege of the real `blkbackd vhost-user` process: with `--user nobody` every thread (the ones started
 //! for each connection too) runs as nobody with no capability, `no_new_privs` and the system call filter, while a
 //! frontend does every kind of request and reconnects; started unprivileged it sandboxes itself all the same and
-//! `--user` is a clear one-line error.
+//! `--user` is a clear one-line error. Either way it serves from an empty root, in mount and network namespaces
+//! of its own (started unprivileged, in a user namespace of its own too), and a file keeper removes its files.
 //!
 //! The refusal of forbidden calls, with the exact production filters, and the Xen data-plane threads on the
 //! emulated host are tested in the daemon's own unit tests (`daemon/src/sandbox/tests.rs`): they need the filters
@@ -89,6 +90,40 @@ fn assert_sandboxed(pid: libc::pid_t, user: Option<(libc::uid_t, libc::gid_t)>) 
     all.into_iter().map(|(name, _)| name).collect()
 }
 
+/// The namespace `kind` (`mnt`, `net`, `user`) of process `pid`, as the kernel names it (`mnt:[4026531841]`).
+fn namespace(pid: &str, kind: &str) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("read the namespace link");
+    link.to_string_lossy().into_owned()
+}
+
+/// `pid` serves from an empty root in mount and network namespaces of its own (and a user namespace of its own
+/// if `own_user_namespace`), and its file keeper runs as `user` with no capability under its own filter.
+fn assert_isolated(pid: libc::pid_t, own_user_namespace: bool, user: (libc::uid_t, libc::gid_t)) {
+    let pid_text = pid.to_string();
+    for kind in ["mnt", "net"] {
+        assert_ne!(namespace(&pid_text, kind), namespace("self", kind), "{kind} namespace of its own");
+    }
+    assert_eq!(namespace(&pid_text, "user") != namespace("self", "user"), own_user_namespace, "user namespace");
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).expect("its root").flatten().collect();
+    assert!(root.is_empty(), "its root is empty: {root:?}");
+    // Its file keeper: a child of its own, which holds nothing but its side of the pair.
+    let keeper = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok().map(|s| (e.path(), s)))
+        .find(|(_, status)| field(status, "PPid:") == pid_text && field(status, "Name:") == "blkbackd-keep");
+    let (path, status) = keeper.unwrap_or_else(|| panic!("no file keeper among the children of {pid}"));
+    let ids: Vec<&str> = field(&status, "Uid:").split_whitespace().collect();
+    assert_eq!(ids, vec![user.0.to_string(); 4], "the keeper's user:\n{status}");
+    for key in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(field(&status, key), NO_CAPS, "the keeper's {key}\n{status}");
+    }
+    assert_eq!(field(&status, "NoNewPrivs:"), "1", "the keeper:\n{status}");
+    assert_eq!(field(&status, "Seccomp:"), "2", "the keeper:\n{status}");
+    let fds = std::fs::read_dir(path.join("fd")).expect("the keeper's descriptors").count();
+    assert_eq!(fds, 4, "the keeper holds the standard three and its side of the pair");
+}
+
 /// Every request type of virtio-blk on two queues: writes, reads, flush, discard, write-zeroes.
 fn every_request(client: &mut BlkClient) {
     let block = 64 << 10;
@@ -131,6 +166,7 @@ fn vhost_user_runs_as_nobody_with_no_capability_under_the_filter_across_reconnec
     }
     let idle = assert_sandboxed(pid, Some(user));
     assert!(idle.iter().any(|n| n == "signals") && idle.iter().any(|n| n == "control"), "{idle:?}");
+    assert_isolated(pid, false, user);
 
     // First frontend: every request type on two queues; its threads are sandboxed too.
     let mut client = BlkClient::connect(&scratch.socket, 2, 128, true, 32 * (64 << 10)).expect("connect");
@@ -220,6 +256,8 @@ fn started_unprivileged_it_still_sandboxes_itself_and_user_is_a_one_line_error()
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert_sandboxed(pid, None);
+    // Without CAP_SYS_ADMIN it isolates itself in a user namespace of its own.
+    assert_isolated(pid, true, user);
     let mut client = BlkClient::connect(&scratch.socket, 1, 64, false, 64 << 10).expect("connect");
     assert_eq!(client.run_one(Op::Write { offset: 0, at: 0, len: 4096 }), 0);
     assert_eq!(client.run_one(Op::Flush), 0);
@@ -227,4 +265,5 @@ fn started_unprivileged_it_still_sandboxes_itself_and_user_is_a_one_line_error()
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
+    assert!(!scratch.socket.exists(), "its keeper removed the socket file");
 }

@@ -10,6 +10,9 @@
 //!    capability set emptied.
 //!
 //! The system call filter comes after, once the worker's own objects are set up (see [`super::lock_down`]).
+//!
+//! `blkbackd vhost-user` takes the first two steps too ([`isolate`]), with a user namespace of its own when it
+//! has no `CAP_SYS_ADMIN` to make them with (the packaged unit runs it as the `blkbackd` user).
 
 use std::ffi::CString;
 use std::io;
@@ -38,6 +41,43 @@ pub fn confine_worker(user: &UserSpec) -> anyhow::Result<()> {
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     tracing::info!(uid, gid, "worker confined: empty read-only root, own network namespace, no capabilities");
     Ok(())
+}
+
+/// Steps 1 and 2 for a process that may not be root: a mount namespace whose root is empty and a network
+/// namespace of its own. Without `CAP_SYS_ADMIN`, a user namespace of its own comes first (mapping only its own
+/// uid and gid, so ids stay what they are), which gives the capabilities to make the other two; the caller drops
+/// them afterwards as it drops the rest. Returns how: `"cap_sys_admin"` or `"user namespace"`.
+pub fn isolate() -> anyhow::Result<&'static str> {
+    let effective = caps::get().context("cannot read the capabilities")?.effective;
+    let privileged = effective.has(caps::CAP_SYS_ADMIN) && effective.has(caps::CAP_SYS_CHROOT);
+    let how = if privileged {
+        // SAFETY: unshare with namespace flags only.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })
+            .context("cannot enter a mount and network namespace of its own")?;
+        "cap_sys_admin"
+    } else {
+        // SAFETY: plain system calls without arguments.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // SAFETY: unshare with namespace flags only.
+        check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET) }).context(
+            "cannot enter a user, mount and network namespace of its own: blkbackd has no CAP_SYS_ADMIN and this \
+             host refuses unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone, \
+             user.max_user_namespaces, or a security module); give it CAP_SYS_ADMIN and CAP_SYS_CHROOT at start \
+             (it drops them before serving), or --no-namespaces",
+        )?;
+        map_own_ids(uid, gid).context("cannot map its own uid and gid in its user namespace")?;
+        "user namespace"
+    };
+    empty_root().context("cannot switch to an empty root")?;
+    Ok(how)
+}
+
+/// In a fresh user namespace: map `uid` and `gid` to themselves (setgroups denied, as an unprivileged process
+/// must).
+fn map_own_ids(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1\n"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1\n"))
 }
 
 fn empty_root() -> io::Result<()> {

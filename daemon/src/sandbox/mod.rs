@@ -5,12 +5,17 @@
 //! # vhost-user
 //! Everything is open before the first frontend connects (disk, listening socket, control socket), and while the
 //! process still has one thread it:
-//! 1. sets `no_new_privs` (exec can never grant privileges again),
-//! 2. started as root: removes every capability from the bounding set and locks `SECBIT_NOROOT`,
-//! 3. with `--user`: takes the user's groups, gid and uid (real, effective and saved), which clears every
+//! 1. forks its [`FileKeeper`], which removes its socket and pid files when it ends (it cannot reach them after
+//!    the next step),
+//! 2. sets `no_new_privs` (exec can never grant privileges again),
+//! 3. unless `--no-namespaces`: moves to a mount namespace whose root is an empty read-only tmpfs and a network
+//!    namespace of its own ([`confine::isolate`]; a user namespace first when it lacks `CAP_SYS_ADMIN`), because
+//!    the filter cannot see into an io_uring ring, which could otherwise open or connect to anything by name,
+//! 4. started as root: removes every capability from the bounding set and locks `SECBIT_NOROOT`,
+//! 5. with `--user`: takes the user's groups, gid and uid (real, effective and saved), which clears every
 //!    capability,
-//! 4. empties its effective, permitted, inheritable and ambient capability sets (also without `--user`),
-//! 5. installs the [`Role::VhostUser`] system call filter on every thread (`SECCOMP_FILTER_FLAG_TSYNC`).
+//! 6. empties its effective, permitted, inheritable and ambient capability sets (also without `--user`),
+//! 7. installs the [`Role::VhostUser`] system call filter on every thread (`SECCOMP_FILTER_FLAG_TSYNC`).
 //!
 //! Only then does it start its other threads (signals, control socket, and per connection the protocol and queue
 //! threads), which inherit all of it: every thread runs with no capability, under the filter. Reconnecting
@@ -34,13 +39,15 @@
 //! such calls (`dmesg`, audit) and lets them through, for developing the list. `off`: no filter (users and
 //! capabilities are still dropped).
 //!
-//! Caveats: an io_uring ring performs its operations in the kernel, where seccomp does not see them (the rings
-//! here only read, write, sync and discard the disk; restricting their opcodes with
-//! `IORING_REGISTER_RESTRICTIONS` belongs to the engine). With `--user`, the socket files are removed on exit only
-//! if their directory is writable by that user; a file left behind is replaced at the next start.
+//! Caveats: an io_uring ring performs its operations in the kernel, where seccomp does not see them. The engine's
+//! rings are restricted to their own operations (`IORING_REGISTER_RESTRICTIONS`), but a process may make rings of
+//! its own, hence the empty root and the network namespace. With `--user`, the socket files are removed on exit
+//! only if their directory is writable by that user (the keeper runs as it); a file left behind is replaced at the
+//! next start.
 
 mod caps;
 mod confine;
+mod keeper;
 mod seccomp;
 mod sigsys;
 mod user;
@@ -64,6 +71,7 @@ use caps::{CAP_DAC_OVERRIDE, CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, CAP_
 pub const XEN_SUPERVISOR_CAPS: CapSet =
     CapSet::of(&[CAP_DAC_OVERRIDE, CAP_KILL, CAP_SYS_ADMIN, CAP_SYS_CHROOT, CAP_SETPCAP, CAP_SETUID, CAP_SETGID]);
 pub use confine::confine_worker;
+pub use keeper::FileKeeper;
 pub use seccomp::{GrantAccess, Role};
 pub use user::UserSpec;
 
@@ -93,11 +101,26 @@ pub struct SandboxArgs {
     pub seccomp: SeccompMode,
 }
 
-/// Give up privileges while the process has one thread: `no_new_privs`, the bounding set (as root), the user
-/// (`user`), and every capability but `keep` (those the process has of them). Returns the capabilities kept.
-pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet) -> anyhow::Result<CapSet> {
+/// Whether a process gives up its view of the host's files and network too (`--no-namespaces` says no).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// A mount namespace whose root is empty and read-only, and a network namespace of its own
+    /// ([`confine::isolate`]).
+    Namespaces,
+    /// The host's mount and network namespaces.
+    None,
+}
+
+/// Give up privileges while the process has one thread: `no_new_privs`, the host's files and network
+/// (`isolation`), the bounding set (as root), the user (`user`), and every capability but `keep` (those the
+/// process has of them). Returns the capabilities kept.
+pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet, isolation: Isolation) -> anyhow::Result<CapSet> {
     ensure_single_threaded()?;
     caps::no_new_privs().context("cannot set no_new_privs")?;
+    if isolation == Isolation::Namespaces {
+        let how = confine::isolate()?;
+        tracing::info!(with = how, "isolated: empty read-only root, own network namespace");
+    }
     caps::limit_bounding_set(keep).context("cannot limit the capability bounding set")?;
     let keep = keep.and(caps::get().context("cannot read the capabilities")?.permitted);
     if let Some(user) = user {

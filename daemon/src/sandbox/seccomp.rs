@@ -7,10 +7,12 @@
 //! - [`Role::VhostUser`] (the whole process, after the disk and sockets are open): threads (`clone` with
 //!   `CLONE_THREAD` only: no new processes), sockets it already has (accept, messages with descriptors for guest
 //!   memory and eventfds), `mmap` of guest memory, io_uring rings, eventfds and epoll; no `open` (`EACCES`), no
-//!   `socket`, no `exec`.
-//! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set
-//!   without `unlink`, plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
+//!   `socket`, no `exec`, no `unlink` (its file keeper removes its files).
+//! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set,
+//!   plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
 //!   themselves; no `open` (`EACCES`), no `socket`, no `exec`, no `unlink`.
+//! - [`Role::Keeper`] (the file keeper of a vhost-user server): waiting on its socket pair, looking at and
+//!   removing files by path, and nothing else: no `open`, `socket`, `exec`, threads or io_uring.
 //! - [`Role::XenWorker`] (each data-plane thread, stacked on the process filter): only the data path: its event
 //!   channel, grant maps (registered by the supervisor: [`GrantAccess`]), its disk through io_uring or
 //!   `preadv`/`pwritev`, epoll. No `open` (`EACCES`), no `socket`, no new threads or rings.
@@ -41,6 +43,9 @@ pub enum Role {
     /// The whole process of one guest's worker (`blkbackd xen-worker`): confined, fed descriptors by the
     /// supervisor. The data-plane threads add [`Role::XenWorker`] on top.
     XenGuest(GrantAccess),
+    /// The file keeper of a confined vhost-user server: waits on its socket pair, then removes the server's
+    /// files by path ([`super::keeper`]).
+    Keeper,
 }
 
 /// Which grant-device calls a Xen role may make.
@@ -217,9 +222,8 @@ fn base(rules: &mut Rules) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a process-wide role adds to [`base`]: threads, the sockets and descriptors it holds, io_uring rings, and
-/// (with `unlink`) removing its socket files on exit.
-fn process(rules: &mut Rules, unlink: bool) -> anyhow::Result<()> {
+/// What a process-wide role adds to [`base`]: threads, the sockets and descriptors it holds, io_uring rings.
+fn process(rules: &mut Rules) -> anyhow::Result<()> {
     rules.any(&[
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
@@ -250,11 +254,6 @@ fn process(rules: &mut Rules, unlink: bool) -> anyhow::Result<()> {
     ]);
     #[cfg(target_arch = "x86_64")]
     rules.any(&[libc::SYS_accept, libc::SYS_dup2]);
-    if unlink {
-        rules.any(&[libc::SYS_unlinkat]);
-        #[cfg(target_arch = "x86_64")]
-        rules.any(&[libc::SYS_unlink]);
-    }
     rules.arg_with(libc::SYS_clone, 0, libc::CLONE_THREAD as u64)?;
     rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])?;
     rules.arg_in(
@@ -302,6 +301,21 @@ fn xen_worker(rules: &mut Rules, access: GrantAccess) -> anyhow::Result<()> {
     rules.arg_in(libc::SYS_ioctl, 1, &BLK_DATA)
 }
 
+/// What the file keeper adds to [`base`]: its socket pair, and looking at and removing files by path.
+fn keeper(rules: &mut Rules) {
+    rules.any(&[
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_setsockopt,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_unlinkat,
+    ]);
+    #[cfg(target_arch = "x86_64")]
+    rules.any(&[libc::SYS_lstat, libc::SYS_unlink]);
+}
+
 /// `openat` (and `open`), where a role must not open files: answered `EACCES` rather than trapped, because glibc
 /// and std open files lazily and cope with a refusal (malloc reads `/proc/sys/vm/overcommit_memory` the first
 /// time a thread's arena shrinks; a backtrace reads the executable).
@@ -339,18 +353,22 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
     let clone3 = (vec![libc::SYS_clone3], libc::ENOSYS);
     let errors = match role {
         Role::VhostUser => {
-            process(&mut rules, true)?;
+            process(&mut rules)?;
             // The size of a block-device disk, read again when it may have grown.
             rules.arg_in(libc::SYS_ioctl, 1, &[BLKGETSIZE64])?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
         Role::XenGuest(access) => {
-            process(&mut rules, false)?;
+            process(&mut rules)?;
             xen_guest(&mut rules, access)?;
             vec![clone3, (open_calls(), libc::EACCES)]
         }
         Role::XenWorker(access) => {
             xen_worker(&mut rules, access)?;
+            vec![(open_calls(), libc::EACCES)]
+        }
+        Role::Keeper => {
+            keeper(&mut rules);
             vec![(open_calls(), libc::EACCES)]
         }
     };

@@ -34,6 +34,8 @@ const ALLOWED: i32 = 42;
 const SURVIVED: i32 = 3;
 /// A child whose `open` was refused with `EACCES`.
 const REFUSED: i32 = 4;
+/// A child that reached a host file or socket through an io_uring ring of its own making.
+const EXPOSED: i32 = 5;
 
 /// Run `scenario` in a child: its exit status and stderr.
 fn in_child(scenario: &str) -> (ExitStatus, String) {
@@ -85,22 +87,23 @@ fn run_scenario(scenario: &str) -> i32 {
         "vhost-user" => lock_down(Role::VhostUser, mode).expect("vhost-user filter"),
         "xen-guest" | "xen-worker" => lock_down(Role::XenGuest(access), mode).expect("xen guest filter"),
         "confined" => {
-            // The test harness runs this on a thread of its own: confine a single-threaded fork instead.
             let nobody = UserSpec::parse("65534:65534").expect("uid 65534");
-            // SAFETY: the child only confines itself, checks and exits; the parent waits for it.
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                let code = std::panic::catch_unwind(|| {
-                    confine_worker(&nobody).expect("confine");
-                    confined_reach(&existing)
-                });
-                // SAFETY: _exit is always safe to call.
-                unsafe { libc::_exit(code.unwrap_or(SURVIVED)) };
-            }
-            let mut status = 0;
-            // SAFETY: waiting for the child we forked; `status` is a valid out-pointer.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            return if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { SURVIVED };
+            return in_fork(|| {
+                confine_worker(&nobody).expect("confine");
+                confined_reach(&existing)
+            });
+        }
+        "vhost-user-ring" => {
+            // As `blkbackd vhost-user` locks itself down (`action`: `isolated`, or `exposed` for
+            // --no-namespaces), in a single-threaded fork, then reach out through a ring of its own.
+            let isolation = if action == "isolated" { Isolation::Namespaces } else { Isolation::None };
+            let host_socket = HostSocket::new();
+            let nobody = UserSpec::parse("65534:65534").expect("uid 65534");
+            return in_fork(|| {
+                drop_privileges(Some(&nobody), CapSet::EMPTY, isolation).expect("drop privileges");
+                lock_down(Role::VhostUser, mode).expect("vhost-user filter");
+                ring_reach(&host_socket.path)
+            });
         }
         other => panic!("unknown role {other:?}"),
     }
@@ -116,6 +119,26 @@ fn run_scenario(scenario: &str) -> i32 {
         return thread.expect("spawn").join().expect("join");
     }
     forbidden_or_allowed(action, existing, None, &held)
+}
+
+/// Run `check` in a single-threaded fork (the test harness runs a scenario on a thread of its own, and privileges
+/// are dropped only in a process with one thread): its exit code, `SURVIVED` if it panicked or was killed.
+fn in_fork(check: impl FnOnce() -> i32 + std::panic::UnwindSafe) -> i32 {
+    // SAFETY: the child only runs `check`, which confines itself, checks and exits; the parent waits for it.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = std::panic::catch_unwind(check);
+        // SAFETY: _exit is always safe to call.
+        unsafe { libc::_exit(code.unwrap_or(SURVIVED)) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child we forked; `status` is a valid out-pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        SURVIVED
+    }
 }
 
 /// Descriptors a child opened before its filter: a device for ioctls, and a socket pair.
@@ -256,6 +279,63 @@ fn confined_reach(existing: &std::path::Path) -> i32 {
     ALLOWED
 }
 
+/// A listening socket on the host that anyone may connect to, removed on drop.
+struct HostSocket {
+    path: PathBuf,
+    _listener: std::os::unix::net::UnixListener,
+}
+
+impl HostSocket {
+    fn new() -> HostSocket {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("blkbackd-ring-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        HostSocket { path, _listener: listener }
+    }
+}
+
+impl Drop for HostSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What a locked-down vhost-user process that its guest took over reaches through an io_uring ring it makes
+/// itself (the filter allows making rings, and sees none of their operations): `/etc/passwd` by `OPENAT`, and
+/// `host_socket` by `SOCKET` + `CONNECT`. `ALLOWED` if neither is reached, `EXPOSED` if both are.
+fn ring_reach(host_socket: &std::path::Path) -> i32 {
+    use io_uring::{opcode, types};
+    let mut ring = io_uring::IoUring::new(4).expect("io_uring");
+    let mut run = |entry: io_uring::squeue::Entry| {
+        // SAFETY: every buffer an entry points to outlives this call, which waits for its completion.
+        unsafe { ring.submission().push(&entry).expect("push") };
+        ring.submit_and_wait(1).expect("submit");
+        ring.completion().next().expect("completion").result()
+    };
+    let name = c"/etc/passwd";
+    let opened = run(opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr()).build());
+    let socket = run(opcode::Socket::new(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0).build());
+    assert!(socket >= 0, "io_uring SOCKET: {socket} (the filter cannot see it)");
+    // SAFETY: an all-zero sockaddr_un is valid; the path is copied in below, within its bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("fits");
+    let bytes = host_socket.as_os_str().as_encoded_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).expect("fits");
+    let sockaddr = std::ptr::addr_of!(addr).cast::<libc::sockaddr>();
+    let connected = run(opcode::Connect::new(types::Fd(socket), sockaddr, len).build());
+    match (opened, connected) {
+        (o, c) if o >= 0 && c == 0 => EXPOSED,
+        (o, c) if o == -libc::ENOENT && c == -libc::ENOENT => ALLOWED,
+        other => panic!("OPENAT and CONNECT through a ring gave {other:?}"),
+    }
+}
+
 /// What the daemon's threads do after the lock-down: epoll over an eventfd, memory, clocks, hashing, logs.
 fn serve(evt: &EventFd) {
     let epoll = Epoll::new().expect("epoll");
@@ -281,6 +361,8 @@ fn forbidden_calls_end_the_process_with_sigsys_and_a_line_naming_them() {
     }
     // glibc's fork is clone without CLONE_THREAD.
     assert_refused("vhost-user fork", libc::SYS_clone, "clone");
+    // Its file keeper removes its files: it may not remove any itself.
+    assert_refused("vhost-user unlink", libc::SYS_unlinkat, "unlinkat");
     assert_refused("xen-guest socket", libc::SYS_socket, "socket");
     assert_refused("xen-guest exec", libc::SYS_execve, "execve");
     assert_refused("xen-guest fork", libc::SYS_clone, "clone");
@@ -308,6 +390,21 @@ fn a_worker_cannot_name_another_domain_to_the_grant_device() {
             assert_eq!(status.code(), Some(ALLOWED), "{role}-direct {allowed}: {status}\n{stderr}");
         }
     }
+}
+
+/// The filter cannot see into an io_uring ring, and a process may make rings of its own: isolated (the default),
+/// a taken-over vhost-user process reaches no host file or socket through one; with --no-namespaces it does.
+#[test]
+fn a_vhost_user_process_reaches_no_host_file_or_socket_through_a_ring_of_its_own() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (to start as root and drop to uid 65534 as the daemon does)");
+        return;
+    }
+    let (status, stderr) = in_child("vhost-user-ring enforce isolated");
+    assert_eq!(status.code(), Some(ALLOWED), "isolated: {status}\n{stderr}");
+    let (status, stderr) = in_child("vhost-user-ring enforce exposed");
+    assert_eq!(status.code(), Some(EXPOSED), "--no-namespaces: {status}\n{stderr}");
 }
 
 #[test]

@@ -8,11 +8,13 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+
+use crate::owned_path::{FileId, OwnedPath};
 
 /// The first descriptor systemd passes to an activated service (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -176,10 +178,11 @@ pub struct Access {
     pub group: Option<libc::gid_t>,
 }
 
-/// The listening socket we bound; its file is removed when this is dropped, if it is still ours.
+/// The listening socket we bound; its file is removed when this is dropped, if it is still ours (or by whoever
+/// [`hand_over`](SocketFile::hand_over) gave it to).
 pub struct SocketFile {
     path: PathBuf,
-    id: (u64, u64),
+    file: OwnedPath,
     /// The socket.
     pub listener: UnixListener,
 }
@@ -208,8 +211,8 @@ impl SocketFile {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot listen on {shown}")),
         };
-        let meta = fs::symlink_metadata(path).with_context(|| format!("cannot stat the socket {shown}"))?;
-        let socket = SocketFile { path: path.to_path_buf(), id: (meta.dev(), meta.ino()), listener };
+        let file = OwnedPath::claim(path).with_context(|| format!("cannot stat the socket {shown}"))?;
+        let socket = SocketFile { path: path.to_path_buf(), file, listener };
         socket.share(access)?;
         Ok(socket)
     }
@@ -243,25 +246,19 @@ impl SocketFile {
     }
 
     fn is_ours(&self) -> bool {
-        fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+        self.file.is_current()
     }
-}
 
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if self.is_ours() {
-            if let Err(error) = fs::remove_file(&self.path) {
-                tracing::warn!(socket = %self.path.display(), %error, "cannot remove the socket");
-            }
-        }
+    /// Leave the removal of the socket file to whoever takes the returned id.
+    pub fn hand_over(&mut self) -> Option<FileId> {
+        self.file.hand_over()
     }
 }
 
 /// `--pidfile`: our pid, written once we listen; removed on drop if it is still the file we wrote and its
 /// directory lets us (after `--user`, a root-owned directory does not).
 pub struct PidFile {
-    path: PathBuf,
-    id: (u64, u64),
+    file: OwnedPath,
 }
 
 impl PidFile {
@@ -278,18 +275,12 @@ impl PidFile {
             .with_context(|| format!("cannot write the pid file {shown}"))?;
         writeln!(file, "{}", std::process::id()).with_context(|| format!("cannot write the pid file {shown}"))?;
         let meta = file.metadata().with_context(|| format!("cannot stat the pid file {shown}"))?;
-        Ok(PidFile { path: path.to_path_buf(), id: (meta.dev(), meta.ino()) })
+        Ok(PidFile { file: OwnedPath::new(FileId::from_metadata(path, &meta)) })
     }
-}
 
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
-        if ours {
-            if let Err(error) = fs::remove_file(&self.path) {
-                tracing::info!(pidfile = %self.path.display(), %error, "cannot remove the pid file");
-            }
-        }
+    /// Leave the removal of the pid file to whoever takes the returned id.
+    pub fn hand_over(&mut self) -> Option<FileId> {
+        self.file.hand_over()
     }
 }
 
