@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use device_blk::disk::{parse_diskseq_arg, DirectIo};
-use device_blk::engine::{DiscardRoute, UringEngine};
+use device_blk::engine::UringEngine;
 use device_blk::{BlockSize, Disk, DiskError, DiskKind, DiskOptions, EngineKind, RequestError, RequestKind, Sector};
 use device_blk::{Completion, IoEngine, IoOp, Status};
 use test_kit::loop_devices;
@@ -209,25 +209,13 @@ fn discard_and_write_zeroes_on_a_loop_device_read_back_zeros() {
 }
 
 /// The io_uring engine discards a block device with `BLOCK_URING_CMD_DISCARD` where the kernel has it (6.12+),
-/// else with `fallocate`'s discard mode (which io_uring runs off the ring's thread) where the kernel has that,
-/// else with the ioctl; each route, tried on this kernel from where it starts, leaves the range reading zeros and
-/// the engine on the route that worked.
+/// and with the ioctl elsewhere; either way the range reads back as zeros.
 fn uring_discard_command(disk: &std::sync::Arc<Disk>, source: &[u8]) {
-    let best = UringEngine::new(disk.clone(), 4).expect("engine").discard_route();
-    let expected = if kernel_version() >= (6, 12) { DiscardRoute::Command } else { DiscardRoute::Fallocate };
-    assert_eq!(best, Some(expected), "kernel {:?}", kernel_version());
-    for (i, route) in [DiscardRoute::Command, DiscardRoute::Fallocate, DiscardRoute::Ioctl].into_iter().enumerate() {
-        // At 3.25, 3.5 and 3.75 MiB, away from the ranges cleared before.
-        let offset = (13 + i as u64) * (256 << 10);
-        discard_on_route(disk, source, route, offset);
-    }
-}
-
-fn discard_on_route(disk: &std::sync::Arc<Disk>, source: &[u8], route: DiscardRoute, offset: u64) {
     let mut engine = UringEngine::new(disk.clone(), 4).expect("engine");
-    engine.prefer_discard_route(route);
-    let len = 64 * 1024u64;
-    // SAFETY: a discard names no memory.
+    let has_command = engine.uses_discard_command();
+    assert_eq!(has_command, kernel_version() >= (6, 12), "kernel {:?}", kernel_version());
+    let (offset, len) = (7u64 << 19, 64 * 1024u64); // at 3.5 MiB, away from the ranges cleared before
+                                                    // SAFETY: a discard names no memory.
     unsafe { engine.enqueue(IoOp::Discard { offset, len, secure: false }, 42) }.expect("enqueue");
     engine.submit().expect("submit");
     let mut results = Vec::new();
@@ -238,14 +226,8 @@ fn discard_on_route(disk: &std::sync::Arc<Disk>, source: &[u8], route: DiscardRo
         }
         wait_readable(engine.completion_fd(), Duration::from_millis(100));
     }
-    assert_eq!(results, [Completion { token: 42, result: Ok(0) }], "{route:?}");
-    // A route this kernel lacks falls back to the next (routes are ordered best first); the ioctl is always there.
-    let now = engine.discard_route().expect("a disk");
-    eprintln!("kernel {:?}: a discard started on {route:?} ended on {now:?}", kernel_version());
-    assert!(now >= route, "{route:?} -> {now:?}");
-    if kernel_version() >= (6, 12) && route == DiscardRoute::Command {
-        assert_eq!(now, DiscardRoute::Command, "the command works where the kernel offers it");
-    }
+    assert_eq!(results, [Completion { token: 42, result: Ok(0) }]);
+    assert_eq!(engine.uses_discard_command(), has_command, "no fallback was needed");
     let mut buf = vec![0xffu8; 128 * 1024];
     let file = std::fs::File::open(disk.path()).expect("open device");
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset - 32 * 1024).expect("read device");

@@ -36,7 +36,7 @@ mod op;
 mod sync;
 mod uring;
 
-pub use op::{DiscardRoute, IOV_MAX};
+pub use op::IOV_MAX;
 pub use sync::SyncEngine;
 pub use uring::{CompletionMode, SharedUring, UringEngine, UringLane};
 

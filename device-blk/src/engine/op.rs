@@ -3,8 +3,7 @@
 //!
 //! An operation is carried out as a short sequence of system-call-sized [`Step`]s: a read or write continues after
 //! a short transfer, a write-zeroes falls back to other `fallocate` modes where the file system refuses the first,
-//! a block-device discard falls back from `IORING_OP_URING_CMD` to `fallocate` and then to the `BLKDISCARD` ioctl
-//! ([`DiscardRoute`]), and a step that failed
+//! a block-device discard falls back from `IORING_OP_URING_CMD` to the `BLKDISCARD` ioctl, and a step that failed
 //! with `EAGAIN` is retried a few times. [`OpState::advance`] decides the next step from the previous result; the
 //! synchronous engine executes each step at once, the io_uring engine turns it into a submission entry. Because
 //! the decision logic is this one function, both engines give the same results for the same operations.
@@ -29,25 +28,6 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 /// `fallocate` mode: allocate the range (unwritten blocks read back zeroes).
 const ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
-/// `FALLOC_FL_NO_HIDE_STALE` from `<linux/falloc.h>`.
-const NO_HIDE_STALE: i32 = 0x04;
-/// `fallocate` mode on a block device: discard the range, whatever it then reads back (the block layer's
-/// `blkdev_issue_discard`, as `BLKDISCARD`).
-pub(crate) const DISCARD: i32 = PUNCH | NO_HIDE_STALE;
-
-/// How a block-device discard is issued, best first (the first the kernel offers; a refusal falls back to the
-/// next).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum DiscardRoute {
-    /// `BLOCK_URING_CMD_DISCARD` through io_uring (Linux 6.12 and later).
-    Command,
-    /// `fallocate` in [`DISCARD`] mode (Linux 4.9 until its removal in the 6.x series, Debian 12's 6.1
-    /// included): io_uring runs it on its worker threads, so a long discard does not hold the thread that
-    /// serves the ring, as the ioctl does.
-    Fallocate,
-    /// The `BLKDISCARD` ioctl, on the calling thread.
-    Ioctl,
-}
 
 /// Most bytes one discard or write-zeroes system call covers: a larger request (a Xen guest may discard its
 /// whole disk in one request; blkif has no limit to advertise) is done in pieces of this size, one system call
@@ -122,8 +102,6 @@ pub(crate) enum RangeStage {
     Allocate,
     /// Block-device discard through io_uring.
     DiscardCmd,
-    /// Block-device discard by `fallocate` ([`DISCARD`] mode).
-    DiscardFallocate,
     /// Block-device discard or secure discard by ioctl.
     Ioctl(libc::c_ulong),
 }
@@ -186,9 +164,9 @@ pub(crate) enum Progress {
 }
 
 impl OpState {
-    /// The state of `op` before its first step on a disk of `kind`; `discard` says how a block-device discard
-    /// starts. Fails with an errno for an operation no step can serve.
-    pub(crate) fn start(op: &IoOp<'_>, kind: DiskKind, discard: DiscardRoute) -> Result<OpState, i32> {
+    /// The state of `op` before its first step on a disk of `kind`; `discard_cmd` says the engine can use
+    /// `BLOCK_URING_CMD_DISCARD`. Fails with an errno for an operation no step can serve.
+    pub(crate) fn start(op: &IoOp<'_>, kind: DiskKind, discard_cmd: bool) -> Result<OpState, i32> {
         let block_device = matches!(kind, DiskKind::BlockDevice { .. });
         let range =
             |stage, offset, len| OpState::Range { stage, first: stage, block_device, offset, len, done: 0, retries: 0 };
@@ -214,11 +192,8 @@ impl OpState {
                 let stage = match (block_device, secure) {
                     (false, _) => RangeStage::Punch,
                     (true, true) => RangeStage::Ioctl(BLKSECDISCARD),
-                    (true, false) => match discard {
-                        DiscardRoute::Command => RangeStage::DiscardCmd,
-                        DiscardRoute::Fallocate => RangeStage::DiscardFallocate,
-                        DiscardRoute::Ioctl => RangeStage::Ioctl(BLKDISCARD),
-                    },
+                    (true, false) if discard_cmd => RangeStage::DiscardCmd,
+                    (true, false) => RangeStage::Ioctl(BLKDISCARD),
                 };
                 range(stage, offset, len)
             }
@@ -262,7 +237,6 @@ impl OpState {
                     RangeStage::ZeroRange => Step::Fallocate { mode: ZERO_RANGE, offset, len },
                     RangeStage::Allocate => Step::Fallocate { mode: ALLOCATE, offset, len },
                     RangeStage::DiscardCmd => Step::DiscardCmd { offset, len },
-                    RangeStage::DiscardFallocate => Step::Fallocate { mode: DISCARD, offset, len },
                     RangeStage::Ioctl(request) => Step::Ioctl { request, offset, len },
                 }
             }
@@ -326,12 +300,10 @@ impl OpState {
                     }
                     // A device without write-zeroes-with-unmap still zeroes (by writing zeroes if need be).
                     (RangeStage::Punch, Some(libc::EOPNOTSUPP)) if *block_device => Some(RangeStage::ZeroRange),
-                    // The kernel has no io_uring discard for block devices (before 6.12): fallocate.
+                    // The kernel has no io_uring discard for block devices (before 6.12): use the ioctl.
                     (RangeStage::DiscardCmd, Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                        Some(RangeStage::DiscardFallocate)
+                        Some(RangeStage::Ioctl(BLKDISCARD))
                     }
-                    // No discard mode of fallocate either (removed in the 6.x series): the ioctl.
-                    (RangeStage::DiscardFallocate, Some(libc::EOPNOTSUPP)) => Some(RangeStage::Ioctl(BLKDISCARD)),
                     _ => None,
                 };
                 match next {
@@ -464,7 +436,7 @@ mod tests {
         let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
         let iovecs = [iov(&mut a), iov(&mut b)];
         let op = IoOp::Read { offset: 8192, iovecs: &iovecs };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         // SAFETY: `iovecs` outlives every call below.
         let first = unsafe { state.step() };
         assert_eq!(first, Step::Vectored { write: false, iovecs: iovecs.as_ptr(), count: 2, offset: 8192 });
@@ -488,7 +460,7 @@ mod tests {
         let mut a = vec![0u8; 4096];
         let iovecs = [iov(&mut a)];
         let op = IoOp::Write { offset: 4096, iovecs: &iovecs };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         // SAFETY: `iovecs` outlives the call.
         let step = unsafe { state.step() };
         assert_eq!(step, Step::Single { write: true, buf: a.as_mut_ptr(), len: 4096, offset: 4096 });
@@ -497,7 +469,7 @@ mod tests {
 
     #[test]
     fn eagain_is_retried_a_bounded_number_of_times() {
-        let mut state = OpState::start(&IoOp::Flush, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&IoOp::Flush, DiskKind::File, false).expect("start");
         for _ in 0..MAX_EAGAIN_RETRIES {
             assert_eq!(state.advance(-i64::from(libc::EAGAIN)), Progress::Continue { retry: true });
         }
@@ -512,7 +484,7 @@ mod tests {
         let step = |s: &OpState| unsafe { s.step() };
         let (gib, len) = (1u64 << 30, 5u64 << 30);
         let op = IoOp::Discard { offset: 4096, len, secure: false };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         for (offset, piece) in [(4096, 2 * gib), (4096 + 2 * gib, 2 * gib)] {
             assert_eq!(step(&state), Step::Fallocate { mode: PUNCH, offset, len: piece });
             assert_eq!(state.advance(0), Progress::Continue { retry: false });
@@ -521,7 +493,7 @@ mod tests {
         assert_eq!(state.advance(0), Progress::Done(Ok(0)));
 
         let op = IoOp::WriteZeroes { offset: 0, len: 3 * gib, unmap: false };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         assert_eq!(step(&state), Step::Fallocate { mode: ZERO_RANGE, offset: 0, len: 2 * gib });
         assert_eq!(state.advance(-i64::from(libc::EOPNOTSUPP)), Progress::Continue { retry: false });
         for (offset, piece) in [(0, 2 * gib), (2 * gib, gib)] {
@@ -534,7 +506,7 @@ mod tests {
         }
         // An error on a later piece fails the whole operation.
         let op = IoOp::Discard { offset: 0, len: 3 * gib, secure: false };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         assert_eq!(state.advance(0), Progress::Continue { retry: false });
         assert_eq!(state.advance(-i64::from(libc::EIO)), Progress::Done(Err(libc::EIO)));
     }
@@ -542,7 +514,7 @@ mod tests {
     #[test]
     fn write_zeroes_falls_back_where_zero_range_is_refused() {
         let op = IoOp::WriteZeroes { offset: 0, len: 4096, unmap: false };
-        let mut state = OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).expect("start");
+        let mut state = OpState::start(&op, DiskKind::File, false).expect("start");
         // SAFETY: range steps refer to no memory.
         let step = |s: &OpState| unsafe { s.step() };
         assert_eq!(step(&state), Step::Fallocate { mode: ZERO_RANGE, offset: 0, len: 4096 });
@@ -554,28 +526,17 @@ mod tests {
 
         let bdev = DiskKind::BlockDevice { major: 7, minor: 0, diskseq: 1 };
         let op = IoOp::Discard { offset: 0, len: 4096, secure: false };
-        let mut state = OpState::start(&op, bdev, DiscardRoute::Command).expect("start");
+        let mut state = OpState::start(&op, bdev, true).expect("start");
         assert_eq!(step(&state), Step::DiscardCmd { offset: 0, len: 4096 });
-        assert_eq!(state.advance(-i64::from(libc::EOPNOTSUPP)), Progress::Continue { retry: false });
-        assert_eq!(step(&state), Step::Fallocate { mode: DISCARD, offset: 0, len: 4096 });
         assert_eq!(state.advance(-i64::from(libc::EOPNOTSUPP)), Progress::Continue { retry: false });
         assert_eq!(step(&state), Step::Ioctl { request: BLKDISCARD, offset: 0, len: 4096 });
         assert_eq!(state.advance(-i64::from(libc::EOPNOTSUPP)), Progress::Done(Err(libc::EOPNOTSUPP)));
-        // Each route starts where it says; a misaligned range is an error, not a reason to try the next.
-        for (route, first) in [
-            (DiscardRoute::Fallocate, Step::Fallocate { mode: DISCARD, offset: 0, len: 4096 }),
-            (DiscardRoute::Ioctl, Step::Ioctl { request: BLKDISCARD, offset: 0, len: 4096 }),
-        ] {
-            let mut state = OpState::start(&op, bdev, route).expect("start");
-            assert_eq!(step(&state), first, "{route:?}");
-            assert_eq!(state.advance(-i64::from(libc::EINVAL)), Progress::Done(Err(libc::EINVAL)), "{route:?}");
-        }
     }
 
     #[test]
     fn too_many_iovecs_are_refused_before_any_io() {
         let iovecs = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 512 }; IOV_MAX + 1];
         let op = IoOp::Write { offset: 0, iovecs: &iovecs };
-        assert_eq!(OpState::start(&op, DiskKind::File, DiscardRoute::Ioctl).err(), Some(libc::EINVAL));
+        assert_eq!(OpState::start(&op, DiskKind::File, false).err(), Some(libc::EINVAL));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::op::{run_blocking, DiscardRoute, OpState, Progress};
+use super::op::{run_blocking, OpState, Progress};
 use super::{Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
 
@@ -40,7 +40,7 @@ impl SyncEngine {
     /// The buffers `op` names must be valid for the access for the duration of the call.
     unsafe fn run(&self, op: &IoOp<'_>) -> Result<u64, i32> {
         let fd = self.disk.file().as_raw_fd();
-        let mut state = OpState::start(op, self.disk.kind(), DiscardRoute::Ioctl)?;
+        let mut state = OpState::start(op, self.disk.kind(), false)?;
         loop {
             // SAFETY: the iovec array and the buffers are valid during this call (this function's contract).
             let result = unsafe { run_blocking(fd, state.step()) };

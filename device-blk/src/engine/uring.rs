@@ -7,8 +7,8 @@
 //! Each operation occupies a slot of a table allocated once; the slot index is the entry's `user_data` and holds
 //! the operation's [`OpState`], so a short transfer, a fallback or an `EAGAIN` retry is resubmitted from the slot
 //! when its completion is reaped, without allocating. Block-layer ioctls that io_uring cannot issue
-//! (`BLKSECDISCARD`, and `BLKDISCARD` on kernels with neither `BLOCK_URING_CMD_DISCARD` nor the discard mode of
-//! `fallocate`, which io_uring runs on its worker threads) run synchronously on the calling thread. A small read of a file on tmpfs, or a small write that finds the ring idle, runs inline on the
+//! (`BLKSECDISCARD`, and `BLKDISCARD` on kernels without `BLOCK_URING_CMD_DISCARD`) run synchronously on the
+//! calling thread. A small read of a file on tmpfs, or a small write that finds the ring idle, runs inline on the
 //! calling thread (module `inline`: tmpfs has no asynchronous path, and the kernel's worker-thread hand-over costs
 //! more than the copy).
 //!
@@ -35,10 +35,10 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::op::{DiscardRoute, OpState, Progress, Step, DISCARD};
+use super::op::{OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
-use setup::{build_ring, entry_for, fixed_entry_for, FileTable, RingFile};
+use setup::{build_ring, entry_for, fixed_entry_for, FileTable};
 
 mod inline;
 mod restrict;
@@ -138,7 +138,7 @@ impl std::fmt::Debug for UringEngine {
         f.debug_struct("UringEngine")
             .field("capacity", &self.slots.len())
             .field("in_flight", &self.in_flight())
-            .field("discard_route", &self.discard_route())
+            .field("discard_cmd", &self.uses_discard_command())
             .field("mode", &self.mode)
             .field("restricted", &self.restricted)
             .finish()
@@ -323,19 +323,9 @@ impl UringEngine {
         !self.finished.is_empty() || !self.ring.completion().is_empty() || self.task_work_waiting()
     }
 
-    /// How the disk's block-device discards start now: the best route the kernel offers, as far as the engine
-    /// has found out (a refusal moves it to the next).
-    pub fn discard_route(&self) -> Option<DiscardRoute> {
-        self.files.get(DISK_FILE).map(RingFile::discard_route)
-    }
-
-    /// Start the disk's block-device discards on `route` rather than a better one (a kernel refusal still falls
-    /// back from there): how the routes of older kernels are exercised on a newer one.
-    pub fn prefer_discard_route(&mut self, route: DiscardRoute) {
-        if let Some(f) = self.files.get_mut(DISK_FILE) {
-            f.discard_cmd &= route == DiscardRoute::Command;
-            f.discard_fallocate &= route != DiscardRoute::Ioctl;
-        }
+    /// Whether block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
+    pub fn uses_discard_command(&self) -> bool {
+        self.files.get(DISK_FILE).is_some_and(|f| f.discard_cmd)
     }
 
     /// Register `disk` in a free slot of the file table of an [`open_ended`](Self::open_ended) ring; returns the
@@ -375,10 +365,8 @@ impl UringEngine {
     /// As for [`IoEngine::enqueue`].
     unsafe fn enqueue_on(&mut self, file: u32, op: IoOp<'_>, token: u64) -> Result<(), EngineError> {
         self.sync_files();
-        let Some((kind, discard, in_memory, fd)) = self
-            .files
-            .get(file)
-            .map(|f| (f.disk.kind(), f.discard_route(), f.disk.in_memory(), f.disk.file().as_raw_fd()))
+        let Some((kind, discard_cmd, in_memory, fd)) =
+            self.files.get(file).map(|f| (f.disk.kind(), f.discard_cmd, f.disk.in_memory(), f.disk.file().as_raw_fd()))
         else {
             return Err(EngineError::Io { what: "io_uring enqueue", cause: std::io::ErrorKind::NotFound.into() });
         };
@@ -390,7 +378,7 @@ impl UringEngine {
             slot.token = token;
             slot.file = file;
         }
-        match OpState::start(&op, kind, discard) {
+        match OpState::start(&op, kind, discard_cmd) {
             Ok(state) if inline => {
                 self.inline_ops += 1;
                 // SAFETY: the operation's buffers stay valid until it is reaped (the `enqueue` contract), which
@@ -419,24 +407,6 @@ impl UringEngine {
         on_complete(Completion { token, result });
     }
 
-    /// A discard route the kernel refused (`EOPNOTSUPP`) for the file of slot `index` is not tried again there.
-    fn learn_discard_refusal(&mut self, index: u32, state: &OpState) {
-        let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
-        let Some(f) = self.files.get_mut(file) else { return };
-        // SAFETY: reading the step of a range operation touches no memory; for transfers the iovecs are valid.
-        match unsafe { state.step() } {
-            Step::DiscardCmd { .. } if f.discard_cmd => {
-                tracing::debug!("the kernel refuses BLOCK_URING_CMD_DISCARD; discarding with fallocate");
-                f.discard_cmd = false;
-            }
-            Step::Fallocate { mode: DISCARD, .. } if f.discard_fallocate => {
-                tracing::debug!("the kernel has no discard mode of fallocate; discarding with the BLKDISCARD ioctl");
-                f.discard_fallocate = false;
-            }
-            _ => {}
-        }
-    }
-
     /// Hand every completion entry on the ring to `on_complete` (resubmitting operations that need another
     /// step); returns how many there were.
     fn reap_ring(&mut self, on_complete: &mut dyn FnMut(Completion)) -> usize {
@@ -453,8 +423,13 @@ impl UringEngine {
                 continue;
             };
             let result = cqe.result();
-            if result == -libc::EOPNOTSUPP {
-                self.learn_discard_refusal(index, &state);
+            // SAFETY: reading the step of a range operation touches no memory; for transfers the iovecs are valid.
+            if result == -libc::EOPNOTSUPP && matches!(unsafe { state.step() }, Step::DiscardCmd { .. }) {
+                tracing::debug!("the kernel refuses BLOCK_URING_CMD_DISCARD; using the BLKDISCARD ioctl");
+                let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
+                if let Some(f) = self.files.get_mut(file) {
+                    f.discard_cmd = false;
+                }
             }
             match state.advance(i64::from(result)) {
                 Progress::Done(result) => self.complete(index, result, on_complete),

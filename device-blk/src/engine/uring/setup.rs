@@ -9,7 +9,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::CompletionMode;
 use crate::disk::{Disk, DiskKind};
-use crate::engine::op::{DiscardRoute, Step};
+use crate::engine::op::Step;
 use crate::engine::EngineError;
 
 /// `BLOCK_URING_CMD_DISCARD` from `<linux/blkdev.h>`: `_IO(0x12, 0)`.
@@ -18,21 +18,8 @@ const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 /// A disk in the ring's registered file table.
 pub(super) struct RingFile {
     pub disk: Arc<Disk>,
-    /// Block-device discards go through `BLOCK_URING_CMD_DISCARD`.
+    /// Block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
     pub discard_cmd: bool,
-    /// Else through `fallocate` in its discard mode, until the kernel refuses it (else the `BLKDISCARD` ioctl).
-    pub discard_fallocate: bool,
-}
-
-impl RingFile {
-    /// How this file's block-device discards start.
-    pub fn discard_route(&self) -> DiscardRoute {
-        match (self.discard_cmd, self.discard_fallocate) {
-            (true, _) => DiscardRoute::Command,
-            (false, true) => DiscardRoute::Fallocate,
-            (false, false) => DiscardRoute::Ioctl,
-        }
-    }
 }
 
 /// The ring's registered files, by fixed-file index: one disk for an engine of its own, or a sparse table whose
@@ -62,7 +49,7 @@ impl FileTable {
             .register_files(&[disk.file().as_raw_fd()])
             .map_err(|cause| EngineError::Io { what: "io_uring register files", cause })?;
         let discard_cmd = discard_supported && matches!(disk.kind(), DiskKind::BlockDevice { .. });
-        let entry = Entry { file: Some(RingFile { disk, discard_cmd, discard_fallocate: true }), in_kernel: true };
+        let entry = Entry { file: Some(RingFile { disk, discard_cmd }), in_kernel: true };
         Ok(FileTable { entries: vec![entry], discard_cmd: discard_supported, pending: false })
     }
 
@@ -101,7 +88,7 @@ impl FileTable {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.pending = true,
             Err(cause) => return Err(EngineError::Io { what: "io_uring files update", cause }),
         }
-        self.entries[index].file = Some(RingFile { disk, discard_cmd, discard_fallocate: true });
+        self.entries[index].file = Some(RingFile { disk, discard_cmd });
         Ok(fixed)
     }
 
