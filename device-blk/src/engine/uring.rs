@@ -31,6 +31,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -53,6 +54,10 @@ const DISK_FILE: u32 = 0;
 
 /// `IORING_ENTER_GETEVENTS`: run waiting task work and post its completions.
 const ENTER_GETEVENTS: u32 = 1;
+
+/// How long a round's ioctl steps may block the thread in all before the rest wait for the next round (module
+/// `submit`). A round always runs at least one.
+const BLOCKING_BUDGET: Duration = Duration::from_millis(5);
 
 /// Entries per `io_uring_enter` with [`Batching::Unplugged`]: io_uring plugs the block layer for more than two.
 const UNPLUGGED_CHUNK: u32 = 2;
@@ -105,6 +110,12 @@ pub struct UringEngine {
     free: Vec<u32>,
     /// Operations that finished without a completion entry (ioctls, refused operations), in order.
     finished: VecDeque<(u32, Result<u64, i32>)>,
+    /// Operations whose next step is a blocking ioctl that waits for the next round (module `submit`).
+    blocking: VecDeque<(u32, OpState)>,
+    /// Whether the round ran an ioctl step yet, the time they took, and how much a round may spend.
+    blocking_ran: bool,
+    blocking_spent: Duration,
+    blocking_budget: Duration,
     /// The ring was created disabled and has not been enabled yet.
     disabled: bool,
     /// The submission queue holds entries the kernel has not taken yet.
@@ -212,6 +223,10 @@ impl UringEngine {
             slots,
             free,
             finished: VecDeque::with_capacity(capacity),
+            blocking: VecDeque::with_capacity(capacity),
+            blocking_ran: false,
+            blocking_spent: Duration::ZERO,
+            blocking_budget: BLOCKING_BUDGET,
             disabled,
             sq_pending: false,
             mode,
@@ -320,7 +335,10 @@ impl UringEngine {
     /// Whether reaping may find something (finished operations, completion entries, task work), not counting
     /// entries still queued for submission; no system call.
     fn completions_waiting(&mut self) -> bool {
-        !self.finished.is_empty() || !self.ring.completion().is_empty() || self.task_work_waiting()
+        !self.finished.is_empty()
+            || !self.blocking.is_empty()
+            || !self.ring.completion().is_empty()
+            || self.task_work_waiting()
     }
 
     /// Whether block-device discards go through `BLOCK_URING_CMD_DISCARD` (else the `BLKDISCARD` ioctl).
@@ -462,7 +480,7 @@ impl IoEngine for UringEngine {
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.finished.is_empty() || self.sq_pending || !self.ring.completion().is_empty() || self.task_work_waiting()
+        self.sq_pending || self.completions_waiting()
     }
 
     fn clear_completion_signal(&mut self) {
@@ -470,6 +488,7 @@ impl IoEngine for UringEngine {
     }
 
     fn reap_ready(&mut self, on_complete: &mut dyn FnMut(Completion)) {
+        self.resume_blocking();
         self.report_finished(on_complete);
         // Enough rounds for every operation in flight: leftovers would wake no sleeper.
         for _ in 0..self.slots.len() / TASKRUN_ROUND + 2 {

@@ -282,3 +282,50 @@ fn a_buffer_offered_after_the_first_submit_is_not_registered() {
     assert_eq!(engine.fixed_ops(), 0, "the plain path served the reads");
     drop(engine);
 }
+
+/// Blocking ioctl steps (block-device discards before Linux 6.12) run only within a round's budget, at least one
+/// per round; the rest wait for the next round, and everything else is answered in between. Here the budget is
+/// nil, so a discard of a whole 10 GiB loop device (five ioctls of 2 GiB) takes five rounds, and a read queued
+/// behind it is answered before it finishes.
+#[test]
+fn blocking_ioctls_are_spread_over_rounds_and_other_requests_pass_them() {
+    let Some(_lock) = test_kit::loop_devices() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sparse.img");
+    std::fs::File::create(&path).and_then(|f| f.set_len(10 << 30)).expect("sparse image");
+    let dev = test_kit::LoopDevice::attach(&path).expect("loop device");
+    let disk = Arc::new(Disk::open(&dev.path, &DiskOptions::default()).expect("open the loop device"));
+    let mut engine = UringEngine::new(disk, 8).expect("engine");
+    // As on kernels before 6.12, and one ioctl per round.
+    if let Some(file) = engine.files.get_mut(DISK_FILE) {
+        file.discard_cmd = false;
+    }
+    engine.blocking_budget = Duration::ZERO;
+    let mut buf = vec![0u8; 2 * BLOCK];
+    let aligned = buf.as_mut_ptr().align_offset(BLOCK);
+    let iovecs = [libc::iovec { iov_base: buf[aligned..].as_mut_ptr().cast(), iov_len: BLOCK }];
+    // SAFETY: a discard names no memory; the read's buffer and iovec outlive its completion, awaited below.
+    unsafe {
+        engine.enqueue(IoOp::Discard { offset: 0, len: 10 << 30, secure: false }, 1).expect("enqueue discard");
+        engine.enqueue(IoOp::Read { offset: 0, iovecs: &iovecs }, 2).expect("enqueue read");
+    }
+    engine.submit().expect("submit");
+    let (mut rounds, mut done) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 2 {
+        assert!(Instant::now() < deadline, "not done after 20 s: {done:?}");
+        if !readable(engine.completion_fd()) {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        rounds += 1;
+        engine.reap(&mut |c| done.push((rounds, c)));
+    }
+    let round_of = |token| done.iter().find(|(_, c)| c.token == token).map(|&(round, c)| (round, c.result));
+    let (discard_round, discard) = round_of(1).expect("the discard was answered");
+    let (read_round, read) = round_of(2).expect("the read was answered");
+    assert_eq!((discard, read), (Ok(0), Ok(BLOCK as u64)));
+    // The first piece ran when the discard was enqueued, each later one in a round of its own.
+    assert!(discard_round >= 4, "the discard's five ioctls ran in {discard_round} rounds");
+    assert!(read_round < discard_round, "the read waited for the discard (rounds {read_round}, {discard_round})");
+}

@@ -1,8 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Handing operations to the ring: queueing an operation's next step (running the ioctl steps io_uring cannot
 //! issue on the way) and submitting the queued entries as the engine's batching says.
+//!
+//! An ioctl step (`BLKSECDISCARD`, and `BLKDISCARD` before Linux 6.12) blocks the thread that serves the ring, for
+//! as long as the device takes over up to [`RANGE_CHUNK`](super::super::op::RANGE_CHUNK) bytes. So a round runs
+//! ioctl steps only until they took [`BLOCKING_BUDGET`](super::BLOCKING_BUDGET) in all; the rest wait in
+//! `blocking` for the next round (the completion eventfd is signalled so that one comes), and the thread answers
+//! everything else in between: a guest discarding its whole disk, a ring's worth of requests at a time, holds
+//! its other queues (and, on a shared ring, other disks) for one budget and one piece per round, not for all of
+//! it.
 
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 use io_uring::{squeue, types};
 
@@ -11,17 +20,28 @@ use super::{OpState, UringEngine, DISK_FILE, ENTER_GETEVENTS, UNPLUGGED_CHUNK};
 use crate::engine::{Batching, EngineError};
 
 impl UringEngine {
-    /// Issue the next step of the operation in slot `index`: ioctls run here until a step needs the ring, which is
-    /// queued; an operation that finishes on the way is recorded in `finished`.
+    /// Issue the next step of the operation in slot `index`: ioctls run here (within the round's budget, else the
+    /// operation waits in `blocking`) until a step needs the ring, which is queued; an operation that finishes on
+    /// the way is recorded in `finished`.
     pub(super) fn issue(&mut self, index: u32, mut state: OpState, mut retry: bool) {
         let file = self.slots.get(index as usize).map_or(DISK_FILE, |slot| slot.file);
         loop {
             // SAFETY: the operation's iovecs stay valid until it is reaped (the `enqueue` contract).
             let step = unsafe { state.step() };
             if matches!(step, Step::Ioctl { .. }) {
+                if self.blocking_ran && self.blocking_spent >= self.blocking_budget {
+                    // Come back for it: the eventfd brings the thread to its next round.
+                    if let Err(error) = self.signal() {
+                        tracing::warn!(%error, "cannot signal the completion eventfd");
+                    }
+                    return self.blocking.push_back((index, state));
+                }
+                self.blocking_ran = true;
                 let fd = self.files.get(file).map_or(-1, |f| f.disk.file().as_raw_fd());
+                let started = Instant::now();
                 // SAFETY: an ioctl step names no guest memory (a file no longer registered gives EBADF).
                 let result = unsafe { run_blocking(fd, step) };
+                self.blocking_spent += started.elapsed();
                 match state.advance(result) {
                     Progress::Done(result) => return self.finished.push_back((index, result)),
                     Progress::Continue { retry: again } => {
@@ -57,6 +77,17 @@ impl UringEngine {
             }
             self.sq_pending = true;
             return;
+        }
+    }
+
+    /// A new round: the blocking budget is whole again, and the operations that waited for it go on (those that
+    /// find it spent wait again, in order).
+    pub(super) fn resume_blocking(&mut self) {
+        self.blocking_spent = std::time::Duration::ZERO;
+        self.blocking_ran = false;
+        for _ in 0..self.blocking.len() {
+            let Some((index, state)) = self.blocking.pop_front() else { break };
+            self.issue(index, state, false);
         }
     }
 
