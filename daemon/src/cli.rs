@@ -164,8 +164,7 @@ pub struct VhostUserArgs {
     #[arg(long, value_name = "NAME|GID", requires = "socket_path", conflicts_with = "fd",
           value_parser = crate::vhost_user::parse_group)]
     pub socket_group: Option<u32>,
-    /// Write the process id to this file once listening (removed on exit if its directory lets the user blkbackd
-    /// started as).
+    /// Write the process id to this file once listening (removed on exit if its directory lets the --user).
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
     /// The disk to serve.
