@@ -353,8 +353,16 @@ impl UringEngine {
         self.files.add(&self.ring, disk)
     }
 
-    /// Take file `index` out of the table (nothing may be in flight on it).
+    /// Take file `index` out of the table (nothing may be in flight on it; operations on it still waiting for
+    /// the blocking budget are cancelled, so that none can run on a disk that takes the index next).
     fn remove_file(&mut self, index: u32) {
+        for _ in 0..self.blocking.len() {
+            let Some((slot, state)) = self.blocking.pop_front() else { break };
+            match self.slots.get(slot as usize).map(|s| s.file) {
+                Some(file) if file == index => self.finished.push_back((slot, Err(libc::ECANCELED))),
+                _ => self.blocking.push_back((slot, state)),
+            }
+        }
         self.files.remove(&self.ring, index);
     }
 
@@ -375,6 +383,7 @@ impl UringEngine {
         self.slots.extend((0..count).map(|_| Slot { token: 0, file: DISK_FILE, state: None }));
         self.free.extend((first..first + count).rev());
         self.finished.reserve(count as usize);
+        self.blocking.reserve(count as usize);
     }
 
     /// [`IoEngine::enqueue`] on registered file `file`.

@@ -219,6 +219,7 @@ impl SharedUring {
         let mut core = self.lock();
         core.engine.sync_files();
         core.engine.set_deferred(true);
+        core.engine.new_blocking_round();
     }
 
     /// Within a round: submit what its lanes queued so far if that is at least `batch` entries (the round goes

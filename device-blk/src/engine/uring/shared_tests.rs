@@ -236,3 +236,79 @@ fn a_round_submits_early_only_once_a_batch_is_queued() {
 fn buf_block_is(bufs: &Buffers, block: usize, value: u8) -> bool {
     bufs.block(block).iter().all(|&x| x == value)
 }
+
+/// The lanes of one round share one blocking budget: with a nil budget, two 10 GiB discards by ioctl (ten pieces
+/// of 2 GiB) on two lanes of one thread's ring take a round per piece, whichever lanes reap in it.
+#[test]
+fn lanes_of_a_round_share_one_blocking_budget() {
+    let Some(_lock) = test_kit::loop_devices() else { return };
+    let dir = scratch_dir();
+    let path = dir.path().join("sparse.img");
+    std::fs::File::create(&path).and_then(|f| f.set_len(10 << 30)).expect("sparse image");
+    let dev = test_kit::LoopDevice::attach(&path).expect("loop device");
+    let disk = Arc::new(Disk::open(&dev.path, &crate::disk::DiskOptions::default()).expect("open the loop device"));
+    let ring = SharedUring::new(disk, 2, 4, Batching::Whole).expect("ring");
+    {
+        // As on kernels before 6.12, and one ioctl per round.
+        let mut core = ring.lock();
+        if let Some(file) = core.engine.files.get_mut(super::super::DISK_FILE) {
+            file.discard_cmd = false;
+        }
+        core.engine.blocking_budget = Duration::ZERO;
+    }
+    let (mut a, mut b) = (ring.lane().expect("lane 0"), ring.lane().expect("lane 1"));
+    ring.begin_round();
+    for (lane, token) in [(&mut a, 1), (&mut b, 2)] {
+        // SAFETY: a discard names no memory.
+        unsafe { lane.enqueue(IoOp::Discard { offset: 0, len: 10 << 30, secure: false }, token) }.expect("enqueue");
+        lane.submit().expect("submit");
+    }
+    ring.end_round();
+    let (mut rounds, mut done) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 2 {
+        assert!(Instant::now() < deadline, "not done after 20 s: {done:?}");
+        rounds += 1;
+        ring.begin_round();
+        for lane in [&mut a, &mut b] {
+            if lane.has_completions() {
+                lane.reap_ready(&mut |c| done.push(c));
+            }
+        }
+        ring.end_round();
+    }
+    assert!(done.iter().all(|c| c.result == Ok(0)), "{done:?}");
+    assert!(rounds >= 9, "ten ioctls, the first when enqueued, one per round after: {rounds} rounds");
+}
+
+/// A lane dropped while one of its operations waits for the blocking budget takes it along (cancelled): the
+/// operation never runs on the disk that gets the lane's file index next.
+#[test]
+fn a_dropped_lanes_waiting_ioctls_are_cancelled() {
+    let Some(_lock) = test_kit::loop_devices() else { return };
+    let dir = scratch_dir();
+    let path = dir.path().join("sparse.img");
+    std::fs::File::create(&path).and_then(|f| f.set_len(4 << 30)).expect("sparse image");
+    let dev = test_kit::LoopDevice::attach(&path).expect("loop device");
+    let disk = Arc::new(Disk::open(&dev.path, &crate::disk::DiskOptions::default()).expect("open the loop device"));
+    let ring = SharedUring::open_ended(4, 64, 64, Batching::Whole).expect("ring");
+    let mut lane = ring.add_lane(Arc::clone(&disk), 4).expect("lane");
+    {
+        let mut core = ring.lock();
+        let file = lane.file.expect("a file of its own");
+        if let Some(file) = core.engine.files.get_mut(file) {
+            file.discard_cmd = false;
+        }
+        core.engine.blocking_budget = Duration::ZERO;
+    }
+    // SAFETY: a discard names no memory.
+    unsafe { lane.enqueue(IoOp::Discard { offset: 0, len: 4 << 30, secure: false }, 7) }.expect("enqueue");
+    lane.submit().expect("submit");
+    assert_eq!(ring.lock().engine.blocking.len(), 1, "the second 2 GiB piece waits for the next round");
+    drop(lane);
+    assert!(ring.lock().engine.blocking.is_empty(), "the waiting piece left with its lane");
+    let mut next = ring.add_lane(disk, 4).expect("the next lane takes the file index");
+    assert_eq!(ring.lock().engine.finished.front().map(|&(_, r)| r), Some(Err(libc::ECANCELED)));
+    next.reap_ready(&mut |c| panic!("a dropped lane's operation reached another lane: {c:?}"));
+    assert!(ring.lock().engine.finished.is_empty(), "the cancelled operation was reaped (its slot is free)");
+}

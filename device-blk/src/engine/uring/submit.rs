@@ -4,11 +4,12 @@
 //!
 //! An ioctl step (`BLKSECDISCARD`, and `BLKDISCARD` before Linux 6.12) blocks the thread that serves the ring, for
 //! as long as the device takes over up to [`RANGE_CHUNK`](super::super::op::RANGE_CHUNK) bytes. So a round runs
-//! ioctl steps only until they took [`BLOCKING_BUDGET`](super::BLOCKING_BUDGET) in all; the rest wait in
-//! `blocking` for the next round (the completion eventfd is signalled so that one comes), and the thread answers
-//! everything else in between: a guest discarding its whole disk, a ring's worth of requests at a time, holds
-//! its other queues (and, on a shared ring, other disks) for one budget and one piece per round, not for all of
-//! it.
+//! ioctl steps only until they took [`BLOCKING_BUDGET`](super::BLOCKING_BUDGET) in all (at least one); the rest
+//! wait in `blocking` for the next round (the completion eventfd is signalled so that one comes), and the thread
+//! answers everything else in between: a guest discarding its whole disk, a ring's worth of requests at a time,
+//! holds its other queues (and, on a shared ring, other disks) for one budget and one piece per round, not for
+//! all of it. A round is a [`SharedUring`](super::SharedUring)'s, from `begin_round` (all its lanes' reaps
+//! share one budget), else one `reap_ready`.
 
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -80,11 +81,18 @@ impl UringEngine {
         }
     }
 
-    /// A new round: the blocking budget is whole again, and the operations that waited for it go on (those that
-    /// find it spent wait again, in order).
-    pub(super) fn resume_blocking(&mut self) {
+    /// A new round: the blocking budget is whole again.
+    pub(super) fn new_blocking_round(&mut self) {
         self.blocking_spent = std::time::Duration::ZERO;
         self.blocking_ran = false;
+    }
+
+    /// The operations that waited for the blocking budget go on (those that find it spent wait again, in order);
+    /// outside a shared ring's round, this starts a round of its own.
+    pub(super) fn resume_blocking(&mut self) {
+        if !self.deferred {
+            self.new_blocking_round();
+        }
         for _ in 0..self.blocking.len() {
             let Some((index, state)) = self.blocking.pop_front() else { break };
             self.issue(index, state, false);
