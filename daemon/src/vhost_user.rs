@@ -30,6 +30,8 @@ use listen::{Access, PidFile, SocketFile};
 
 /// Open the disk, listen on the socket, and serve until a shutdown is requested.
 pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()> {
+    // Declared first, dropped last: the keeper removes the files once the threads serving on them are gone.
+    let mut _keeper: Option<FileKeeper> = None;
     // Inherited descriptors first, before anything opened here could take the number of one that was not passed;
     // the systemd notification socket before the system call filter forbids creating sockets.
     let inherited = listen::inherited(args.fd, args.socket_path.as_deref())?;
@@ -81,11 +83,19 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     .into_iter()
     .flatten()
     .collect();
-    let _keeper = if files.is_empty() {
-        None
-    } else {
-        Some(FileKeeper::spawn(files, args.sandbox.user.as_ref(), args.sandbox.seccomp)?)
-    };
+    sandbox::check_user_switch(args.sandbox.user.as_ref())?;
+    if !files.is_empty() {
+        match FileKeeper::spawn(files.clone(), args.sandbox.user.as_ref(), args.sandbox.seccomp) {
+            Ok(spawned) => _keeper = Some(spawned),
+            Err(error) => {
+                // Not confined yet: remove them here, as their owners would have.
+                for file in &files {
+                    let _ = file.remove_if_current();
+                }
+                return Err(error);
+            }
+        }
+    }
     // Everything is open: from here on no root, no capability, no file or network by name, and only the system
     // calls serving needs. The other threads start afterwards and inherit it.
     let isolation = if args.no_namespaces { Isolation::None } else { Isolation::Namespaces };

@@ -5,7 +5,8 @@
 //! 1. a mount namespace of its own whose root is an empty, read-only, 4 KiB tmpfs (`chroot` into it): a path
 //!    resolves to nothing, whether `open(2)` or an io_uring ring's `OPENAT` asks;
 //! 2. a network namespace of its own with no interface up: no socket, made directly or through an io_uring ring,
-//!    reaches anything (abstract Unix sockets are per network namespace too);
+//!    reaches anything (abstract Unix sockets are per network namespace too), but for vsock, which has no
+//!    network namespaces (before Linux 7.0): see README, "What a taken-over vhost-user process can and cannot do";
 //! 3. `no_new_privs`, an empty capability bounding set, then the unprivileged user (groups, gid, uid), and every
 //!    capability set emptied.
 //!
@@ -56,17 +57,19 @@ pub fn isolate() -> anyhow::Result<&'static str> {
             .context("cannot enter a mount and network namespace of its own")?;
         "cap_sys_admin"
     } else {
+        const HINT: &str = "blkbackd has no CAP_SYS_ADMIN and CAP_SYS_CHROOT, and this host does not let an \
+             unprivileged user namespace do it (sysctl kernel.unprivileged_userns_clone or \
+             user.max_user_namespaces, AppArmor's apparmor_restrict_unprivileged_userns, a container's filter); \
+             give it CAP_SYS_ADMIN and CAP_SYS_CHROOT at start (it drops them before serving), or --no-namespaces";
         // SAFETY: plain system calls without arguments.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         // SAFETY: unshare with namespace flags only.
-        check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET) }).context(
-            "cannot enter a user, mount and network namespace of its own: blkbackd has no CAP_SYS_ADMIN and this \
-             host refuses unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone, \
-             user.max_user_namespaces, or a security module); give it CAP_SYS_ADMIN and CAP_SYS_CHROOT at start \
-             (it drops them before serving), or --no-namespaces",
-        )?;
-        map_own_ids(uid, gid).context("cannot map its own uid and gid in its user namespace")?;
-        "user namespace"
+        check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET) })
+            .with_context(|| format!("cannot enter a user, mount and network namespace of its own: {HINT}"))?;
+        map_own_ids(uid, gid)
+            .with_context(|| format!("cannot map its own uid and gid in its user namespace: {HINT}"))?;
+        empty_root().with_context(|| format!("cannot switch to an empty root in its user namespace: {HINT}"))?;
+        return Ok("user namespace");
     };
     empty_root().context("cannot switch to an empty root")?;
     Ok(how)

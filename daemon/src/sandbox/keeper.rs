@@ -46,7 +46,6 @@ impl FileKeeper {
     /// server itself would have done.
     pub fn spawn(files: Vec<FileId>, user: Option<&UserSpec>, seccomp: SeccompMode) -> anyhow::Result<FileKeeper> {
         super::ensure_single_threaded()?;
-        let filters = seccomp::filters(Role::Keeper, seccomp)?;
         let (server, keeper) = UnixStream::pair().context("cannot create the file keeper's socket pair")?;
         // SAFETY: setting a signal's disposition; no handler is installed.
         if unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) } == libc::SIG_ERR {
@@ -59,7 +58,21 @@ impl FileKeeper {
         }
         if pid == 0 {
             drop(server);
-            let code = keep(&files, keeper, user, &filters);
+            // The keeper's own filter, built here: it names the keeper's pid (the only one it may signal). A panic
+            // must not unwind into the server's code.
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match seccomp::filters(Role::Keeper, seccomp) {
+                    Ok(filters) => keep(&files, keeper, user, &filters),
+                    Err(error) => {
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            "the file keeper has no filter; files left behind"
+                        );
+                        1
+                    }
+                }
+            }))
+            .unwrap_or(1);
             // SAFETY: ends the child without running the parent's destructors or atexit handlers.
             unsafe { libc::_exit(code) };
         }
@@ -126,13 +139,21 @@ fn isolate(
     filters: &[seccompiler::BpfProgram],
 ) -> anyhow::Result<UnixStream> {
     const CHANNEL_FD: i32 = 3;
-    // SAFETY: dup2 onto a number this process then owns; the original is closed with the rest just below.
-    if unsafe { libc::dup2(channel.as_raw_fd(), CHANNEL_FD) } < 0 {
+    let original = channel.as_raw_fd();
+    // SAFETY: dup2 onto a number this process then owns (nothing when it is that number already).
+    if original != CHANNEL_FD && unsafe { libc::dup2(original, CHANNEL_FD) } < 0 {
         return Err(std::io::Error::last_os_error()).context("dup2");
     }
     std::mem::forget(channel);
-    // SAFETY: closes every descriptor above the channel; none is owned by a live Rust object but the forgotten
-    // original of the channel (whose number is now closed and never used again).
+    // Nothing but stderr and the channel: stdin, stdout, the original of the channel if it took a standard
+    // number (stdio closed at start), and everything above the channel. The forgotten original is owned by no
+    // live Rust object, and its number is never used again.
+    let below = if original < CHANNEL_FD { Some(original) } else { None };
+    for fd in [Some(libc::STDIN_FILENO), Some(libc::STDOUT_FILENO), below].into_iter().flatten() {
+        // SAFETY: closing a descriptor no live Rust object owns here (a number closed twice gives EBADF).
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: as above, for every descriptor above the channel.
     if unsafe { libc::syscall(libc::SYS_close_range, CHANNEL_FD + 1, libc::c_uint::MAX, 0) } < 0 {
         return Err(std::io::Error::last_os_error()).context("close_range");
     }

@@ -119,6 +119,12 @@ pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet, isolation: Isolati
     caps::no_new_privs().context("cannot set no_new_privs")?;
     if isolation == Isolation::Namespaces {
         let how = confine::isolate()?;
+        if let (Some(user), "user namespace") = (user, how) {
+            bail!(
+                "cannot switch to user {user}: in a user namespace of its own blkbackd maps only its own ids \
+                 (--user needs blkbackd started as root with CAP_SYS_ADMIN and CAP_SYS_CHROOT, or --no-namespaces)"
+            );
+        }
         tracing::info!(with = how, "isolated: empty read-only root, own network namespace");
     }
     caps::limit_bounding_set(keep).context("cannot limit the capability bounding set")?;
@@ -137,6 +143,17 @@ pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet, isolation: Isolati
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     tracing::info!(user = user.map(|u| u.shown.as_str()), uid, gid, capabilities = %keep, "privileges dropped");
     Ok(keep)
+}
+
+/// Fail now, with the reason, if `user` is given but this process cannot switch to it (it is not root).
+pub fn check_user_switch(user: Option<&UserSpec>) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    match user {
+        Some(user) if unsafe { libc::geteuid() } != 0 => {
+            bail!("cannot switch to user {user}: Operation not permitted (--user needs blkbackd started as root)")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The Xen supervisor's restriction, while it has one thread: `no_new_privs`, and every capability outside
