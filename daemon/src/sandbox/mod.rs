@@ -148,8 +148,9 @@ pub fn drop_privileges(user: Option<&UserSpec>, keep: CapSet, isolation: Isolati
 /// Fail now, with the reason, if `user` is given but this process cannot switch to it (it is not root).
 pub fn check_user_switch(user: Option<&UserSpec>) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     match user {
-        Some(user) if unsafe { libc::geteuid() } != 0 => {
+        Some(user) if !root => {
             bail!("cannot switch to user {user}: Operation not permitted (--user needs blkbackd started as root)")
         }
         _ => Ok(()),
