@@ -43,15 +43,65 @@ impl FileId {
     }
 
     /// Remove the path if it still names this file: `Ok(false)` if it is gone or names another file now.
+    ///
+    /// The file is first moved aside (atomically, next to it) and looked at there, so that a file another process
+    /// put at the path just before (a restarted instance replacing a stale socket) is put back, not removed.
     pub fn remove_if_current(&self) -> io::Result<bool> {
         if !self.is_current() {
             return Ok(false);
         }
-        match fs::remove_file(&self.path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+        self.remove_aside()
+    }
+
+    /// The removal proper of [`remove_if_current`](Self::remove_if_current): move aside, look, remove or put back.
+    fn remove_aside(&self) -> io::Result<bool> {
+        let Some(name) = self.path.file_name() else { return Ok(false) };
+        let mut aside_name = std::ffi::OsString::from(".");
+        aside_name.push(name);
+        aside_name.push(format!(".removing-{}", std::process::id()));
+        let aside = self.path.with_file_name(aside_name);
+        match rename_noreplace(&self.path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            // A file system without RENAME_NOREPLACE: remove it by path (the look above is all there is).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                return fs::remove_file(&self.path).map(|()| true);
+            }
+            Err(e) => return Err(e),
         }
+        let ours = fs::symlink_metadata(&aside).is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino));
+        if ours {
+            fs::remove_file(&aside)?;
+            return Ok(true);
+        }
+        // Someone else's file: back where it was (unless yet another one took the path meanwhile).
+        if let Err(error) = rename_noreplace(&aside, &self.path) {
+            tracing::warn!(path = %self.path.display(), aside = %aside.display(), %error, "cannot put a file back");
+        }
+        Ok(false)
+    }
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: two NUL-terminated paths alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -125,5 +175,22 @@ mod tests {
         assert!(path.exists(), "a handed-over file is not removed on drop");
         assert!(id.remove_if_current().expect("remove"));
         assert!(!id.remove_if_current().expect("gone"), "nothing to remove twice");
+    }
+
+    /// The race the removal closes: another process's file took the path after the look. It is moved aside, seen
+    /// to be another file, and put back.
+    #[test]
+    fn a_file_that_took_the_path_after_the_look_is_put_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.sock");
+        fs::write(&path, b"ours").expect("write");
+        let ours = FileId::of(&path).expect("id");
+        let theirs = dir.path().join("theirs");
+        fs::write(&theirs, b"theirs").expect("their file");
+        fs::rename(&theirs, &path).expect("in place of ours");
+        assert!(!ours.remove_aside().expect("looked"), "not ours");
+        assert_eq!(fs::read(&path).expect("back in place"), b"theirs");
+        let left: Vec<_> = fs::read_dir(dir.path()).expect("dir").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("b.sock")], "nothing left aside");
     }
 }

@@ -11,8 +11,8 @@
 //! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set,
 //!   plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
 //!   themselves; no `open` (`EACCES`), no `socket`, no `exec`, no `unlink`.
-//! - [`Role::Keeper`] (the file keeper of a vhost-user server): waiting on its socket pair, looking at and
-//!   removing files by path, and nothing else: no `open`, `socket`, `exec`, threads or io_uring.
+//! - [`Role::Keeper`] (the file keeper of a vhost-user server): waiting on its socket pair, looking at, moving
+//!   aside and removing files by path, and nothing else: no `open`, `socket`, `exec`, threads or io_uring.
 //! - [`Role::XenWorker`] (each data-plane thread, stacked on the process filter): only the data path: its event
 //!   channel, grant maps (registered by the supervisor: [`GrantAccess`]), its disk through io_uring or
 //!   `preadv`/`pwritev`, epoll. No `open` (`EACCES`), no `socket`, no new threads or rings.
@@ -311,6 +311,7 @@ fn keeper(rules: &mut Rules) {
         libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_unlinkat,
+        libc::SYS_renameat2,
     ]);
     #[cfg(target_arch = "x86_64")]
     rules.any(&[libc::SYS_lstat, libc::SYS_unlink]);
