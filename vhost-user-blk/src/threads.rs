@@ -327,7 +327,9 @@ impl VhostUserBlkBackend {
             return false;
         };
         let finished = worker.has_finished();
-        let may_pop = !stopping && worker.has_room() && {
+        // A queue at its depth makes room by answering what finished: it may pop then too, or the chains it left
+        // in the ring for want of room would wait for a kick the guest need not send.
+        let may_pop = !stopping && (finished || worker.has_room()) && {
             let ring = vring.get_ref();
             ring.is_enabled() && avail_pending(&ring, mem)
         };

@@ -38,7 +38,7 @@ mod uring;
 
 pub use op::IOV_MAX;
 pub use sync::SyncEngine;
-pub use uring::{CompletionMode, SharedUring, UringEngine, UringLane};
+pub use uring::{CompletionMode, SharedUring, UringEngine, UringLane, COMPLETION_MODE_CAP};
 
 /// One operation on the disk. Byte offsets and lengths were validated against the disk.
 #[derive(Debug)]

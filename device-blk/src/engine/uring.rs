@@ -39,6 +39,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::op::{OpState, Progress, Step};
 use super::{Batching, Completion, EngineError, IoEngine, IoOp};
 use crate::disk::Disk;
+pub use setup::COMPLETION_MODE_CAP;
 use setup::{build_ring, entry_for, fixed_entry_for, FileTable};
 
 mod inline;

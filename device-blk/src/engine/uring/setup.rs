@@ -147,7 +147,8 @@ pub(super) fn build_ring(
     preferred: CompletionMode,
 ) -> std::io::Result<(IoUring, bool, CompletionMode)> {
     let modes = [CompletionMode::Deferred, CompletionMode::Cooperative];
-    for mode in modes.into_iter().skip_while(|&m| m != preferred) {
+    let best = capped_mode(preferred);
+    for mode in modes.into_iter().skip_while(|&m| m != best) {
         let mut builder = IoUring::builder();
         builder.setup_cqsize(cq_entries).setup_single_issuer().setup_submit_all().setup_r_disabled();
         builder.setup_taskrun_flag();
@@ -168,6 +169,29 @@ pub(super) fn build_ring(
     }
     let ring = IoUring::builder().setup_cqsize(cq_entries).build(entries)?;
     Ok((ring, false, CompletionMode::Interrupting))
+}
+
+/// The environment variable that caps the completion mode a ring may use: `cooperative` or `interrupting`, the
+/// modes kernels before 6.1 and before 5.19 give, so that tests on a newer kernel cover them too.
+pub const COMPLETION_MODE_CAP: &str = "BLKBACKD_IO_URING_COMPLETION";
+
+/// `preferred`, or the mode [`COMPLETION_MODE_CAP`] caps it at if that is a lesser one.
+fn capped_mode(preferred: CompletionMode) -> CompletionMode {
+    let rank = |mode| match mode {
+        CompletionMode::Deferred => 0,
+        CompletionMode::Cooperative => 1,
+        CompletionMode::Interrupting => 2,
+    };
+    let cap = match std::env::var(COMPLETION_MODE_CAP).as_deref() {
+        Ok("cooperative") => CompletionMode::Cooperative,
+        Ok("interrupting") => CompletionMode::Interrupting,
+        _ => return preferred,
+    };
+    if rank(cap) > rank(preferred) {
+        cap
+    } else {
+        preferred
+    }
 }
 
 /// The submission entry for one step on registered file `file`.
