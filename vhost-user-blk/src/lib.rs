@@ -48,7 +48,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use config_change::{BackendChannel, KnownSockets};
 use device_blk::disk::Disk;
-use device_blk::engine::{Batching, EngineKind};
+use device_blk::engine::{Batching, EngineKind, SharedUring};
 use device_blk::request::ID_BYTES;
 use device_blk::virtio::{device_features, seg_max_for, BlkConfig};
 use threads::{Event, HandlerRegistrar, Layout, Registrar, ThreadSlot};
@@ -222,6 +222,26 @@ impl QueueSlot {
     }
 }
 
+/// The io_uring of each I/O thread `options` call for, made now so that the threads of every later connection
+/// serve on them (one connection after another): a process that then forbids itself new rings (`blkbackd
+/// vhost-user` does, because the system call filter cannot see what a ring does) keeps io_uring. Empty for the
+/// synchronous engine, or where the kernel refuses (each thread then makes its own, or each queue an engine).
+pub fn thread_rings(disk: &Arc<Disk>, options: &VhostUserBlkOptions) -> Vec<SharedUring> {
+    if options.engine == EngineKind::Sync {
+        return Vec::new();
+    }
+    let layout = Layout { queues: options.num_queues, threads: options.effective_io_threads() };
+    let depth = options.effective_io_depth();
+    let batching = options.batching.for_disk(disk);
+    let rings: Result<Vec<_>, _> = (0..layout.threads)
+        .map(|t| SharedUring::portable(Arc::clone(disk), layout.queues_of(t).len(), depth, batching))
+        .collect();
+    rings.unwrap_or_else(|error| {
+        tracing::debug!(%error, "no io_uring made in advance; each connection's threads make their own");
+        Vec::new()
+    })
+}
+
 /// The vhost-user-blk device of one frontend connection.
 pub struct VhostUserBlkBackend {
     disk: Arc<Disk>,
@@ -256,6 +276,12 @@ impl std::fmt::Debug for VhostUserBlkBackend {
 impl VhostUserBlkBackend {
     /// A device for `disk`; `options` must have passed [`VhostUserBlkOptions::validate`].
     pub fn new(disk: Arc<Disk>, options: VhostUserBlkOptions) -> io::Result<Self> {
+        Self::with_rings(disk, options, Vec::new())
+    }
+
+    /// As [`new`](Self::new), with the io_uring of each I/O thread made in advance ([`thread_rings`]; a thread
+    /// without one makes its own).
+    pub fn with_rings(disk: Arc<Disk>, options: VhostUserBlkOptions, rings: Vec<SharedUring>) -> io::Result<Self> {
         options.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // `Batching::Auto` is resolved here (a system call), not on the I/O threads, which may be sandboxed.
         let options = VhostUserBlkOptions { batching: options.batching.for_disk(&disk), ..options };
@@ -265,8 +291,10 @@ impl VhostUserBlkBackend {
             .map(|_| QueueSlot { worker: Mutex::new(None), idle: Condvar::new(), waiters: AtomicUsize::new(0) })
             .collect();
         let layout = Layout { queues: options.num_queues, threads: options.effective_io_threads() };
-        let threads =
-            (0..layout.threads).map(|t| ThreadSlot::new(layout.queues_of(t))).collect::<io::Result<Vec<_>>>()?;
+        let mut rings = rings.into_iter();
+        let threads = (0..layout.threads)
+            .map(|t| ThreadSlot::new(layout.queues_of(t), rings.next()))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserBlkBackend {
             config: BlkConfig::new(&geometry, options.num_queues, seg_max),
             // LOG_ALL: we log our writes to guest memory (and the used ring) once the frontend gives us a log

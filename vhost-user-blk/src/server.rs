@@ -31,6 +31,8 @@ pub struct VhostUserBlkServer {
     options: VhostUserBlkOptions,
     /// The device of the frontend connected now, if any (for [`ResizeHandle`]).
     current: Arc<Mutex<Weak<VhostUserBlkBackend>>>,
+    /// The I/O threads' rings, made once and served on by every connection's threads in turn.
+    rings: Vec<device_blk::engine::SharedUring>,
 }
 
 impl VhostUserBlkServer {
@@ -41,7 +43,9 @@ impl VhostUserBlkServer {
         config_change::scan_limit();
         // Likewise `Batching::Auto` looks at the disk's file system now, not on the I/O threads.
         let options = VhostUserBlkOptions { batching: options.batching.for_disk(&disk), ..options };
-        Ok(VhostUserBlkServer { disk, options, current: Arc::new(Mutex::new(Weak::new())) })
+        // And the rings, before a daemon forbids itself new ones.
+        let rings = super::thread_rings(&disk, &options);
+        Ok(VhostUserBlkServer { disk, options, current: Arc::new(Mutex::new(Weak::new())), rings })
     }
 
     /// A handle that looks at the disk's size again and tells the connected frontend when it grew.
@@ -62,7 +66,7 @@ impl VhostUserBlkServer {
     /// Build a device with its worker threads, accept the next frontend on `listener` (blocks until one
     /// connects) and start serving it on a thread of its own.
     pub fn accept(&self, listener: &mut Listener) -> Result<Connection, ServeError> {
-        let backend = VhostUserBlkBackend::new(Arc::clone(&self.disk), self.options.clone())
+        let backend = VhostUserBlkBackend::with_rings(Arc::clone(&self.disk), self.options.clone(), self.rings.clone())
             .map(Arc::new)
             .map_err(|e| ServeError::Setup(e.to_string()))?;
         let daemon =

@@ -155,13 +155,15 @@ pub(super) struct ThreadSlot {
     /// starts its first queue; `None` for the synchronous engine, or where io_uring is not available (each queue
     /// then builds an engine of its own, as the options say).
     ring: OnceLock<Option<SharedUring>>,
+    /// A ring made in advance (by the server, before the process locked itself down), used instead of a new one.
+    premade: Option<SharedUring>,
 }
 
 impl ThreadSlot {
-    pub(super) fn new(queues: Vec<usize>) -> io::Result<Self> {
+    pub(super) fn new(queues: Vec<usize>, premade: Option<SharedUring>) -> io::Result<Self> {
         let (exit, name) =
             (EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?, EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
-        Ok(ThreadSlot { queues, exit, name, ring: OnceLock::new() })
+        Ok(ThreadSlot { queues, exit, name, ring: OnceLock::new(), premade })
     }
 
     /// Start a round over the thread's queues: their submissions go out together when the returned guard drops.
@@ -213,9 +215,12 @@ impl VhostUserBlkBackend {
         if o.engine == EngineKind::Sync {
             return None;
         }
-        let ring = SharedUring::new(self.disk.clone(), slot.queues.len(), o.effective_io_depth(), o.batching)
-            .inspect_err(|error| tracing::debug!(thread, %error, "no shared io_uring; one engine per queue"))
-            .ok()?;
+        let ring = match &slot.premade {
+            Some(ring) => ring.clone(),
+            None => SharedUring::new(self.disk.clone(), slot.queues.len(), o.effective_io_depth(), o.batching)
+                .inspect_err(|error| tracing::debug!(thread, %error, "no shared io_uring; one engine per queue"))
+                .ok()?,
+        };
         let registrar = self.registrars.get().and_then(|r| r.get(thread))?;
         let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
         let id = Event::completion_id(o.num_queues, 0);

@@ -6,7 +6,8 @@
 //!    resolves to nothing, whether `open(2)` or an io_uring ring's `OPENAT` asks;
 //! 2. a network namespace of its own with no interface up: no socket, made directly or through an io_uring ring,
 //!    reaches anything (abstract Unix sockets are per network namespace too), but for vsock, which has no
-//!    network namespaces (before Linux 7.0): see README, "What a taken-over vhost-user process can and cannot do";
+//!    network namespaces (before Linux 7.0): only a process that cannot make rings of its own is kept from it
+//!    (the vhost-user server; see README, "What a compromised worker can and cannot do");
 //! 3. `no_new_privs`, an empty capability bounding set, then the unprivileged user (groups, gid, uid), and every
 //!    capability set emptied.
 //!

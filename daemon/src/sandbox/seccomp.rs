@@ -6,7 +6,8 @@
 //! executable mappings, futexes, clocks, signals and the calls the `SIGSYS` handler makes. On top of that:
 //! - [`Role::VhostUser`] (the whole process, after the disk and sockets are open): threads (`clone` with
 //!   `CLONE_THREAD` only: no new processes), sockets it already has (accept, messages with descriptors for guest
-//!   memory and eventfds), `mmap` of guest memory, io_uring rings, eventfds and epoll; no `open` (`EACCES`), no
+//!   memory and eventfds), `mmap` of guest memory, the io_uring rings made before (no new one: `EPERM`), eventfds
+//!   and epoll; no `open` (`EACCES`), no
 //!   `socket`, no `exec`, no `unlink` (its file keeper removes its files).
 //! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set,
 //!   plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
@@ -249,7 +250,6 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
         libc::SYS_fstatfs,
         libc::SYS_newfstatat,
         libc::SYS_statx,
-        libc::SYS_io_uring_setup,
         libc::SYS_io_uring_register,
     ]);
     #[cfg(target_arch = "x86_64")]
@@ -267,7 +267,8 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
 /// What a guest's worker process adds to [`base`] and [`process`]: the Xen and block-device ioctls on the
 /// descriptors the supervisor gave it, and letting its data-plane threads sandbox themselves. It opens nothing.
 fn xen_guest(rules: &mut Rules, access: GrantAccess) -> anyhow::Result<()> {
-    rules.any(&[libc::SYS_capget, libc::SYS_capset]);
+    // Its data-plane threads' rings are made as vbds connect (each thread's filter then forbids new ones).
+    rules.any(&[libc::SYS_capget, libc::SYS_capset, libc::SYS_io_uring_setup]);
     let ambient = eq(0, libc::PR_CAP_AMBIENT as u64)?;
     rules.when(libc::SYS_prctl, vec![vec![ambient, eq(1, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64)?]])?;
     rules.arg_in(libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?;
@@ -357,7 +358,11 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
             process(&mut rules)?;
             // The size of a block-device disk, read again when it may have grown.
             rules.arg_in(libc::SYS_ioctl, 1, &[BLKGETSIZE64])?;
-            vec![clone3, (open_calls(), libc::EACCES)]
+            // No new io_uring ring: the filter cannot see what a ring does (a ring of its own could create and
+            // connect any socket, vsock included, which has no network namespace). Its rings are made before
+            // the lock-down and restricted to their own operations on the disk; an engine that tries for more
+            // gets EPERM and falls back to synchronous I/O.
+            vec![clone3, (open_calls(), libc::EACCES), (vec![libc::SYS_io_uring_setup], libc::EPERM)]
         }
         Role::XenGuest(access) => {
             process(&mut rules)?;

@@ -77,6 +77,10 @@ pub enum CompletionMode {
     Deferred,
     /// `COOP_TASKRUN` + `TASKRUN_FLAG`: run at the owner's next kernel entry (5.19+).
     Cooperative,
+    /// As [`Cooperative`](Self::Cooperative), without `SINGLE_ISSUER`: one thread after another may own the ring
+    /// (one at a time), so a ring made before a process locks itself down can serve the threads it starts later,
+    /// e.g. each vhost-user frontend connection's (5.19+).
+    Portable,
     /// Plain task work that interrupts the owner (older kernels).
     Interrupting,
 }

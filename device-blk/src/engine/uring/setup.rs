@@ -146,11 +146,14 @@ pub(super) fn build_ring(
     cq_entries: u32,
     preferred: CompletionMode,
 ) -> std::io::Result<(IoUring, bool, CompletionMode)> {
-    let modes = [CompletionMode::Deferred, CompletionMode::Cooperative];
+    let modes = [CompletionMode::Deferred, CompletionMode::Cooperative, CompletionMode::Portable];
     let best = capped_mode(preferred);
     for mode in modes.into_iter().skip_while(|&m| m != best) {
         let mut builder = IoUring::builder();
-        builder.setup_cqsize(cq_entries).setup_single_issuer().setup_submit_all().setup_r_disabled();
+        builder.setup_cqsize(cq_entries).setup_submit_all().setup_r_disabled();
+        if mode != CompletionMode::Portable {
+            builder.setup_single_issuer();
+        }
         builder.setup_taskrun_flag();
         if mode == CompletionMode::Deferred {
             builder.setup_defer_taskrun();
@@ -179,7 +182,7 @@ pub const COMPLETION_MODE_CAP: &str = "BLKBACKD_IO_URING_COMPLETION";
 fn capped_mode(preferred: CompletionMode) -> CompletionMode {
     let rank = |mode| match mode {
         CompletionMode::Deferred => 0,
-        CompletionMode::Cooperative => 1,
+        CompletionMode::Cooperative | CompletionMode::Portable => 1,
         CompletionMode::Interrupting => 2,
     };
     let cap = match std::env::var(COMPLETION_MODE_CAP).as_deref() {

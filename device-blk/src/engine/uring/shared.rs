@@ -116,10 +116,27 @@ impl SharedUring {
     /// A ring over `disk` for `lanes` lanes of `depth` operations each (each at most 4096, as an engine of its own
     /// would be), submitting batches as `batching` says.
     pub fn new(disk: Arc<Disk>, lanes: usize, depth: u32, batching: Batching) -> Result<Self, EngineError> {
+        Self::with_mode(disk, lanes, depth, batching, CompletionMode::Deferred)
+    }
+
+    /// As [`new`](Self::new), with a ring that one thread after another may own
+    /// ([`CompletionMode::Portable`]): made before a process locks itself down (and may make no ring any more),
+    /// it serves the lanes of each later connection's thread in turn.
+    pub fn portable(disk: Arc<Disk>, lanes: usize, depth: u32, batching: Batching) -> Result<Self, EngineError> {
+        Self::with_mode(disk, lanes, depth, batching, CompletionMode::Portable)
+    }
+
+    fn with_mode(
+        disk: Arc<Disk>,
+        lanes: usize,
+        depth: u32,
+        batching: Batching,
+        mode: CompletionMode,
+    ) -> Result<Self, EngineError> {
         let depth = depth.clamp(1, super::MAX_ENTRIES);
         let count = u32::try_from(lanes.max(1)).unwrap_or(u32::MAX);
         let slots = depth.saturating_mul(count);
-        let mut engine = UringEngine::with_slots(Arc::clone(&disk), slots, slots, CompletionMode::Deferred)?;
+        let mut engine = UringEngine::with_slots(Arc::clone(&disk), slots, slots, mode)?;
         engine.set_batching(batching);
         let depth = depth as usize;
         let lane = || LaneState { ready: VecDeque::with_capacity(depth), depth, outstanding: 0, state: LaneUse::Free };
