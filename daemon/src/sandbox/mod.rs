@@ -20,7 +20,8 @@
 //! Only then does it start its other threads (signals, control socket, and per connection the protocol and queue
 //! threads), which inherit all of it: every thread runs with no capability, under the filter. Reconnecting
 //! frontends need no privilege: accepting on the listening socket, guest memory and eventfds passed over it,
-//! new threads, io_uring rings and epoll are all allowed.
+//! new threads and epoll are all allowed, and each connection's I/O threads serve on the io_uring rings made
+//! before the lock-down (a new ring is refused).
 //!
 //! # Xen
 //! The supervisor (`blkbackd xen`) keeps root: it opens disks (with the diskseq pin), `/dev/xen` devices and
