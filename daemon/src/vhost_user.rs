@@ -73,6 +73,8 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     };
     let mut listener = Listener::from(socket.listener().try_clone().context("cannot duplicate the socket")?);
     let mut pidfile = args.pidfile.as_deref().map(PidFile::write).transpose()?;
+    // (Before the files are handed over: on this error their owners still remove them.)
+    sandbox::check_user_switch(args.sandbox.user.as_ref())?;
     // The files created here are removed on exit by a keeper process: this one will not see them any more.
     let files: Vec<_> = [
         socket.hand_over(),
@@ -83,7 +85,6 @@ pub fn run(args: &VhostUserArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     .into_iter()
     .flatten()
     .collect();
-    sandbox::check_user_switch(args.sandbox.user.as_ref())?;
     if !files.is_empty() {
         match FileKeeper::spawn(files.clone(), args.sandbox.user.as_ref(), args.sandbox.seccomp) {
             Ok(spawned) => _keeper = Some(spawned),

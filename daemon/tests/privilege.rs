@@ -237,6 +237,7 @@ fn started_unprivileged_it_still_sandboxes_itself_and_user_is_a_one_line_error()
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.starts_with("blkbackd: error: cannot switch to user nobody"), "{stderr}");
     assert!(last.contains("needs blkbackd started as root"), "{stderr}");
+    assert!(!scratch.socket.exists(), "the socket file it bound is removed on that error too");
 
     // Without --user it serves, with no capability, no_new_privs and the filter.
     let mut child = Command::new(blkbackd())

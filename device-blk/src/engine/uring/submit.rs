@@ -31,9 +31,10 @@ impl UringEngine {
             let step = unsafe { state.step() };
             if matches!(step, Step::Ioctl { .. }) {
                 if self.blocking_ran && self.blocking_spent >= self.blocking_budget {
-                    // Come back for it: the eventfd brings the thread to its next round.
-                    if let Err(error) = self.signal() {
-                        tracing::warn!(%error, "cannot signal the completion eventfd");
+                    // Come back for it: the eventfd brings the thread to its next round (one write for all that
+                    // wait; `resume_blocking` writes again for those it leaves waiting).
+                    if self.blocking.is_empty() {
+                        self.signal_blocking();
                     }
                     return self.blocking.push_back((index, state));
                 }
@@ -93,9 +94,20 @@ impl UringEngine {
         if !self.deferred {
             self.new_blocking_round();
         }
-        for _ in 0..self.blocking.len() {
+        let waiting = self.blocking.len();
+        for _ in 0..waiting {
             let Some((index, state)) = self.blocking.pop_front() else { break };
             self.issue(index, state, false);
+        }
+        // `issue` signals only when it finds the queue empty, which it never does while older ones still wait.
+        if waiting > 0 && !self.blocking.is_empty() {
+            self.signal_blocking();
+        }
+    }
+
+    fn signal_blocking(&self) {
+        if let Err(error) = self.signal() {
+            tracing::warn!(%error, "cannot signal the completion eventfd");
         }
     }
 
