@@ -373,12 +373,14 @@ pub struct XenServingArgs {
           value_parser = clap::value_parser!(u32).range(0..=i64::from(transport_xen::dataplane::MAX_POLL_US)))]
     pub poll_us: u32,
     /// I/O threads serving the guest's rings (every queue of every vbd), each thread several rings with a bounded
-    /// share of work per ring per pass (a busy ring cannot starve the others); 0: one thread per ring. Default: 1.
+    /// share of work per ring per pass (a busy ring cannot starve the others). Default: 1.
     /// Measured (docs/performance.md, emulated host): with one thread per ring the CPU time per I/O grew with the
     /// ring count (16 vbds: 2.2–3.6× the one-vbd figure); with one thread, 1.2–1.6× up to 4 rings and 1.5–2.0× at
-    /// 16 vbds. Raise it when the one thread uses a whole CPU.
+    /// 16 vbds. Raise it when the one thread uses a whole CPU. Each thread's io_uring is made when the worker starts
+    /// (a locked-down worker may make none), so there is no "one thread per ring": N threads serve up to N rings
+    /// one each.
     #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(0..=transport_xen::dataplane::MAX_IO_THREADS as i64))]
+          value_parser = clap::value_parser!(u16).range(1..=transport_xen::dataplane::MAX_IO_THREADS as i64))]
     pub io_threads: u16,
     /// Let each guest's worker map and copy grants by itself. By default the supervisor registers every grant map
     /// a worker makes, always as the worker's own guest's, and the worker's system call filter refuses the calls
@@ -636,6 +638,7 @@ mod tests {
         assert_eq!(mode(&["--grant-mode", "copy", "--direct-grants"]), Ok((GrantMode::Copy, false)));
         assert!(Cli::try_parse_from(["blkbackd", "xen", "--poll-us", "1000001"]).is_err(), "above the bound");
         assert!(Cli::try_parse_from(["blkbackd", "xen", "--io-threads", "65"]).is_err(), "above the bound");
+        assert!(Cli::try_parse_from(["blkbackd", "xen", "--io-threads", "0"]).is_err(), "rings are made at start");
         for bad in [&["--user", "root"][..], &["--user", "no-such-user-blkbackd"], &["--seccomp", "kill"]] {
             assert!(Cli::try_parse_from([&vhost[..], bad].concat()).is_err(), "{bad:?}");
         }

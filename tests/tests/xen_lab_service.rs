@@ -6,7 +6,8 @@
 //! nothing); this test boots the lab, runs it once and asserts:
 //! * three worker processes (`blkbackd xen-worker --domid D`), one per guest, each with a uid other than 0, no
 //!   effective capability, a seccomp filter (`Seccomp: 2`), `NoNewPrivs: 1`, and io_uring rings registered with
-//!   `IORING_REGISTER_RESTRICTIONS` (`io_uring ring restricted` in the service log);
+//!   `IORING_REGISTER_RESTRICTIONS` (`io_uring ring restricted` in the service log), made before the lock-down:
+//!   every data plane runs on io_uring although the workers may make no ring (`data plane started` lines);
 //! * one metrics endpoint for every guest (`--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`, fetched
 //!   over bash's /dev/tcp once every vbd is Connected: busybox-static's wget segfaults): each `# HELP` once, the three guests' domids, every worker's
 //!   statistics in the scrape (`blkbackd_xen_worker_scrape_ok` 1 ×3, read requests of each guest),
@@ -163,6 +164,19 @@ fn judge(report: &Report, v: &mut Verdict) {
             ),
         );
     }
+
+    // Rings made before the lock-down serve every data plane (the worker may make no ring after it).
+    let engines = report.check("engines", None);
+    let count = |k: &str| engines.and_then(|m| get(m, k).parse::<u32>().ok());
+    v.expect(
+        count("started").is_some_and(|n| n >= 3)
+            && count("io_uring") == count("started")
+            && count("fallback") == Some(0),
+        format!(
+            "every data plane on its worker's io_uring ({})",
+            engines.map(|m| format!("{m:?}")).unwrap_or_default()
+        ),
+    );
 
     judge_metrics(report, v);
 

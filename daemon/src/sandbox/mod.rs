@@ -41,9 +41,10 @@
 //! capabilities are still dropped).
 //!
 //! Caveats: an io_uring ring performs its operations in the kernel, where seccomp does not see them. The engine's
-//! rings are restricted to their own operations (`IORING_REGISTER_RESTRICTIONS`); the vhost-user process makes
-//! its rings before the lock-down and may make none after (`EPERM`), and its empty root and network namespace
-//! hold whatever gets past that. A Xen worker's process filter still allows new rings (see README: vsock). With
+//! rings are restricted to their own operations (`IORING_REGISTER_RESTRICTIONS`); the vhost-user process and
+//! each Xen worker make their rings before the lock-down and may make none after (`EPERM`: a ring of their own
+//! could reach vsock, which no network namespace stops), and their empty root and network namespace hold
+//! whatever gets past that. With
 //! `--user`, the socket files are removed on exit only if their directory is writable by that user (the keeper
 //! runs as it); a file left behind is replaced at the next start.
 

@@ -11,7 +11,8 @@
 //!   `socket`, no `exec`, no `unlink` (its file keeper removes its files).
 //! - [`Role::XenGuest`] (the whole process of one guest's worker, `blkbackd xen-worker`): the vhost-user set,
 //!   plus the Xen and block-device ioctls and what its data-plane threads need to sandbox
-//!   themselves; no `open` (`EACCES`), no `socket`, no `exec`, no `unlink`.
+//!   themselves; its I/O threads' rings are made before the lock-down too (no new one: `EPERM`); no `open`
+//!   (`EACCES`), no `socket`, no `exec`, no `unlink`.
 //! - [`Role::Keeper`] (the file keeper of a vhost-user server): waiting on its socket pair, looking at, moving
 //!   aside and removing files by path, and nothing else: no `open`, `socket`, `exec`, threads or io_uring.
 //! - [`Role::XenWorker`] (each data-plane thread, stacked on the process filter): only the data path: its event
@@ -267,8 +268,7 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
 /// What a guest's worker process adds to [`base`] and [`process`]: the Xen and block-device ioctls on the
 /// descriptors the supervisor gave it, and letting its data-plane threads sandbox themselves. It opens nothing.
 fn xen_guest(rules: &mut Rules, access: GrantAccess) -> anyhow::Result<()> {
-    // Its data-plane threads' rings are made as vbds connect (each thread's filter then forbids new ones).
-    rules.any(&[libc::SYS_capget, libc::SYS_capset, libc::SYS_io_uring_setup]);
+    rules.any(&[libc::SYS_capget, libc::SYS_capset]);
     let ambient = eq(0, libc::PR_CAP_AMBIENT as u64)?;
     rules.when(libc::SYS_prctl, vec![vec![ambient, eq(1, libc::PR_CAP_AMBIENT_CLEAR_ALL as u64)?]])?;
     rules.arg_in(libc::SYS_seccomp, 0, &[u64::from(libc::SECCOMP_SET_MODE_FILTER)])?;
@@ -367,7 +367,8 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
         Role::XenGuest(access) => {
             process(&mut rules)?;
             xen_guest(&mut rules, access)?;
-            vec![clone3, (open_calls(), libc::EACCES)]
+            // No new io_uring ring, as for vhost-user: its I/O threads' rings are made before the lock-down.
+            vec![clone3, (open_calls(), libc::EACCES), (vec![libc::SYS_io_uring_setup], libc::EPERM)]
         }
         Role::XenWorker(access) => {
             xen_worker(&mut rules, access)?;

@@ -108,6 +108,19 @@ fn run_scenario(scenario: &str) -> i32 {
                 ring_reach(&host_socket.path)
             });
         }
+        "xen-guest-ring" => {
+            // As `blkbackd xen-worker` confines itself and locks down, in a single-threaded fork, then reach out
+            // through a ring of its own. `action`: `locked` (as it runs), `confined` (without the filter).
+            let host_socket = HostSocket::new();
+            let nobody = UserSpec::parse("65534:65534").expect("uid 65534");
+            return in_fork(|| {
+                confine_worker(&nobody).expect("confine");
+                if action == "locked" {
+                    lock_down(Role::XenGuest(access), mode).expect("xen guest filter");
+                }
+                ring_reach(&host_socket.path)
+            });
+        }
         other => panic!("unknown role {other:?}"),
     }
     if role == "xen-worker" {
@@ -424,6 +437,24 @@ fn a_vhost_user_process_reaches_no_host_file_or_socket_through_a_ring_of_its_own
     // The refusal itself: the filter answers io_uring_setup with EPERM.
     let (status, stderr) = in_child("vhost-user new-ring");
     assert_eq!(status.code(), Some(REFUSED), "{status}\n{stderr}");
+}
+
+/// The same for a Xen worker: locked down, it can make no ring (`EPERM`); confined only, a ring of its own
+/// reaches no host file or socket (but would reach vsock, which no namespace stops: hence the refusal).
+#[test]
+fn a_xen_worker_process_can_make_no_ring_of_its_own() {
+    // The refusal itself, as the worker's process filter answers.
+    let (status, stderr) = in_child("xen-guest new-ring");
+    assert_eq!(status.code(), Some(REFUSED), "{status}\n{stderr}");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the rest: confining a worker needs root (namespaces, chroot)");
+        return;
+    }
+    for action in ["locked", "confined"] {
+        let (status, stderr) = in_child(&format!("xen-guest-ring enforce {action}"));
+        assert_eq!(status.code(), Some(ALLOWED), "{action}: {status}\n{stderr}");
+    }
 }
 
 #[test]

@@ -3,8 +3,8 @@
 //!
 //! It inherits one descriptor, its channel to the supervisor, and asks for the rest (its event socket and its
 //! grant device) with `Hello`; then, still root and single-threaded, it confines itself (empty read-only root,
-//! network namespace of its own, the unprivileged user, no capability: [`sandbox::confine_worker`]) and installs
-//! the [`Role::XenGuest`] system call filter. From then on it serves the guest's vbds with the transport's xenbus
+//! network namespace of its own, the unprivileged user, no capability: [`sandbox::confine_worker`]), makes its
+//! I/O threads' io_uring rings, and installs the [`Role::XenGuest`] system call filter, which refuses new rings. From then on it serves the guest's vbds with the transport's xenbus
 //! backend; everything it needs that a path would name (disks, event-channel handles, xenstore) comes through the
 //! supervisor ([`super::client`]).
 
@@ -20,7 +20,7 @@ use transport_xen::xenbus::dataplane_server::DataplaneServer;
 use transport_xen::xenbus::RingServer;
 use transport_xen::xenbus::{BackendConfig, Scope, XenBackend};
 
-use crate::cli::XenWorkerArgs;
+use crate::cli::{EngineArg, XenServingArgs, XenWorkerArgs};
 use crate::control::ControlServer;
 use crate::sandbox::{self, GrantAccess, Role};
 use crate::signals::Shutdown;
@@ -44,10 +44,11 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         .transpose()?;
     let access = if args.serving.direct_grants { GrantAccess::Direct } else { GrantAccess::Brokered };
     let worker_init = sandbox::xen_worker_init(args.sandbox.seccomp, access)?;
+    let serving = &args.serving;
+    let io_threads = io_threads_with_rings(serving)?;
     sandbox::lock_down(Role::XenGuest(access), args.sandbox.seccomp)?;
     shutdown.listen().context("cannot set up signal handling")?;
 
-    let serving = &args.serving;
     let (grant_mode, copy_without_persistent) = super::grant_mode(serving)?;
     let persistent_grants = !serving.no_persistent && grant_mode == transport_xen::grant_memory::GrantMode::Map;
     let options = {
@@ -57,7 +58,7 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
         o.stats = Some(registry);
         o.worker_init = Some(worker_init);
         o.poll_us = serving.poll_us;
-        o.io_threads = (serving.io_threads > 0).then(|| IoThreads::new(serving.io_threads.into()));
+        o.io_threads = Some(io_threads);
         o
     };
     let (evtchn, engine) = (BrokeredEvtchn(channel.clone()), serving.engine.into());
@@ -101,6 +102,25 @@ pub fn run(args: &XenWorkerArgs, shutdown: &Arc<Shutdown>) -> anyhow::Result<()>
     result?;
     tracing::info!(domid = args.domid, "worker stopped");
     Ok(())
+}
+
+/// The worker's I/O threads, with their io_uring rings made now: after the lock-down the process may make none
+/// (its filter answers `io_uring_setup` with `EPERM`), because its filter would not see what a ring of its own
+/// did (open a path, connect a socket: vsock has no network namespace). The threads serve every ring of every vbd
+/// of the guest on these rings, restricted to their own operations on the disks the supervisor hands over.
+fn io_threads_with_rings(serving: &XenServingArgs) -> anyhow::Result<IoThreads> {
+    let threads = IoThreads::new(serving.io_threads.into());
+    if matches!(serving.engine, EngineArg::Sync) {
+        return Ok(threads);
+    }
+    match threads.make_rings() {
+        Ok(rings) => tracing::debug!(rings, "the I/O threads' io_uring rings are made"),
+        Err(error) if matches!(serving.engine, EngineArg::IoUring) => {
+            return Err(error).context("making the I/O threads' io_uring rings (--engine io-uring)")
+        }
+        Err(error) => tracing::warn!(%error, "no io_uring for the I/O threads: their queues use synchronous I/O"),
+    }
+    Ok(threads)
 }
 
 /// The channel descriptor the supervisor left open for us: it must be a socket.

@@ -254,6 +254,9 @@ for n in $DOMUS; do
   fi
 done
 check "rings restricted_total=$restricted_total gntdev_maps_service=$(gntdev_maps /proc/$SVC/maps)"
+# The workers make their rings before they lock down and may make none after: every data plane still runs on
+# io_uring (a worker that tried a ring of its own would fall back to synchronous I/O and log it).
+check "engines started=$(grep -c 'data plane started' "$SVC_LOG") io_uring=$(grep 'data plane started' "$SVC_LOG" | grep -c 'io_uring') fallback=$(grep -cE 'falling back to synchronous|gets an engine of its own' "$SVC_LOG")"
 
 # ------------------------------------------------------------------ 3b. one metrics endpoint for every guest
 metrics_check metrics

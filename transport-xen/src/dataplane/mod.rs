@@ -342,7 +342,7 @@ impl Dataplane {
         tracing::info!(
             domid = config.frontend_domid, queues = config.queues.len(), abi = ?config.abi,
             persistent = config.persistent_grants, mode = ?options.effective_mode(config.persistent_grants),
-            "data plane started"
+            engine = dp.engine, "data plane started"
         );
         Ok(dp)
     }

@@ -82,6 +82,8 @@ struct Pool {
     /// Spare slots each thread keeps ([`IoThreads::with_spare_slots`]).
     spare_slots: usize,
     threads: Mutex<Vec<Arc<Inbox>>>,
+    /// Shared io_urings made in advance ([`IoThreads::make_rings`]) for the threads not started yet.
+    made: Mutex<Vec<SharedUring>>,
 }
 
 /// What a pool thread is handed.
@@ -134,7 +136,23 @@ impl IoThreads {
             count: count.clamp(1, MAX_IO_THREADS),
             spare_slots: spare_slots.min(MAX_SPARE_SLOTS),
             threads: Mutex::new(Vec::new()),
+            made: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Make now the shared io_uring of every thread the pool may still start, instead of with each thread's first
+    /// lane: for a process that forbids itself `io_uring_setup` once it has locked itself down (a ring made
+    /// afterwards could do what its system call filter forbids: the filter does not see what a ring does). Each
+    /// ring goes to the thread that starts next, for the pool's lifetime; a thread started with none left (or
+    /// where this failed) makes its own with its first lane, as without this call. Fails if a ring cannot be made
+    /// (no io_uring: the queues then get engines of their own).
+    pub fn make_rings(&self) -> Result<usize, EngineError> {
+        let started = self.0.threads.lock().unwrap_or_else(PoisonError::into_inner).len();
+        let mut made = self.0.made.lock().unwrap_or_else(PoisonError::into_inner);
+        while started + made.len() < self.0.count {
+            made.push(SharedUring::open_ended(SHARED_FILES, SHARED_ENTRIES, SHARED_LIMIT, Batching::Whole)?);
+        }
+        Ok(made.len())
     }
 
     /// Spare slots the threads keep now ([`with_spare_slots`](Self::with_spare_slots)).
@@ -154,6 +172,15 @@ impl IoThreads {
         threads.iter().map(|t| t.rings.load(Ordering::Relaxed)).collect()
     }
 
+    /// A ring made in advance for the next thread ([`make_rings`](Self::make_rings)), if one is left.
+    fn take_made_ring(&self) -> OnceLock<Option<SharedUring>> {
+        let ring = OnceLock::new();
+        if let Some(made) = self.0.made.lock().unwrap_or_else(PoisonError::into_inner).pop() {
+            let _ = ring.set(Some(made));
+        }
+        ring
+    }
+
     /// A place for a ring on the thread serving the fewest rings (a new thread while fewer than `count` run;
     /// `init` runs on a new thread before it serves). The ring is counted on that thread from now on.
     pub(crate) fn seat(&self, init: Option<&WorkerInit>) -> std::io::Result<Seat> {
@@ -171,7 +198,7 @@ impl IoThreads {
                     tickets: AtomicU64::new(0),
                     unreleased: Mutex::new(Vec::new()),
                     released: Condvar::new(),
-                    ring: OnceLock::new(),
+                    ring: self.take_made_ring(),
                     unreported: OnceLock::new(),
                     spares: (self.0.spare_slots > 0).then(|| Arc::new(SpareSlots::new(self.0.spare_slots))),
                 });

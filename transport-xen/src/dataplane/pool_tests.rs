@@ -172,3 +172,45 @@ fn a_ring_alone_on_its_thread_submits_within_its_own_turn() {
     stop.write(1).expect("stop");
     handed.wait_released();
 }
+
+#[test]
+fn rings_made_in_advance_serve_the_threads_started_later() {
+    // A process that may make no io_uring once locked down makes its threads' rings first: each thread started
+    // later takes one (the thread enables it at its first submission) instead of making its own.
+    let dir = tempfile::tempdir().expect("dir");
+    let disk = disk_in(dir.path());
+    let pool = IoThreads::new(2);
+    assert_eq!(pool.make_rings().expect("io_uring"), 2, "one per thread");
+    assert_eq!(pool.make_rings().expect("io_uring"), 2, "made once");
+    let made: Vec<RawFd> = pool.0.made.lock().expect("made").iter().map(SharedUring::completion_fd).collect();
+    let (seat_a, seat_b) = (pool.seat(None).expect("seat a"), pool.seat(None).expect("seat b"));
+    assert_eq!(pool.rings_per_thread(), [1, 1], "two threads");
+    let lane_a = seat_a.engine(disk.clone(), 4).expect("lane a");
+    let lane_b = seat_b.engine(disk, 4).expect("lane b");
+    let used = [lane_a.shared_ring().completion_fd(), lane_b.shared_ring().completion_fd()];
+    assert_ne!(used[0], used[1], "a ring per thread");
+    assert!(used.iter().all(|fd| made.contains(fd)), "the threads took the rings made in advance");
+    assert!(pool.0.made.lock().expect("made").is_empty());
+    assert_eq!(pool.make_rings().expect("nothing to make"), 0, "every thread has its ring");
+    // The ring serves on the thread that takes it.
+    let (read, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+    let (read2, stop2) = (read.clone(), stop.clone());
+    let build = move || {
+        let task = OneRead {
+            lane: lane_a,
+            buf: vec![0; 4096],
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
+            started: false,
+            read: read2,
+            within_turn: None,
+            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            stop: stop2,
+        };
+        Some(Box::new(task) as Box<dyn RingTask>)
+    };
+    let handed = seat_a.hand_over(Box::new(build)).expect("handed");
+    wait_for("the read on the ring made in advance", || read.load(Ordering::SeqCst));
+    stop.write(1).expect("stop");
+    handed.wait_released();
+    drop((lane_b, seat_b));
+}
