@@ -377,6 +377,16 @@ impl Dataplane {
         let depth = back.size().min(options.max_in_flight.max(1));
         let max_indirect = (config.max_indirect_segments as usize).min(MAX_SEGMENTS);
         let mode = options.effective_mode(config.persistent_grants);
+        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
+        // On an I/O thread pool, the queue's engine is a lane of its thread's io_uring where it can be.
+        let seat = match &options.io_threads {
+            Some(pool) => Some(pool.seat(options.worker_init.as_ref()).map_err(spawn_error)?),
+            None => None,
+        };
+        let lane = seat.as_ref().filter(|_| engine != EngineKind::Sync).and_then(|s| s.engine(disk.clone(), depth));
+        let thread_ring = lane.as_ref().map(UringLane::shared_ring);
+        // A nearly full thread ring may give the lane less than asked for: the queue takes no more than that.
+        let depth = lane.as_ref().map_or(depth, |lane| u32::try_from(lane.capacity()).unwrap_or(depth).min(depth));
         // Copy mode does its I/O on a bounce pool; so does map mode for a frontend without persistent grants,
         // which revokes each grant once answered (`SegmentMapper::new` says why the I/O must not use the mapping).
         let pool = match (mode, config.persistent_grants) {
@@ -393,14 +403,6 @@ impl Dataplane {
                 })?)
             }
         };
-        let spawn_error = |source| DataplaneError::Io { queue: index, what: "spawn worker", cause: source };
-        // On an I/O thread pool, the queue's engine is a lane of its thread's io_uring where it can be.
-        let seat = match &options.io_threads {
-            Some(pool) => Some(pool.seat(options.worker_init.as_ref()).map_err(spawn_error)?),
-            None => None,
-        };
-        let lane = seat.as_ref().filter(|_| engine != EngineKind::Sync).and_then(|s| s.engine(disk.clone(), depth));
-        let thread_ring = lane.as_ref().map(UringLane::shared_ring);
         let mut io = match lane {
             Some(lane) => Box::new(lane) as Box<dyn IoEngine>,
             None => engine

@@ -54,6 +54,9 @@ const COMPLETION_KIND: usize = 1;
 const COMPLETION: u8 = 1 << COMPLETION_KIND;
 /// Disks (queues) a thread's shared io_uring serves at most; queues beyond get engines of their own.
 const SHARED_FILES: u32 = 256;
+/// The fewest operations in flight a queue's lane is given where its thread's io_uring is nearly full (below,
+/// the queue gets an engine of its own).
+pub(crate) const MIN_LANE_DEPTH: u32 = 16;
 /// Submission entries of a thread's shared io_uring (a fuller pass is submitted in pieces).
 const SHARED_ENTRIES: u32 = 256;
 /// Operations in flight over all the lanes of a thread's shared io_uring (its completion queue's size).
@@ -224,8 +227,13 @@ pub(crate) struct Seat {
 }
 
 impl Seat {
-    /// A lane of the thread's shared io_uring for a queue of `depth` on `disk` (the ring is made with the
-    /// thread's first lane); `None` where there is none to be had (the caller builds an engine of its own).
+    /// A lane of the thread's shared io_uring for a queue of up to `depth` on `disk` (the ring is made with the
+    /// thread's first lane, unless made in advance); `None` where there is none to be had (the caller builds an
+    /// engine of its own). Where the ring has room for fewer operations than `depth`, though for at least
+    /// [`MIN_LANE_DEPTH`] (or `depth` if less), the lane gets that room: its queue keeps the rest waiting in its
+    /// ring, where an engine of its own could be synchronous I/O (a process that may make no new ring) and would
+    /// hold the thread's other rings while it works. The lane's depth is its
+    /// [`capacity`](device_blk::engine::IoEngine::capacity).
     pub(crate) fn engine(&self, disk: Arc<Disk>, depth: u32) -> Option<UringLane> {
         let inbox = self.inbox.as_ref()?;
         let ring = inbox.ring.get_or_init(|| {
@@ -233,7 +241,16 @@ impl Seat {
                 .inspect_err(|error| tracing::debug!(%error, "no shared io_uring for the I/O thread"))
                 .ok()
         });
-        let lane = ring.as_ref()?.add_lane(disk, depth);
+        let ring = ring.as_ref()?;
+        let room = u32::try_from(ring.room()).unwrap_or(u32::MAX);
+        let fitted = match depth.min(room) {
+            fitted if fitted >= depth.min(MIN_LANE_DEPTH) => fitted,
+            _ => depth,
+        };
+        if fitted < depth {
+            tracing::info!(depth, fitted, "the I/O thread's io_uring is nearly full: the queue gets fewer in flight");
+        }
+        let lane = ring.add_lane(disk, fitted.max(1));
         lane.inspect_err(|error: &EngineError| {
             tracing::debug!(%error, "the I/O thread's io_uring has no room for the queue; it gets an engine of its own")
         })

@@ -214,3 +214,26 @@ fn rings_made_in_advance_serve_the_threads_started_later() {
     handed.wait_released();
     drop((lane_b, seat_b));
 }
+
+#[test]
+fn a_nearly_full_thread_ring_gives_a_queue_the_room_it_has_left() {
+    // A worker that may make no ring would give a queue that finds no room synchronous I/O on the shared thread:
+    // it gets what room is left instead, down to MIN_LANE_DEPTH.
+    let dir = tempfile::tempdir().expect("dir");
+    let disk = disk_in(dir.path());
+    let pool = IoThreads::new(1);
+    let seats: Vec<Seat> = (0..4).map(|_| pool.seat(None).expect("seat")).collect();
+    let big = seats[0].engine(disk.clone(), SHARED_LIMIT - 100).expect("lane");
+    assert_eq!(big.capacity(), (SHARED_LIMIT - 100) as usize);
+    let fitted = seats[1].engine(disk.clone(), 512).expect("fitted lane");
+    assert_eq!(fitted.capacity(), 100, "the room left");
+    assert!(seats[2].engine(disk.clone(), 512).is_none(), "no room at all: an engine of its own");
+    drop(fitted);
+    let small = seats[2].engine(disk.clone(), 8).expect("a queue shallower than the floor");
+    assert_eq!(small.capacity(), 8);
+    // Less room left than the floor: a deep queue gets none of it.
+    drop(big);
+    let full = seats[3].engine(disk.clone(), SHARED_LIMIT - 8 - MIN_LANE_DEPTH + 1).expect("lane");
+    assert_eq!(full.shared_ring().room(), (MIN_LANE_DEPTH - 1) as usize);
+    assert!(seats[0].engine(disk, 512).is_none(), "below the floor: an engine of its own");
+}

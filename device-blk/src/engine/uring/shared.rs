@@ -166,6 +166,17 @@ impl SharedUring {
         SharedUring { core: Arc::new(Mutex::new(core)), fd, alignment, restricted }
     }
 
+    /// Operations a new lane could still have in flight on a ring made by [`open_ended`](Self::open_ended) (the
+    /// ring's limit less what the lanes taken or retired hold); 0 on a ring of fixed lanes.
+    pub fn room(&self) -> usize {
+        let core = self.lock();
+        if core.open_ended {
+            core.limit.saturating_sub(core.reserved)
+        } else {
+            0
+        }
+    }
+
     /// A lane of `depth` operations on `disk`, on a ring made by [`open_ended`](Self::open_ended). Fails when the
     /// ring has no room left for the disk or the depth (the caller then gives the queue an engine of its own).
     /// Call it on the thread that uses the ring, or before that thread's first submission: a ring that thread
