@@ -33,6 +33,11 @@
 //!   Closed, nothing opened in its place); `xl block-detach` succeeds and leaves nothing, `xl block-attach` of the
 //!   image serves it again and the guest verifies what it wrote before the worker died.
 //!
+//! * **grants** (dom0 alone): the supervisor's budget of grant pages per worker on the real grant device
+//!   (`transport-xen/examples/xen_grant_budget.rs`, dom0 granting pages to itself): a mapping outlives its
+//!   registration, the mappings are counted from the memory map, a worker at its budget is refused `ENOSPC`
+//!   and gets room back when it unmaps.
+//!
 //! `BLKBACKD_LAB_PHASES="lost hotplug"` runs (and judges) only those phases (default: all).
 //!
 //! Root only (QEMU, losetup). Skipped with the reason printed when not root, with `BLKBACKD_SKIP_XEN_LAB=1`, or
@@ -43,13 +48,15 @@ mod xen_lab_support;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use xen_lab_support::lab::{fields, get, number, release_blkbackd, support, tail, why_skip, Lab, Verdict};
+use xen_lab_support::lab::{
+    fields, get, number, release_blkbackd, release_example, support, tail, why_skip, Lab, Verdict,
+};
 
 const LAB_DIR: &str = "/tmp/xen-lab-protocol";
 /// What judges a phase's lines.
 type Judge = fn(&Report, &mut Verdict);
 /// The phases of `protocol-run.sh`, in its order.
-const ALL_PHASES: [&str; 8] = ["script", "shape", "big", "hotplug", "save", "migrate", "partition", "lost"];
+const ALL_PHASES: [&str; 9] = ["grants", "script", "shape", "big", "hotplug", "save", "migrate", "partition", "lost"];
 
 /// What the run printed: dom0's `proto-check:` lines and each guest's `PROTO-CHECK:` lines.
 #[derive(Debug, Default)]
@@ -99,6 +106,23 @@ fn loops(m: Option<&BTreeMap<String, String>>, field: &str) -> usize {
 fn fio_ok(r: &Report, guest: &str, job: &str) -> (bool, String) {
     let m = r.guest(guest, "fio", &[("job", job)]);
     (m.is_some_and(|m| get(m, "rc") == "0"), format!("{guest}'s fio job {job} passes crc32c verify ({})", show(m)))
+}
+
+fn judge_grants(r: &Report, v: &mut Verdict) {
+    let c = r.dom0("grants-budget", &[]);
+    let is = |k: &str, want: &str| c.is_some_and(|m| get(m, k) == want);
+    v.expect(
+        is("survives", "1") && is("second_intact", "1"),
+        format!("gntdev: a mapping outlives its registration, data and writes intact ({})", show(c)),
+    );
+    v.expect(
+        is("counted_full", "8") && is("counted_after", "4") && is("left", "0"),
+        format!("the supervisor counts a worker's gntdev mappings from its memory map ({})", show(c)),
+    );
+    v.expect(
+        is("refused", "ENOSPC") && is("room_after_unmap", "1") && is("counts", "2"),
+        format!("a worker at its budget of grant pages is refused, and gets room when it unmaps ({})", show(c)),
+    );
 }
 
 fn judge_script(r: &Report, v: &mut Verdict) {
@@ -390,6 +414,7 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
         return;
     }
     let bin = release_blkbackd();
+    let grant_budget = release_example("transport-xen", "xen_grant_budget");
     // dom0 gets 1.5 GiB: `xl save` writes the guest's 384 MiB into dom0's /tmp (a tmpfs of half its memory).
     let lab = Lab::new(LAB_DIR, 3072).with_env("XENLAB_DOM0_MEM", "1536M");
     lab.wait_for_other_labs();
@@ -403,6 +428,7 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
         (support("../../../scripts/xen/block-blkbackd"), "block-blkbackd"),
         (support("protocol-run.sh"), "protocol-run.sh"),
         (support("hotplug-script-run.sh"), "hotplug-script-run.sh"),
+        (grant_budget, "xen_grant_budget"),
     ] {
         std::fs::copy(&from, lab.share_bin().join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     }
@@ -419,7 +445,8 @@ fn blkbackd_serves_multi_queue_large_discard_hotplug_save_and_migrate() {
     let report = Report::parse(&out);
 
     let mut v = Verdict::default();
-    let judges: [(&str, Judge); 8] = [
+    let judges: [(&str, Judge); 9] = [
+        ("grants", judge_grants),
         ("script", judge_script),
         ("shape", judge_shape),
         ("big", judge_big),

@@ -43,6 +43,7 @@ use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
 use crate::signals::Shutdown;
 use transport_xen::separation::broker::{Broker, SessionEnd, Welcome, SEND_TIMEOUT};
+use transport_xen::separation::grants::{GrantLedger, WorkerGntDev};
 use transport_xen::separation::wire;
 
 /// The system user the package creates for the workers.
@@ -115,6 +116,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         scope: args.frontend_domid.iter().copied().collect(),
         exe,
         worker_args,
+        grant_budget: args.max_grant_pages,
         control_dir: args.control_dir.clone(),
         workers: BTreeMap::new(),
         restarts: BTreeMap::new(),
@@ -159,6 +161,8 @@ struct Service {
     scope: BTreeSet<DomId>,
     exe: PathBuf,
     worker_args: Vec<String>,
+    /// The grant pages each worker may hold (`--max-grant-pages`).
+    grant_budget: u64,
     control_dir: Option<PathBuf>,
     workers: BTreeMap<DomId, Worker>,
     restarts: BTreeMap<DomId, VecDeque<Instant>>,
@@ -385,7 +389,7 @@ impl Service {
             .with_context(|| format!("opening {GNTDEV_DEVICE}"))?;
         // The worker's grant maps are registered through a duplicate of its grant device (the same open file, so
         // the same maps), always as its guest's.
-        let registrar = GntDev::from_file(grants.try_clone().context("duplicating the grant device")?);
+        let registrar = grants.try_clone().context("duplicating the grant device")?;
         let store: Arc<dyn XenStore> = Arc::new(super::open_store()?);
         let control = self.control_socket(domid)?;
         let mut command = Command::new(&self.exe);
@@ -399,8 +403,18 @@ impl Service {
         unsafe {
             command.pre_exec(move || child_setup(channel, supervisor));
         }
-        let child = command.spawn().with_context(|| format!("starting {}", self.exe.display()))?;
+        let mut child = command.spawn().with_context(|| format!("starting {}", self.exe.display()))?;
         drop(worker_rpc);
+        // Its memory map is opened now, while the worker waits for its `Hello` still as root: the grant pages it
+        // maps are counted there after it has given up its privileges.
+        let device = match WorkerGntDev::new(registrar, child.id()) {
+            Ok(device) => device,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(anyhow!("cannot count the worker's grant maps: {e}"));
+            }
+        };
         let pidfd = pidfd_open(child.id()).context("pidfd_open")?;
         let broker = Broker {
             domid,
@@ -410,7 +424,7 @@ impl Service {
             events: supervisor_events,
             welcome: Some(Welcome { events: OwnedFd::from(worker_events), grants, control }),
             evtchn: Box::new(restricted_evtchn),
-            grants: Box::new(move |domid, refs| registrar.register_refs(domid, refs)),
+            grants: GrantLedger::new(Box::new(device), self.grant_budget),
             disks: Arc::new(LocalDiskOpener),
             direct_io: device_blk::disk::DirectIo::Auto,
             send_timeout: SEND_TIMEOUT,

@@ -179,6 +179,22 @@ pub fn release_blkbackd() -> PathBuf {
     bin
 }
 
+/// Build example `name` of package `package` in release mode; the path of its binary.
+pub fn release_example(package: &str, name: &str) -> PathBuf {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", package, "--example", name])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cannot run cargo build");
+    assert!(status.success(), "cargo build --release -p {package} --example {name} failed");
+    let bin = target.join("release/examples").join(name);
+    assert!(bin.is_file(), "{} missing after the build", bin.display());
+    bin
+}
+
 /// `KEY k=v k=[a b] ...`: the key and its fields (a `[...]` value may hold spaces).
 pub fn fields(rest: &str) -> (String, BTreeMap<String, String>) {
     let mut words = rest.split_whitespace();

@@ -9,7 +9,10 @@
 #   proto-note: ...            progress, for the human reading a failure
 # It asserts nothing itself; the Rust test judges the lines.
 #
-# Phases (PHASES, default "script shape big hotplug save migrate"):
+# Phases (PHASES, default: all of them, in this order):
+#   grants   the supervisor's budget of grant pages per worker on real gntdev (xen_grant_budget: dom0 grants
+#            pages to itself): a mapping outlives its registration, the worker's mappings are counted in its
+#            memory map, a worker at its budget is refused (ENOSPC) and gets room back when it unmaps
 #   script   the hotplug script alone (hotplug-script-run.sh): stale error node, second add, sharing refused,
 #            same VM allowed, read-only file refused, loop device detached when blkbackd never opens it, remove
 #            leaving a loop device that now backs another attach
@@ -34,7 +37,7 @@ set -u
 
 BIN=${BIN:-/mnt/host/bin/blkbackd}
 SVC_USER=${SVC_USER:-65534:65534}
-PHASES=" ${PHASES:-script shape big hotplug save migrate partition lost} "
+PHASES=" ${PHASES:-grants script shape big hotplug save migrate partition lost} "
 RAMDISK=/mnt/host/bin/proto-domu.cpio.zst
 SCRIPT=/mnt/host/bin/block-blkbackd
 CTL=/run/blkbackd
@@ -96,6 +99,7 @@ family_sum() { awk -v f="$2" 'index($1, f "{") == 1 { s += $2 } END { print s + 
 vbd_states() { local d; for d in $(xenstore-list /local/domain/0/backend/vbd/$1 2>/dev/null); do echo -n "$d:$(xenstore-read /local/domain/0/backend/vbd/$1/$d/state 2>/dev/null) "; done; }
 
 [ -x "$BIN" ] || { echo "proto-error: $BIN missing"; exit 2; }
+if [[ $PHASES == *" grants "* ]]; then /mnt/host/bin/xen_grant_budget; fi
 # The hotplug script on hand-written vbds, before the service starts (it would serve them).
 if [[ $PHASES == *" script "* ]]; then SCRIPT=$SCRIPT bash /mnt/host/bin/hotplug-script-run.sh; fi
 note "dom0 $(uname -r); phases:$PHASES"

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The supervisor's side of one worker: a thread that answers the worker's requests on a xenstore connection of
 //! its own, within the worker's [`Policy`], opens the worker's disks and event-channel handles, registers its
-//! grant maps as its guest's, and forwards the worker's watch events.
+//! grant maps as its guest's (within its budget of grant pages: [`GrantLedger`]), and forwards the worker's watch
+//! events.
 //!
 //! The worker is assumed hostile (its guest may have taken it over). Each request is decoded from one bounded
 //! packet, checked against the policy, and answered; a malformed one ends the worker's session (the supervisor
@@ -23,15 +24,12 @@ use crate::xenbus::{VbdId, VbdPaths};
 use device_blk::disk::DirectIo;
 use device_blk::DiskKind;
 
+use super::grants::GrantLedger;
 use super::policy::{Access, Policy, MAX_TRANSACTIONS, MAX_VALUE, MAX_WATCHES};
 use super::wire::{self, DiskGrant, Event, Reply, Request, WireError, WireSource};
 
 /// Opens a fresh event-channel handle restricted to one guest.
 pub type EvtchnFactory = Box<dyn Fn(DomId) -> Result<File, XenError> + Send>;
-
-/// Registers grant refs of a domain with the worker's grant device and returns their offset in it
-/// (`GntDev::register_refs` on the supervisor's duplicate of the descriptor handed to the worker).
-pub type GrantRegistrar = Box<dyn Fn(DomId, &[GrantRef]) -> Result<u64, XenError> + Send>;
 
 /// Everything one worker's broker needs.
 pub struct Broker {
@@ -50,8 +48,9 @@ pub struct Broker {
     pub welcome: Option<Welcome>,
     /// Opens event-channel handles.
     pub evtchn: EvtchnFactory,
-    /// Registers the grant refs the worker asks to map, always as its guest's (the worker names refs only).
-    pub grants: GrantRegistrar,
+    /// Registers the grant refs the worker asks to map, always as its guest's (the worker names refs only), within
+    /// the worker's budget of grant pages.
+    pub grants: GrantLedger,
     /// Opens disks (as root, with the diskseq pin).
     pub disks: Arc<dyn DiskOpener>,
     /// O_DIRECT policy for the disks.
@@ -253,12 +252,12 @@ impl Broker {
 
     /// Register `refs` as grants of the worker's own guest: the request carries no domain, so whatever the worker
     /// sends, the refs it can mmap afterwards are ones its guest granted (Xen checks the rest).
-    fn register(&self, refs: &[GrantRef]) -> Reply {
+    fn register(&mut self, refs: &[GrantRef]) -> Reply {
         if refs.is_empty() || refs.len() > wire::MAX_BROKERED_REFS {
             let what = format!("map of {} grant refs (1..={} allowed)", refs.len(), wire::MAX_BROKERED_REFS);
             return Reply::Failed(WireError::Os { what, errno: libc::EINVAL });
         }
-        match (self.grants)(self.domid, refs) {
+        match self.grants.register(self.domid, refs) {
             Ok(index) => Reply::Registered { index },
             Err(e) => Reply::Failed(to_wire(e)),
         }

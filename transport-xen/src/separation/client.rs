@@ -255,17 +255,22 @@ impl EventChannelOpener for BrokeredEvtchn {
 ///
 /// Grant copy names domains too and works on the caller's addresses, so it cannot be brokered:
 /// [`GrantTable::copy`] fails, and a data plane on these grants maps (`GrantMode::Map`).
+///
+/// A registration is dropped as soon as it is mapped ([`GntMapping::unregister_now`]); the supervisor drops the
+/// previous one before it makes the next (see [`super::grants`]), so a map is asked for, mmapped and unregistered
+/// under one lock: another thread's request must not come between.
 #[derive(Debug)]
 pub struct BrokeredGrants {
     channel: std::sync::Arc<Channel>,
     device: GntDev,
     domid: DomId,
+    mapping: std::sync::Mutex<()>,
 }
 
 impl BrokeredGrants {
     /// Maps of `domid`'s grants through `device` (the grant device `Hello` brought), registered over `channel`.
     pub fn new(channel: std::sync::Arc<Channel>, device: GntDev, domid: DomId) -> BrokeredGrants {
-        BrokeredGrants { channel, device, domid }
+        BrokeredGrants { channel, device, domid, mapping: std::sync::Mutex::new(()) }
     }
 }
 
@@ -284,8 +289,13 @@ impl GrantTable for BrokeredGrants {
                 errno: libc::EINVAL,
             });
         }
+        let _one_at_a_time = self.mapping.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match self.channel.call_plain(&Request::MapGrants { refs: refs.to_vec() })? {
-            Reply::Registered { index } => self.device.map_registered(index, refs.len(), access),
+            Reply::Registered { index } => {
+                let mut mapping = self.device.map_registered(index, refs.len(), access)?;
+                mapping.unregister_now()?;
+                Ok(mapping)
+            }
             Reply::Failed(e) => Err(from_wire(e)),
             other => Err(unexpected(&other)),
         }

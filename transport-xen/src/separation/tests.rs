@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use device_blk::disk::DirectIo;
 
 use super::broker::{Broker, SessionEnd, Welcome};
 use super::client::{BrokeredDisks, BrokeredGrants, BrokeredStore, Channel};
+use super::grants::{GrantLedger, WorkerGrantDevice};
 use super::wire::{self, Reply, Request, WireError};
 use crate::services::{GrantTable, MapAccess};
 use crate::xen::GntDev;
@@ -29,9 +31,37 @@ const DOM0: &str = "/local/domain/0";
 /// The grant registrations a broker made: (domain, refs).
 type Registered = Arc<std::sync::Mutex<Vec<(u16, Vec<u32>)>>>;
 
+/// The grant pages a session's worker may hold.
+const BUDGET: u64 = 64;
+
+/// As gntdev answers: an offset per registration; ref 13 is "bad". The pages the worker has mapped are what the
+/// test says.
+struct TestGrants {
+    log: Registered,
+    mapped: Arc<AtomicU64>,
+}
+
+impl WorkerGrantDevice for TestGrants {
+    fn register(&self, domid: u16, refs: &[u32]) -> Result<u64, XenError> {
+        if refs.contains(&13) {
+            return Err(XenError::Os { what: "gntdev: register".into(), errno: libc::EINVAL });
+        }
+        let mut log = self.log.lock().expect("log");
+        log.push((domid, refs.to_vec()));
+        Ok(0x1000 * log.len() as u64)
+    }
+
+    fn unregister(&self, _index: u64, _pages: usize) {}
+
+    fn mapped_pages(&mut self) -> Result<u64, XenError> {
+        Ok(self.mapped.load(Ordering::SeqCst))
+    }
+}
+
 struct Session {
     store: Arc<EmulatedXenStore>,
     registered: Registered,
+    mapped: Arc<AtomicU64>,
     worker: BrokeredStore,
     channel: Arc<Channel>,
     broker: std::thread::JoinHandle<SessionEnd>,
@@ -57,6 +87,7 @@ fn session() -> Session {
     let (supervisor_events, worker_events) = wire::seqpacket_pair().expect("pair");
     let registered = Registered::default();
     let record = registered.clone();
+    let mapped = Arc::new(AtomicU64::new(0));
     let broker = Broker {
         domid: 7,
         domain_path: DOM0.into(),
@@ -69,15 +100,7 @@ fn session() -> Session {
             control: Some((UnixListener::bind(&control).expect("bind"), control.to_string_lossy().into_owned())),
         }),
         evtchn: Box::new(|_| File::open("/dev/null").map_err(|e| XenError::os("open", &e))),
-        // As gntdev answers: an offset per registration; ref 13 is "bad".
-        grants: Box::new(move |domid, refs| {
-            if refs.contains(&13) {
-                return Err(XenError::Os { what: "gntdev: register".into(), errno: libc::EINVAL });
-            }
-            let mut log = record.lock().expect("log");
-            log.push((domid, refs.to_vec()));
-            Ok(0x1000 * log.len() as u64)
-        }),
+        grants: GrantLedger::new(Box::new(TestGrants { log: record, mapped: mapped.clone() }), BUDGET),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
         send_timeout: Duration::from_millis(300),
@@ -89,7 +112,7 @@ fn session() -> Session {
     assert_eq!(path, control);
     drop(listener);
     let worker = BrokeredStore::new(channel.clone(), welcomed.events).expect("client");
-    Session { store, registered, worker, channel, broker, _dir: dir, image }
+    Session { store, registered, mapped, worker, channel, broker, _dir: dir, image }
 }
 
 #[test]
@@ -193,6 +216,33 @@ fn a_worker_registers_only_its_own_guests_grants() {
     assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
 }
 
+/// gntdev's pages and Xen's maptrack entries are the backend domain's, shared by every guest: a worker that keeps
+/// everything it maps is refused more once it holds its budget (`ENOSPC`, and the session goes on), and gets room
+/// again when it unmaps.
+#[test]
+fn a_worker_holding_its_budget_of_grant_pages_is_refused_more() {
+    let s = session();
+    let map = |count: u32| s.channel.call_plain(&Request::MapGrants { refs: (100..100 + count).collect() });
+    assert!(matches!(map(40).expect("answer"), Reply::Registered { .. }));
+    s.mapped.store(40, Ordering::SeqCst);
+    let reply = map(30).expect("answer");
+    match &reply {
+        Reply::Failed(WireError::Os { errno: libc::ENOSPC, what }) => {
+            assert!(what.contains("40 grant pages"), "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(map(24).expect("answer"), Reply::Registered { .. }), "40 + 24 fit in 64");
+    s.mapped.store(64, Ordering::SeqCst);
+    assert!(matches!(map(1).expect("answer"), Reply::Failed(WireError::Os { errno: libc::ENOSPC, .. })));
+    s.mapped.store(10, Ordering::SeqCst);
+    assert!(matches!(map(30).expect("answer"), Reply::Registered { .. }), "room again after unmapping");
+    assert_eq!(s.registered.lock().expect("log").len(), 3, "refused maps were never registered");
+    drop(s.worker);
+    drop(s.channel);
+    assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
+}
+
 /// xenstored does not hold dom0's connections to its guest quotas, so the broker does: a worker cannot grow the
 /// store (nodes of vbds that do not exist, large values) nor hold more than a guest's share of watches and
 /// transactions.
@@ -265,7 +315,7 @@ fn a_worker_that_sends_garbage_is_cut_off() {
             control: None,
         }),
         evtchn: Box::new(|_| Err(XenError::Again)),
-        grants: Box::new(|_, _| Err(XenError::Again)),
+        grants: GrantLedger::new(Box::new(TestGrants { log: Registered::default(), mapped: Arc::default() }), 1),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
         send_timeout: Duration::from_millis(300),

@@ -159,7 +159,7 @@ impl GntDev {
                 }
             });
         match mapped {
-            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages, index, access }),
+            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages, index, access, registered: true }),
             Err(e) => {
                 self.unregister(index, pages);
                 // EINVAL/EFAULT here mostly mean a bad ref, a wrong domain or a read-only grant mapped writable.
@@ -206,6 +206,12 @@ impl GntDev {
         unregister(&self.file, index, pages);
     }
 
+    /// Drop the registration of the batch of `pages` at `index` (registered on this open file, by whichever
+    /// process): fails if there is none. A mapping of it stays until its `munmap`.
+    pub fn unregister_refs(&self, index: u64, pages: usize) -> std::io::Result<()> {
+        unregister_batch(&self.file, index, pages)
+    }
+
     /// Run one chunk of grant-copy segments.
     fn copy_segments(&self, segments: &mut [GntdevGrantCopySegment]) -> Result<(), XenError> {
         let mut arg = GntdevGrantCopy {
@@ -221,11 +227,16 @@ impl GntDev {
 }
 
 fn unregister(file: &File, index: u64, pages: usize) {
-    let mut arg = GntdevUnmapGrantRef { index, count: u32::try_from(pages).unwrap_or(u32::MAX), pad: 0 };
-    // SAFETY: `arg` is the argument struct this request expects, alive for the call.
-    if let Err(e) = unsafe { uapi::ioctl(file.as_fd(), uapi::IOCTL_GNTDEV_UNMAP_GRANT_REF, &mut arg) } {
+    if let Err(e) = unregister_batch(file, index, pages) {
         tracing::error!(%e, index, pages, "gntdev: unmap grant ref failed (grants stay mapped until close)");
     }
+}
+
+/// `IOCTL_GNTDEV_UNMAP_GRANT_REF` of the batch of `pages` at `index`.
+fn unregister_batch(file: &File, index: u64, pages: usize) -> std::io::Result<()> {
+    let mut arg = GntdevUnmapGrantRef { index, count: u32::try_from(pages).unwrap_or(u32::MAX), pad: 0 };
+    // SAFETY: `arg` is the argument struct this request expects, alive for the call.
+    unsafe { uapi::ioctl(file.as_fd(), uapi::IOCTL_GNTDEV_UNMAP_GRANT_REF, &mut arg) }.map(drop)
 }
 
 /// Encode one side of a copy; `None` for a side the kernel would reject.
@@ -294,6 +305,8 @@ pub struct GntMapping {
     pages: usize,
     index: u64,
     access: MapAccess,
+    /// The batch is still registered (dropped with the mapping, unless [`GntMapping::unregister_now`]).
+    registered: bool,
 }
 
 // SAFETY: the mapping is plain shared memory plus a descriptor; nothing in it is tied to the creating thread, and
@@ -307,6 +320,19 @@ impl GntMapping {
     /// The batch's offset in the device (what `IOCTL_GNTDEV_MAP_GRANT_REF` returned).
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    /// Drop the batch's registration now (`IOCTL_GNTDEV_UNMAP_GRANT_REF`): the mapping stays, and its grants are
+    /// unmapped when it goes (gntdev keeps a mapped batch until its `munmap`). Nothing can be mapped at the offset
+    /// any more, and [`set_unmap_notify`](Self::set_unmap_notify) no longer finds it. A worker whose maps the
+    /// supervisor registers does this at once: the supervisor drops the registration anyway before the next.
+    pub fn unregister_now(&mut self) -> Result<(), XenError> {
+        if !self.registered {
+            return Ok(());
+        }
+        self.registered = false;
+        unregister_batch(&self.file, self.index, self.pages)
+            .map_err(|e| XenError::os(format!("gntdev: unregister {} grant(s) at {:#x}", self.pages, self.index), &e))
     }
 
     /// Ask the kernel to act when this mapping goes away, even if the process dies
@@ -361,7 +387,9 @@ impl Drop for GntMapping {
         if unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len()) } != 0 {
             tracing::error!(err = %std::io::Error::last_os_error(), index = self.index, "gntdev: munmap failed");
         }
-        unregister(&self.file, self.index, self.pages);
+        if self.registered {
+            unregister(&self.file, self.index, self.pages);
+        }
     }
 }
 
