@@ -338,11 +338,12 @@ pub struct XenArgs {
     /// With `--cleanup`: only the vbd with this device id (`backend/vbd/D/N`; a hotplug script's `remove`).
     #[arg(long, value_name = "N", requires = "cleanup")]
     pub devid: Option<u32>,
-    /// The grant pages each guest's worker may hold mapped (or registered and not yet mapped), counted by the
-    /// supervisor: each takes a page of this domain's memory (outside any cgroup) and a Xen maptrack entry of this
-    /// domain, which every guest shares. A worker at its budget gets its next map refused (its guest's I/O fails,
-    /// no other guest's). The default, 65536 (256 MiB), holds 15 vbds of 4 queues with full persistent-grant
-    /// caches; lower it to the guests' needs where this domain's memory is small.
+    /// The grant pages each guest's worker may hold registered or mapped, counted by the supervisor (which alone
+    /// registers and drops them): each takes a page of this domain's memory (outside any cgroup) and, mapped, a
+    /// Xen maptrack entry of this domain, which every guest shares. A worker at its budget gets its next map
+    /// refused (its guest's I/O fails, no other guest's). The default, 65536 (256 MiB), holds 15 vbds of 4 queues
+    /// with full persistent-grant caches; the budget is per worker, so size this domain's memory for guests ×
+    /// budget or lower it. Not applied with --direct-grants (the worker registers by itself).
     #[arg(long, value_name = "N", default_value_t = transport_xen::separation::grants::DEFAULT_GRANT_PAGE_BUDGET,
           value_parser = clap::value_parser!(u64).range(1024..=1 << 24), conflicts_with = "cleanup")]
     pub max_grant_pages: u64,

@@ -53,9 +53,11 @@ pub enum Role {
 /// Which grant-device calls a Xen role may make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrantAccess {
-    /// Only mmap, unmap and `IOCTL_GNTDEV_UNMAP_GRANT_REF` on the grant device: the calls that name a granting
-    /// domain (`IOCTL_GNTDEV_MAP_GRANT_REF`, `IOCTL_GNTDEV_GRANT_COPY`) are the supervisor's, which makes them for
-    /// the worker's guest only. Linux's gntdev restricts neither to a domain.
+    /// Only mmap and munmap of the grant device: the calls that name a granting domain
+    /// (`IOCTL_GNTDEV_MAP_GRANT_REF`, `IOCTL_GNTDEV_GRANT_COPY`) are the supervisor's, which makes them for the
+    /// worker's guest only (Linux's gntdev restricts neither to a domain), and so is dropping a registration
+    /// (`IOCTL_GNTDEV_UNMAP_GRANT_REF`), which the supervisor does once nothing of it is mapped: it counts what
+    /// the worker holds by the registrations it made (`transport_xen::separation::grants`).
     Brokered,
     /// Also maps and copies of any domain's grants (`blkbackd xen --direct-grants`).
     Direct,
@@ -63,7 +65,8 @@ pub enum GrantAccess {
 
 /// The grant-device ioctls of `access`.
 fn gntdev_requests(access: GrantAccess) -> &'static [u64] {
-    const BROKERED: [u64; 1] = [req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF)];
+    // Not even unregistering: the supervisor counts the worker's registrations, and drops them itself.
+    const BROKERED: [u64; 0] = [];
     const DIRECT: [u64; 3] = [
         req(xen::IOCTL_GNTDEV_UNMAP_GRANT_REF),
         req(xen::IOCTL_GNTDEV_MAP_GRANT_REF),
@@ -124,6 +127,10 @@ impl Rules {
 
     /// Allow `nr` when its 32-bit argument `arg` is one of `values`.
     fn arg_in(&mut self, nr: libc::c_long, arg: u8, values: &[u64]) -> anyhow::Result<()> {
+        // No value: nothing allowed (a call with no rule at all would be allowed whatever its arguments).
+        if values.is_empty() {
+            return Ok(());
+        }
         let conditions = values.iter().map(|&v| eq(arg, v).map(|c| vec![c])).collect::<anyhow::Result<_>>()?;
         self.when(nr, conditions)
     }

@@ -11,8 +11,8 @@
 #
 # Phases (PHASES, default: all of them, in this order):
 #   grants   the supervisor's budget of grant pages per worker on real gntdev (xen_grant_budget: dom0 grants
-#            pages to itself): a mapping outlives its registration, the worker's mappings are counted in its
-#            memory map, a worker at its budget is refused (ENOSPC) and gets room back when it unmaps
+#            pages to itself, a forked child plays the worker): whole registrations are charged, a worker at its
+#            budget is refused (ENOSPC), and gets room back once it unmaps a registration entirely
 #   script   the hotplug script alone (hotplug-script-run.sh): stale error node, second add, sharing refused,
 #            same VM allowed, read-only file refused, loop device detached when blkbackd never opens it, remove
 #            leaving a loop device that now backs another attach

@@ -63,15 +63,21 @@ impl Channel {
     fn exchange<T>(
         &self,
         request: &Request,
-        receive: impl FnOnce(&UnixDatagram, &mut [u8]) -> std::io::Result<Option<T>>,
+        receive: impl FnMut(&UnixDatagram, &mut [u8]) -> std::io::Result<Option<T>>,
     ) -> Result<T, XenError> {
         let mut guard = self.rpc.lock().unwrap_or_else(PoisonError::into_inner);
         let (socket, buf) = &mut *guard;
         wire::send(socket, request, &[]).map_err(|_| XenError::Disconnected { what: WHAT })?;
-        match receive(socket, buf) {
-            Ok(Some(answer)) => Ok(answer),
-            Ok(None) => Err(XenError::Disconnected { what: WHAT }),
-            Err(e) => Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
+        // The supervisor stops the worker for a moment to count its grant mappings: a wait interrupted by that
+        // stop (SIGSTOP, SIGCONT) is resumed.
+        let mut receive = receive;
+        loop {
+            match receive(socket, buf) {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => return Err(XenError::Disconnected { what: WHAT }),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(XenError::Protocol { what: "supervisor", detail: e.to_string() }),
+            }
         }
     }
 
@@ -256,9 +262,10 @@ impl EventChannelOpener for BrokeredEvtchn {
 /// Grant copy names domains too and works on the caller's addresses, so it cannot be brokered:
 /// [`GrantTable::copy`] fails, and a data plane on these grants maps (`GrantMode::Map`).
 ///
-/// A registration is dropped as soon as it is mapped ([`GntMapping::unregister_now`]); the supervisor drops the
-/// previous one before it makes the next (see [`super::grants`]), so a map is asked for, mmapped and unregistered
-/// under one lock: another thread's request must not come between.
+/// Registrations are the supervisor's to drop ([`super::grants`]: it drops those the worker no longer maps when
+/// it needs room, and the worker's filter refuses the unregistering call), so a mapping's end only unmaps it
+/// ([`GntDev::map_brokered`]). A map is asked for and mmapped under one lock: the supervisor may drop every
+/// registration not mapped yet when it answers another thread's request.
 #[derive(Debug)]
 pub struct BrokeredGrants {
     channel: std::sync::Arc<Channel>,
@@ -291,11 +298,7 @@ impl GrantTable for BrokeredGrants {
         }
         let _one_at_a_time = self.mapping.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match self.channel.call_plain(&Request::MapGrants { refs: refs.to_vec() })? {
-            Reply::Registered { index } => {
-                let mut mapping = self.device.map_registered(index, refs.len(), access)?;
-                mapping.unregister_now()?;
-                Ok(mapping)
-            }
+            Reply::Registered { index } => self.device.map_brokered(index, refs.len(), access),
             Reply::Failed(e) => Err(from_wire(e)),
             other => Err(unexpected(&other)),
         }

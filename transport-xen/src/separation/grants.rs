@@ -2,26 +2,30 @@
 //! The grant pages a worker may hold, bounded by its broker ([`GrantLedger`]).
 //!
 //! Linux's gntdev takes a page of the backend domain's memory (ballooned out, outside any cgroup) for every grant
-//! registered on an open file until the registration and every mapping of it are gone, and Xen a maptrack entry
-//! of the backend domain for every grant mapped; both are shared by every guest this domain serves. A worker its
-//! guest took over could otherwise have grants registered and mapped without end, and starve the other guests'
-//! backends of memory and maptrack entries. So the broker keeps a budget per worker:
+//! registered on an open file, and keeps it until the registration and every mapping of it are gone (a mapping
+//! cut in pieces, or shrunk, still holds the whole batch); Xen takes a maptrack entry of the backend domain for
+//! every grant mapped. Both are shared by every guest this domain serves. A worker its guest took over could
+//! otherwise have grants registered and mapped without end, and starve the other guests' backends. So the broker
+//! keeps a budget per worker, charged with whole registrations:
 //!
-//! - **Registrations are short-lived.** A registration's only use is to be mmapped once (a PV domain allows no
-//!   more); the worker drops it right after its mmap ([`BrokeredGrants`](super::client::BrokeredGrants)), the
-//!   mapping living on in the worker's address space. Before each new registration the broker drops the previous
-//!   one itself (a worker that did not is not trusted to), so at most one request's refs are registered and not
-//!   mapped at any time. Only the broker registers (the worker's filter refuses the call), so the previous
-//!   registration's offset cannot name anything else.
-//! - **Mappings are counted where the worker cannot hide them**: in its address space, read from
-//!   `/proc/<pid>/maps` ([`WorkerGntDev`]; the file is opened when the worker starts, while it may still be read).
-//!   Every mapping the worker makes is of a registration made since, so the pages it holds are at most those it
-//!   had mapped at the last count plus those registered since; the broker counts again only when that sum would
-//!   pass the budget, and refuses the registration (`ENOSPC`) if what is really mapped leaves no room. A worker
-//!   that unmaps gets room again.
+//! - **Only the broker registers and unregisters.** The worker's filter refuses both calls; it asks for maps
+//!   ([`Request::MapGrants`](super::wire::Request)) and mmaps and munmaps what it got. What the worker holds is
+//!   therefore at most the registrations the broker made and has not dropped: the ledger's charge.
+//! - **A registration is dropped once nothing of it is mapped.** When a new registration would pass the budget,
+//!   or every [`RECLAIM_EVERY`] pages registered, the broker stops the worker (`SIGSTOP`, waited for), reads its
+//!   memory map (`/proc/<pid>/maps`, opened when the worker started, while it could still be read), drops every
+//!   registration no piece of which is mapped (a piece keeps its file offset, inside its registration's range),
+//!   and lets the worker go on (`SIGCONT`). Stopped, the worker can neither hide a mapping from the read (move it
+//!   behind the read's position) nor map what is being dropped; dropped, a registration can no longer be mapped.
+//!   A map that still finds no room is refused (`ENOSPC`): its own guest's I/O fails, nobody else's.
+//!
+//! A worker that maps and unmaps per request (a frontend without persistent grants) leaves registrations behind
+//! until the next reclaim: at most [`RECLAIM_EVERY`] pages, and a stop of a few hundred microseconds each time.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 use crate::services::{DomId, GrantRef, XenError, XEN_PAGE_SIZE};
@@ -31,106 +35,156 @@ use crate::xen::GntDev;
 /// queues with full persistent-grant caches (1 056 grants and up to 16 ring pages a queue).
 pub const DEFAULT_GRANT_PAGE_BUDGET: u64 = 65_536;
 
+/// Pages registered after which the broker drops what the worker no longer maps, budget or not (16 MiB).
+pub const RECLAIM_EVERY: u64 = 4096;
+
 /// A worker's grant device as its broker uses it.
 pub trait WorkerGrantDevice: Send {
-    /// Register `refs` of `domid` on the worker's device; their offset in it.
+    /// Register `refs` of `domid` on the worker's device; their offset in it (bytes).
     fn register(&self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError>;
-    /// Drop the registration of `pages` at `index`, if it is still there (the worker may have dropped it).
+    /// Drop the registration of `pages` at `index`.
     fn unregister(&self, index: u64, pages: usize);
-    /// The grant pages the worker has mapped now.
-    fn mapped_pages(&mut self) -> Result<u64, XenError>;
+    /// Stop the worker until [`resume`](Self::resume): it then maps and unmaps nothing.
+    fn stop(&mut self) -> Result<(), XenError>;
+    /// Let a stopped worker go on.
+    fn resume(&mut self);
+    /// The parts of the device the worker has mapped: (file offset, length), in bytes.
+    fn mapped(&mut self) -> Result<Vec<(u64, u64)>, XenError>;
 }
 
 /// The grant pages one worker holds, kept within a budget (see the module's documentation).
 pub struct GrantLedger {
     device: Box<dyn WorkerGrantDevice>,
     budget: u64,
-    /// The last registration (offset, pages): mapped by now, or never to be.
-    pending: Option<(u64, usize)>,
-    /// Pages the worker had mapped at the last count.
-    counted: u64,
-    /// Pages registered since the last count.
-    since_count: u64,
-    counts: u64,
+    /// The registrations made and not dropped: offset → pages.
+    registered: BTreeMap<u64, usize>,
+    charged: u64,
+    since_reclaim: u64,
+    reclaims: u64,
 }
 
 impl std::fmt::Debug for GrantLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrantLedger")
-            .field("budget", &self.budget)
-            .field("counted", &self.counted)
-            .field("since_count", &self.since_count)
-            .finish()
+        f.debug_struct("GrantLedger").field("budget", &self.budget).field("charged", &self.charged).finish()
     }
 }
 
 impl GrantLedger {
     /// A ledger for the worker behind `device`, which may hold `budget` grant pages.
     pub fn new(device: Box<dyn WorkerGrantDevice>, budget: u64) -> GrantLedger {
-        GrantLedger { device, budget, pending: None, counted: 0, since_count: 0, counts: 0 }
+        GrantLedger { device, budget, registered: BTreeMap::new(), charged: 0, since_reclaim: 0, reclaims: 0 }
     }
 
-    /// Register `refs` of `domid` for the worker, within its budget: their offset, or `ENOSPC` when the pages it
-    /// holds leave no room for them.
+    /// Register `refs` of `domid` for the worker, within its budget: their offset, or `ENOSPC` when what it
+    /// holds leaves no room for them.
     pub fn register(&mut self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
-        // Dropped first: from now on the previous registration can no longer be mapped, so a count taken below
-        // sees every mapping of it there will ever be.
-        if let Some((index, pages)) = self.pending.take() {
-            self.device.unregister(index, pages);
-        }
         let wanted = refs.len() as u64;
-        if self.counted + self.since_count + wanted > self.budget {
-            self.counted = self.device.mapped_pages()?;
-            self.since_count = 0;
-            self.counts += 1;
-            if self.counted + wanted > self.budget {
-                tracing::warn!(
-                    domid,
-                    mapped = self.counted,
-                    wanted,
-                    budget = self.budget,
-                    "grant map refused: the worker holds its budget of grant pages"
-                );
-                return Err(XenError::Os {
-                    what: format!(
-                        "registering {wanted} grant(s): the worker has {} grant pages mapped, of the {} it may hold \
-                         (blkbackd xen --max-grant-pages)",
-                        self.counted, self.budget
-                    ),
-                    errno: libc::ENOSPC,
-                });
-            }
+        if self.charged + wanted > self.budget || self.since_reclaim + wanted > RECLAIM_EVERY {
+            self.reclaim()?;
+        }
+        if self.charged + wanted > self.budget {
+            tracing::warn!(
+                domid,
+                held = self.charged,
+                wanted,
+                budget = self.budget,
+                "grant map refused: the worker holds its budget of grant pages"
+            );
+            return Err(XenError::Os {
+                what: format!(
+                    "registering {wanted} grant(s): the worker holds {} grant pages mapped, of the {} it may hold \
+                     (blkbackd xen --max-grant-pages)",
+                    self.charged, self.budget
+                ),
+                errno: libc::ENOSPC,
+            });
         }
         let index = self.device.register(domid, refs)?;
-        self.since_count += wanted;
-        self.pending = Some((index, refs.len()));
+        self.registered.insert(index, refs.len());
+        self.charged += wanted;
+        self.since_reclaim += wanted;
         Ok(index)
     }
 
-    /// How many times the worker's mappings were counted.
-    pub fn counts(&self) -> u64 {
-        self.counts
+    /// Drop, with the worker stopped, every registration of which nothing is mapped.
+    fn reclaim(&mut self) -> Result<(), XenError> {
+        self.reclaims += 1;
+        self.since_reclaim = 0;
+        self.device.stop()?;
+        let mapped = self.device.mapped();
+        if let Ok(mapped) = &mapped {
+            let unmapped: Vec<(u64, usize)> = self
+                .registered
+                .iter()
+                .map(|(&index, &pages)| (index, pages))
+                .filter(|&(index, pages)| {
+                    let end = index.saturating_add((pages * XEN_PAGE_SIZE) as u64);
+                    !mapped.iter().any(|&(offset, len)| offset < end && offset.saturating_add(len) > index)
+                })
+                .collect();
+            for (index, pages) in unmapped {
+                self.device.unregister(index, pages);
+                self.registered.remove(&index);
+                self.charged -= pages as u64;
+            }
+        }
+        self.device.resume();
+        mapped.map(drop)
+    }
+
+    /// Grant pages charged to the worker now.
+    pub fn charged(&self) -> u64 {
+        self.charged
+    }
+
+    /// How many times the worker was stopped to drop what it no longer maps.
+    pub fn reclaims(&self) -> u64 {
+        self.reclaims
     }
 }
 
 /// A worker's grant device in the supervisor: the duplicate of the descriptor handed to the worker (the same open
-/// file, so the same registrations), and the worker's memory map.
+/// file, so the same registrations), the worker's memory map, and a pidfd to stop and resume it by.
 #[derive(Debug)]
 pub struct WorkerGntDev {
     device: GntDev,
     /// The grant device's identity in a memory map (the device number of its file system, and its inode).
     identity: (u64, u64),
     maps: File,
+    pidfd: OwnedFd,
 }
 
 impl WorkerGntDev {
-    /// The device `file` (a duplicate of the worker's), counted in the memory map of process `pid`. Call it
-    /// before the worker gives up its privileges: the map is read through the descriptor opened now.
+    /// The device `file` (a duplicate of the worker's) of child process `pid`. Call it before the worker gives up
+    /// its privileges: its memory map is read through the descriptor opened now. The worker must be a child of
+    /// this process (it is waited for when stopped).
     pub fn new(file: File, pid: u32) -> Result<WorkerGntDev, XenError> {
         let meta = file.metadata().map_err(|e| XenError::os("gntdev: fstat", &e))?;
         let path = format!("/proc/{pid}/maps");
         let maps = File::open(&path).map_err(|e| XenError::os(format!("opening {path}"), &e))?;
-        Ok(WorkerGntDev { device: GntDev::from_file(file), identity: (meta.dev(), meta.ino()), maps })
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0) };
+        let Ok(fd) = i32::try_from(fd) else {
+            return Err(XenError::os(format!("pidfd_open {pid}"), &std::io::Error::last_os_error()));
+        };
+        if fd < 0 {
+            return Err(XenError::os(format!("pidfd_open {pid}"), &std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(WorkerGntDev { device: GntDev::from_file(file), identity: (meta.dev(), meta.ino()), maps, pidfd })
+    }
+
+    fn signal(&self, signal: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal on our pidfd with no siginfo.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), signal, std::ptr::null::<u8>(), 0)
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -140,31 +194,59 @@ impl WorkerGrantDevice for WorkerGntDev {
     }
 
     fn unregister(&self, index: u64, pages: usize) {
-        // Fails where the worker dropped it already, as it should have.
-        let _ = self.device.unregister_refs(index, pages);
+        if let Err(e) = self.device.unregister_refs(index, pages) {
+            tracing::error!(%e, index, pages, "gntdev: dropping a worker's registration failed");
+        }
     }
 
-    fn mapped_pages(&mut self) -> Result<u64, XenError> {
-        let mut text = String::new();
+    fn stop(&mut self) -> Result<(), XenError> {
+        self.signal(libc::SIGSTOP).map_err(|e| XenError::os("stopping the worker", &e))?;
+        loop {
+            // SAFETY: an all-zero siginfo is a valid out-buffer.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // Left reportable (WNOWAIT): the supervisor's own wait for the worker's end must still see it.
+            let flags = libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT;
+            // SAFETY: waitid on our pidfd (P_PIDFD) with a valid siginfo out-pointer.
+            let rc = unsafe { libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, flags) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(XenError::os("waiting for the worker to stop", &e));
+            }
+            return match info.si_code {
+                libc::CLD_STOPPED | libc::CLD_TRAPPED => Ok(()),
+                _ => Err(XenError::Os { what: "the worker ended".into(), errno: libc::ESRCH }),
+            };
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Err(e) = self.signal(libc::SIGCONT) {
+            tracing::warn!(%e, "cannot resume the worker after counting its grant maps");
+        }
+    }
+
+    fn mapped(&mut self) -> Result<Vec<(u64, u64)>, XenError> {
+        let mut text = Vec::new();
         self.maps
             .seek(SeekFrom::Start(0))
-            .and_then(|_| self.maps.read_to_string(&mut text))
+            .and_then(|_| self.maps.read_to_end(&mut text))
             .map_err(|e| XenError::os("reading the worker's memory map", &e))?;
-        Ok(mapped_pages_of(&text, self.identity))
+        Ok(mappings_of(&String::from_utf8_lossy(&text), self.identity))
     }
 }
 
-/// The pages of the mappings of the file `identity` (device number, inode) in a memory map's text
-/// (`/proc/<pid>/maps`: `start-end perms offset major:minor inode [path]`, numbers in hex but the inode).
-pub fn mapped_pages_of(maps: &str, identity: (u64, u64)) -> u64 {
+/// The mappings of the file `identity` (device number, inode) in a memory map's text (`/proc/<pid>/maps`:
+/// `start-end perms offset major:minor inode [path]`, numbers in hex but the inode): (file offset, length).
+pub fn mappings_of(maps: &str, identity: (u64, u64)) -> Vec<(u64, u64)> {
     let (dev, ino) = identity;
-    // The kernel prints MAJOR and MINOR of the device number, which for a file system's anonymous device fit
-    // libc's split.
     let (major, minor) = (u64::from(libc::major(dev)), u64::from(libc::minor(dev)));
-    let mut bytes = 0u64;
+    let mut found = Vec::new();
     for line in maps.lines() {
         let mut fields = line.split_ascii_whitespace();
-        let (Some(range), Some(_perms), Some(_offset), Some(device), Some(inode)) =
+        let (Some(range), Some(_perms), Some(offset), Some(device), Some(inode)) =
             (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
@@ -175,13 +257,19 @@ pub fn mapped_pages_of(maps: &str, identity: (u64, u64)) -> u64 {
         if !same_device || inode.parse::<u64>().ok() != Some(ino) {
             continue;
         }
-        if let Some((start, end)) = range.split_once('-') {
-            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
-                bytes += end.saturating_sub(start);
+        let hex = |t: &str| u64::from_str_radix(t, 16).ok();
+        if let (Some((start, end)), Some(offset)) = (range.split_once('-'), hex(offset)) {
+            if let (Some(start), Some(end)) = (hex(start), hex(end)) {
+                found.push((offset, end.saturating_sub(start)));
             }
         }
     }
-    bytes.div_ceil(XEN_PAGE_SIZE as u64)
+    found
+}
+
+/// The pages of the mappings of the file `identity` in a memory map's text (see [`mappings_of`]).
+pub fn mapped_pages_of(maps: &str, identity: (u64, u64)) -> u64 {
+    mappings_of(maps, identity).iter().map(|&(_, len)| len).sum::<u64>().div_ceil(XEN_PAGE_SIZE as u64)
 }
 
 #[cfg(test)]
@@ -189,14 +277,17 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// A grant device whose registrations and mapped pages the test sets: registered (index, pages), dropped
-    /// offsets, and the pages "mapped".
+    /// A grant device whose mappings the test sets: the registrations made and dropped, the worker's mappings
+    /// (offset, length), whether it is stopped, and how often its map was read.
     #[derive(Default)]
     struct Log {
         registered: Vec<(u64, usize)>,
+        /// The registrations not dropped, by offset.
+        live: Vec<(u64, usize)>,
         unregistered: Vec<u64>,
-        mapped: u64,
-        counted: u64,
+        mapped: Vec<(u64, u64)>,
+        stopped: bool,
+        reads: u64,
     }
 
     struct FakeDevice(Arc<Mutex<Log>>);
@@ -204,19 +295,41 @@ mod tests {
     impl WorkerGrantDevice for FakeDevice {
         fn register(&self, _domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
             let mut log = self.0.lock().expect("log");
-            let index = 0x1000 * (log.registered.len() as u64 + 1);
+            // As gntdev: the lowest free range of offsets.
+            let mut index = 0;
+            for &(i, pages) in &log.live {
+                if index + (refs.len() * XEN_PAGE_SIZE) as u64 <= i {
+                    break;
+                }
+                index = index.max(i + (pages * XEN_PAGE_SIZE) as u64);
+            }
+            log.live.push((index, refs.len()));
+            log.live.sort_unstable();
             log.registered.push((index, refs.len()));
             Ok(index)
         }
 
         fn unregister(&self, index: u64, _pages: usize) {
-            self.0.lock().expect("log").unregistered.push(index);
+            let mut log = self.0.lock().expect("log");
+            assert!(log.stopped, "a registration is dropped only with the worker stopped");
+            log.live.retain(|&(i, _)| i != index);
+            log.unregistered.push(index);
         }
 
-        fn mapped_pages(&mut self) -> Result<u64, XenError> {
+        fn stop(&mut self) -> Result<(), XenError> {
+            self.0.lock().expect("log").stopped = true;
+            Ok(())
+        }
+
+        fn resume(&mut self) {
+            self.0.lock().expect("log").stopped = false;
+        }
+
+        fn mapped(&mut self) -> Result<Vec<(u64, u64)>, XenError> {
             let mut log = self.0.lock().expect("log");
-            log.counted += 1;
-            Ok(log.mapped)
+            assert!(log.stopped, "the map is read with the worker stopped");
+            log.reads += 1;
+            Ok(log.mapped.clone())
         }
     }
 
@@ -225,84 +338,95 @@ mod tests {
         (GrantLedger::new(Box::new(FakeDevice(log.clone())), budget), log)
     }
 
-    #[test]
-    fn the_previous_registration_is_dropped_before_the_next() {
-        let (mut ledger, log) = ledger(1 << 20);
-        let first = ledger.register(7, &[1, 2]).expect("first");
-        assert!(log.lock().expect("log").unregistered.is_empty());
-        let second = ledger.register(7, &[3]).expect("second");
-        assert_eq!(log.lock().expect("log").unregistered, [first], "one unmapped registration at a time");
-        ledger.register(7, &[4]).expect("third");
-        assert_eq!(log.lock().expect("log").unregistered, [first, second]);
-        assert_eq!(ledger.counts(), 0, "far from the budget: the map is not read");
-    }
+    const PAGE: u64 = XEN_PAGE_SIZE as u64;
 
     #[test]
-    fn a_worker_that_keeps_its_mappings_is_refused_at_its_budget_and_gets_room_when_it_unmaps() {
+    fn a_worker_that_keeps_pieces_of_its_mappings_is_charged_whole_registrations() {
         let (mut ledger, log) = ledger(100);
-        // A worker that maps everything it gets and keeps it.
         let refs: Vec<GrantRef> = (0..40).collect();
-        for _ in 0..2 {
-            ledger.register(7, &refs).expect("within the budget");
-            log.lock().expect("log").mapped += 40;
-        }
-        assert_eq!(ledger.counts(), 0);
-        let refused = ledger.register(7, &refs).expect_err("80 mapped + 40 > 100");
+        let a = ledger.register(7, &refs).expect("a");
+        let b = ledger.register(7, &refs).expect("b");
+        // The worker keeps one page of each mapping (gntdev keeps all 40 of each).
+        log.lock().expect("log").mapped = vec![(a + 39 * PAGE, PAGE), (b, PAGE)];
+        let refused = ledger.register(7, &refs).expect_err("80 held + 40 > 100");
         assert!(matches!(refused, XenError::Os { errno: libc::ENOSPC, .. }), "{refused:?}");
         assert!(refused.to_string().contains("--max-grant-pages"), "{refused}");
-        assert_eq!(ledger.counts(), 1);
-        // Twenty fit.
-        ledger.register(7, &refs[..20]).expect("80 + 20 fit");
-        log.lock().expect("log").mapped += 20;
-        assert!(ledger.register(7, &[1]).is_err(), "100 mapped: full");
-        // It unmaps half: room again.
-        log.lock().expect("log").mapped = 50;
-        ledger.register(7, &refs).expect("50 + 40 fit");
-        assert_eq!(log.lock().expect("log").registered.len(), 4, "refused registrations were never made");
+        assert_eq!((ledger.charged(), ledger.reclaims()), (80, 1));
+        assert!(log.lock().expect("log").unregistered.is_empty(), "nothing of what it maps is dropped");
+        assert!(!log.lock().expect("log").stopped, "the worker goes on");
+        // It lets go of a entirely: room again, and a's registration is dropped.
+        log.lock().expect("log").mapped = vec![(b, PAGE)];
+        let c = ledger.register(7, &refs).expect("40 + 40 fit");
+        assert_eq!(log.lock().expect("log").unregistered, [a]);
+        assert_eq!(c, a, "gntdev hands the freed range out again");
+        assert_eq!(ledger.charged(), 80);
     }
 
     #[test]
-    fn a_worker_that_unmaps_as_it_goes_is_counted_rarely() {
-        // A frontend without persistent grants: every request mapped and unmapped.
-        let (mut ledger, log) = ledger(1000);
+    fn registrations_the_worker_never_mapped_are_charged_until_dropped() {
+        let (mut ledger, log) = ledger(10);
+        ledger.register(7, &[1; 6]).expect("first");
+        // Never mapped: dropped at the next reclaim, which the budget calls for.
+        ledger.register(7, &[1; 6]).expect("room once the first is dropped");
+        assert_eq!(log.lock().expect("log").unregistered.len(), 1);
+        assert_eq!(ledger.charged(), 6);
+    }
+
+    #[test]
+    fn a_worker_that_unmaps_as_it_goes_is_stopped_once_per_reclaim_period() {
+        // A frontend without persistent grants: every request mapped and unmapped at once.
+        let (mut ledger, log) = ledger(DEFAULT_GRANT_PAGE_BUDGET);
         for _ in 0..10_000 {
             ledger.register(7, &[1, 2, 3, 4]).expect("always room");
         }
-        let counted = log.lock().expect("log").counted;
-        assert!(counted <= 45, "the map read {counted} times for 10 000 maps of 4 pages and a budget of 1000");
-        assert_eq!(counted, ledger.counts());
+        let reads = log.lock().expect("log").reads;
+        assert_eq!(reads, 40_000 / RECLAIM_EVERY, "one stop per {RECLAIM_EVERY} pages registered");
+        assert!(ledger.charged() <= RECLAIM_EVERY, "what it left registered is dropped: {}", ledger.charged());
     }
 
     #[test]
-    fn mappings_of_a_file_are_counted_from_a_real_memory_map() {
+    #[allow(clippy::cast_possible_truncation)] // a few pages
+    fn mappings_of_a_file_are_read_from_a_real_memory_map() {
         let file = tempfile::tempfile().expect("file");
-        file.set_len(16 * XEN_PAGE_SIZE as u64).expect("size");
-        let meta = file.metadata().expect("stat");
-        let map = |pages: usize, offset: usize| {
+        file.set_len(16 * PAGE).expect("size");
+        let other = tempfile::tempfile().expect("another file, never mapped");
+        let (meta, other_meta) = (file.metadata().expect("stat"), other.metadata().expect("stat"));
+        let map = |pages: u64, offset: u64| {
             // SAFETY: a fresh shared read-only mapping of the file, chosen by the kernel, unmapped below.
             let ptr = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    pages * XEN_PAGE_SIZE,
+                    (pages * PAGE) as usize,
                     libc::PROT_READ,
                     libc::MAP_SHARED,
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::off_t::try_from(offset * XEN_PAGE_SIZE).expect("small"),
+                    file.as_raw_fd(),
+                    libc::off_t::try_from(offset * PAGE).expect("small"),
                 )
             };
             assert_ne!(ptr, libc::MAP_FAILED);
-            (ptr, pages * XEN_PAGE_SIZE)
+            (ptr, (pages * PAGE) as usize)
         };
         let (a, b) = (map(3, 0), map(5, 8));
         let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let mut found = mappings_of(&maps, (meta.dev(), meta.ino()));
+        found.sort_unstable();
+        assert_eq!(found, [(0, 3 * PAGE), (8 * PAGE, 5 * PAGE)]);
         assert_eq!(mapped_pages_of(&maps, (meta.dev(), meta.ino())), 8);
-        assert_eq!(mapped_pages_of(&maps, (meta.dev(), meta.ino() + 1)), 0, "another file");
-        for (ptr, len) in [a, b] {
-            // SAFETY: exactly the mappings made above, unused after this.
-            unsafe { libc::munmap(ptr, len) };
+        assert!(mappings_of(&maps, (other_meta.dev(), other_meta.ino())).is_empty(), "another file");
+        // A piece keeps its offset.
+        // SAFETY: the first page of mapping b, which nothing uses.
+        unsafe { libc::munmap(b.0, PAGE as usize) };
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let mut found = mappings_of(&maps, (meta.dev(), meta.ino()));
+        found.sort_unstable();
+        assert_eq!(found, [(0, 3 * PAGE), (9 * PAGE, 4 * PAGE)]);
+        // SAFETY: exactly what is left of the mappings made above, unused after this.
+        unsafe {
+            libc::munmap(a.0, a.1);
+            libc::munmap(b.0.cast::<u8>().add(PAGE as usize).cast(), b.1 - PAGE as usize);
         }
         let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
-        assert_eq!(mapped_pages_of(&maps, (meta.dev(), meta.ino())), 0);
-        assert_eq!(mapped_pages_of("garbage\n00-zz r 0 0:0 1\n", (0, 1)), 0);
+        assert!(mappings_of(&maps, (meta.dev(), meta.ino())).is_empty());
+        assert!(mappings_of("garbage\n00-zz r 0 0:0 1\n", (0, 1)).is_empty());
     }
 }

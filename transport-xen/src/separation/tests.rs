@@ -6,8 +6,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::emulated::EmulatedXenStore;
@@ -34,11 +33,16 @@ type Registered = Arc<std::sync::Mutex<Vec<(u16, Vec<u32>)>>>;
 /// The grant pages a session's worker may hold.
 const BUDGET: u64 = 64;
 
-/// As gntdev answers: an offset per registration; ref 13 is "bad". The pages the worker has mapped are what the
-/// test says.
+/// As gntdev answers: an offset per registration (4 GiB apart), ref 13 is "bad". The worker's mappings are what
+/// the test says.
 struct TestGrants {
     log: Registered,
-    mapped: Arc<AtomicU64>,
+    mapped: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+/// The offset of the `n`th registration (from 1).
+fn offset(n: u64) -> u64 {
+    n << 32
 }
 
 impl WorkerGrantDevice for TestGrants {
@@ -48,20 +52,26 @@ impl WorkerGrantDevice for TestGrants {
         }
         let mut log = self.log.lock().expect("log");
         log.push((domid, refs.to_vec()));
-        Ok(0x1000 * log.len() as u64)
+        Ok(offset(log.len() as u64))
     }
 
     fn unregister(&self, _index: u64, _pages: usize) {}
 
-    fn mapped_pages(&mut self) -> Result<u64, XenError> {
-        Ok(self.mapped.load(Ordering::SeqCst))
+    fn stop(&mut self) -> Result<(), XenError> {
+        Ok(())
+    }
+
+    fn resume(&mut self) {}
+
+    fn mapped(&mut self) -> Result<Vec<(u64, u64)>, XenError> {
+        Ok(self.mapped.lock().expect("mapped").clone())
     }
 }
 
 struct Session {
     store: Arc<EmulatedXenStore>,
     registered: Registered,
-    mapped: Arc<AtomicU64>,
+    mapped: Arc<Mutex<Vec<(u64, u64)>>>,
     worker: BrokeredStore,
     channel: Arc<Channel>,
     broker: std::thread::JoinHandle<SessionEnd>,
@@ -87,7 +97,7 @@ fn session() -> Session {
     let (supervisor_events, worker_events) = wire::seqpacket_pair().expect("pair");
     let registered = Registered::default();
     let record = registered.clone();
-    let mapped = Arc::new(AtomicU64::new(0));
+    let mapped = Arc::new(Mutex::new(Vec::new()));
     let broker = Broker {
         domid: 7,
         domain_path: DOM0.into(),
@@ -190,7 +200,7 @@ fn a_worker_registers_only_its_own_guests_grants() {
     let s = session();
     assert_eq!(
         s.channel.call_plain(&Request::MapGrants { refs: vec![8, 9] }).expect("answer"),
-        Reply::Registered { index: 0x1000 }
+        Reply::Registered { index: offset(1) }
     );
     // Bounds are the broker's: an empty or oversized batch is an error, and the session goes on.
     for refs in [vec![], vec![1; wire::MAX_BROKERED_REFS + 1]] {
@@ -205,7 +215,7 @@ fn a_worker_registers_only_its_own_guests_grants() {
     let err = grants.map(7, &[12, 13], MapAccess::ReadWrite).expect_err("a bad ref");
     assert!(matches!(err, XenError::Os { errno: libc::EINVAL, .. }), "{err}");
     let err = grants.map(7, &[10, 11], MapAccess::ReadWrite).expect_err("/dev/null cannot be mapped");
-    assert!(matches!(err, XenError::Os { .. }) && err.to_string().contains("0x2000"), "{err}");
+    assert!(matches!(err, XenError::Os { .. }) && err.to_string().contains(&format!("{:#x}", offset(2))), "{err}");
     // SAFETY: no op, nothing is touched.
     let err = unsafe { grants.copy(&mut []) }.expect_err("grant copy names domains: not brokered");
     assert!(matches!(err, XenError::Os { errno: libc::EPERM, .. }), "{err}");
@@ -223,8 +233,10 @@ fn a_worker_registers_only_its_own_guests_grants() {
 fn a_worker_holding_its_budget_of_grant_pages_is_refused_more() {
     let s = session();
     let map = |count: u32| s.channel.call_plain(&Request::MapGrants { refs: (100..100 + count).collect() });
-    assert!(matches!(map(40).expect("answer"), Reply::Registered { .. }));
-    s.mapped.store(40, Ordering::SeqCst);
+    let pages = |n: u64| n * transport_xen_page();
+    assert_eq!(map(40).expect("answer"), Reply::Registered { index: offset(1) });
+    // The worker keeps one page of it: the whole registration stays charged.
+    *s.mapped.lock().expect("mapped") = vec![(offset(1) + pages(39), pages(1))];
     let reply = map(30).expect("answer");
     match &reply {
         Reply::Failed(WireError::Os { errno: libc::ENOSPC, what }) => {
@@ -232,15 +244,20 @@ fn a_worker_holding_its_budget_of_grant_pages_is_refused_more() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(map(24).expect("answer"), Reply::Registered { .. }), "40 + 24 fit in 64");
-    s.mapped.store(64, Ordering::SeqCst);
+    assert_eq!(map(24).expect("answer"), Reply::Registered { index: offset(2) }, "40 + 24 fit in 64");
+    *s.mapped.lock().expect("mapped") = vec![(offset(1), pages(40)), (offset(2), pages(24))];
     assert!(matches!(map(1).expect("answer"), Reply::Failed(WireError::Os { errno: libc::ENOSPC, .. })));
-    s.mapped.store(10, Ordering::SeqCst);
+    // It unmaps the first: room again.
+    *s.mapped.lock().expect("mapped") = vec![(offset(2), pages(24))];
     assert!(matches!(map(30).expect("answer"), Reply::Registered { .. }), "room again after unmapping");
     assert_eq!(s.registered.lock().expect("log").len(), 3, "refused maps were never registered");
     drop(s.worker);
     drop(s.channel);
     assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
+}
+
+fn transport_xen_page() -> u64 {
+    crate::services::XEN_PAGE_SIZE as u64
 }
 
 /// xenstored does not hold dom0's connections to its guest quotas, so the broker does: a worker cannot grow the
@@ -315,7 +332,7 @@ fn a_worker_that_sends_garbage_is_cut_off() {
             control: None,
         }),
         evtchn: Box::new(|_| Err(XenError::Again)),
-        grants: GrantLedger::new(Box::new(TestGrants { log: Registered::default(), mapped: Arc::default() }), 1),
+        grants: GrantLedger::new(Box::new(TestGrants { log: Registered::default(), mapped: Arc::default() }), 1024),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
         send_timeout: Duration::from_millis(300),

@@ -121,9 +121,26 @@ impl GntDev {
         self.register(domid, refs).map_err(|e| XenError::os(what(), &e))
     }
 
-    /// The second step of a map: mmap the `pages` grants registered at `index` (by this process or by the
-    /// supervisor on the same open file), read-only or writable. On failure the registration is undone.
+    /// The second step of a map: mmap the `pages` grants registered at `index` by this process, read-only or
+    /// writable. On failure the registration is undone; the mapping undoes it when it goes.
     pub fn map_registered(&self, index: u64, pages: usize, access: MapAccess) -> Result<GntMapping, XenError> {
+        let mapped = self.mmap(index, pages, access);
+        if mapped.is_err() {
+            self.unregister(index, pages);
+        }
+        mapped.map(|mut mapping| {
+            mapping.registered = true;
+            mapping
+        })
+    }
+
+    /// mmap the `pages` grants another process registered at `index` on the same open file (a worker's
+    /// supervisor), which also drops the registration: neither a failure nor the mapping's end touches it.
+    pub fn map_brokered(&self, index: u64, pages: usize, access: MapAccess) -> Result<GntMapping, XenError> {
+        self.mmap(index, pages, access)
+    }
+
+    fn mmap(&self, index: u64, pages: usize, access: MapAccess) -> Result<GntMapping, XenError> {
         let what = || format!("gntdev: map {pages} grant(s) registered at {index:#x}");
         if pages == 0 || pages > MAX_MAP_BATCH {
             return Err(XenError::Os {
@@ -159,12 +176,9 @@ impl GntDev {
                 }
             });
         match mapped {
-            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages, index, access, registered: true }),
-            Err(e) => {
-                self.unregister(index, pages);
-                // EINVAL/EFAULT here mostly mean a bad ref, a wrong domain or a read-only grant mapped writable.
-                Err(XenError::os(format!("{} (mmap)", what()), &e))
-            }
+            Ok(ptr) => Ok(GntMapping { file: Arc::clone(&self.file), ptr, pages, index, access, registered: false }),
+            // EINVAL/EFAULT here mostly mean a bad ref, a wrong domain or a read-only grant mapped writable.
+            Err(e) => Err(XenError::os(format!("{} (mmap)", what()), &e)),
         }
     }
 
@@ -305,7 +319,7 @@ pub struct GntMapping {
     pages: usize,
     index: u64,
     access: MapAccess,
-    /// The batch is still registered (dropped with the mapping, unless [`GntMapping::unregister_now`]).
+    /// The batch was registered by this process: its registration goes with the mapping.
     registered: bool,
 }
 
@@ -320,19 +334,6 @@ impl GntMapping {
     /// The batch's offset in the device (what `IOCTL_GNTDEV_MAP_GRANT_REF` returned).
     pub fn index(&self) -> u64 {
         self.index
-    }
-
-    /// Drop the batch's registration now (`IOCTL_GNTDEV_UNMAP_GRANT_REF`): the mapping stays, and its grants are
-    /// unmapped when it goes (gntdev keeps a mapped batch until its `munmap`). Nothing can be mapped at the offset
-    /// any more, and [`set_unmap_notify`](Self::set_unmap_notify) no longer finds it. A worker whose maps the
-    /// supervisor registers does this at once: the supervisor drops the registration anyway before the next.
-    pub fn unregister_now(&mut self) -> Result<(), XenError> {
-        if !self.registered {
-            return Ok(());
-        }
-        self.registered = false;
-        unregister_batch(&self.file, self.index, self.pages)
-            .map_err(|e| XenError::os(format!("gntdev: unregister {} grant(s) at {:#x}", self.pages, self.index), &e))
     }
 
     /// Ask the kernel to act when this mapping goes away, even if the process dies
