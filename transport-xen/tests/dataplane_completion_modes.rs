@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The data plane under the io_uring completion modes of older kernels, with the engine full: a frontend queueing
-//! far more requests than a queue may have in flight, on a thread of its own per ring and on a shared I/O thread.
+//! far more requests than a queue may have in flight, on a thread of its own per ring and on a shared I/O thread
+//! (whose ring made on another thread before any vbd, as a locked-down worker makes it, or with its first lane).
 //!
 //! Which wake-ups the thread gets depends on the mode: with `DEFER_TASKRUN` (6.1 on) completions are posted only
 //! when the thread enters the kernel; with `COOP_TASKRUN` (5.19 on) at its next transition; interrupting rings
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use device_blk::engine::COMPLETION_MODE_CAP;
 use transport_xen::dataplane::{DataplaneOptions, IoThreads};
 use transport_xen::frontend::load::{fill_and_verify, random_load, verify_blocks};
-use transport_xen::frontend::{Blkfront, BlkfrontConfig, XVDA};
+use transport_xen::frontend::{Blkfront, BlkfrontConfig, DiskSpec, XVDA};
 use transport_xen::xenbus::BackendConfig;
 use xenbus_support::Bed;
 
@@ -32,23 +33,44 @@ fn child() {
     let options = {
         let mut o = DataplaneOptions::default();
         o.max_in_flight = 2;
-        o.io_threads = (shape == "pool").then(|| IoThreads::new(1));
+        o.io_threads = match shape.as_str() {
+            "pool" => Some(IoThreads::new(1)),
+            // As a locked-down worker: the thread's ring made on this thread, before any vbd.
+            "pool-rings-made-first" => {
+                let pool = IoThreads::new(1);
+                assert_eq!(pool.make_rings().expect("io_uring"), 1);
+                Some(pool)
+            }
+            _ => None,
+        };
         o
     };
     let bed = Bed::real(BackendConfig::default(), options);
     let guest = bed.big_guest(5, 2048);
-    bed.add_image_disk_of(5, false, 4);
+    let image = bed.image("d5.img", 4);
+    bed.toolstack.add_disk(&DiskSpec::new(5, image.to_str().expect("utf-8"))).expect("add disk");
     let config = BlkfrontConfig { queues: 2, ring_page_order: 1, persistent: true, ..BlkfrontConfig::default() };
     let mut front = Blkfront::connect(&guest, XVDA, config).expect("connect");
     assert_eq!(front.queue_count(), 2);
     let sectors = front.info().sectors;
     fill_and_verify(&mut front, sectors, 64 << 10, 16, 1).expect("fill at depth 16");
     let mut gens = vec![1u32; usize::try_from(sectors / 8).expect("small")];
+    // The engine is io_uring in every mode (the disk is in a ring's table of registered files), not the
+    // synchronous fallback.
+    assert!(in_an_io_uring_file_table(&image), "{shape}: the disk is served by no io_uring");
     let stats = random_load(&mut front, &mut gens, 4096, 32, Duration::from_millis(400), 7).expect("load");
     assert!(stats.ops > 64, "{stats:?}");
     verify_blocks(&mut front, &gens, 4096, 32).expect("verify");
     front.close().expect("close");
     assert_eq!(bed.host.live_mappings(), 0);
+}
+
+/// Whether any io_uring of this process has `path` in its registered file table (its `fdinfo` lists them).
+fn in_an_io_uring_file_table(path: &std::path::Path) -> bool {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo").flatten().any(|e| {
+        std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains("UserFiles") && info.contains(&needle))
+    })
 }
 
 /// Run the child for `shape` with the completion mode capped at `mode` (`None`: the kernel's best).
@@ -85,7 +107,7 @@ fn run_child(shape: &str, mode: Option<&str>) {
 
 #[test]
 fn full_engines_are_woken_in_every_completion_mode() {
-    for shape in ["pool", "thread-per-ring"] {
+    for shape in ["pool", "pool-rings-made-first", "thread-per-ring"] {
         for mode in [None, Some("cooperative"), Some("interrupting")] {
             run_child(shape, mode);
         }

@@ -32,7 +32,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use device_blk::engine::{Batching, EngineError, SharedUring, UringLane};
+use device_blk::engine::{Batching, EngineError, IoEngine, SharedUring, UringLane};
 use device_blk::stats::QueueStats;
 use device_blk::Disk;
 
@@ -241,16 +241,14 @@ impl Seat {
                 .inspect_err(|error| tracing::debug!(%error, "no shared io_uring for the I/O thread"))
                 .ok()
         });
-        let ring = ring.as_ref()?;
-        let room = u32::try_from(ring.room()).unwrap_or(u32::MAX);
-        let fitted = match depth.min(room) {
-            fitted if fitted >= depth.min(MIN_LANE_DEPTH) => fitted,
-            _ => depth,
-        };
-        if fitted < depth {
-            tracing::info!(depth, fitted, "the I/O thread's io_uring is nearly full: the queue gets fewer in flight");
+        let lane = ring.as_ref()?.add_lane_within(disk, depth, MIN_LANE_DEPTH);
+        if let Some(lane) = lane.as_ref().ok().filter(|lane| lane.capacity() < depth as usize) {
+            tracing::info!(
+                depth,
+                fitted = lane.capacity(),
+                "the I/O thread's io_uring is nearly full: the queue gets fewer in flight"
+            );
         }
-        let lane = ring.add_lane(disk, fitted.max(1));
         lane.inspect_err(|error: &EngineError| {
             tracing::debug!(%error, "the I/O thread's io_uring has no room for the queue; it gets an engine of its own")
         })

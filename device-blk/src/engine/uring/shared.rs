@@ -182,14 +182,24 @@ impl SharedUring {
     /// Call it on the thread that uses the ring, or before that thread's first submission: a ring that thread
     /// enabled takes registrations from it alone.
     pub fn add_lane(&self, disk: Arc<Disk>, depth: u32) -> Result<UringLane, EngineError> {
+        self.add_lane_within(disk, depth, depth)
+    }
+
+    /// As [`add_lane`](Self::add_lane), with as many of `depth` operations as the ring has room for, if that is at
+    /// least `least` (the lane's [`capacity`](IoEngine::capacity) says how many it got): decided under the ring's
+    /// lock, so two queues starting at once cannot both count on the same room.
+    pub fn add_lane_within(&self, disk: Arc<Disk>, depth: u32, least: u32) -> Result<UringLane, EngineError> {
         let depth = depth.clamp(1, super::MAX_ENTRIES) as usize;
+        let least = (least.max(1) as usize).min(depth);
         let mut core = self.lock();
         if !core.open_ended {
             return Err(EngineError::Full(core.lanes.len()));
         }
-        if core.reserved + depth > core.limit {
+        let room = core.limit.saturating_sub(core.reserved);
+        if room < least {
             return Err(EngineError::Full(core.limit));
         }
+        let depth = depth.min(room);
         let alignment = disk.buffer_alignment();
         let file = core.engine.add_file(disk)?;
         let lane = match core.lanes.iter().position(|l| l.state == LaneUse::Free) {
