@@ -142,11 +142,10 @@ impl Rules {
         self.when(nr, vec![vec![c]])
     }
 
-    /// Allow `nr` when its argument `arg` has every bit of `mask`.
-    fn arg_with(&mut self, nr: libc::c_long, arg: u8, mask: u64) -> anyhow::Result<()> {
-        let c = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), mask)
-            .context("seccomp condition")?;
-        self.when(nr, vec![vec![c]])
+    /// Allow `nr` only when one of `conditions` holds, whatever was allowed of it before.
+    fn only_when(&mut self, nr: libc::c_long, conditions: Vec<Vec<SeccompCondition>>) -> anyhow::Result<()> {
+        self.0.insert(nr, Some(Vec::new()));
+        self.when(nr, conditions)
     }
 
     fn compile(self, mismatch: SeccompAction) -> anyhow::Result<BpfProgram> {
@@ -155,6 +154,17 @@ impl Rules {
             .context("building the seccomp filter")?;
         filter.try_into().context("compiling the seccomp filter")
     }
+}
+
+/// Argument `arg` (all 64 bits) with the bits of `mask` equal to those of `value`.
+fn masked(arg: u8, mask: u64, value: u64) -> anyhow::Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(mask), value)
+        .context("seccomp condition")
+}
+
+/// Argument `arg` below `2^bits`.
+fn below_bit(arg: u8, bits: u32) -> anyhow::Result<SeccompCondition> {
+    masked(arg, !((1u64 << bits) - 1), 0)
 }
 
 fn eq(arg: u8, value: u64) -> anyhow::Result<SeccompCondition> {
@@ -223,7 +233,12 @@ fn base(rules: &mut Rules) -> anyhow::Result<()> {
     // Signals only to our own process (abort, and the SIGSYS handler's own end).
     // SAFETY: getpid cannot fail.
     let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
-    rules.arg_in(libc::SYS_tgkill, 0, &[pid])?;
+    // Only the signals it sends itself: abort's, and the SIGSYS handler's (no SIGCONT, say, that would cut
+    // short the stop its supervisor makes to count a Xen worker's grant maps).
+    let own = |signal: libc::c_int| -> anyhow::Result<Vec<SeccompCondition>> {
+        Ok(vec![eq(0, pid)?, eq(2, u64::from(signal.unsigned_abs()))?])
+    };
+    rules.when(libc::SYS_tgkill, vec![own(libc::SIGABRT)?, own(libc::SIGSYS)?])?;
     // The thread's name (for the SIGSYS line); no_new_privs, which only restricts (set again by each filter).
     rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_GET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64])?;
     // Descriptor flags (std checks that a descriptor is open before closing it, in debug builds).
@@ -262,7 +277,10 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
     ]);
     #[cfg(target_arch = "x86_64")]
     rules.any(&[libc::SYS_accept, libc::SYS_dup2]);
-    rules.arg_with(libc::SYS_clone, 0, libc::CLONE_THREAD as u64)?;
+    // Threads only, and never CLONE_VFORK (a parent waiting for a stopped child would keep a stop of the whole
+    // process from ever completing).
+    let thread = libc::CLONE_THREAD as u64;
+    rules.when(libc::SYS_clone, vec![vec![masked(0, thread, thread)?, masked(0, libc::CLONE_VFORK as u64, 0)?]])?;
     rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])?;
     rules.arg_in(
         libc::SYS_ioctl,
@@ -374,6 +392,11 @@ pub fn filters(role: Role, mode: SeccompMode) -> anyhow::Result<Vec<BpfProgram>>
         Role::XenGuest(access) => {
             process(&mut rules)?;
             xen_guest(&mut rules, access)?;
+            // gntdev reads an mmap's page offset and length as ints: a larger offset or length would name
+            // another registration than its own (and confuse its supervisor's count of grant maps) or reach a
+            // kernel assertion. Nothing the worker maps comes near these bounds.
+            let no_exec = masked(2, libc::PROT_EXEC as u64, 0)?;
+            rules.only_when(libc::SYS_mmap, vec![vec![no_exec, below_bit(1, 40)?, below_bit(5, 43)?]])?;
             // No new io_uring ring, as for vhost-user: its I/O threads' rings are made before the lock-down.
             vec![clone3, (open_calls(), libc::EACCES), (vec![libc::SYS_io_uring_setup], libc::EPERM)]
         }

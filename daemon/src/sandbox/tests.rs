@@ -241,6 +241,29 @@ fn forbidden_or_allowed(action: &str, existing: PathBuf, evt: Option<EventFd>, h
                 Ok(_) => SURVIVED,
             };
         }
+        "mmap-far" => {
+            // An offset gntdev would cut to 32 bits of pages.
+            // SAFETY: a read-only mapping of /dev/null, expected to be refused before it is made.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    held.device.as_raw_fd(),
+                    1 << 44,
+                )
+            };
+        }
+        "vfork-thread" => {
+            // Without CLONE_VM the kernel refuses it (EINVAL) if the filter lets it through.
+            // SAFETY: a clone the kernel refuses, or the filter traps; nothing runs in a new task.
+            unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_THREAD | libc::CLONE_VFORK, 0, 0, 0, 0) };
+        }
+        "self-sigcont" => {
+            // SAFETY: SIGCONT to this running thread does nothing, if the filter lets it through.
+            unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), libc::SIGCONT) };
+        }
         "unlink" => {
             // SAFETY: a NUL-terminated path; the call is expected to be refused.
             unsafe { libc::unlinkat(libc::AT_FDCWD, c"/nonexistent-blkbackd".as_ptr(), 0) };
@@ -401,6 +424,12 @@ fn forbidden_calls_end_the_process_with_sigsys_and_a_line_naming_them() {
     let stderr = assert_refused("xen-worker socket", libc::SYS_socket, "socket");
     assert!(stderr.contains("in thread blkif-d9-q0 (tid "), "the worker thread is named:\n{stderr}");
     assert_refused("xen-worker exec", libc::SYS_execve, "execve");
+    // What could keep a stop of the worker (to count its grant maps) from completing, or name a registration by
+    // an alias of its offset.
+    assert_refused("xen-guest mmap-far", libc::SYS_mmap, "mmap");
+    assert_refused("xen-guest vfork-thread", libc::SYS_clone, "clone");
+    assert_refused("xen-guest self-sigcont", libc::SYS_tgkill, "tgkill");
+    assert_refused("vhost-user vfork-thread", libc::SYS_clone, "clone");
 }
 
 /// Linux's gntdev lets any holder map or copy the grants of any domain that granted to this one: a worker

@@ -242,7 +242,13 @@ impl Broker {
                 }
                 Err(e) => (Reply::Failed(to_wire(e)), vec![]),
             },
-            Request::MapGrants { refs } => (self.register(&refs), vec![]),
+            Request::MapGrants { refs } => {
+                let reply = self.register(&refs);
+                if let Some(why) = self.grants.misbehaved() {
+                    return Err(SessionEnd::Misbehaved(why.to_string()));
+                }
+                (reply, vec![])
+            }
         };
         if let Reply::Failed(WireError::Disconnected) = reply {
             return Err(SessionEnd::StoreFailed("xenstore connection lost".into()));

@@ -27,6 +27,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
 
 use crate::services::{DomId, GrantRef, XenError, XEN_PAGE_SIZE};
 use crate::xen::GntDev;
@@ -42,8 +43,8 @@ pub const RECLAIM_EVERY: u64 = 4096;
 pub trait WorkerGrantDevice: Send {
     /// Register `refs` of `domid` on the worker's device; their offset in it (bytes).
     fn register(&self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError>;
-    /// Drop the registration of `pages` at `index`.
-    fn unregister(&self, index: u64, pages: usize);
+    /// Drop the registration of `pages` at `index`; whether it is gone.
+    fn unregister(&self, index: u64, pages: usize) -> bool;
     /// Stop the worker until [`resume`](Self::resume): it then maps and unmaps nothing.
     fn stop(&mut self) -> Result<(), XenError>;
     /// Let a stopped worker go on.
@@ -56,12 +57,26 @@ pub trait WorkerGrantDevice: Send {
 pub struct GrantLedger {
     device: Box<dyn WorkerGrantDevice>,
     budget: u64,
-    /// The registrations made and not dropped: offset → pages.
+    /// The registrations made and not dropped: offset (bytes) → pages.
     registered: BTreeMap<u64, usize>,
     charged: u64,
-    since_reclaim: u64,
+    /// Registrations and pages made since the last reclaim.
+    since_reclaim: (u64, u64),
     reclaims: u64,
+    /// After a reclaim forced by the budget that freed nothing: no such reclaim before this, and the next wait
+    /// twice as long (a worker at its budget could otherwise have it stopped and its map read at every request).
+    backoff: Option<(Instant, Duration)>,
+    /// Why the worker is to be treated as hostile, once it is.
+    misbehaved: Option<String>,
 }
+
+/// Registrations made after which the broker drops what the worker no longer maps, budget or not: gntdev keeps
+/// the registrations of an open file in a list that each registration, mmap and drop walks.
+pub const RECLAIM_EVERY_REGISTRATIONS: u64 = 256;
+/// The longest wait for a worker to stop before a reclaim gives up (the map asked for is then refused).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for GrantLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,27 +87,54 @@ impl std::fmt::Debug for GrantLedger {
 impl GrantLedger {
     /// A ledger for the worker behind `device`, which may hold `budget` grant pages.
     pub fn new(device: Box<dyn WorkerGrantDevice>, budget: u64) -> GrantLedger {
-        GrantLedger { device, budget, registered: BTreeMap::new(), charged: 0, since_reclaim: 0, reclaims: 0 }
+        GrantLedger {
+            device,
+            budget,
+            registered: BTreeMap::new(),
+            charged: 0,
+            since_reclaim: (0, 0),
+            reclaims: 0,
+            backoff: None,
+            misbehaved: None,
+        }
     }
 
     /// Register `refs` of `domid` for the worker, within its budget: their offset, or `ENOSPC` when what it
-    /// holds leaves no room for them.
+    /// holds leaves no room for them. After an error, [`misbehaved`](Self::misbehaved) says whether the worker
+    /// is to be stopped for good.
     pub fn register(&mut self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
         let wanted = refs.len() as u64;
-        if self.charged + wanted > self.budget || self.since_reclaim + wanted > RECLAIM_EVERY {
+        let over_budget = self.charged + wanted > self.budget;
+        let periodic =
+            self.since_reclaim.0 + 1 > RECLAIM_EVERY_REGISTRATIONS || self.since_reclaim.1 + wanted > RECLAIM_EVERY;
+        let backing_off = self.backoff.is_some_and(|(until, _)| Instant::now() < until);
+        if periodic || (over_budget && !backing_off) {
+            let charged = self.charged;
             self.reclaim()?;
+            if over_budget {
+                let freed_nothing = self.charged + wanted > self.budget && self.charged >= charged;
+                self.backoff = freed_nothing.then(|| {
+                    let wait = self.backoff.map_or(BACKOFF_FIRST, |(_, wait)| (wait * 2).min(BACKOFF_MAX));
+                    (Instant::now() + wait, wait)
+                });
+                if freed_nothing {
+                    tracing::warn!(
+                        domid,
+                        held = self.charged,
+                        wanted,
+                        budget = self.budget,
+                        "grant maps refused: the worker holds its budget of grant pages"
+                    );
+                }
+            }
+        }
+        if let Some(why) = &self.misbehaved {
+            return Err(XenError::Os { what: why.clone(), errno: libc::EPERM });
         }
         if self.charged + wanted > self.budget {
-            tracing::warn!(
-                domid,
-                held = self.charged,
-                wanted,
-                budget = self.budget,
-                "grant map refused: the worker holds its budget of grant pages"
-            );
             return Err(XenError::Os {
                 what: format!(
-                    "registering {wanted} grant(s): the worker holds {} grant pages mapped, of the {} it may hold \
+                    "registering {wanted} grant(s): the worker holds {} grant pages, of the {} it may hold \
                      (blkbackd xen --max-grant-pages)",
                     self.charged, self.budget
                 ),
@@ -102,34 +144,69 @@ impl GrantLedger {
         let index = self.device.register(domid, refs)?;
         self.registered.insert(index, refs.len());
         self.charged += wanted;
-        self.since_reclaim += wanted;
+        self.since_reclaim.0 += 1;
+        self.since_reclaim.1 += wanted;
         Ok(index)
+    }
+
+    /// Why the worker is to be stopped for good (a mapping of the grant device that is of no registration the
+    /// broker made), if it is.
+    pub fn misbehaved(&self) -> Option<&str> {
+        self.misbehaved.as_deref()
     }
 
     /// Drop, with the worker stopped, every registration of which nothing is mapped.
     fn reclaim(&mut self) -> Result<(), XenError> {
         self.reclaims += 1;
-        self.since_reclaim = 0;
+        self.since_reclaim = (0, 0);
         self.device.stop()?;
         let mapped = self.device.mapped();
-        if let Ok(mapped) = &mapped {
-            let unmapped: Vec<(u64, usize)> = self
-                .registered
-                .iter()
-                .map(|(&index, &pages)| (index, pages))
-                .filter(|&(index, pages)| {
-                    let end = index.saturating_add((pages * XEN_PAGE_SIZE) as u64);
-                    !mapped.iter().any(|&(offset, len)| offset < end && offset.saturating_add(len) > index)
-                })
-                .collect();
-            for (index, pages) in unmapped {
-                self.device.unregister(index, pages);
+        let result = mapped.map(|mapped| self.drop_unmapped(&mapped));
+        self.device.resume();
+        result
+    }
+
+    fn drop_unmapped(&mut self, mapped: &[(u64, u64)]) {
+        let page = XEN_PAGE_SIZE as u64;
+        let mut in_use = std::collections::BTreeSet::new();
+        for &(offset, len) in mapped {
+            // As gntdev finds the registration an mmap names: by the page offset cut to 32 bits (`int index =
+            // vma->vm_pgoff`), so an offset above 2^44 names the registration its low bits name.
+            let first = ((offset / page) & u64::from(u32::MAX)) * page;
+            let hit = self.registered.range(..=first).next_back().filter(|(&index, &pages)| {
+                first < index + pages as u64 * page && first + len <= index + pages as u64 * page
+            });
+            match hit {
+                Some((&index, _)) => {
+                    in_use.insert(index);
+                }
+                None => {
+                    self.misbehaved.get_or_insert_with(|| {
+                        format!(
+                            "a mapping of the grant device at offset {offset:#x} ({len} bytes) that is of no \
+                             registration the broker made"
+                        )
+                    });
+                }
+            }
+        }
+        if self.misbehaved.is_some() {
+            // What it maps is not what we know of: drop nothing (the broker ends its session).
+            return;
+        }
+        let unmapped: Vec<(u64, usize)> = self
+            .registered
+            .iter()
+            .filter(|(index, _)| !in_use.contains(*index))
+            .map(|(&index, &pages)| (index, pages))
+            .collect();
+        for (index, pages) in unmapped {
+            // Charged still if the drop failed: the pages may be held.
+            if self.device.unregister(index, pages) {
                 self.registered.remove(&index);
                 self.charged -= pages as u64;
             }
         }
-        self.device.resume();
-        mapped.map(drop)
     }
 
     /// Grant pages charged to the worker now.
@@ -193,19 +270,24 @@ impl WorkerGrantDevice for WorkerGntDev {
         self.device.register_refs(domid, refs)
     }
 
-    fn unregister(&self, index: u64, pages: usize) {
-        if let Err(e) = self.device.unregister_refs(index, pages) {
-            tracing::error!(%e, index, pages, "gntdev: dropping a worker's registration failed");
+    fn unregister(&self, index: u64, pages: usize) -> bool {
+        match self.device.unregister_refs(index, pages) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(%e, index, pages, "gntdev: dropping a worker's registration failed");
+                false
+            }
         }
     }
 
     fn stop(&mut self) -> Result<(), XenError> {
         self.signal(libc::SIGSTOP).map_err(|e| XenError::os("stopping the worker", &e))?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             // SAFETY: an all-zero siginfo is a valid out-buffer.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // Left reportable (WNOWAIT): the supervisor's own wait for the worker's end must still see it.
-            let flags = libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT;
+            let flags = libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT | libc::WNOHANG;
             // SAFETY: waitid on our pidfd (P_PIDFD) with a valid siginfo out-pointer.
             let rc = unsafe { libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, flags) };
             if rc < 0 {
@@ -213,12 +295,27 @@ impl WorkerGrantDevice for WorkerGntDev {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                self.resume();
                 return Err(XenError::os("waiting for the worker to stop", &e));
             }
-            return match info.si_code {
-                libc::CLD_STOPPED | libc::CLD_TRAPPED => Ok(()),
-                _ => Err(XenError::Os { what: "the worker ended".into(), errno: libc::ESRCH }),
-            };
+            // SAFETY: waitid filled `info` (or left it zeroed, si_pid 0, for a worker not stopped yet).
+            let pid = unsafe { info.si_pid() };
+            if pid != 0 {
+                return match info.si_code {
+                    libc::CLD_STOPPED | libc::CLD_TRAPPED => Ok(()),
+                    _ => Err(XenError::Os { what: "the worker ended".into(), errno: libc::ESRCH }),
+                };
+            }
+            // Not every thread has stopped yet (one may be in the kernel on a slow disk; a hostile worker may keep
+            // one from stopping): give up after a while, and let it go on.
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(XenError::Os {
+                    what: format!("the worker did not stop within {STOP_TIMEOUT:?} to have its grant maps counted"),
+                    errno: libc::EAGAIN,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -275,6 +372,7 @@ pub fn mapped_pages_of(maps: &str, identity: (u64, u64)) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
 
     /// A grant device whose mappings the test sets: the registrations made and dropped, the worker's mappings
@@ -298,7 +396,8 @@ mod tests {
             // As gntdev: the lowest free range of offsets.
             let mut index = 0;
             for &(i, pages) in &log.live {
-                if index + (refs.len() * XEN_PAGE_SIZE) as u64 <= i {
+                // gntdev takes a gap only if it is strictly larger than the batch.
+                if index + ((refs.len() * XEN_PAGE_SIZE) as u64) < i {
                     break;
                 }
                 index = index.max(i + (pages * XEN_PAGE_SIZE) as u64);
@@ -309,11 +408,12 @@ mod tests {
             Ok(index)
         }
 
-        fn unregister(&self, index: u64, _pages: usize) {
+        fn unregister(&self, index: u64, _pages: usize) -> bool {
             let mut log = self.0.lock().expect("log");
             assert!(log.stopped, "a registration is dropped only with the worker stopped");
             log.live.retain(|&(i, _)| i != index);
             log.unregistered.push(index);
+            true
         }
 
         fn stop(&mut self) -> Result<(), XenError> {
@@ -356,10 +456,43 @@ mod tests {
         assert!(!log.lock().expect("log").stopped, "the worker goes on");
         // It lets go of a entirely: room again, and a's registration is dropped.
         log.lock().expect("log").mapped = vec![(b, PAGE)];
-        let c = ledger.register(7, &refs).expect("40 + 40 fit");
+        std::thread::sleep(BACKOFF_FIRST * 2);
+        ledger.register(7, &refs).expect("40 + 40 fit");
         assert_eq!(log.lock().expect("log").unregistered, [a]);
-        assert_eq!(c, a, "gntdev hands the freed range out again");
         assert_eq!(ledger.charged(), 80);
+        assert!(ledger.misbehaved().is_none());
+    }
+
+    #[test]
+    fn a_mapping_named_by_an_offset_gntdev_cuts_to_32_bits_counts_for_its_registration() {
+        // gntdev reads an mmap's page offset as an int: offset I + 2^44 maps the registration at I.
+        let (mut ledger, log) = ledger(8);
+        let a = ledger.register(7, &[1; 8]).expect("a");
+        log.lock().expect("log").mapped = vec![(a + (1 << 44) + PAGE, PAGE)];
+        assert!(ledger.register(7, &[1]).is_err(), "a is still mapped: no room");
+        assert!(log.lock().expect("log").unregistered.is_empty(), "a is not dropped");
+        assert!(ledger.misbehaved().is_none(), "an alias gntdev accepts is no misbehaviour, only counted");
+    }
+
+    #[test]
+    fn a_mapping_of_no_registration_marks_the_worker_hostile() {
+        let (mut ledger, log) = ledger(8);
+        let a = ledger.register(7, &[1; 4]).expect("a");
+        // A mapping that reaches past its registration (gntdev would not make it) is of none.
+        log.lock().expect("log").mapped = vec![(a, 6 * PAGE)];
+        assert!(ledger.register(7, &[1; 8]).is_err());
+        assert!(ledger.misbehaved().is_some_and(|why| why.contains("no registration")), "{:?}", ledger.misbehaved());
+    }
+
+    #[test]
+    fn a_worker_at_its_budget_is_not_stopped_at_every_request() {
+        let (mut ledger, log) = ledger(8);
+        let a = ledger.register(7, &[1; 8]).expect("a");
+        log.lock().expect("log").mapped = vec![(a, 8 * PAGE)];
+        for _ in 0..100 {
+            assert!(ledger.register(7, &[1]).is_err());
+        }
+        assert!(log.lock().expect("log").reads <= 2, "backed off after a reclaim that freed nothing");
     }
 
     #[test]
@@ -380,8 +513,14 @@ mod tests {
             ledger.register(7, &[1, 2, 3, 4]).expect("always room");
         }
         let reads = log.lock().expect("log").reads;
-        assert_eq!(reads, 40_000 / RECLAIM_EVERY, "one stop per {RECLAIM_EVERY} pages registered");
-        assert!(ledger.charged() <= RECLAIM_EVERY, "what it left registered is dropped: {}", ledger.charged());
+        assert_eq!(reads, 10_000 / RECLAIM_EVERY_REGISTRATIONS, "one stop per {RECLAIM_EVERY_REGISTRATIONS} maps");
+        assert!(ledger.charged() <= 4 * RECLAIM_EVERY_REGISTRATIONS, "the rest was dropped: {}", ledger.charged());
+        // Large maps: one stop per RECLAIM_EVERY pages.
+        let before = log.lock().expect("log").reads;
+        for _ in 0..64 {
+            ledger.register(7, &[1; 1024]).expect("always room");
+        }
+        assert_eq!(log.lock().expect("log").reads - before, 64 * 1024 / RECLAIM_EVERY);
     }
 
     #[test]
@@ -428,5 +567,63 @@ mod tests {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
         assert!(mappings_of(&maps, (meta.dev(), meta.ino())).is_empty());
         assert!(mappings_of("garbage\n00-zz r 0 0:0 1\n", (0, 1)).is_empty());
+    }
+
+    /// The state letter of process `pid` (`/proc/<pid>/stat`'s third field).
+    fn state(pid: libc::pid_t) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).expect("state")
+    }
+
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // a few pages
+    fn a_real_worker_is_stopped_read_and_resumed_and_its_end_is_still_reaped() {
+        let file = tempfile::tempfile().expect("file");
+        file.set_len(16 * PAGE).expect("size");
+        let (mut go, child_end) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let fd = file.as_raw_fd();
+        // SAFETY: the child makes only async-signal-safe calls (mmap, read, write, _exit) before it exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: as above; the mappings are the child's own and end with it.
+            unsafe {
+                let a = libc::mmap(std::ptr::null_mut(), 2 * PAGE as usize, libc::PROT_READ, libc::MAP_SHARED, fd, 0);
+                let b = libc::mmap(
+                    std::ptr::null_mut(),
+                    3 * PAGE as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    (4 * PAGE) as libc::off_t,
+                );
+                let ready = u8::from(a != libc::MAP_FAILED && b != libc::MAP_FAILED);
+                libc::write(child_end.as_raw_fd(), std::ptr::addr_of!(ready).cast(), 1);
+                let mut byte = 0u8;
+                libc::read(child_end.as_raw_fd(), std::ptr::addr_of_mut!(byte).cast(), 1);
+                libc::_exit(7);
+            }
+        }
+        let mut ready = [0u8];
+        go.read_exact(&mut ready).expect("the child mapped");
+        assert_eq!(ready, [1]);
+        let mut device = WorkerGntDev::new(file.try_clone().expect("dup"), pid as u32).expect("device");
+        device.stop().expect("stopped");
+        assert_eq!(state(pid), 'T', "stopped");
+        let mut mapped = device.mapped().expect("map read");
+        mapped.sort_unstable();
+        assert_eq!(mapped, [(0, 2 * PAGE), (4 * PAGE, 3 * PAGE)]);
+        device.resume();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(pid) == 'T' {
+            assert!(Instant::now() < deadline, "resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go.write_all(&[0]).expect("let it end");
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid, "the stop left its end to be reaped");
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7);
+        assert!(device.stop().is_err(), "a worker that ended is not stopped");
     }
 }

@@ -38,6 +38,7 @@ const BUDGET: u64 = 64;
 struct TestGrants {
     log: Registered,
     mapped: Arc<Mutex<Vec<(u64, u64)>>>,
+    dropped: Arc<Mutex<Vec<u64>>>,
 }
 
 /// The offset of the `n`th registration (from 1).
@@ -55,7 +56,10 @@ impl WorkerGrantDevice for TestGrants {
         Ok(offset(log.len() as u64))
     }
 
-    fn unregister(&self, _index: u64, _pages: usize) {}
+    fn unregister(&self, index: u64, _pages: usize) -> bool {
+        self.dropped.lock().expect("dropped").push(index);
+        true
+    }
 
     fn stop(&mut self) -> Result<(), XenError> {
         Ok(())
@@ -72,6 +76,7 @@ struct Session {
     store: Arc<EmulatedXenStore>,
     registered: Registered,
     mapped: Arc<Mutex<Vec<(u64, u64)>>>,
+    dropped: Arc<Mutex<Vec<u64>>>,
     worker: BrokeredStore,
     channel: Arc<Channel>,
     broker: std::thread::JoinHandle<SessionEnd>,
@@ -98,6 +103,7 @@ fn session() -> Session {
     let registered = Registered::default();
     let record = registered.clone();
     let mapped = Arc::new(Mutex::new(Vec::new()));
+    let dropped = Arc::new(Mutex::new(Vec::new()));
     let broker = Broker {
         domid: 7,
         domain_path: DOM0.into(),
@@ -110,7 +116,10 @@ fn session() -> Session {
             control: Some((UnixListener::bind(&control).expect("bind"), control.to_string_lossy().into_owned())),
         }),
         evtchn: Box::new(|_| File::open("/dev/null").map_err(|e| XenError::os("open", &e))),
-        grants: GrantLedger::new(Box::new(TestGrants { log: record, mapped: mapped.clone() }), BUDGET),
+        grants: GrantLedger::new(
+            Box::new(TestGrants { log: record, mapped: mapped.clone(), dropped: dropped.clone() }),
+            BUDGET,
+        ),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
         send_timeout: Duration::from_millis(300),
@@ -122,7 +131,7 @@ fn session() -> Session {
     assert_eq!(path, control);
     drop(listener);
     let worker = BrokeredStore::new(channel.clone(), welcomed.events).expect("client");
-    Session { store, registered, mapped, worker, channel, broker, _dir: dir, image }
+    Session { store, registered, mapped, dropped, worker, channel, broker, _dir: dir, image }
 }
 
 #[test]
@@ -247,13 +256,19 @@ fn a_worker_holding_its_budget_of_grant_pages_is_refused_more() {
     assert_eq!(map(24).expect("answer"), Reply::Registered { index: offset(2) }, "40 + 24 fit in 64");
     *s.mapped.lock().expect("mapped") = vec![(offset(1), pages(40)), (offset(2), pages(24))];
     assert!(matches!(map(1).expect("answer"), Reply::Failed(WireError::Os { errno: libc::ENOSPC, .. })));
-    // It unmaps the first: room again.
+    // It unmaps the first: room again, once the backoff after the refusals is over.
     *s.mapped.lock().expect("mapped") = vec![(offset(2), pages(24))];
+    std::thread::sleep(Duration::from_millis(50));
     assert!(matches!(map(30).expect("answer"), Reply::Registered { .. }), "room again after unmapping");
     assert_eq!(s.registered.lock().expect("log").len(), 3, "refused maps were never registered");
+    assert_eq!(*s.dropped.lock().expect("dropped"), [offset(1)], "the unmapped registration, and only it");
+    // A mapping of no registration the broker made (an offset gntdev would not take): the worker is cut off.
+    s.mapped.lock().expect("mapped").push((offset(9), pages(1)));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(map(64).is_err(), "no answer: the session ended");
     drop(s.worker);
     drop(s.channel);
-    assert_eq!(s.broker.join().expect("broker"), SessionEnd::Closed);
+    assert!(matches!(s.broker.join().expect("broker"), SessionEnd::Misbehaved(why) if why.contains("no registration")));
 }
 
 fn transport_xen_page() -> u64 {
@@ -332,7 +347,10 @@ fn a_worker_that_sends_garbage_is_cut_off() {
             control: None,
         }),
         evtchn: Box::new(|_| Err(XenError::Again)),
-        grants: GrantLedger::new(Box::new(TestGrants { log: Registered::default(), mapped: Arc::default() }), 1024),
+        grants: GrantLedger::new(
+            Box::new(TestGrants { log: Registered::default(), mapped: Arc::default(), dropped: Arc::default() }),
+            1024,
+        ),
         disks: Arc::new(LocalDiskOpener),
         direct_io: DirectIo::Auto,
         send_timeout: Duration::from_millis(300),
