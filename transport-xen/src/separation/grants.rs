@@ -11,16 +11,27 @@
 //! - **Only the broker registers and unregisters.** The worker's filter refuses both calls; it asks for maps
 //!   ([`Request::MapGrants`](super::wire::Request)) and mmaps and munmaps what it got. What the worker holds is
 //!   therefore at most the registrations the broker made and has not dropped: the ledger's charge.
-//! - **A registration is dropped once nothing of it is mapped.** When a new registration would pass the budget,
-//!   or every [`RECLAIM_EVERY`] pages registered, the broker stops the worker (`SIGSTOP`, waited for), reads its
-//!   memory map (`/proc/<pid>/maps`, opened when the worker started, while it could still be read), drops every
-//!   registration no piece of which is mapped (a piece keeps its file offset, inside its registration's range),
-//!   and lets the worker go on (`SIGCONT`). Stopped, the worker can neither hide a mapping from the read (move it
-//!   behind the read's position) nor map what is being dropped; dropped, a registration can no longer be mapped.
-//!   A map that still finds no room is refused (`ENOSPC`): its own guest's I/O fails, nobody else's.
+//! - **A registration is dropped once nothing of it is mapped.** When a new registration would pass the budget
+//!   (then with a backoff while that frees nothing), or every [`RECLAIM_EVERY_REGISTRATIONS`] registrations or
+//!   [`RECLAIM_EVERY`] pages, the broker stops the worker (`SIGSTOP`, waited for at most [`STOP_TIMEOUT`]),
+//!   reads its memory map (`/proc/<pid>/maps`, opened when the worker started, while it could still be read),
+//!   drops every registration no piece of which is mapped (a piece keeps its file offset, inside its
+//!   registration's range; offsets are compared as gntdev reads them, cut to 32 bits of pages), and lets the
+//!   worker go on (`SIGCONT`). Stopped, the worker can neither hide a mapping from the read (move it behind the
+//!   read's position) nor map what is being dropped; dropped, a registration can no longer be mapped. A map that
+//!   still finds no room is refused (`ENOSPC`): its own guest's I/O fails, nobody else's. A mapping of the
+//!   device that is of no registration ends the worker's session.
+//! - **What the worker cannot do to that**: its filter refuses `CLONE_VFORK` and every signal to itself but
+//!   `SIGABRT` and `SIGSYS` (either could keep a stop from completing), and mmap offsets and lengths gntdev
+//!   would cut to 32 bits.
 //!
 //! A worker that maps and unmaps per request (a frontend without persistent grants) leaves registrations behind
-//! until the next reclaim: at most [`RECLAIM_EVERY`] pages, and a stop of a few hundred microseconds each time.
+//! until the next reclaim: at most 256 of them (gntdev keeps an open file's registrations in a list that each
+//! registration, mmap and drop walks, so a longer one costs every request).
+//!
+//! On a PV backend domain each grant page a worker maps takes two maptrack entries (its user mapping and the
+//! kernel's). Kernels before 6.1 (5.15.75 among the stable ones) leak the grants of a gntdev mapping split by a
+//! partial unmap, outside any budget.
 
 use std::collections::BTreeMap;
 use std::fs::File;
