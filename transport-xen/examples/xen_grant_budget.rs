@@ -101,6 +101,8 @@ fn run() -> Result<String, XenError> {
     let piece_intact = tell(Order::Check { slot: 1 });
     // The worker lets go of a: room again, and the worker, stopped and resumed meanwhile, maps what it gets.
     let unmapped_a = tell(Order::Unmap { slot: 0 });
+    // After a refusal the ledger looks again only after a short backoff (10 ms, doubling while full).
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let c = ledger.register(0, &refs[8..12]);
     let room_after_unmap = c.is_ok();
     let c_reused_a = c.as_ref().is_ok_and(|&c| c == a);
