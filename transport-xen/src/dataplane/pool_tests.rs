@@ -99,6 +99,29 @@ impl RingTask for OneRead {
     }
 }
 
+/// A [`OneRead`] of `lane` to hand to a pool thread, built there (the iovec array holds a raw pointer, which is
+/// not `Send`).
+fn one_read(
+    lane: UringLane,
+    read: Arc<AtomicBool>,
+    within_turn: Option<Arc<AtomicBool>>,
+    stop: Arc<EventFd>,
+) -> NewRing {
+    Box::new(move || {
+        let task = OneRead {
+            lane,
+            buf: vec![0; 4096],
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
+            started: false,
+            read,
+            within_turn,
+            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            stop,
+        };
+        Some(Box::new(task) as Box<dyn RingTask>)
+    })
+}
+
 #[test]
 fn a_lane_given_up_off_the_thread_leaves_the_file_table_without_waiting_for_an_event() {
     let (dir_a, dir_b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
@@ -113,22 +136,7 @@ fn a_lane_given_up_off_the_thread_leaves_the_file_table_without_waiting_for_an_e
     assert!(registered(&path_b));
     // Queue a starts on the thread, whose first submission enables the ring.
     let (read, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
-    let (read2, stop2) = (read.clone(), stop.clone());
-    // Built on the pool thread (the iovec array holds a raw pointer, which is not `Send`).
-    let build = move || {
-        let task = OneRead {
-            lane: lane_a,
-            buf: vec![0; 4096],
-            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
-            started: false,
-            read: read2,
-            within_turn: None,
-            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            stop: stop2,
-        };
-        Some(Box::new(task) as Box<dyn RingTask>)
-    };
-    let handed = seat_a.hand_over(Box::new(build)).expect("handed");
+    let handed = seat_a.hand_over(one_read(lane_a, read.clone(), None, stop.clone())).expect("handed");
     wait_for("queue a's read on the pool thread", || read.load(Ordering::SeqCst));
     // Queue b's start fails on this thread after its lane was made: the lane goes here, where the kernel refuses
     // to change the enabled ring's file table, and the thread, with nothing to do, sleeps.
@@ -153,21 +161,9 @@ fn a_ring_alone_on_its_thread_submits_within_its_own_turn() {
     let seat = pool.seat(None).expect("seat");
     let lane = seat.engine(disk, 4).expect("lane");
     let (within, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
-    let (within2, stop2) = (within.clone(), stop.clone());
-    let build = move || {
-        let task = OneRead {
-            lane,
-            buf: vec![0; 4096],
-            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
-            started: false,
-            read: Arc::new(AtomicBool::new(false)),
-            within_turn: Some(within2),
-            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            stop: stop2,
-        };
-        Some(Box::new(task) as Box<dyn RingTask>)
-    };
-    let handed = seat.hand_over(Box::new(build)).expect("handed");
+    let handed = seat
+        .hand_over(one_read(lane, Arc::new(AtomicBool::new(false)), Some(within.clone()), stop.clone()))
+        .expect("handed");
     wait_for("the ring's first turn", || within.load(Ordering::SeqCst));
     stop.write(1).expect("stop");
     handed.wait_released();
@@ -194,21 +190,7 @@ fn rings_made_in_advance_serve_the_threads_started_later() {
     assert_eq!(pool.make_rings().expect("nothing to make"), 0, "every thread has its ring");
     // The ring serves on the thread that takes it.
     let (read, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
-    let (read2, stop2) = (read.clone(), stop.clone());
-    let build = move || {
-        let task = OneRead {
-            lane: lane_a,
-            buf: vec![0; 4096],
-            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
-            started: false,
-            read: read2,
-            within_turn: None,
-            idle: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            stop: stop2,
-        };
-        Some(Box::new(task) as Box<dyn RingTask>)
-    };
-    let handed = seat_a.hand_over(Box::new(build)).expect("handed");
+    let handed = seat_a.hand_over(one_read(lane_a, read.clone(), None, stop.clone())).expect("handed");
     wait_for("the read on the ring made in advance", || read.load(Ordering::SeqCst));
     stop.write(1).expect("stop");
     handed.wait_released();
