@@ -265,7 +265,6 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
         libc::SYS_getsockname,
         libc::SYS_getpeername,
         libc::SYS_eventfd2,
-        libc::SYS_fcntl,
         libc::SYS_dup,
         libc::SYS_dup3,
         libc::SYS_fstat,
@@ -282,6 +281,11 @@ fn process(rules: &mut Rules) -> anyhow::Result<()> {
     let thread = libc::CLONE_THREAD as u64;
     rules.when(libc::SYS_clone, vec![vec![masked(0, thread, thread)?, masked(0, libc::CLONE_VFORK as u64, 0)?]])?;
     rules.arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64])?;
+    // Descriptor and status flags, and duplicates (std's `try_clone`); never an owner or a signal for a
+    // descriptor's events (F_SETOWN, F_SETSIG), which would let its guest's notifications signal the process
+    // (a SIGCONT cutting short its supervisor's stop, say).
+    let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC];
+    rules.arg_in(libc::SYS_fcntl, 1, &fcntl.map(|c| u64::from(c.unsigned_abs())))?;
     rules.arg_in(
         libc::SYS_ioctl,
         1,

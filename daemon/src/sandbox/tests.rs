@@ -260,6 +260,15 @@ fn forbidden_or_allowed(action: &str, existing: PathBuf, evt: Option<EventFd>, h
             // SAFETY: a clone the kernel refuses, or the filter traps; nothing runs in a new task.
             unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_THREAD | libc::CLONE_VFORK, 0, 0, 0, 0) };
         }
+        "fcntl-setsig" => {
+            // SAFETY: an fcntl on a descriptor this child holds, expected to be refused.
+            // F_SETSIG (10, `<fcntl.h>` with _GNU_SOURCE; not in the libc crate).
+            unsafe { libc::fcntl(held.device.as_raw_fd(), 10, libc::SIGCONT) };
+        }
+        "fcntl-setown" => {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(held.device.as_raw_fd(), libc::F_SETOWN, libc::getpid()) };
+        }
         "self-sigcont" => {
             // SAFETY: SIGCONT to this running thread does nothing, if the filter lets it through.
             unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), libc::SIGCONT) };
@@ -430,6 +439,10 @@ fn forbidden_calls_end_the_process_with_sigsys_and_a_line_naming_them() {
     assert_refused("xen-guest vfork-thread", libc::SYS_clone, "clone");
     assert_refused("xen-guest self-sigcont", libc::SYS_tgkill, "tgkill");
     assert_refused("vhost-user vfork-thread", libc::SYS_clone, "clone");
+    for role in ["xen-guest", "vhost-user"] {
+        assert_refused(&format!("{role} fcntl-setsig"), libc::SYS_fcntl, "fcntl");
+        assert_refused(&format!("{role} fcntl-setown"), libc::SYS_fcntl, "fcntl");
+    }
 }
 
 /// Linux's gntdev lets any holder map or copy the grants of any domain that granted to this one: a worker
