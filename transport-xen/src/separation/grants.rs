@@ -22,8 +22,9 @@
 //!   still finds no room is refused (`ENOSPC`): its own guest's I/O fails, nobody else's. A mapping of the
 //!   device that is of no registration ends the worker's session.
 //! - **What the worker cannot do to that**: its filter refuses `CLONE_VFORK` and every signal to itself but
-//!   `SIGABRT` and `SIGSYS` (either could keep a stop from completing), and mmap offsets and lengths gntdev
-//!   would cut to 32 bits.
+//!   `SIGABRT` and `SIGSYS` (either could keep a stop from completing or end it early), an owner or a signal for
+//!   a descriptor's events (`F_SETOWN`, `F_SETSIG`: its guest's notifications could then send it `SIGCONT`), and
+//!   mmap offsets and lengths gntdev would cut to 32 bits.
 //!
 //! A worker that maps and unmaps per request (a frontend without persistent grants) leaves registrations behind
 //! until the next reclaim: at most 256 of them (gntdev keeps an open file's registrations in a list that each
