@@ -378,6 +378,17 @@ impl<L: BlkifLayout> FrontRing<L> {
     pub fn req_prod_pvt(&self) -> u32 {
         self.req_prod_pvt
     }
+
+    /// Our response consumer.
+    pub fn rsp_cons(&self) -> u32 {
+        self.rsp_cons
+    }
+
+    /// Whether the shared `rsp_prod` claims more responses than we have requests outstanding (what Linux
+    /// blkfront checks with `RING_RESPONSE_PROD_OVERFLOW`): a backend that broke the protocol.
+    pub fn responses_overflow(&self) -> bool {
+        self.rsp_prod().wrapping_sub(self.rsp_cons) > self.req_prod_pvt.wrapping_sub(self.rsp_cons)
+    }
 }
 
 /// Copies of [`MAX_REQUEST_SIZE`] bytes are used for both ABIs.

@@ -111,6 +111,18 @@ impl<L: BlkifLayout> RingFrontend<L> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::with_capacity(count);
         loop {
+            if self.ring.responses_overflow() {
+                let slots: Vec<String> = (0..self.ring.req_prod_pvt().min(8))
+                    .map(|i| format!("{:?}", &self.ring.response_bytes(i)[..12]))
+                    .collect();
+                return Err(format!(
+                    "the backend published responses up to {} while requests {}..{} were outstanding (slots {})",
+                    self.ring.rsp_prod(),
+                    self.ring.rsp_cons(),
+                    self.ring.req_prod_pvt(),
+                    slots.join(" ")
+                ));
+            }
             while let Some(r) = self.ring.take_response() {
                 out.push(r);
             }
