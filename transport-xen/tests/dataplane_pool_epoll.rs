@@ -27,7 +27,7 @@ fn extra_epolls(options: DataplaneOptions) -> isize {
     let mut bed = Bed::<X86_64>::new(BedConfig { options, ..BedConfig::default() });
     bed.stop();
     let before = epolls();
-    bed.dp = Some(bed.start().expect("data plane"));
+    bed.dp = Some(bed.restart().expect("data plane"));
     // Served: the worker was built.
     let (statuses, _) = bed.transfer(0, Some(&pattern(4096, 1)), 0, 8, Shape::Direct);
     assert_eq!(statuses, [RSP_OKAY]);

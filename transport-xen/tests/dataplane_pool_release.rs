@@ -73,12 +73,12 @@ fn stop_returns_after_the_pool_thread_freed_the_ring() {
     // Warm up: the pool thread, its io_uring and its tables exist and have their capacity.
     bed.stop();
     for _ in 0..2 {
-        bed.dp = Some(bed.start().expect("data plane"));
+        bed.dp = Some(bed.restart().expect("data plane"));
         bed.stop();
     }
     for cycle in 0..5 {
         let before = LIVE.load(Ordering::SeqCst);
-        let dp = bed.start().expect("data plane");
+        let dp = bed.restart().expect("data plane");
         assert!(LIVE.load(Ordering::SeqCst) > before, "a started data plane holds memory");
         dp.stop();
         let at_stop = LIVE.load(Ordering::SeqCst);

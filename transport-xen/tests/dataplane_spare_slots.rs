@@ -28,7 +28,7 @@ fn cycle(pool: &IoThreads, indirect: bool) -> usize {
     bed.stop();
     let data = pattern(32 * 4096, 5);
     let before = ALLOCATOR.allocations();
-    bed.dp = Some(bed.start().expect("data plane"));
+    bed.dp = Some(bed.restart().expect("data plane"));
     let (statuses, _) = ALLOCATOR.uncounted(|| bed.transfer(0, Some(&data), 0, 256, Shape::Direct));
     bed.stop();
     assert_eq!(statuses, [RSP_OKAY; 3]);

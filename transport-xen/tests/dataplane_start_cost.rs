@@ -41,7 +41,7 @@ fn bed(pool: &IoThreads, depth: u32, registry: bool) -> Bed<X86_64> {
 fn cycle(bed: &mut Bed<X86_64>) -> (usize, usize) {
     let data = pattern(4 * 4096, 3);
     let before = (ALLOCATOR.allocations(), ALLOCATOR.bytes());
-    bed.dp = Some(bed.start().expect("data plane"));
+    bed.dp = Some(bed.restart().expect("data plane"));
     let ((written, _), (read, back)) = ALLOCATOR.uncounted(|| {
         (bed.transfer(0, Some(&data), 0, 32, Shape::Direct), bed.transfer(0, None, 0, 32, Shape::Direct))
     });

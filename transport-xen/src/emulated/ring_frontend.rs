@@ -55,6 +55,18 @@ impl<L: BlkifLayout> RingFrontend<L> {
         Ok(RingFrontend { guest, ring, ring_pages, evtchn, port, backend })
     }
 
+    /// Initialise the shared ring again (`SHARED_RING_INIT`, our indexes back to 0), as a frontend does before it
+    /// connects again: a backend that attaches starts at index 0 (`BACK_RING_INIT`). Any response not taken yet
+    /// is gone.
+    pub fn reinit_ring(&mut self) -> Result<(), XenError> {
+        let pages = self.ring_pages.grefs.len();
+        let base = self.guest.page_ptr(self.ring_pages.first).ok_or_else(|| nomem("ring page"))?;
+        // SAFETY: as in `new`: the same pages, kept until this value is dropped.
+        self.ring = unsafe { FrontRing::<L>::init(base, pages * XEN_PAGE_SIZE) }
+            .map_err(|e| XenError::Protocol { what: "ring", detail: e.to_string() })?;
+        Ok(())
+    }
+
     /// What the frontend publishes for this ring (`ring-ref*`, `event-channel`).
     pub fn queue_ring(&self) -> QueueRing {
         QueueRing { ring_refs: self.ring_pages.grefs.clone(), remote_port: self.port }

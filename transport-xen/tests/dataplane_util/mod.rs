@@ -140,6 +140,15 @@ impl<L: BlkifLayout> Bed<L> {
         }
     }
 
+    /// Connect again after [`stop`](Self::stop): the frontend initialises its rings again, as a reconnecting
+    /// frontend does (a new data plane starts at index 0), then a new data plane starts.
+    pub fn restart(&mut self) -> Result<Dataplane, transport_xen::dataplane::DataplaneError> {
+        for front in &mut self.fronts {
+            front.reinit_ring().expect("ring");
+        }
+        self.start()
+    }
+
     pub fn start(&self) -> Result<Dataplane, transport_xen::dataplane::DataplaneError> {
         self.start_over(Arc::new(self.host.grant_table(0)), &self.host.evtchn_opener(0))
     }
