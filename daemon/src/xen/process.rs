@@ -2,7 +2,7 @@
 //! The supervisor's process plumbing: how a worker is started (its descriptor 3, its process group, SIGTERM when
 //! the supervisor dies), signalled and waited for.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::process::Child;
 use std::time::Duration;
 
@@ -60,16 +60,7 @@ pub fn signal(child: &Child, signal: libc::c_int) {
     }
 }
 
-pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: a fresh descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+pub use transport_xen::separation::grants::pidfd_open;
 
 /// `poll(2)` until one of `fds` is readable or `timeout` passes.
 pub fn wait_readable(fds: &[RawFd], timeout: Duration) -> std::io::Result<()> {

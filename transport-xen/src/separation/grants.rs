@@ -48,9 +48,6 @@ use crate::xen::GntDev;
 /// queues with full persistent-grant caches (1 056 grants and up to 16 ring pages a queue).
 pub const DEFAULT_GRANT_PAGE_BUDGET: u64 = 65_536;
 
-/// Pages registered after which the broker drops what the worker no longer maps, budget or not (16 MiB).
-pub const RECLAIM_EVERY: u64 = 4096;
-
 /// A worker's grant device as its broker uses it.
 pub trait WorkerGrantDevice: Send {
     /// Register `refs` of `domid` on the worker's device; their offset in it (bytes).
@@ -85,6 +82,8 @@ pub struct GrantLedger {
 /// Registrations made after which the broker drops what the worker no longer maps, budget or not: gntdev keeps
 /// the registrations of an open file in a list that each registration, mmap and drop walks.
 pub const RECLAIM_EVERY_REGISTRATIONS: u64 = 256;
+/// Pages registered after which the broker does the same (16 MiB).
+pub const RECLAIM_EVERY: u64 = 4096;
 /// The longest wait for a worker to stop before a reclaim gives up (the map asked for is then refused).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
@@ -218,19 +217,15 @@ impl GrantLedger {
             // What it maps is not what we know of: drop nothing (the broker ends its session).
             return;
         }
-        let unmapped: Vec<(u64, usize)> = self
-            .registered
-            .iter()
-            .filter(|(index, _)| !in_use.contains(*index))
-            .map(|(&index, &pages)| (index, pages))
-            .collect();
-        for (index, pages) in unmapped {
+        let GrantLedger { device, registered, charged, .. } = self;
+        registered.retain(|&index, &mut pages| {
             // Charged still if the drop failed: the pages may be held.
-            if self.device.unregister(index, pages) {
-                self.registered.remove(&index);
-                self.charged -= pages as u64;
+            let dropped = !in_use.contains(&index) && device.unregister(index, pages);
+            if dropped {
+                *charged -= pages as u64;
             }
-        }
+            !dropped
+        });
     }
 
     /// Grant pages charged to the worker now.
@@ -263,16 +258,7 @@ impl WorkerGntDev {
         let meta = file.metadata().map_err(|e| XenError::os("gntdev: fstat", &e))?;
         let path = format!("/proc/{pid}/maps");
         let maps = File::open(&path).map_err(|e| XenError::os(format!("opening {path}"), &e))?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0) };
-        let Ok(fd) = i32::try_from(fd) else {
-            return Err(XenError::os(format!("pidfd_open {pid}"), &std::io::Error::last_os_error()));
-        };
-        if fd < 0 {
-            return Err(XenError::os(format!("pidfd_open {pid}"), &std::io::Error::last_os_error()));
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = pidfd_open(pid).map_err(|e| XenError::os(format!("pidfd_open {pid}"), &e))?;
         Ok(WorkerGntDev { device: GntDev::from_file(file), identity: (meta.dev(), meta.ino()), maps, pidfd })
     }
 
@@ -390,9 +376,17 @@ pub fn mappings_of(maps: &str, identity: (u64, u64)) -> Vec<(u64, u64)> {
     found
 }
 
-/// The pages of the mappings of the file `identity` in a memory map's text (see [`mappings_of`]).
-pub fn mapped_pages_of(maps: &str, identity: (u64, u64)) -> u64 {
-    mappings_of(maps, identity).iter().map(|&(_, len)| len).sum::<u64>().div_ceil(XEN_PAGE_SIZE as u64)
+/// A pidfd for process `pid` (`pidfd_open(2)`, Linux 5.3): signals and waits that cannot reach another process
+/// that took the number after it ended.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: a fresh descriptor the kernel just gave us, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

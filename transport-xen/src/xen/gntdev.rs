@@ -126,7 +126,7 @@ impl GntDev {
     pub fn map_registered(&self, index: u64, pages: usize, access: MapAccess) -> Result<GntMapping, XenError> {
         let mapped = self.mmap(index, pages, access);
         if mapped.is_err() {
-            self.unregister(index, pages);
+            unregister(&self.file, index, pages);
         }
         mapped.map(|mut mapping| {
             mapping.registered = true;
@@ -215,11 +215,6 @@ impl GntDev {
         Ok(u64::from_ne_bytes([lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]))
     }
 
-    /// `IOCTL_GNTDEV_UNMAP_GRANT_REF` for a registered batch (after any mmap of it is gone).
-    fn unregister(&self, index: u64, pages: usize) {
-        unregister(&self.file, index, pages);
-    }
-
     /// Drop the registration of the batch of `pages` at `index` (registered on this open file, by whichever
     /// process): fails if there is none. A mapping of it stays until its `munmap`.
     pub fn unregister_refs(&self, index: u64, pages: usize) -> std::io::Result<()> {
@@ -240,6 +235,8 @@ impl GntDev {
     }
 }
 
+/// `IOCTL_GNTDEV_UNMAP_GRANT_REF` for a batch this process registered (after any mmap of it is gone), logged if
+/// it fails.
 fn unregister(file: &File, index: u64, pages: usize) {
     if let Err(e) = unregister_batch(file, index, pages) {
         tracing::error!(%e, index, pages, "gntdev: unmap grant ref failed (grants stay mapped until close)");
