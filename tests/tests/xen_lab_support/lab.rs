@@ -81,6 +81,26 @@ impl Lab {
         (out.status.success(), text)
     }
 
+    /// `xen-lab build`, then the hypervisor the lab boots: `xen` (a multiboot ELF image, as `xen-lab build` unpacks
+    /// Debian's) in place of Debian's, or Debian's again when `xen` is `None` and an earlier run put another one
+    /// there (the build's stamp does not cover the hypervisor, so it is rebuilt then).
+    pub fn build_with_xen(&self, xen: Option<&Path>) -> (bool, String) {
+        let marker = self.dir.join("xen.replaced");
+        if xen.is_none() && marker.exists() {
+            let _ = std::fs::remove_file(self.dir.join("build.stamp"));
+            let _ = std::fs::remove_file(&marker);
+        }
+        let (ok, mut out) = self.xen_lab(&["build"]);
+        if let (true, Some(xen)) = (ok, xen) {
+            if let Err(e) = std::fs::copy(xen, self.dir.join("xen")) {
+                return (false, format!("{out}\ncopy {} into the lab: {e}", xen.display()));
+            }
+            let _ = std::fs::write(&marker, xen.to_string_lossy().as_bytes());
+            out.push_str(&format!("\nthe lab boots {}", xen.display()));
+        }
+        (ok, out)
+    }
+
     /// `xen-lab setup`, waiting for the package manager when another process holds its lock (another lab's
     /// setup, or an `apt-get` beside the test), up to [`SETUP_LOCK_WAIT`]: a held lock is not a failure of the
     /// lab.

@@ -48,7 +48,9 @@ export BLKBACKD=$BIN    # block-blkbackd's remove runs `$BLKBACKD xen --cleanup`
 now() { local u _; read -r u _ < /proc/uptime; echo "$u"; }
 note() { echo "proto-note: [$(now)] $*"; }
 check() { echo "proto-check: $*"; }
-console() { tr -d '\r' < "$OUT/console/guest-$1.log" 2>/dev/null; }
+# the guest's console; a guest that came in by `xl migrate` goes on in guest-NAME--incoming.log (xenconsoled names
+# the log when the domain appears, and the receiving domain is NAME--incoming until it starts)
+console() { cat "$OUT/console/guest-$1.log" "$OUT/console/guest-$1--incoming.log" 2>/dev/null | tr -d '\r'; }
 # the guest's PROTO-CHECK lines, prefixed for the Rust test
 guest_checks() { console "$1" | sed -n "s/^PROTO-CHECK: /proto-guest: $1 /p"; }
 # wait_console NAME PATTERN SECONDS: until the guest's console has a line matching PATTERN
@@ -215,7 +217,7 @@ fi
 # ------------------------------------------------------------------------------------------------ migrate
 if [[ $PHASES == *" migrate "* ]]; then
   truncate -s 64M /tmp/mig.img
-  mkcfg pmig 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=/tmp/mig.img'" "xenlab.proto=verify xenlab.vsize=${MIGRATE_VSIZE:-16M}"
+  mkcfg pmig 1 "'format=raw, vdev=xvdb, access=rw, script=$SCRIPT, target=/tmp/mig.img'" "xenlab.proto=verify xenlab.vsize=${MIGRATE_VSIZE:-48M}"
   create pmig
   D=$(xl domid pmig 2>/dev/null)
   wait_console pmig 'PROTO-CHECK: device' 120
@@ -233,9 +235,11 @@ if [[ $PHASES == *" migrate "* ]]; then
   t0=$(now); timeout 300 xl migrate -s '' pmig 'xl migrate-receive' > $OUT/xl-migrate.log 2>&1; rc=$?
   kill $SAMPLER 2>/dev/null; wait $SAMPLER 2>/dev/null
   D2=$(xl domid pmig 2>/dev/null)
+  # whether the guest's verify job was still running when the migration was over (it must span the handover)
+  job_done=$(console pmig | grep -c 'PROTO-CHECK: fio job=long')
   # Xen 4.17 as the lab runs it (Debian's build, in QEMU TCG) cannot put a PV guest in log-dirty mode
   unsupported=$(grep -c 'Failed to enable logdirty' $OUT/xl-migrate.log)
-  check "migrate rc=$rc logdirty_unsupported=$unsupported secs=$(secs_since $t0) domid=${D2:-none} loops=[$(loops_of /tmp/mig.img)] both_seen=$(grep -c ^both /tmp/mig.samples) both_loops=[$(grep ^both /tmp/mig.samples | tail -n1 | cut -d' ' -f2- )] old_worker_alive=$(worker_alive $W) old_vbds=[$(vbd_states $D)]"
+  check "migrate rc=$rc logdirty_unsupported=$unsupported secs=$(secs_since $t0) job_done=$job_done domid=${D2:-none} loops=[$(loops_of /tmp/mig.img)] both_seen=$(grep -c ^both /tmp/mig.samples) both_loops=[$(grep ^both /tmp/mig.samples | tail -n1 | cut -d' ' -f2- )] old_worker_alive=$(worker_alive $W) old_vbds=[$(vbd_states $D)]"
   wait_gone pmig 240 && check "gone name=pmig"
   sleep 1
   check "after-pmig loops=[$(loops_of /tmp/mig.img)] vbds=[$(vbd_states ${D2:-x})]"
