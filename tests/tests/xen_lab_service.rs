@@ -11,7 +11,9 @@
 //! * one metrics endpoint for every guest (`--control-dir /run/blkbackd --metrics-listen 127.0.0.1:9469`, fetched
 //!   over bash's /dev/tcp once every vbd is Connected: busybox-static's wget segfaults): each `# HELP` once, the three guests' domids, every worker's
 //!   statistics in the scrape (`blkbackd_xen_worker_scrape_ok` 1 ×3, read requests of each guest),
-//!   `blkbackd_xen_workers` 3; after the kill, `blkbackd_xen_worker_restarts_total` 1 for guest 2;
+//!   `blkbackd_xen_workers` 3, each guest's worker holding grant pages within its budget
+//!   (`blkbackd_xen_worker_grant_pages`, `_budget` 65536); after the kill, `blkbackd_xen_worker_restarts_total` 1
+//!   for guest 2;
 //! * guests 1 and 3 pass fio's crc32c verify job;
 //! * SIGKILL to guest 2's worker during its verify job (fio with a sync engine, `psync`: see `ENGINE2` in the
 //!   script for why): the supervisor starts a new worker for guest 2 within
@@ -106,6 +108,23 @@ fn judge_metrics(report: &Report, v: &mut Verdict) {
     v.expect(
         read_by == guests,
         format!("each guest's worker samples (blkbackd_requests_total op=read) are merged: {}", get(m, "reads")),
+    );
+    // The grant pages each broker charges its worker: every guest's worker holds some (its ring, its persistent
+    // grants), within the default budget.
+    let per_guest = |key: &str| -> BTreeMap<&str, u64> {
+        list(m, key).iter().filter_map(|e| e.split_once(':')).map(|(d, n)| (d, n.parse().unwrap_or(0))).collect()
+    };
+    let (pages, budget) = (per_guest("grant_pages"), per_guest("grant_budget"));
+    v.expect(
+        pages.keys().copied().collect::<BTreeSet<_>>() == guests
+            && pages.values().all(|&n| (1..=65_536).contains(&n))
+            && budget.len() == 3
+            && budget.values().all(|&n| n == 65_536),
+        format!(
+            "each guest's worker holds grant pages within its budget (blkbackd_xen_worker_grant_pages {}, budget {})",
+            get(m, "grant_pages"),
+            get(m, "grant_budget")
+        ),
     );
     let killed = report.check("created", Some("2")).map(|c| get(c, "domid"));
     if report.check("kill", Some("2")).is_some_and(|k| get(k, "pid") != "none") {

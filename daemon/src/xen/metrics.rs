@@ -18,8 +18,9 @@
 //! scrape, logs why, and sets `blkbackd_xen_worker_scrape_ok{domid}` to 0; other guests are not affected.
 //!
 //! The merged text has each `# HELP`/`# TYPE` once, with every guest's samples under it, then the supervisor's
-//! own series: `blkbackd_xen_workers`, `blkbackd_xen_vbds{domid}`, `blkbackd_xen_worker_restarts_total{domid}`
-//! and `blkbackd_xen_worker_scrape_ok{domid}`. A worker's counters live in the worker: when it dies and a new one
+//! own series: `blkbackd_xen_workers`, `blkbackd_xen_vbds{domid}`, `blkbackd_xen_worker_restarts_total{domid}`,
+//! `blkbackd_xen_worker_scrape_ok{domid}`, and the grant pages each worker's broker charges it
+//! (`blkbackd_xen_worker_grant_*{domid}`, read from the broker's ledger: a worker cannot change them). A worker's counters live in the worker: when it dies and a new one
 //! takes the guest over, that guest's `blkbackd_*_total` counters start again from 0. Prometheus treats that as a
 //! counter reset (`rate()` and `increase()` stay right); `blkbackd_xen_worker_restarts_total` says when it
 //! happened.
@@ -27,9 +28,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use device_blk::stats::Registry;
+use transport_xen::separation::grants::GrantFigures;
 use transport_xen::services::DomId;
 
 use super::scrape::{self, Limits, ScrapeError};
@@ -51,7 +54,21 @@ pub struct FleetView {
     pub vbds: BTreeMap<DomId, usize>,
     /// Each guest's worker deaths that were not asked for (while the guest has vbds).
     pub restarts: BTreeMap<DomId, u64>,
+    /// Each running worker's grant pages, as its broker keeps them (not with `--direct-grants`).
+    pub grants: BTreeMap<DomId, SharedGrantFigures>,
 }
+
+/// A worker's grant figures ([`GrantFigures`]), read at each scrape; views compare them by identity.
+#[derive(Clone, Debug)]
+pub struct SharedGrantFigures(pub Arc<GrantFigures>);
+
+impl PartialEq for SharedGrantFigures {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedGrantFigures {}
 
 /// The view the main loop updates and the endpoint reads.
 pub type SharedFleet = Arc<Mutex<FleetView>>;
@@ -249,6 +266,7 @@ impl Families {
             let n = view.restarts.get(domid).copied().unwrap_or(0);
             let _ = writeln!(out, "blkbackd_xen_worker_restarts_total{{domid=\"{domid}\"}} {n}");
         }
+        render_grants(&mut out, &view.grants);
         header(
             &mut out,
             "blkbackd_xen_worker_scrape_ok",
@@ -260,6 +278,49 @@ impl Families {
             let _ = writeln!(out, "blkbackd_xen_worker_scrape_ok{{domid=\"{domid}\"}} {}", u8::from(answer.is_ok()));
         }
         out
+    }
+}
+
+/// One of a ledger's figures.
+type GrantField = fn(&GrantFigures) -> &AtomicU64;
+
+/// Each worker's grant figures, as its broker keeps them: the only figures of a worker that do not come from the
+/// worker itself.
+fn render_grants(out: &mut String, grants: &BTreeMap<DomId, SharedGrantFigures>) {
+    let series: [(&str, Kind, &str, GrantField); 4] = [
+        (
+            "blkbackd_xen_worker_grant_pages",
+            Kind::Gauge,
+            "Grant pages the guest's worker holds (registered for it on the grant device and not dropped yet: each \
+             takes a page of this domain's memory).",
+            |f| &f.pages,
+        ),
+        (
+            "blkbackd_xen_worker_grant_pages_budget",
+            Kind::Gauge,
+            "Grant pages the guest's worker may hold (blkbackd xen --max-grant-pages).",
+            |f| &f.budget,
+        ),
+        (
+            "blkbackd_xen_worker_grant_maps_refused_total",
+            Kind::Counter,
+            "Grant maps refused because the guest's worker held its budget of grant pages (its requests failed). \
+             Starts again from 0 with a new worker.",
+            |f| &f.refused,
+        ),
+        (
+            "blkbackd_xen_worker_grant_reclaims_total",
+            Kind::Counter,
+            "Times the guest's worker was stopped for a moment so that the grant registrations it no longer maps \
+             could be dropped. Starts again from 0 with a new worker.",
+            |f| &f.reclaims,
+        ),
+    ];
+    for (name, kind, help, field) in series {
+        header(out, name, kind, help);
+        for (domid, figures) in grants {
+            let _ = writeln!(out, "{name}{{domid=\"{domid}\"}} {}", field(&figures.0).load(Ordering::Relaxed));
+        }
     }
 }
 

@@ -107,6 +107,7 @@ fn every_guest_is_merged_under_one_help_and_hostile_workers_are_left_out() {
         workers: (1..=7).map(|d| (d, socket(d))).collect(),
         vbds: [(1, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)].into(),
         restarts: [(2, 3)].into(),
+        grants: [(1, grant_figures(1056, 65_536, 0, 1)), (2, grant_figures(8, 8, 40, 6))].into(),
     };
     let families = Families::of_this_build();
     let text = scrape_and_render(&families, &Mutex::new(view), &Limits::DEFAULT);
@@ -165,6 +166,17 @@ fn every_guest_is_merged_under_one_help_and_hostile_workers_are_left_out() {
     assert_eq!(gauge(&samples, "blkbackd_xen_vbds{domid=1}"), 2.0);
     assert_eq!(gauge(&samples, "blkbackd_xen_worker_restarts_total{domid=2}"), 3.0);
     assert_eq!(gauge(&samples, "blkbackd_xen_worker_restarts_total{domid=1}"), 0.0);
+    // The grant pages each broker charges its worker (read from its ledger at the scrape, not from the worker).
+    for (series, one, two) in [
+        ("blkbackd_xen_worker_grant_pages", 1056.0, 8.0),
+        ("blkbackd_xen_worker_grant_pages_budget", 65_536.0, 8.0),
+        ("blkbackd_xen_worker_grant_maps_refused_total", 0.0, 40.0),
+        ("blkbackd_xen_worker_grant_reclaims_total", 1.0, 6.0),
+    ] {
+        assert_eq!(gauge(&samples, &format!("{series}{{domid=1}}")), one, "{text}");
+        assert_eq!(gauge(&samples, &format!("{series}{{domid=2}}")), two, "{text}");
+        assert!(!samples.contains_key(&format!("{series}{{domid=3}}")), "guest 3 has no ledger in the view");
+    }
     let ok: Vec<(DomId, f64)> =
         (1..=7).map(|d| (d, gauge(&samples, &format!("blkbackd_xen_worker_scrape_ok{{domid={d}}}")))).collect();
     assert_eq!(ok, [(1, 1.0), (2, 1.0), (3, 0.0), (4, 0.0), (5, 1.0), (6, 0.0), (7, 0.0)], "{text}");
@@ -176,6 +188,16 @@ fn every_guest_is_merged_under_one_help_and_hostile_workers_are_left_out() {
             "guest {d} has worker samples:\n{text}"
         );
     }
+}
+
+/// A ledger's figures as a broker would have left them.
+fn grant_figures(pages: u64, budget: u64, refused: u64, reclaims: u64) -> SharedGrantFigures {
+    let figures = GrantFigures::default();
+    let fields = [(&figures.pages, pages), (&figures.budget, budget), (&figures.refused, refused)];
+    for (field, value) in fields.into_iter().chain([(&figures.reclaims, reclaims)]) {
+        field.store(value, Ordering::Relaxed);
+    }
+    SharedGrantFigures(Arc::new(figures))
 }
 
 #[test]

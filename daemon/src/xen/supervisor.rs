@@ -36,14 +36,14 @@ use transport_xen::xenbus::device::LocalDiskOpener;
 use transport_xen::xenbus::{close_vbd_failing_io, VbdPaths, XenbusState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::metrics::{FleetView, SharedFleet};
+use super::metrics::{FleetView, SharedFleet, SharedGrantFigures};
 use super::process::{child_setup, pidfd_open, restricted_evtchn, signal, wait_readable};
 use crate::cli::{value_name, LogFormat, XenArgs};
 use crate::notify::Notifier;
 use crate::sandbox::UserSpec;
 use crate::signals::Shutdown;
 use transport_xen::separation::broker::{Broker, SessionEnd, Welcome, SEND_TIMEOUT};
-use transport_xen::separation::grants::{GrantLedger, WorkerGntDev};
+use transport_xen::separation::grants::{GrantFigures, GrantLedger, WorkerGntDev};
 use transport_xen::separation::wire;
 
 /// The system user the package creates for the workers.
@@ -117,6 +117,7 @@ pub fn run(args: &XenArgs, shutdown: &Arc<Shutdown>, log_format: LogFormat) -> a
         exe,
         worker_args,
         grant_budget: args.max_grant_pages,
+        direct_grants: args.serving.direct_grants,
         control_dir: args.control_dir.clone(),
         workers: BTreeMap::new(),
         restarts: BTreeMap::new(),
@@ -152,6 +153,8 @@ struct Worker {
     broker: Option<JoinHandle<SessionEnd>>,
     /// When we asked it to stop.
     stopping: Option<Instant>,
+    /// What its broker's grant ledger holds (`None` with `--direct-grants`: its maps do not go through it).
+    grants: Option<Arc<GrantFigures>>,
 }
 
 struct Service {
@@ -163,6 +166,8 @@ struct Service {
     worker_args: Vec<String>,
     /// The grant pages each worker may hold (`--max-grant-pages`).
     grant_budget: u64,
+    /// Workers map grants themselves (`--direct-grants`), not through their broker.
+    direct_grants: bool,
     control_dir: Option<PathBuf>,
     workers: BTreeMap<DomId, Worker>,
     restarts: BTreeMap<DomId, VecDeque<Instant>>,
@@ -260,6 +265,11 @@ impl Service {
             workers: self.workers.keys().filter_map(|&d| Some((d, self.control_path(d)?))).collect(),
             vbds: self.vbds.clone(),
             restarts: self.restart_totals.clone(),
+            grants: self
+                .workers
+                .iter()
+                .filter_map(|(&d, w)| Some((d, SharedGrantFigures(Arc::clone(w.grants.as_ref()?)))))
+                .collect(),
         };
         *fleet.lock().unwrap_or_else(PoisonError::into_inner) = view;
     }
@@ -416,6 +426,8 @@ impl Service {
             }
         };
         let pidfd = pidfd_open(child.id()).context("pidfd_open")?;
+        let ledger = GrantLedger::new(Box::new(device), self.grant_budget);
+        let grant_figures = (!self.direct_grants).then(|| ledger.figures());
         let broker = Broker {
             domid,
             domain_path: self.domain_path.clone(),
@@ -424,7 +436,7 @@ impl Service {
             events: supervisor_events,
             welcome: Some(Welcome { events: OwnedFd::from(worker_events), grants, control }),
             evtchn: Box::new(restricted_evtchn),
-            grants: GrantLedger::new(Box::new(device), self.grant_budget),
+            grants: ledger,
             disks: Arc::new(LocalDiskOpener),
             direct_io: device_blk::disk::DirectIo::Auto,
             send_timeout: SEND_TIMEOUT,
@@ -433,7 +445,7 @@ impl Service {
             .name(format!("broker-{domid}"))
             .spawn(move || broker.serve())
             .context("starting the broker thread")?;
-        Ok(Worker { child, pidfd, broker: Some(broker), stopping: None })
+        Ok(Worker { child, pidfd, broker: Some(broker), stopping: None, grants: grant_figures })
     }
 
     /// The listening control socket of `domid`'s worker, if `--control-dir` asked for one (a stale file from a

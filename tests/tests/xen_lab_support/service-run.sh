@@ -140,11 +140,17 @@ http_get() {
   exec 9<&-
   case "$status" in *" 200 "*) return 0 ;; *) echo "status: $status" >&2; return 9 ;; esac
 }
+# per_guest TEXT FAMILY: "domid:value," for each sample of FAMILY in TEXT (one per guest)
+per_guest() {
+  printf '%s\n' "$1" | awk -F'[{}]' -v f="$2" 'index($0, f "{") == 1 {
+      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); printf "%s:%s,", d, v[1] } }'
+}
 # metrics_check KEY: fetch the service's /metrics once and report what it holds: the distinct domid labels, the
 # HELP lines (each family once: help = help_distinct), blkbackd_xen_workers, how many workers' statistics the
-# scrape has, read requests per guest and worker restarts per guest
+# scrape has, read requests per guest, worker restarts per guest, and the grant pages each broker charges its
+# worker and its budget
 metrics_check() {
-  local key=$1 m rc helps names domids ndom workers ok reads restarts
+  local key=$1 m rc helps names domids ndom workers ok reads restarts gpages gbudget
   m=$(http_get "$METRICS" /metrics 2>"$OUT/metrics-$key.err"); rc=$?
   printf '%s\n' "$m" > "$OUT/metrics-$key.txt"
   helps=$(printf '%s\n' "$m" | grep -c '^# HELP ')
@@ -156,9 +162,10 @@ metrics_check() {
   reads=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_requests_total\{/ && /op="read"/ {
       if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); r[d] += v[1] } }
     END { for (d in r) printf "%s:%d,", d, r[d] }')
-  restarts=$(printf '%s\n' "$m" | awk -F'[{}]' '/^blkbackd_xen_worker_restarts_total\{/ {
-      if (match($2, /domid="[0-9]+"/)) { d = substr($2, RSTART + 7, RLENGTH - 8); split($3, v, " "); printf "%s:%s,", d, v[1] } }')
-  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) http_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}]"
+  restarts=$(per_guest "$m" blkbackd_xen_worker_restarts_total)
+  gpages=$(per_guest "$m" blkbackd_xen_worker_grant_pages)
+  gbudget=$(per_guest "$m" blkbackd_xen_worker_grant_pages_budget)
+  check "$key fetched=$([ "$rc" = 0 ] && [ -n "$m" ] && echo 1 || echo 0) http_rc=$rc bytes=${#m} domids=$ndom domid_list=[$domids] help=$helps help_distinct=$names workers=${workers:-none} scrape_ok=$ok reads=[${reads%,}] restarts=[${restarts%,}] grant_pages=[${gpages%,}] grant_budget=[${gbudget%,}]"
   [ "$rc" = 0 ] || sed 's/^/svc-note: http_get: /' "$OUT/metrics-$key.err"
 }
 alive() { xenstore-read "/local/domain/$1/name" >/dev/null 2>&1; }

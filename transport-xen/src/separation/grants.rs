@@ -39,6 +39,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::services::{DomId, GrantRef, XenError, XEN_PAGE_SIZE};
@@ -62,8 +64,23 @@ pub trait WorkerGrantDevice: Send {
     fn mapped(&mut self) -> Result<Vec<(u64, u64)>, XenError>;
 }
 
+/// What a worker's ledger holds and has done, for the service's metrics: updated by the ledger after every map it
+/// is asked for, read by any thread.
+#[derive(Debug, Default)]
+pub struct GrantFigures {
+    /// Grant pages charged to the worker now (its registrations not dropped).
+    pub pages: AtomicU64,
+    /// The grant pages it may hold.
+    pub budget: AtomicU64,
+    /// Maps refused because it held its budget (`ENOSPC`: its guest's requests fail).
+    pub refused: AtomicU64,
+    /// Times it was stopped so that what it no longer maps could be dropped.
+    pub reclaims: AtomicU64,
+}
+
 /// The grant pages one worker holds, kept within a budget (see the module's documentation).
 pub struct GrantLedger {
+    figures: Arc<GrantFigures>,
     device: Box<dyn WorkerGrantDevice>,
     budget: u64,
     /// The registrations made and not dropped: offset (bytes) → pages.
@@ -98,7 +115,10 @@ impl std::fmt::Debug for GrantLedger {
 impl GrantLedger {
     /// A ledger for the worker behind `device`, which may hold `budget` grant pages.
     pub fn new(device: Box<dyn WorkerGrantDevice>, budget: u64) -> GrantLedger {
+        let figures = Arc::new(GrantFigures::default());
+        figures.budget.store(budget, Ordering::Relaxed);
         GrantLedger {
+            figures,
             device,
             budget,
             registered: BTreeMap::new(),
@@ -114,6 +134,17 @@ impl GrantLedger {
     /// holds leaves no room for them. After an error, [`misbehaved`](Self::misbehaved) says whether the worker
     /// is to be stopped for good.
     pub fn register(&mut self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
+        let result = self.register_within_budget(domid, refs);
+        let figures = &self.figures;
+        figures.pages.store(self.charged, Ordering::Relaxed);
+        figures.reclaims.store(self.reclaims, Ordering::Relaxed);
+        if matches!(result, Err(XenError::Os { errno: libc::ENOSPC, .. })) {
+            figures.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn register_within_budget(&mut self, domid: DomId, refs: &[GrantRef]) -> Result<u64, XenError> {
         let wanted = refs.len() as u64;
         let over_budget = self.charged + wanted > self.budget;
         let periodic =
@@ -236,6 +267,11 @@ impl GrantLedger {
     /// How many times the worker was stopped to drop what it no longer maps.
     pub fn reclaims(&self) -> u64 {
         self.reclaims
+    }
+
+    /// The ledger's figures, as other threads read them.
+    pub fn figures(&self) -> Arc<GrantFigures> {
+        Arc::clone(&self.figures)
     }
 }
 

@@ -124,7 +124,20 @@ fn a_worker_at_its_budget_is_not_stopped_at_every_request() {
     }
     // A read at the first, then at most one per backoff period (10, 20, 40 ms, ...): a few, not 100, even on a
     // loaded machine.
-    assert!(log.lock().expect("log").reads <= 5, "backed off after a reclaim that freed nothing");
+    let reads = log.lock().expect("log").reads;
+    assert!(reads <= 5, "backed off after a reclaim that freed nothing");
+    // What the service's metrics read (another thread's view).
+    let figures = ledger.figures();
+    let read = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(read(&figures.pages), 8);
+    assert_eq!(read(&figures.budget), 8);
+    assert_eq!(read(&figures.refused), 100, "every refused map counted");
+    assert_eq!(read(&figures.reclaims), reads);
+    // Room again: the figures follow.
+    log.lock().expect("log").mapped.clear();
+    std::thread::sleep(BACKOFF_MAX + BACKOFF_FIRST);
+    ledger.register(7, &[1; 2]).expect("room once a is dropped");
+    assert_eq!((read(&figures.pages), read(&figures.refused)), (2, 100));
 }
 
 #[test]
