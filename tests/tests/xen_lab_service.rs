@@ -16,7 +16,9 @@
 //!   for guest 2;
 //! * guests 1 and 3 pass fio's crc32c verify job;
 //! * SIGKILL to guest 2's worker during its verify job (fio with a sync engine, `psync`: see `ENGINE2` in the
-//!   script for why): the supervisor starts a new worker for guest 2 within
+//!   script for why; 64 KiB blocks, so the requests the dead worker leaves are indirect ones, which must be
+//!   answered with their indirect operation or blkfront disables the disk): the supervisor starts a new worker
+//!   for guest 2 within
 //!   5 s; guest 2's fio passes or fails with I/O errors, but the guest powers off by itself (no hung domU);
 //! * the workers of guests that powered off end; `xl destroy` of guest 3: its worker is gone within 5 s;
 //! * SIGTERM to the service: exit code 0, no blkbackd process, gntdev mapping, open loop device, vbd other than

@@ -33,7 +33,11 @@ BIN=${BIN:-/mnt/host/bin/blkbackd}
 SVC_USER=${SVC_USER:-65534:65534}
 DISK_SIZE=${DISK_SIZE:-128M}
 VSIZE1=${VSIZE1:-8M}; RUNTIME1=${RUNTIME1:-15}
-VSIZE2=${VSIZE2:-16M}; RUNTIME2=${RUNTIME2:-15}     # a long verify job: the worker dies during it
+VSIZE2=${VSIZE2:-96M}; RUNTIME2=${RUNTIME2:-15}     # a long verify job: the worker dies during it
+# domU 2's block size: 64 KiB is 16 segments, more than a request holds, so blkfront sends indirect requests, and
+# the requests the dead worker leaves are indirect ones (answered with their indirect operation, which blkfront
+# checks: any other and it disables the disk)
+BS2=${BS2:-64k}
 VSIZE3=${VSIZE3:-8M}; RUNTIME3=${RUNTIME3:-900}    # runs until `xl destroy`
 KILL_DELAY=${KILL_DELAY:-4}                        # seconds into domU 2's verify job
 # domU 2's fio engine. Not libaio: once its worker dies, blkfront closes the disk and sets its size to 0, reads
@@ -204,20 +208,21 @@ status_raw service $SVC
 check "service-threads pid=$SVC seccomp=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^Seccomp:/ { printf "%s", $2 }')] capeff=[$(cat /proc/$SVC/task/*/status 2>/dev/null | awk '/^CapEff:/ { printf "%s ", $2 }')]"
 
 # ------------------------------------------------------------------ 2. three domUs at once
-declare -A VS RT ENG
+declare -A VS RT ENG BSZ
 VS[1]=$VSIZE1; RT[1]=$RUNTIME1; VS[2]=$VSIZE2; RT[2]=$RUNTIME2; VS[3]=$VSIZE3; RT[3]=$RUNTIME3
 ENG[1]=libaio; ENG[2]=$ENGINE2; ENG[3]=libaio
+BSZ[1]=4k; BSZ[2]=$BS2; BSZ[3]=4k
 T_CREATE=$(now)
 for n in $DOMUS; do
   mkdomcfg svc$n "'format=raw, vdev=xvdb, access=rw, backendtype=phy, script=block-userspace, target=${LOOP[$n]}'" \
-    "xenlab.runtime=${RT[$n]} xenlab.vsize=${VS[$n]} xenlab.ioengine=${ENG[$n]}"
+    "xenlab.runtime=${RT[$n]} xenlab.vsize=${VS[$n]} xenlab.ioengine=${ENG[$n]} xenlab.bs=${BSZ[$n]}"
   ( xl -vvv create /tmp/svc$n.cfg > "$OUT/xl-svc$n.log" 2>&1; echo $? > /tmp/xlrc-$n ) &
 done
 wait_xl() { local n; for n in $DOMUS; do while [ ! -e /tmp/xlrc-$n ]; do sleep 0.5; done; done; }
 wait_xl
 for n in $DOMUS; do
   DID[$n]=$(domid_name svc$n)
-  check "created domu=$n name=svc$n xl_rc=$(cat /tmp/xlrc-$n) domid=${DID[$n]:-none} loop=${LOOP[$n]} vsize=${VS[$n]} runtime=${RT[$n]} ioengine=${ENG[$n]}"
+  check "created domu=$n name=svc$n xl_rc=$(cat /tmp/xlrc-$n) domid=${DID[$n]:-none} loop=${LOOP[$n]} vsize=${VS[$n]} runtime=${RT[$n]} ioengine=${ENG[$n]} bs=${BSZ[$n]}"
   [ "$(cat /tmp/xlrc-$n)" = 0 ] || grep -a 'libxl: error' "$OUT/xl-svc$n.log" | head -3 | sed 's/^/svc-note: /'
 done
 note "xl create x3 took $(since $T_CREATE) s"

@@ -79,6 +79,14 @@ impl RawRequest {
     pub fn operation(&self) -> u8 {
         self.u8_at(REQ_OPERATION)
     }
+    /// The operation a response to this request carries: its `operation`, or for an indirect request its
+    /// `indirect_op` (Linux blkfront, since the XSA-396 hardening, disables the device on any other).
+    pub fn response_operation(&self) -> u8 {
+        match self.operation() {
+            OP_INDIRECT => self.u8_at(REQ_BYTE1),
+            op => op,
+        }
+    }
     /// The request's `id` (at the same place in every variant).
     pub fn id<L: BlkifLayout>(&self) -> u64 {
         self.u64_at(L::REQ_ID)

@@ -218,9 +218,10 @@ impl<L: BlkifLayout> BackRing<L> {
         true
     }
 
-    /// Answer every request the frontend queued that we have not consumed with `BLKIF_RSP_ERROR` (its id and
-    /// operation echoed), for a ring that is being given up: a frontend waits for an answer to every request it
-    /// queued (Linux blkfront's removal of the disk waits for them forever). At most a ring's worth, as
+    /// Answer every request the frontend queued that we have not consumed with `BLKIF_RSP_ERROR` (its id and its
+    /// response operation echoed: an indirect request's `indirect_op`), for a ring that is being given up: a
+    /// frontend waits for an answer to every request it queued (Linux blkfront's removal of the disk waits for
+    /// them forever). At most a ring's worth, as
     /// [`unconsumed`](Self::unconsumed) bounds it; a bogus producer is its error and nothing is answered.
     /// Returns how many were answered; [`push_responses`](Self::push_responses) then says whether to notify.
     pub fn fail_unconsumed(&mut self) -> Result<u32, RingError> {
@@ -231,7 +232,8 @@ impl<L: BlkifLayout> BackRing<L> {
             if !self.next_request(&mut raw) {
                 break;
             }
-            self.put_response(&BlkifResponse { id: raw.id::<L>(), operation: raw.operation(), status: RSP_ERROR });
+            let operation = raw.response_operation();
+            self.put_response(&BlkifResponse { id: raw.id::<L>(), operation, status: RSP_ERROR });
             answered += 1;
         }
         Ok(answered)

@@ -108,7 +108,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::blkif::{BlkifResponse, RawRequest, OP_READ, OP_WRITE, RSP_ERROR};
+    use crate::blkif::{BlkifResponse, RawRequest, OP_INDIRECT, OP_READ, OP_WRITE, RSP_ERROR};
     use crate::emulated::{EmulatedHost, RingFrontend};
 
     fn request<L: BlkifLayout>(op: u8, id: u64) -> RawRequest {
@@ -158,7 +158,9 @@ mod tests {
         // It answered both and pushed.
         dead_backend::<L>(&host, &fe, |_| true, true);
         assert_eq!(fe.wait_responses(2, Duration::from_secs(5)).expect("first answers").len(), 2);
-        let left: Vec<RawRequest> = (0..3).map(|i| request::<L>(OP_WRITE, 7 + i)).collect();
+        // The last one indirect: answered with its indirect operation, as blkfront checks (a write here).
+        let left: Vec<RawRequest> =
+            (0..3).map(|i| request::<L>(if i == 2 { OP_INDIRECT } else { OP_WRITE }, 7 + i)).collect();
         assert_eq!(fe.submit(&left).expect("submit"), 3);
         let config = one_queue(&fe, abi);
         let answered =
