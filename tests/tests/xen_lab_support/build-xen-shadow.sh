@@ -33,7 +33,7 @@ for f in "$CACHE"/xen-$XENVER.*-shadow; do
   [ -s "$f" ] && { say "cached: $f"; echo "$f"; exit 0; }
 done
 
-# versions VERSION...: the 4.17 source versions apt knows, newest first
+# source_versions: the 4.17 source versions apt knows, newest first
 source_versions() { apt-cache showsrc xen 2>/dev/null | sed -n "s/^Version: \($XENVER\.\)/\1/p" | sort -rV | uniq; }
 
 if [ -z "$(source_versions)" ]; then
