@@ -20,10 +20,10 @@
 //! The merged text has each `# HELP`/`# TYPE` once, with every guest's samples under it, then the supervisor's
 //! own series: `blkbackd_xen_workers`, `blkbackd_xen_vbds{domid}`, `blkbackd_xen_worker_restarts_total{domid}`,
 //! `blkbackd_xen_worker_scrape_ok{domid}`, and the grant pages each worker's broker charges it
-//! (`blkbackd_xen_worker_grant_*{domid}`, read from the broker's ledger: a worker cannot change them). A worker's counters live in the worker: when it dies and a new one
-//! takes the guest over, that guest's `blkbackd_*_total` counters start again from 0. Prometheus treats that as a
-//! counter reset (`rate()` and `increase()` stay right); `blkbackd_xen_worker_restarts_total` says when it
-//! happened.
+//! (`blkbackd_xen_worker_grant_*{domid}`, read from the broker's ledger: a worker cannot change them). A worker's
+//! counters live in the worker: when it dies and a new one takes the guest over, that guest's `blkbackd_*_total`
+//! counters start again from 0. Prometheus treats that as a counter reset (`rate()` and `increase()` stay right);
+//! `blkbackd_xen_worker_restarts_total` says when it happened.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;

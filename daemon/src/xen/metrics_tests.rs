@@ -193,8 +193,13 @@ fn every_guest_is_merged_under_one_help_and_hostile_workers_are_left_out() {
 /// A ledger's figures as a broker would have left them.
 fn grant_figures(pages: u64, budget: u64, refused: u64, reclaims: u64) -> SharedGrantFigures {
     let figures = GrantFigures::default();
-    let fields = [(&figures.pages, pages), (&figures.budget, budget), (&figures.refused, refused)];
-    for (field, value) in fields.into_iter().chain([(&figures.reclaims, reclaims)]) {
+    let fields = [
+        (&figures.pages, pages),
+        (&figures.budget, budget),
+        (&figures.refused, refused),
+        (&figures.reclaims, reclaims),
+    ];
+    for (field, value) in fields {
         field.store(value, Ordering::Relaxed);
     }
     SharedGrantFigures(Arc::new(figures))

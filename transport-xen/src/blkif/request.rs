@@ -297,7 +297,7 @@ impl BlkifRequest {
             }
             OP_INDIRECT if max_indirect > 0 => {
                 // The response carries the indirect operation, as Linux blkback answers (and blkfront expects).
-                self.operation = raw.u8_at(REQ_BYTE1);
+                self.operation = raw.response_operation();
                 self.op = match raw.u8_at(REQ_BYTE1) {
                     OP_READ => BlkifOp::Read,
                     OP_WRITE => BlkifOp::Write,
