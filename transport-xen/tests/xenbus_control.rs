@@ -6,7 +6,7 @@
 
 mod xenbus_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use transport_xen::connect::{BlkifAbi, QueueRing};
 use transport_xen::frontend::handshake::{self, Publication, PublishedRing};
@@ -131,6 +131,50 @@ fn frontend_close_stops_the_data_plane_and_reconnects_while_online() {
     bed.wait_state(id, XenbusState::Connected);
     assert_eq!(bed.rings.started(1).len(), 2);
     assert_eq!(bed.rings.live(), 1);
+}
+
+/// A closing Linux blkfront may hold requests back until the backend's next event (see the backend's `closing`):
+/// on frontend Closed the rings are kicked and served while they are busy, then stopped, and Closed is written.
+#[test]
+fn a_closed_frontends_rings_are_kicked_and_served_until_quiet() {
+    let bed = Bed::new();
+    let _g = bed.guest(1);
+    let (id, guest) = connect_image(&bed, 1);
+    handshake::switch_state(&guest, &bed.frontend(id), XenbusState::Closed).expect("closed");
+    let deadline = Instant::now() + T;
+    while bed.rings.kicks().is_empty() {
+        assert!(Instant::now() < deadline, "the rings were never kicked");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(bed.rings.kicks(), vec![1]);
+    // Requests keep coming for a while (well within the longest it is served): the rings keep being served.
+    let busy_until = Instant::now() + Duration::from_millis(900);
+    while Instant::now() < busy_until {
+        bed.rings.bump_activity();
+        assert_eq!(bed.rings.live(), 1, "stopped while the frontend's requests were still coming");
+        assert_ne!(bed.backend_node(id, "state").as_deref(), Some(&b"6"[..]), "Closed while still served");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // Quiet: stopped, then Closed; kicked once.
+    bed.wait_state(id, XenbusState::Closed);
+    assert_eq!(bed.rings.events().last(), Some(&RingEvent::Stopped(1)));
+    assert_eq!(bed.rings.kicks(), vec![1]);
+}
+
+/// However busy a Closed frontend keeps its rings, they are stopped after a bounded time.
+#[test]
+fn a_closed_frontend_that_keeps_its_rings_busy_cannot_keep_them_served() {
+    let bed = Bed::new();
+    let _g = bed.guest(1);
+    let (id, guest) = connect_image(&bed, 1);
+    handshake::switch_state(&guest, &bed.frontend(id), XenbusState::Closed).expect("closed");
+    let deadline = Instant::now() + T;
+    while bed.rings.live() != 0 {
+        assert!(Instant::now() < deadline, "a busy Closed frontend kept its rings served");
+        bed.rings.bump_activity();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bed.wait_state(id, XenbusState::Closed);
 }
 
 #[test]

@@ -183,8 +183,13 @@ pub fn retry_while_locked(setup: impl Fn() -> (bool, String)) -> (bool, String) 
     }
 }
 
-/// The release blkbackd of this workspace, built now (its target dir is the one this test was built in).
+/// The release blkbackd of this workspace, built now (its target dir is the one this test was built in); or the
+/// binary `BLKBACKD_LAB_BIN` names (another commit's, to compare one lab run with another).
 pub fn release_blkbackd() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BLKBACKD_LAB_BIN") {
+        eprintln!("lab: blkbackd from BLKBACKD_LAB_BIN={}", bin.to_string_lossy());
+        return PathBuf::from(bin);
+    }
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = Command::new(cargo)

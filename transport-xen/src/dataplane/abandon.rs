@@ -76,15 +76,18 @@ fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
     let mut channel = evtchn.open().map_err(evtchn_err)?;
     let port = channel.bind_interdomain(domid, ring.remote_port).map_err(evtchn_err)?;
     let mut answered = 0;
+    let mut first = true;
     let result = loop {
         let avail = match back.fail_unconsumed() {
             Ok(n) => n as usize,
             Err(source) => break Err(DataplaneError::Ring { queue: index, cause: source }),
         };
         answered += avail;
-        if avail > 0 {
+        if avail > 0 || std::mem::take(&mut first) {
             back.push_responses();
-            // Always: whatever event index the frontend left, it must look at the ring now.
+            // Always, and once even with nothing to answer: whatever event index the frontend left, it must look
+            // at the ring now (a closing Linux blkfront restarts the queues it stopped only on an event, and
+            // requests held there reach the ring only then: see the worker's lingering).
             if let Err(e) = channel.notify(port) {
                 tracing::warn!(queue = index, error = %e, "evtchn notify failed");
             }
@@ -201,6 +204,24 @@ mod tests {
         let got: Vec<(u64, u8, i16)> = responses.iter().map(|r| (r.id, r.operation, r.status)).collect();
         let expected = vec![(20, OP_READ, 0), (21, OP_WRITE, 0), (22, OP_READ, RSP_ERROR), (23, OP_WRITE, RSP_ERROR)];
         assert_eq!(got, expected, "each answer carries its own request's id and operation");
+    }
+
+    /// Nothing left to answer: the frontend still gets an event (requests it held back reach the ring only then).
+    #[test]
+    fn the_frontend_is_notified_even_with_nothing_left() {
+        let host = EmulatedHost::new().expect("host");
+        let guest = Arc::new(host.add_guest(5, 64).expect("guest"));
+        let mut fe = RingFrontend::<X86_64>::new(guest, 0, 0).expect("ring");
+        assert_eq!(fe.submit(&[request::<X86_64>(OP_READ, 1)]).expect("submit"), 1);
+        // It answered and published, and died before its event.
+        dead_backend::<X86_64>(&host, &fe, |_| true, true);
+        while fe.wait_event(Duration::from_millis(20)) {}
+        let config = one_queue(&fe, BlkifAbi::X86_64);
+        let answered =
+            fail_unanswered(&host.grant_table(0), &host.evtchn_opener(0), &config, Duration::ZERO).expect("answered");
+        assert_eq!(answered, 0);
+        assert!(fe.wait_event(Duration::from_secs(5)), "no event");
+        assert_eq!(fe.wait_responses(1, Duration::ZERO).expect("the answer it left").len(), 1);
     }
 
     #[test]

@@ -32,6 +32,7 @@
 pub mod abandon;
 mod mapped_ring;
 mod pool;
+mod signals;
 mod slot;
 mod worker;
 
@@ -269,7 +270,7 @@ impl FatalState {
 #[derive(Debug)]
 struct QueueHandle {
     engine: &'static str,
-    stop: Arc<EventFd>,
+    signals: Arc<signals::QueueSignals>,
     /// The queue's own worker thread, or (on an I/O thread pool) its ring as handed to the pool thread.
     thread: Option<JoinHandle<()>>,
     handed: Option<pool::Handed>,
@@ -430,7 +431,7 @@ impl Dataplane {
             registry.register(labels, queue.stats());
         }
         let engine_name = queue.engine_name();
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| DataplaneError::Io {
+        let signals = Arc::new(signals::QueueSignals::new().map_err(|source| DataplaneError::Io {
             queue: index,
             what: "eventfd",
             cause: source,
@@ -454,7 +455,7 @@ impl Dataplane {
                 poll: std::time::Duration::from_micros(u64::from(options.poll_us.min(MAX_POLL_US))),
                 shared: options.io_threads.is_some(),
             },
-            stop: stop.clone(),
+            signals: signals.clone(),
             fatal: self.fatal.clone(),
             stats: stats.clone(),
             init: options.worker_init.clone(),
@@ -467,13 +468,13 @@ impl Dataplane {
             let setup = QueueSetup { init: None, ..setup };
             let ring: pool::NewRing = Box::new(move || span.in_scope(|| worker::task(setup)));
             let handed = seat.hand_over(ring);
-            return Ok(QueueHandle { stop, thread: None, handed, stats, engine: engine_name });
+            return Ok(QueueHandle { signals, thread: None, handed, stats, engine: engine_name });
         }
         let thread = std::thread::Builder::new()
             .name(format!("blkif-d{domid}-q{index}"))
             .spawn(move || span.in_scope(|| worker::run(setup)))
             .map_err(spawn_error)?;
-        Ok(QueueHandle { stop, thread: Some(thread), handed: None, stats, engine: engine_name })
+        Ok(QueueHandle { signals, thread: Some(thread), handed: None, stats, engine: engine_name })
     }
 
     /// The I/O engine the queues use (`io_uring`, or `sync` where io_uring is unavailable).
@@ -484,6 +485,26 @@ impl Dataplane {
     /// Number of queues.
     pub fn queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// Notify the frontend on every queue once, whatever its event indexes say; serving goes on.
+    ///
+    /// For a frontend that is closing: Linux blkfront stops its block queues, marks the disk dead and goes Closed,
+    /// and a request the block layer handed over in between waits in a stopped queue. Only an event from the
+    /// backend restarts those queues (its interrupt handler does), and the request then reaches the ring a moment
+    /// later. Its `del_gendisk` at removal waits for every request: one left unanswered hangs the guest's xenwatch.
+    /// So the control plane kicks a closing frontend and keeps serving until the rings are quiet ([`activity`]).
+    ///
+    /// [`activity`]: Self::activity
+    pub fn kick(&self) {
+        for q in &self.queues {
+            q.signals.request_kick();
+        }
+    }
+
+    /// Requests taken plus responses written on every queue so far: unchanged while the rings are quiet.
+    pub fn activity(&self) -> u64 {
+        self.queues.iter().map(|q| QueueStats::get(&q.stats.requests) + QueueStats::get(&q.stats.responses)).sum()
     }
 
     /// Counters of queue `queue` (they stay readable after [`stop`](Self::stop)).
@@ -521,7 +542,7 @@ impl Dataplane {
     fn shutdown(&mut self) {
         // (Not again for queues already stopped: `stop` shuts down, then `drop` comes here once more.)
         for q in self.queues.iter().filter(|q| q.thread.is_some() || q.handed.is_some()) {
-            let _ = q.stop.write(1);
+            q.signals.request_stop();
         }
         for q in &mut self.queues {
             if let Some(t) = q.thread.take() {

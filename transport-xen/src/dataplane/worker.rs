@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! One queue's worker: the epoll loop over the event channel, the engine's completions and the stop eventfd.
+//! One queue's worker: the epoll loop over the event channel, the engine's completions and the control plane's
+//! signals (stop, kick).
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 use device_blk::engine::SharedUring;
 use device_blk::{BlockQueue, Finished, Request, RequestKind, Status};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::signals::QueueSignals;
 use super::slot::{blkif_status, Slots};
 use super::{FatalState, QueueStats};
 use crate::blkif::{BlkifLayout, BlkifOp, BlkifResponse, RawRequest, RingError};
@@ -67,7 +68,7 @@ pub(crate) struct QueueSetup<L, G: GrantTable, E> {
     pub grants: Arc<G>,
     pub domid: DomId,
     pub config: WorkerConfig,
-    pub stop: Arc<EventFd>,
+    pub signals: Arc<QueueSignals>,
     pub fatal: Arc<FatalState>,
     pub stats: Arc<QueueStats>,
     /// Run on this thread before serving.
@@ -112,7 +113,7 @@ struct Worker<L, G: GrantTable, E> {
     /// On a pool thread: the thread's epoll, which watches the ring's sources too (a source taken off the ring's
     /// epoll is taken off this one as well).
     pool_epoll: Option<Arc<Epoll>>,
-    stop: Arc<EventFd>,
+    signals: Arc<QueueSignals>,
     stopping: bool,
     halted: bool,
     unpushed: bool,
@@ -204,7 +205,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
             config: setup.config,
             epoll,
             pool_epoll: None,
-            stop: setup.stop,
+            signals: setup.signals,
             stopping: false,
             halted: false,
             unpushed: false,
@@ -271,16 +272,12 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
                     // Never abandon I/O in flight (its pages must stay mapped): poll until stopped.
                     tracing::error!(queue = self.index, error = %e, "epoll_wait failed, polling");
                     std::thread::sleep(std::time::Duration::from_millis(10));
-                    // The stop event only if one was asked for (its eventfd says so): a stop that was not would
-                    // abandon the ring without a word.
+                    // The signals are looked at too: they say whether a stop was asked for (one that was not would
+                    // abandon the ring without a word).
                     events[0] = EpollEvent::new(EventSet::IN, TOKEN_EVTCHN);
                     events[1] = EpollEvent::new(EventSet::IN, TOKEN_COMPLETION);
-                    if self.stop.read().is_ok() {
-                        events[2] = EpollEvent::new(EventSet::IN, TOKEN_STOP);
-                        3
-                    } else {
-                        2
-                    }
+                    events[2] = EpollEvent::new(EventSet::IN, TOKEN_STOP);
+                    3
                 }
             };
             if n > 0 || timeout != 0 {
@@ -445,12 +442,20 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
         self.evtchn_fired = true;
     }
 
+    /// The control plane asked for something: a kick (notify the frontend now: a closing Linux blkfront restarts
+    /// the block queues it stopped only on an event, and the requests held there reach the ring only then), a stop.
     fn on_stop(&mut self) {
-        let _ = self.stop.read();
-        if !self.stopping {
+        let asked = self.signals.take();
+        if asked.kick && !self.halted {
+            QueueStats::add(&self.stats.notifications, 1);
+            if let Err(e) = self.evtchn.notify(self.port) {
+                tracing::warn!(queue = self.index, error = %e, "evtchn notify failed");
+            }
+        }
+        if asked.stop && !self.stopping {
             tracing::debug!(queue = self.index, in_flight = self.in_use(), "stopping");
             self.stopping = true;
-            self.remove_fd(self.stop.as_raw_fd());
+            self.remove_fd(self.signals.fd());
             self.remove_fd(self.evtchn.fd());
         }
     }

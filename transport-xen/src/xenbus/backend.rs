@@ -14,8 +14,9 @@
 //!    (logged, ignored). Without a hotplug `script`, a `params` image file is served directly.
 //! 3. connect (frontend Initialised or Connected, disk open): read the rings, start the data plane, write
 //!    `sectors`/`info`/`sector-size`/..., switch to Connected.
-//! 4. close: frontend Closing → Closing; frontend Closed → stop the data plane, Closed (and release the disk when
-//!    `online` is 0); backend directory removed → stop everything, write nothing.
+//! 4. close: frontend Closing → Closing; frontend Closed → kick the rings and serve them until quiet (see
+//!    `closing`), then stop the data plane, Closed (and release the disk when `online` is 0); frontend gone →
+//!    the same at once; backend directory removed → stop everything, write nothing.
 //!
 //! Fatal errors write `<domain>/error/backend/vbd/<domid>/<devid>/error` = `"<errno> <message>"` (where
 //! `xenbus_dev_fatal` writes) and switch to Closing; nothing is served until the frontend starts over.
@@ -38,6 +39,7 @@ use crate::xenbus::nodes::{self, Mode};
 use crate::xenbus::rings::{RingServer, RunningRings};
 use crate::xenbus::state::{VbdId, VbdPaths, XenbusState};
 
+mod closing;
 mod config;
 mod probe;
 mod writes;
@@ -124,6 +126,8 @@ pub struct VbdBackend {
     /// The device nodes whose open failed: not retried (and the error node not overwritten) until they change.
     failed_device_nodes: Option<DeviceNodes>,
     running: Option<Box<dyn RunningRings>>,
+    /// The frontend is Closed and its rings are still served until quiet (see `closing`).
+    closing: Option<closing::Closing>,
     connection: Option<ConnectConfig>,
     error: Option<Fatal>,
     /// Take over a vbd a previous backend served (probe it in any state), until the first reconcile.
@@ -163,6 +167,7 @@ impl VbdBackend {
             seen_device_nodes: None,
             failed_device_nodes: None,
             running: None,
+            closing: None,
             connection: None,
             error: None,
             adopt: false,
@@ -418,6 +423,13 @@ impl VbdBackend {
             return Ok(());
         }
         let fe_state = self.frontend_state()?;
+        if self.closing.is_some() && fe_state != XenbusState::Closed {
+            // The frontend left Closed while its old rings were still served (starting over, gone): they are done.
+            self.stop_rings();
+            if self.state != XenbusState::Closed {
+                self.switch_state(XenbusState::Closed)?;
+            }
+        }
         match fe_state {
             XenbusState::Initialising => {
                 if self.state == XenbusState::Closed {
@@ -440,6 +452,9 @@ impl VbdBackend {
                 }
             }
             XenbusState::Closed | XenbusState::Unknown => {
+                if fe_state == XenbusState::Closed && self.serve_closed_frontend() {
+                    return Ok(());
+                }
                 self.stop_rings();
                 if self.state != XenbusState::Closed {
                     self.switch_state(XenbusState::Closed)?;
@@ -539,10 +554,12 @@ impl VbdBackend {
     }
 
     fn stop_rings(&mut self) {
+        let since_close = self.activity_since_close();
         if let Some(running) = self.running.take() {
-            tracing::info!(vbd = %self.id, "stopping the data plane");
+            tracing::info!(vbd = %self.id, activity_since_close = ?since_close, "stopping the data plane");
             running.stop();
         }
+        self.closing = None;
         self.connection = None;
     }
 

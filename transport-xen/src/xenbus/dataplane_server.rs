@@ -68,6 +68,14 @@ impl RunningRings for Dataplane {
         Dataplane::fatal_error(self)
     }
 
+    fn kick(&self) {
+        Dataplane::kick(self);
+    }
+
+    fn activity(&self) -> u64 {
+        Dataplane::activity(self)
+    }
+
     fn stop(self: Box<Self>) {
         Dataplane::stop(*self);
     }

@@ -27,6 +27,16 @@ pub trait RunningRings: Send {
     /// Why a ring halted, if one did.
     fn fatal_error(&self) -> Option<String>;
 
+    /// Notify the frontend on every ring once, whatever its event indexes say; serving goes on (a closing Linux
+    /// blkfront's held-back requests reach the ring only after an event from the backend).
+    fn kick(&self) {}
+
+    /// Requests taken plus responses written so far: unchanged while the rings are quiet. A server that cannot
+    /// tell says 0 (always quiet).
+    fn activity(&self) -> u64 {
+        0
+    }
+
     /// Stop serving: drain in-flight I/O, answer every request, unmap every grant, unbind every port.
     fn stop(self: Box<Self>);
 }

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -207,20 +207,43 @@ impl XenBackend {
                     vbd
                 }
             });
-            match vbd.reconcile() {
-                Ok(()) => {}
-                // The connection is gone: `run` reports it once and closes everything.
-                Err(e @ XenError::Disconnected { .. }) => return Err(e),
-                Err(e) => tracing::warn!(vbd = %id, error = %e, "xenstore error while handling the vbd"),
-            }
+            reconcile_logged(vbd)?;
             if matches!(vbd.phase(), Phase::Removed) {
                 self.vbds.remove(&id);
             }
         }
+        self.reconcile_due()?;
         for vbd in self.vbds.values_mut() {
             vbd.on_ring_fatal();
         }
         Ok(self.events.len())
+    }
+
+    /// Look again at every vbd whose [deadline](VbdBackend::deadline) passed (a Closed frontend's rings served
+    /// until quiet).
+    fn reconcile_due(&mut self) -> Result<(), XenError> {
+        let now = Instant::now();
+        let due: Vec<VbdId> =
+            self.vbds.iter().filter(|(_, v)| v.deadline().is_some_and(|at| at <= now)).map(|(&id, _)| id).collect();
+        for id in due {
+            let Some(vbd) = self.vbds.get_mut(&id) else { continue };
+            let _span = tracing::info_span!("vbd", domid = id.domid, devid = id.devid).entered();
+            reconcile_logged(vbd)?;
+            if matches!(vbd.phase(), Phase::Removed) {
+                self.vbds.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// How long the loop may wait for an event: up to `timeout`, less if a vbd's deadline comes first.
+    fn wait_limit(&self, timeout: Duration) -> Duration {
+        let now = Instant::now();
+        self.vbds
+            .values()
+            .filter_map(VbdBackend::deadline)
+            .map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))
+            .fold(timeout.min(SIZE_CHECK), Duration::min)
     }
 
     /// Wait (up to `timeout`) for a watch event, a halted ring or a stop request, and handle it.
@@ -228,7 +251,7 @@ impl XenBackend {
     pub fn poll_once(&mut self, timeout: Duration) -> Result<bool, XenError> {
         let mut fds = vec![self.store.watch_fd(), self.stop.as_raw_fd(), self.resize.as_raw_fd()];
         fds.extend(self.vbds.values().filter_map(VbdBackend::fatal_fd));
-        wait_readable(&fds, timeout.min(SIZE_CHECK)).map_err(|e| XenError::os("poll", &e))?;
+        wait_readable(&fds, self.wait_limit(timeout)).map_err(|e| XenError::os("poll", &e))?;
         if self.stop.read().is_ok() {
             self.shutdown();
             return Ok(false);
@@ -337,6 +360,19 @@ fn parse_frontend_token(token: &str) -> Option<VbdId> {
     let rest = token.strip_prefix("blkback-fe:")?;
     let (domid, devid) = rest.split_once(':')?;
     Some(VbdId { domid: domid.parse().ok()?, devid: devid.parse().ok()? })
+}
+
+/// Reconcile `vbd`: a lost connection ends the loop (`run` reports it once and closes everything), any other
+/// error is logged.
+fn reconcile_logged(vbd: &mut VbdBackend) -> Result<(), XenError> {
+    match vbd.reconcile() {
+        Ok(()) => Ok(()),
+        Err(e @ XenError::Disconnected { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(vbd = %vbd.id(), error = %e, "xenstore error while handling the vbd");
+            Ok(())
+        }
+    }
 }
 
 /// `poll(2)` until one of `fds` is readable or `timeout` passes.

@@ -8,6 +8,7 @@
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use device_blk::Disk;
@@ -46,6 +47,10 @@ struct Recorder {
     events: Mutex<Vec<RingEvent>>,
     fail_next: Mutex<Option<Fatal>>,
     halts: Mutex<Vec<Halt>>,
+    /// The frontend domains whose rings were kicked, in order.
+    kicks: Mutex<Vec<DomId>>,
+    /// What every running data plane reports as its activity.
+    activity: AtomicU64,
 }
 
 /// A ring server that records what the control plane asks of it, can refuse a start, and can halt a ring.
@@ -79,6 +84,12 @@ impl RunningRings for Running {
     fn fatal_error(&self) -> Option<String> {
         lock(&self.reason).clone()
     }
+    fn kick(&self) {
+        lock(&self.recorder.kicks).push(self.domid);
+    }
+    fn activity(&self) -> u64 {
+        self.recorder.activity.load(Ordering::SeqCst)
+    }
     fn stop(self: Box<Self>) {
         lock(&self.recorder.events).push(RingEvent::Stopped(self.domid));
     }
@@ -104,6 +115,14 @@ impl RecordingRings {
         let events = self.events();
         let started = events.iter().filter(|e| matches!(e, RingEvent::Started(..))).count();
         started - (events.len() - started)
+    }
+    /// The frontend domains whose rings were kicked, in order.
+    pub fn kicks(&self) -> Vec<DomId> {
+        lock(&self.0.kicks).clone()
+    }
+    /// Make every running data plane report activity (a request served).
+    pub fn bump_activity(&self) {
+        self.0.activity.fetch_add(1, Ordering::SeqCst);
     }
     /// Refuse the next start with `fatal`.
     pub fn fail_next_start(&self, fatal: Fatal) {

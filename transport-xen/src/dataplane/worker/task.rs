@@ -2,7 +2,7 @@
 //! A worker as a ring of an I/O thread pool: built on the pool thread, watched by the thread's epoll, served one
 //! bounded turn at a time.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,7 +50,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> RingTask for Worker<L, G, E
         [
             (self.evtchn.fd(), EventSet::IN),
             (self.queue.completion_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED),
-            (self.stop.as_raw_fd(), EventSet::IN),
+            (self.signals.fd(), EventSet::IN),
         ]
     }
 
