@@ -16,8 +16,9 @@
 //! * **big**: blkfront with 256 indirect segments: fio crc32c verify at 1 MiB, each write one 1 MiB request;
 //! * **hotplug**: `xl block-attach` of an image (`script=block-blkbackd`: a delete-on-close loop device) to a
 //!   running guest, fio verify on it, `xl block-detach` while idle; again, and `xl block-detach` during fio, three
-//!   times (`HOTPLUG_BUSY_ROUNDS`), each at another moment of the job: every detach completes, the guest sees the
-//!   disk go and does not hang, the vbd is gone, no loop device is left;
+//!   times (`HOTPLUG_BUSY_ROUNDS`), each at another moment of the job, the first and third with 128 requests queued
+//!   (more than the ring holds: without the backend's kick on close, the first such detach hung the guest): every
+//!   detach completes, the guest sees the disk go and does not hang, the vbd is gone, no loop device is left;
 //! * **save**: `xl save` during a verify job, `xl restore`: the job completes with no error; the saved domain's
 //!   loop device is gone once its vbd closed and the restored domain gets its own;
 //! * **migrate**: live `xl migrate` to this host during a verify job: the migration is over before the job, and
