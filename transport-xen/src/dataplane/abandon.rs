@@ -86,8 +86,8 @@ fn fail_queue<L: BlkifLayout, G: GrantTable, O: EventChannelOpener>(
         if avail > 0 || std::mem::take(&mut first) {
             back.push_responses();
             // Always, and once even with nothing to answer: whatever event index the frontend left, it must look
-            // at the ring now (a closing Linux blkfront restarts the queues it stopped only on an event, and
-            // requests held there reach the ring only then: see the worker's lingering).
+            // at the ring now (a closing Linux blkfront restarts the queues it stopped only on an event, and the
+            // requests held there are dispatched only then: see `xenbus::backend::closing`).
             if let Err(e) = channel.notify(port) {
                 tracing::warn!(queue = index, error = %e, "evtchn notify failed");
             }
@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(got, expected, "each answer carries its own request's id and operation");
     }
 
-    /// Nothing left to answer: the frontend still gets an event (requests it held back reach the ring only then).
+    /// Nothing left to answer: the frontend still gets an event (requests it held back are dispatched only then).
     #[test]
     fn the_frontend_is_notified_even_with_nothing_left() {
         let host = EmulatedHost::new().expect("host");

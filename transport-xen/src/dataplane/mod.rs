@@ -491,9 +491,10 @@ impl Dataplane {
     ///
     /// For a frontend that is closing: Linux blkfront stops its block queues, marks the disk dead and goes Closed,
     /// and a request the block layer handed over in between waits in a stopped queue. Only an event from the
-    /// backend restarts those queues (its interrupt handler does), and the request then reaches the ring a moment
-    /// later. Its `del_gendisk` at removal waits for every request: one left unanswered hangs the guest's xenwatch.
-    /// So the control plane kicks a closing frontend and keeps serving until the rings are quiet ([`activity`]).
+    /// backend restarts those queues (its interrupt handler does); the request is then dispatched (to the ring, or
+    /// ended by the guest for the dead disk). Its `del_gendisk` at removal waits for every request: one never
+    /// dispatched hangs the guest's xenwatch. So the control plane kicks a closing frontend and keeps serving until
+    /// the rings are quiet ([`activity`]).
     ///
     /// [`activity`]: Self::activity
     pub fn kick(&self) {

@@ -443,7 +443,7 @@ impl<L: BlkifLayout, G: GrantTable, E: EventChannel> Worker<L, G, E> {
     }
 
     /// The control plane asked for something: a kick (notify the frontend now: a closing Linux blkfront restarts
-    /// the block queues it stopped only on an event, and the requests held there reach the ring only then), a stop.
+    /// the block queues it stopped only on an event, and the requests held there are dispatched only then), a stop.
     fn on_stop(&mut self) {
         let asked = self.signals.take();
         if asked.kick && !self.halted {

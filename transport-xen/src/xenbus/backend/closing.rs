@@ -3,9 +3,10 @@
 //!
 //! Linux blkfront, when the vbd closes under it (the toolstack's detach), stops its block queues, marks the disk
 //! dead and goes Closed. A request the block layer handed over in between waits in a stopped queue: only an event
-//! from the backend restarts those queues (blkfront's interrupt handler does), and the request reaches the ring a
-//! moment later. At removal, blkfront's `del_gendisk` waits for every request. A backend that stops its rings as
-//! soon as the frontend is Closed leaves such a request unanswered for good, and the guest's xenwatch thread hangs.
+//! from the backend restarts those queues (blkfront's interrupt handler does), and the request is then dispatched
+//! (to the ring, or ended by the guest for the dead disk). At removal, blkfront's `del_gendisk` waits for every
+//! request. A backend that stops its rings as soon as the frontend is Closed, with no event after, leaves such a
+//! request waiting for good, and the guest's xenwatch thread hangs.
 //! In the lab: `xl block-detach` during fio hung the guest about one run in ten with 16 requests queued, and at
 //! the first detach with 128 (more than the ring's 32 slots: the rest wait in the block layer when the disk
 //! closes). With the kick, every detach completes; the held requests did not even reach the ring again (the guest
