@@ -290,7 +290,11 @@ impl Service {
         };
         let looked_at = |domid: &DomId| only.is_none_or(|only| only.contains(domid));
         self.given_up.retain(|domid| !looked_at(domid) || guests.contains_key(domid));
-        self.restart_totals.retain(|domid, _| !looked_at(domid) || guests.contains_key(domid));
+        // A guest's restart count stays while its series are exported (vbds, or a worker not yet reaped): a counter
+        // that fell back to 0 under the same labels would read as a reset.
+        let workers = &self.workers;
+        self.restart_totals
+            .retain(|domid, _| !looked_at(domid) || guests.contains_key(domid) || workers.contains_key(domid));
         self.vbds.retain(|domid, _| !looked_at(domid));
         self.vbds.extend(&guests);
         for &domid in guests.keys() {

@@ -293,6 +293,15 @@ if [ -n "$old" ]; then
     sleep 0.05
   done
   [ -n "$new" ] || { new=$(worker_of ${DID[2]}); [ "$new" != "$old" ] || new=""; [ -z "$new" ] || seen=$(since $T_KILL); }
+  # What the new worker is, then the metrics, at once and in that order, before anything slower: the guest powers
+  # off some seconds later (its I/O failed), and its worker and its series go with its vbds (a fetch after the
+  # checks below once found the restart count gone; the /proc reads, after the fetch, found the worker gone).
+  if [ -n "$new" ]; then
+    started_cs $new
+    RESTARTED="restart domu=2 old=$old new=$new after_s=$seen started_after_s=${STARTED:+$(secs $((STARTED - K)))}$(status_kv $new)"
+    RESTARTED_RAW=$(status_raw "restarted worker domu=2" "$new")
+    metrics_check metrics-after-kill
+  fi
   d2=${DID[2]}
   # the killed guest's vbd: closed by the supervisor (backend 5 Closing / 6 Closed), or already gone with the guest.
   # Looked at before the slower checks below: in a loaded dom0 they took 50 s once, the guest powered off
@@ -306,11 +315,8 @@ if [ -n "$old" ]; then
   case "$bs" in 5|6|gone) ;; *) note "vbd-after-kill: backend state '$bs': $(xenstore-ls -f $BE/$d2 2>&1 | tr '\n' ';')" ;; esac
   check "vbd-after-kill domu=2 backend_state=$bs frontend_state=$(xenstore-read /local/domain/$d2/device/vbd/$DEVID/state 2>/dev/null || echo gone) after_kill_s=$(since $T_KILL)"
   if [ -n "$new" ]; then
-    started_cs $new
-    check "restart domu=2 old=$old new=$new after_s=$seen started_after_s=${STARTED:+$(secs $((STARTED - K)))}$(status_kv $new)"
-    status_raw "restarted worker domu=2" "$new"
-    # at once: the guest powers off some seconds later (its I/O failed), and its series go with its vbds
-    metrics_check metrics-after-kill
+    check "$RESTARTED"
+    echo "$RESTARTED_RAW"
   else
     check "restart domu=2 old=$old new=none waited_s=$RESTART_WAIT"
   fi

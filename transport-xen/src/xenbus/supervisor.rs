@@ -32,6 +32,8 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How often the disks' sizes are looked at again (a file extended, a loop device re-read with `losetup -c`, a
 /// logical volume extended: one `fstat` or `BLKGETSIZE64` per vbd).
 const SIZE_CHECK: Duration = Duration::from_secs(1);
+/// The shortest wait for a vbd's deadline.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
 
 /// Which frontends' vbds a supervisor serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,13 +238,15 @@ impl XenBackend {
         Ok(())
     }
 
-    /// How long the loop may wait for an event: up to `timeout`, less if a vbd's deadline comes first.
+    /// How long the loop may wait for an event: up to `timeout`, less if a vbd's deadline comes first (but at
+    /// least [`DEADLINE_SLACK`]: a deadline that stays due, its vbd's store reads failing, cannot make the loop
+    /// spin).
     fn wait_limit(&self, timeout: Duration) -> Duration {
         let now = Instant::now();
         self.vbds
             .values()
             .filter_map(VbdBackend::deadline)
-            .map(|at| at.saturating_duration_since(now) + Duration::from_millis(1))
+            .map(|at| (at.saturating_duration_since(now) + Duration::from_millis(1)).max(DEADLINE_SLACK))
             .fold(timeout.min(SIZE_CHECK), Duration::min)
     }
 
