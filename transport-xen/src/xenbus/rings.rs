@@ -28,7 +28,7 @@ pub trait RunningRings: Send {
     fn fatal_error(&self) -> Option<String>;
 
     /// Notify the frontend on every ring once, whatever its event indexes say; serving goes on (a closing Linux
-    /// blkfront's held-back requests reach the ring only after an event from the backend).
+    /// blkfront dispatches the requests it held back only after an event from the backend).
     fn kick(&self) {}
 
     /// Requests taken plus responses written so far: unchanged while the rings are quiet. A server that cannot

@@ -170,7 +170,8 @@ impl XenBackend {
         self.vbds.values().map(VbdBackend::status).collect()
     }
 
-    /// Handle every pending watch event and every halted ring; returns how many events there were.
+    /// Handle every pending watch event, every vbd whose [deadline](VbdBackend::deadline) passed and every halted
+    /// ring; returns how many events there were.
     ///
     /// The first call lists the vbds that already exist and takes them over ([`VbdBackend::adopt`]).
     pub fn process_events(&mut self) -> Result<usize, XenError> {
@@ -195,6 +196,9 @@ impl XenBackend {
             self.rescan(&mut dirty)?;
             self.scanned = true;
         }
+        // And every vbd whose deadline passed (a Closed frontend's rings served until quiet).
+        let now = Instant::now();
+        dirty.extend(self.vbds.iter().filter(|(_, v)| v.deadline().is_some_and(|at| at <= now)).map(|(&id, _)| id));
         for id in dirty {
             if !self.in_scope(id) {
                 continue;
@@ -209,33 +213,20 @@ impl XenBackend {
                     vbd
                 }
             });
-            reconcile_logged(vbd)?;
+            match vbd.reconcile() {
+                Ok(()) => {}
+                // The connection is gone: `run` reports it once and closes everything.
+                Err(e @ XenError::Disconnected { .. }) => return Err(e),
+                Err(e) => tracing::warn!(vbd = %id, error = %e, "xenstore error while handling the vbd"),
+            }
             if matches!(vbd.phase(), Phase::Removed) {
                 self.vbds.remove(&id);
             }
         }
-        self.reconcile_due()?;
         for vbd in self.vbds.values_mut() {
             vbd.on_ring_fatal();
         }
         Ok(self.events.len())
-    }
-
-    /// Look again at every vbd whose [deadline](VbdBackend::deadline) passed (a Closed frontend's rings served
-    /// until quiet).
-    fn reconcile_due(&mut self) -> Result<(), XenError> {
-        let now = Instant::now();
-        let due: Vec<VbdId> =
-            self.vbds.iter().filter(|(_, v)| v.deadline().is_some_and(|at| at <= now)).map(|(&id, _)| id).collect();
-        for id in due {
-            let Some(vbd) = self.vbds.get_mut(&id) else { continue };
-            let _span = tracing::info_span!("vbd", domid = id.domid, devid = id.devid).entered();
-            reconcile_logged(vbd)?;
-            if matches!(vbd.phase(), Phase::Removed) {
-                self.vbds.remove(&id);
-            }
-        }
-        Ok(())
     }
 
     /// How long the loop may wait for an event: up to `timeout`, less if a vbd's deadline comes first (but at
@@ -364,19 +355,6 @@ fn parse_frontend_token(token: &str) -> Option<VbdId> {
     let rest = token.strip_prefix("blkback-fe:")?;
     let (domid, devid) = rest.split_once(':')?;
     Some(VbdId { domid: domid.parse().ok()?, devid: devid.parse().ok()? })
-}
-
-/// Reconcile `vbd`: a lost connection ends the loop (`run` reports it once and closes everything), any other
-/// error is logged.
-fn reconcile_logged(vbd: &mut VbdBackend) -> Result<(), XenError> {
-    match vbd.reconcile() {
-        Ok(()) => Ok(()),
-        Err(e @ XenError::Disconnected { .. }) => Err(e),
-        Err(e) => {
-            tracing::warn!(vbd = %vbd.id(), error = %e, "xenstore error while handling the vbd");
-            Ok(())
-        }
-    }
 }
 
 /// `poll(2)` until one of `fds` is readable or `timeout` passes.
