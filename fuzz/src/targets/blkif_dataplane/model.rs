@@ -50,10 +50,10 @@ fn status<L: BlkifLayout>(
                 copy.extend_from_slice(&s.indirect[k * XEN_PAGE_SIZE..(k + 1) * XEN_PAGE_SIZE]);
             } else if g == f.ro[0].1 || g == f.ro[1].1 {
                 copy.extend_from_slice(&f.ro_pattern);
-            } else if f.rings.iter().any(|(_, grefs)| grefs.contains(&g)) {
-                // A ring's page as descriptor page: the segments are whatever that ring holds when the backend
-                // reads it (this input's requests and responses, or what its reads put there), and may name the
-                // ring in use; counted as harming it.
+            } else if super::slot_of(f, g).is_some() {
+                // A ring slot's page as descriptor page: the segments are whatever that ring holds when the
+                // backend reads it (requests and responses, or what reads put there), and may name the ring in
+                // use; counted as harming it.
                 s.harms_ring = true;
                 return None;
             } else {
@@ -88,10 +88,17 @@ fn status<L: BlkifLayout>(
         }
     }
     let to_guest = req.op == BlkifOp::Read;
-    // A read into a page of the ring in use rewrites the guest's own ring while the backend serves it.
-    let ring_refs = &f.rings[plan.ring].1;
-    if to_guest && req.segments.iter().any(|s| ring_refs.contains(&s.gref)) {
-        s.harms_ring = true;
+    // A read into a page of the ring in use rewrites the guest's own ring while the backend serves it; a read into
+    // another slot's page may rewrite the ring of the lane there.
+    if to_guest {
+        let ring_pages = 1 << plan.ring;
+        for seg in &req.segments {
+            match super::slot_of(f, seg.gref) {
+                Some((k, i)) if k == plan.slot && i < ring_pages => s.harms_ring = true,
+                Some((k, _)) if k != plan.slot => s.written_slots |= 1 << k,
+                _ => {}
+            }
+        }
     }
     let mut unsure = false;
     for s in &req.segments {
