@@ -13,8 +13,8 @@
 //! differ), but either may change the code path a request takes. So that a failure that needs them still
 //! reproduces, a lane serves at most [`LANE_LIFE`] inputs, remembers them, and a failing input writes its lane's
 //! inputs, in order, to `artifacts/blkif_dataplane/lane-<pid>-<n>/` (see `history`): the replay example runs that
-//! directory's files in order, as the lane saw them. `BLKIF_DATAPLANE_FRESH=1` gives every input
-//! a new lane (the behaviour before lanes).
+//! directory's files in order, as the lane saw them. `BLKIF_DATAPLANE_FRESH=1` gives every input a new lane
+//! (the behaviour before lanes).
 //!
 //! A lane ends (its data plane stopped, its slot free again) after an input that harmed its ring (a read into the
 //! ring's pages, descriptors from a ring's page), forged the producer index, halted the ring, or read into the ring
@@ -189,15 +189,7 @@ pub(super) fn lane_for<L: BlkifLayout + 'static>(f: &mut Fixture, key: LaneKey, 
             // allocated for the fixture's life (never freed); the ring lives only as long as its lane, which the
             // fixture owns.
             let ring = unsafe { FrontRing::<L>::init(base, XEN_PAGE_SIZE << order) }.expect("ring");
-            Lane {
-                key,
-                slot,
-                front: Box::new(Front { ring }),
-                dp: None,
-                last_used: 0,
-                // (Room for every input of its life: a kept lane's input allocates nothing that stays.)
-                served: 0,
-            }
+            Lane { key, slot, front: Box::new(Front { ring }), dp: None, last_used: 0, served: 0 }
         }
     };
     lane.record(data);
