@@ -1,55 +1,66 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The inputs each lane served, so that a failure that depends on them can be replayed.
+//! The inputs that made the live lanes' state, so that a failure that depends on it can be replayed.
+//!
+//! A lane's state comes from the inputs it served, and another lane's may matter too (a lane with persistent
+//! grants may hold a page of another lane's ring). So the inputs are recorded in the order they ran, all lanes
+//! together, and no lane lives longer than [`WINDOW`] inputs (`lanes`): the last `WINDOW` inputs then include
+//! every live lane's first. They are kept in two generations of up to `WINDOW` inputs each (when one is full, the
+//! older is emptied and takes the next inputs), in buffers made once: recording allocates nothing that stays (see
+//! `lanes::lane_for`).
 //!
 //! An input that fails panics, and libFuzzer's panic hook (`libfuzzer-sys`) aborts before anything unwinds; so the
-//! inputs are written by a panic hook of ours, which runs first: if the input running on this thread is on a lane
-//! that served others before, it writes them all, in order, as `0000`, `0001`, ... into a new directory
-//! `lane-<pid>-<n>` under `artifacts/blkif_dataplane/` (or `$BLKIF_DATAPLANE_HISTORY_DIR`), and says how to replay
-//! them. The histories live apart from the lanes (which the failing input holds) in buffers made once, with room
-//! for a lane's whole life: a kept lane's input allocates nothing that stays (see `lanes::lane_for`).
+//! inputs are written by a panic hook of ours, which runs first: if inputs ran before the failing one, it writes
+//! them all, the failing one last, as `0000`, `0001`, ... into a new directory `lane-<pid>-<n>` under
+//! `artifacts/blkif_dataplane/` (or `$BLKIF_DATAPLANE_HISTORY_DIR`), and says how to replay them.
 
 use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::lanes::{LANE_LIFE, SLOTS};
+/// Inputs per generation, and the most a lane may live (counted in all lanes' inputs).
+pub(super) const WINDOW: u64 = 256;
 
-/// One lane's inputs, end to end (`ends[i]`: where input `i` ends).
-struct History {
+/// Inputs end to end (`ends[i]`: where input `i` ends).
+struct Generation {
     bytes: Vec<u8>,
     ends: Vec<usize>,
 }
 
+impl Generation {
+    fn new() -> Generation {
+        Generation { bytes: Vec::with_capacity(WINDOW as usize * 512), ends: Vec::with_capacity(WINDOW as usize) }
+    }
+}
+
 thread_local! {
-    static HISTORIES: RefCell<Vec<History>> = RefCell::new(
-        (0..SLOTS).map(|_| History { bytes: Vec::with_capacity(LANE_LIFE * 512), ends: Vec::with_capacity(LANE_LIFE) }).collect(),
-    );
-    /// The slot of the lane running an input on this thread.
-    static RUNNING: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The older generation, then the one being filled (`CURRENT`).
+    static HISTORY: RefCell<[Generation; 2]> = RefCell::new([Generation::new(), Generation::new()]);
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+    /// An input runs on this thread.
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
     /// Where histories go (`None`: `$BLKIF_DATAPLANE_HISTORY_DIR`, else `artifacts/blkif_dataplane`).
     static DIR: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
 }
 
-/// A new lane on `slot`: forget the inputs of the one before.
-pub(super) fn clear(slot: usize) {
-    HISTORIES.with_borrow_mut(|h| {
-        h[slot].bytes.clear();
-        h[slot].ends.clear();
+/// `data` is the next input.
+pub(super) fn record(data: &[u8]) {
+    HISTORY.with_borrow_mut(|h| {
+        let mut cur = CURRENT.get();
+        if h[cur].ends.len() as u64 >= WINDOW {
+            cur = 1 - cur;
+            CURRENT.set(cur);
+            h[cur].bytes.clear();
+            h[cur].ends.clear();
+        }
+        let g = &mut h[cur];
+        g.bytes.extend_from_slice(data);
+        g.ends.push(g.bytes.len());
     });
 }
 
-/// `data` is the next input of the lane on `slot`.
-pub(super) fn record(slot: usize, data: &[u8]) {
-    HISTORIES.with_borrow_mut(|h| {
-        let h = &mut h[slot];
-        h.bytes.extend_from_slice(data);
-        h.ends.push(h.bytes.len());
-    });
-}
-
-/// The lane on `slot` runs an input on this thread (`None`: no input runs).
-pub(super) fn running(slot: Option<usize>) {
-    RUNNING.set(slot);
+/// Whether an input runs on this thread.
+pub(super) fn running(yes: bool) {
+    RUNNING.set(yes);
 }
 
 /// Where this thread's histories go (for tests).
@@ -58,89 +69,104 @@ pub(super) fn set_dir(dir: &Path) {
     DIR.set(Some(dir.to_path_buf()));
 }
 
+/// Forget every input recorded on this thread (for tests).
+#[cfg(test)]
+pub(super) fn reset() {
+    HISTORY.with_borrow_mut(|h| {
+        for g in h.iter_mut() {
+            g.bytes.clear();
+            g.ends.clear();
+        }
+    });
+}
+
 /// Install the panic hook (once per process; it chains to the hook set before, libFuzzer's included).
 pub(super) fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let before = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if let Some(slot) = RUNNING.try_with(Cell::get).ok().flatten() {
-                report(slot);
+            if RUNNING.try_with(Cell::get).unwrap_or(false) {
+                report();
             }
             before(info);
         }));
     });
 }
 
-/// If the lane on `slot` served inputs before the one that failed, write them all and say where.
-fn report(slot: usize) {
+/// If inputs ran before the one that failed, write them all and say where.
+fn report() {
     let base = DIR
         .try_with(|d| d.borrow().clone())
         .ok()
         .flatten()
         .or_else(|| std::env::var_os("BLKIF_DATAPLANE_HISTORY_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("artifacts/blkif_dataplane"));
-    let written = HISTORIES.try_with(|h| match h.try_borrow() {
-        Ok(h) if h[slot].ends.len() > 1 => Some(write(&h[slot], &base)),
+    let cur = CURRENT.try_with(Cell::get).unwrap_or(0);
+    let written = HISTORY.try_with(|h| match h.try_borrow() {
+        Ok(h) if h[0].ends.len() + h[1].ends.len() > 1 => Some(write(&h[1 - cur], &h[cur], &base)),
         _ => None,
     });
     let mut err = std::io::stderr().lock();
     let _ = match written {
         Ok(Some(Ok((dir, n)))) => writeln!(
             err,
-            "blkif_dataplane: the failing input was input {n} of its lane; the lane's inputs, in order, are in {} \
-             (replay: cargo run --release --manifest-path fuzz/Cargo.toml --example replay -- blkif_dataplane {})",
+            "blkif_dataplane: the failing input ran after others whose lanes may matter; the last {n} inputs, in \
+             order, are in {} (replay: cargo run --release --manifest-path fuzz/Cargo.toml --example replay -- \
+             blkif_dataplane {})",
             dir.display(),
             dir.display()
         ),
-        Ok(Some(Err(e))) => {
-            writeln!(err, "blkif_dataplane: cannot write the lane's inputs under {}: {e}", base.display())
-        }
+        Ok(Some(Err(e))) => writeln!(err, "blkif_dataplane: cannot write the inputs under {}: {e}", base.display()),
         _ => Ok(()),
     };
 }
 
-/// Write `h`'s inputs into a new directory under `base`; the directory and how many.
-fn write(h: &History, base: &Path) -> std::io::Result<(PathBuf, usize)> {
+/// Write the inputs of `older`, then of `newer`, into a new directory under `base`; the directory and how many.
+fn write(older: &Generation, newer: &Generation, base: &Path) -> std::io::Result<(PathBuf, usize)> {
     let pid = std::process::id();
-    let dir = (0..).map(|n| base.join(format!("lane-{pid}-{n}"))).find(|d| !d.exists()).expect("a free directory name");
+    let dir = (0..).map(|n| base.join(format!("lane-{pid}-{n}"))).find(|d| !d.exists()).expect("a free name");
     std::fs::create_dir_all(&dir)?;
-    let mut from = 0;
-    for (i, &end) in h.ends.iter().enumerate() {
-        std::fs::write(dir.join(format!("{i:04}")), &h.bytes[from..end])?;
-        from = end;
+    let mut i = 0;
+    for g in [older, newer] {
+        let mut from = 0;
+        for &end in &g.ends {
+            std::fs::write(dir.join(format!("{i:04}")), &g.bytes[from..end])?;
+            from = end;
+            i += 1;
+        }
     }
-    Ok((dir, h.ends.len()))
+    Ok((dir, i))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A panic while a lane that served inputs before runs one writes them all, in order; a lane's first input
-    /// writes nothing (it reproduces alone).
+    /// A panic while an input runs writes every input recorded, in order (across generations); a failing input
+    /// with none before it writes nothing (it reproduces alone).
     #[test]
-    fn a_failing_input_writes_its_lanes_inputs_in_order() {
+    fn a_failing_input_writes_the_inputs_before_it_in_order() {
         install_panic_hook();
         let dir = tempfile::tempdir().expect("temp dir");
         set_dir(dir.path());
-        let slot = SLOTS - 1;
-        clear(slot);
-        record(slot, b"first");
-        running(Some(slot));
+        reset();
+        record(b"first");
+        running(true);
         assert!(std::panic::catch_unwind(|| panic!("a failing first input")).is_err());
-        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "a lane's first input wrote a history");
-        record(slot, b"second");
-        record(slot, b"third");
-        assert!(std::panic::catch_unwind(|| panic!("a failing third input")).is_err());
-        running(None);
-        let lanes: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").path()).collect();
-        assert_eq!(lanes.len(), 1, "one history per failure: {lanes:?}");
-        let read = |name: &str| std::fs::read(lanes[0].join(name)).expect("input file");
-        assert_eq!(
-            (read("0000"), read("0001"), read("0002")),
-            (b"first".to_vec(), b"second".to_vec(), b"third".to_vec())
-        );
-        assert!(!lanes[0].join("0003").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "a lone input wrote a history");
+        for i in 1..WINDOW + 2 {
+            record(format!("input {i}").as_bytes());
+        }
+        assert!(std::panic::catch_unwind(|| panic!("a failing input")).is_err());
+        running(false);
+        let written: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").path()).collect();
+        assert_eq!(written.len(), 1, "one history per failure: {written:?}");
+        let read = |name: &str| std::fs::read(written[0].join(name)).expect("input file");
+        // 258 recorded: the older generation holds the first 256, the newer the last 2.
+        assert_eq!(read("0000"), b"first".to_vec());
+        assert_eq!(read("0255"), b"input 255".to_vec());
+        assert_eq!(read("0257"), b"input 257".to_vec());
+        assert!(!written[0].join("0258").exists());
     }
 }

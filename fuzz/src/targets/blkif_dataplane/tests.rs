@@ -96,3 +96,26 @@ fn a_read_into_another_lanes_ring_ends_that_lane() {
     assert!(lane_state(ONE_RAW).0.is_none(), "the lane whose ring another input read into still serves");
     assert!(lane_state(other_key).0.is_some(), "the reading input's own lane ended");
 }
+
+/// A lane with persistent grants may keep a page of another lane's ring mapped (a request wrote from it): the
+/// other lane lives on, and its ring page counts as mapped more than once while the persistent lane lives.
+/// (Found by `run-long`: the accounting asserted exactly one mapping per ring page.)
+#[test]
+fn a_persistent_lane_may_hold_another_lanes_ring_page() {
+    if lanes::Lanes::new().fresh {
+        return;
+    }
+    run(&one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9))));
+    let (Some((ring, _)), _) = lane_state(ONE_RAW) else { panic!("no lane") };
+    // A write from that ring page, on the x86_64 ring of page order 0 with persistent grants (another lane).
+    let mut persistent = one_raw(&encode::rw::<X86_64>(OP_WRITE, 0, 0, &page(ring)));
+    persistent[0] = 0x08;
+    run(&persistent);
+    let maps = FIXTURE.with(|c| c.borrow().as_ref().expect("fixture").host.grants().map_count(DOMID, ring));
+    assert_eq!(maps, 2, "the persistent lane did not keep the page mapped (the test needs it to)");
+    // A new lane (every ring page checked) while both live.
+    let mut third = one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9)));
+    third[0] = 0x02;
+    run(&third);
+    assert!(lane_state(ONE_RAW).0.is_some(), "the lane whose ring page was written from ended");
+}
