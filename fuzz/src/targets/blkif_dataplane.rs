@@ -185,7 +185,6 @@ struct Scratch {
     copy: Vec<u8>,
     req: BlkifRequest,
     dev: device_blk::Request,
-    /// Per request id: the operation and status expected.
     /// Per request (its id is `ID_BASE` + its index): the operation and status expected. (Indexed, not hashed:
     /// SipHash per request and response was a few per cent of the target's time.)
     ids: Vec<(u8, Option<i16>)>,
@@ -390,12 +389,11 @@ fn run_with<L: BlkifLayout + 'static>(f: &mut Fixture, plan: &Plan, lane: &mut L
             dp.stats(0).map_or(0, |st| QueueStats::get(&st.requests))
         }
         None => {
-            let order = (lane.key.flags >> 1) & 3;
             let config = ConnectConfig {
                 frontend_domid: DOMID,
                 abi: L::ABI,
                 queues: vec![QueueRing {
-                    ring_refs: f.slots[lane.slot].grefs[..1 << order].to_vec(),
+                    ring_refs: f.slots[lane.slot].grefs[..lane.key.ring_pages()].to_vec(),
                     remote_port: port,
                 }],
                 persistent_grants: plan.flags & 0x08 != 0,
@@ -412,7 +410,7 @@ fn run_with<L: BlkifLayout + 'static>(f: &mut Fixture, plan: &Plan, lane: &mut L
             lane.dp = Some(dp);
             // Once connected, an event whatever the ring holds (its first turn finds the requests anyway): the
             // event queues along the way are then made by the input that makes the lane, so that a kept lane's
-            // input leaves nothing allocated (see `lanes::Lane::history`).
+            // input leaves nothing allocated (see `history`).
             f.evtchn.notify(port).expect("notify");
             0
         }

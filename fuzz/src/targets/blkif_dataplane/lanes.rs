@@ -62,6 +62,13 @@ pub(super) struct LaneKey {
     pub in_flight: u32,
 }
 
+impl LaneKey {
+    /// Pages of its ring.
+    pub fn ring_pages(self) -> usize {
+        1 << ((self.flags >> 1) & 3)
+    }
+}
+
 /// The frontend's side of a lane's ring (on its slot's pages: it must not outlive the fixture).
 pub(super) struct Front<L: BlkifLayout> {
     pub ring: FrontRing<L>,
@@ -78,14 +85,14 @@ pub(super) struct Lane {
     last_used: u64,
     /// Inputs served (their bytes are in `history`).
     served: usize,
-    /// The count of all lanes' inputs when it started (see `Lanes::too_old`).
+    /// The count of all lanes' inputs when it started (see `Lanes::take_too_old`).
     born: u64,
 }
 
 impl Lane {
     /// The frontend ring (of the ABI its key names).
     pub fn front<L: BlkifLayout + 'static>(&mut self) -> &mut Front<L> {
-        self.front.downcast_mut::<Front<L>>().expect("a lane's ring has the ABI of its key")
+        self.split::<L>().0
     }
 
     /// The frontend ring and the data plane, apart.
@@ -197,15 +204,14 @@ pub(super) fn lane_for<L: BlkifLayout + 'static>(f: &mut Fixture, key: LaneKey, 
             if let Some(old) = evicted {
                 end(f, old);
             }
-            let order = (key.flags >> 1) & 3;
             let s = &f.slots[slot];
             let addr = GuestDomain::page_addr(s.first);
             f.guest.memory().write_slice(&ZEROS, addr).expect("clear ring");
             let base = f.guest.page_ptr(s.first).expect("ring page");
-            // SAFETY: `1 << order` (at most `SLOT_PAGES`) consecutive guest pages, contiguous in the guest's mapping,
+            // SAFETY: `key.ring_pages()` (at most `SLOT_PAGES`) consecutive guest pages, contiguous in the guest's mapping,
             // allocated for the fixture's life (never freed); the ring lives only as long as its lane, which the
             // fixture owns.
-            let ring = unsafe { FrontRing::<L>::init(base, XEN_PAGE_SIZE << order) }.expect("ring");
+            let ring = unsafe { FrontRing::<L>::init(base, XEN_PAGE_SIZE * key.ring_pages()) }.expect("ring");
             Lane { key, slot, front: Box::new(Front { ring }), dp: None, last_used: 0, served: 0, born: f.lanes.inputs }
         }
     };
@@ -232,8 +238,7 @@ pub(super) fn check_accounting(f: &Fixture, each_page: bool) {
     let mut started = 0;
     for l in f.lanes.iter().filter(|l| l.dp.is_some()) {
         started += 1;
-        let pages = 1usize << ((l.key.flags >> 1) & 3);
-        for &g in f.slots[l.slot].grefs[..pages].iter().filter(|_| each_page) {
+        for &g in f.slots[l.slot].grefs[..l.key.ring_pages()].iter().filter(|_| each_page) {
             let maps = grants.map_count(super::DOMID, g);
             assert!(maps == 1 || (persistent && maps > 1), "a live lane's ring page {g:#x} is mapped {maps} times");
         }

@@ -33,8 +33,22 @@ fn one_raw(raw: &RawRequest) -> Vec<u8> {
     raw_input(std::slice::from_ref(raw))
 }
 
+/// `one_raw`'s input with other flags (another lane).
+fn one_raw_flags(flags: u8, raw: &RawRequest) -> Vec<u8> {
+    let mut input = one_raw(raw);
+    input[0] = flags;
+    input
+}
+
 fn page(gref: GrantRef) -> [BlkifSegment; 1] {
     [BlkifSegment { gref, first_sect: 0, last_sect: 7 }]
+}
+
+/// Start `ONE_RAW`'s lane (a harmless read: gref 9 is a read-write data page) and give its first ring page.
+fn one_raw_lane_ring() -> GrantRef {
+    run(&one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9))));
+    let (Some((ring, _)), _) = lane_state(ONE_RAW) else { panic!("no lane") };
+    ring
 }
 
 /// Only an input that really reads into its own ring goes unchecked: a request whose bytes merely hold the
@@ -86,11 +100,9 @@ fn a_read_into_another_lanes_ring_ends_that_lane() {
     if lanes::Lanes::new().fresh {
         return;
     }
-    run(&one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9))));
-    let (Some((ring, _)), _) = lane_state(ONE_RAW) else { panic!("no lane") };
+    let ring = one_raw_lane_ring();
     // The same read on the x86_64 ring of page order 1 (another lane), into the first lane's ring.
-    let mut other = one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(ring)));
-    other[0] = 0x02;
+    let other = one_raw_flags(0x02, &encode::rw::<X86_64>(OP_READ, 0, 0, &page(ring)));
     let other_key = LaneKey { flags: 0x02, in_flight: 9 };
     run(&other);
     assert!(lane_state(ONE_RAW).0.is_none(), "the lane whose ring another input read into still serves");
@@ -105,17 +117,12 @@ fn a_persistent_lane_may_hold_another_lanes_ring_page() {
     if lanes::Lanes::new().fresh {
         return;
     }
-    run(&one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9))));
-    let (Some((ring, _)), _) = lane_state(ONE_RAW) else { panic!("no lane") };
+    let ring = one_raw_lane_ring();
     // A write from that ring page, on the x86_64 ring of page order 0 with persistent grants (another lane).
-    let mut persistent = one_raw(&encode::rw::<X86_64>(OP_WRITE, 0, 0, &page(ring)));
-    persistent[0] = 0x08;
-    run(&persistent);
+    run(&one_raw_flags(0x08, &encode::rw::<X86_64>(OP_WRITE, 0, 0, &page(ring))));
     let maps = FIXTURE.with(|c| c.borrow().as_ref().expect("fixture").host.grants().map_count(DOMID, ring));
     assert_eq!(maps, 2, "the persistent lane did not keep the page mapped (the test needs it to)");
     // A new lane (every ring page checked) while both live.
-    let mut third = one_raw(&encode::rw::<X86_64>(OP_READ, 0, 0, &page(9)));
-    third[0] = 0x02;
-    run(&third);
+    run(&one_raw_flags(0x02, &encode::rw::<X86_64>(OP_READ, 0, 0, &page(9))));
     assert!(lane_state(ONE_RAW).0.is_some(), "the lane whose ring page was written from ended");
 }
