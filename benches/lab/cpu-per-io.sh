@@ -17,14 +17,17 @@
 #             starts one per PV guest with a qdisk disk) and a dom0-wide one (`-xen-domid 0`) if there is one
 #   blkbackd  every blkbackd process (the service's supervisor and the guest's worker); a peer `blkbackd-X`
 #             runs /mnt/host/bin/blkbackd-X the same way (e.g. a build before a change, side by side)
+#   raw       no guest and no backend: fio in dom0 on the loop device (io_uring, O_DIRECT, batched), the floor of
+#             a userspace backend's I/O path in this dom0 (fio in /mnt/host/bin or on dom0's PATH; see run_raw)
 # A pid absent at FIO-START counts from 0. The I/Os are fio's (terse v3 of the console: fields 6 and 47, read
 # and write KiB, over the job's block size). Prints one line per run:
 #   cpu-per-io: peer=P job=J round=R status=ok read_iops=.. write_iops=.. ios=.. runtime_ms=.. backend_cpu_ms=..
-#     us_per_io=.. user_us_per_io=.. dom0_busy_ms=.. dom0_us_per_io=.. tasks=N
+#     us_per_io=.. user_us_per_io=.. dom0_busy_ms=.. dom0_us_per_io=.. switches_per_io=.. tasks=N
 # (`blkback-bench lab-cpu-table` turns them into a table). user_us_per_io: the part of us_per_io spent in user
 # space (utime; kernel blkback has none). dom0_busy_ms: all of dom0's non-idle CPU time in the same window (loop
-# workers, interrupts, xenstored, this script's polling), as context.
-# Environment: ROUNDS (2), PEERS ("kernel qdisk blkbackd"), JOBS ("4k 1m"), RUNTIME (15 s), SIZE (64M, the fio
+# workers, interrupts, xenstored, this script's polling), as context. switches_per_io: the backend's context
+# switches per I/O (voluntary and involuntary, of its live threads): how often it slept or was preempted.
+# Environment: ROUNDS (2), PEERS ("kernel qdisk blkbackd raw"), JOBS ("4k 1m"), RUNTIME (15 s), SIZE (64M, the fio
 # region), DISK_SIZE (128M), BIN (/mnt/host/bin/blkbackd), BLKBACKD_ARGS (more `blkbackd xen` arguments),
 # DOMU_EXTRA (more domU kernel arguments, e.g. xen_blkfront.max_indirect_segments=256), STATS (1: save the
 # blkbackd worker's counters at FIO-RC to $OUT/cpu-stats-<run>.prom), STRACE (1: `strace -c -f` the blkbackd
@@ -35,7 +38,7 @@ set -u
 . /etc/xenlab/common.sh # OUT, up, mkdomcfg, domid_of
 
 ROUNDS=${ROUNDS:-2}
-PEERS=${PEERS:-kernel qdisk blkbackd}
+PEERS=${PEERS:-kernel qdisk blkbackd raw}
 JOBS=${JOBS:-4k 1m}
 RUNTIME=${RUNTIME:-15}
 SIZE=${SIZE:-64M}
@@ -98,12 +101,15 @@ backend_pids() {
       ;;
   esac
 }
-# snapshot PEER DOMID: "pid utime stime" per backend pid (fields 14 and 15 of /proc/PID/stat, in ticks)
+# snapshot PEER DOMID: "pid utime stime switches" per backend pid: fields 14 and 15 of /proc/PID/stat (in ticks,
+# exited threads included) and the context switches (voluntary: it slept; involuntary: preempted) of its live
+# threads
 snapshot() {
-  local p
+  local p cs
   for p in $(backend_pids "$1" "$2"); do
+    cs=$(cat /proc/"$p"/task/*/status 2>/dev/null | awk '/_ctxt_switches:/ { n += $2 } END { print n + 0 }')
     # the fields after "(comm) ": state is the first, utime the 12th, stime the 13th
-    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk -v p="$p" '{ print p, $12, $13 }'
+    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk -v p="$p" -v cs="$cs" '{ print p, $12, $13, cs }'
   done
 }
 # dom0's busy ticks: all CPU time but idle and iowait
@@ -147,8 +153,43 @@ stop_blkbackd() {
   SVC=0
 }
 
+# run_raw JOB ROUND: the floor of a userspace backend's I/O path, no guest: fio in dom0 (io_uring, O_DIRECT, the
+# guest's job, submitting and reaping in batches as a backend serving a ring does) on a fresh loop device like the
+# peers'. Its CPU is fio's job thread's (fio's own usr and sys figures: its I/O path and its bookkeeping); it runs
+# as fast as its CPU lets it, so its IOPS are not a guest's.
+run_raw() {
+  local J=$1 R=$2 N="cpu-raw-$1-$2" L DISK rw mix bs qd bskib t0 t1 terse
+  read -r rw mix bs qd bskib <<<"$(job "$J")"
+  note "=== $N"
+  command -v fio >/dev/null || { echo "cpu-per-io: peer=raw job=$J round=$R status=fail why=no-fio-in-dom0"; return; }
+  DISK=/tmp/cpu-disk-$N.img
+  truncate -s "$DISK_SIZE" "$DISK"
+  L=$(/sbin/losetup -f --show "$DISK") || { echo "cpu-per-io: peer=raw job=$J round=$R status=fail why=losetup"; return; }
+  USED_LOOPS="$USED_LOOPS $L"
+  t0=$(dom0_busy)
+  terse=$(fio --name=raw --filename="$L" --ioengine=io_uring --direct=1 --rw="$rw" --rwmixread="$mix" --bs="$bs" \
+    --iodepth="$qd" --iodepth_batch_submit=$(((qd + 1) / 2)) --iodepth_batch_complete_min=$(((qd + 3) / 4)) \
+    --size="$SIZE" --time_based --runtime="$RUNTIME" --output-format=terse --terse-version=3 2>&1 | grep -a '^3;fio-')
+  t1=$(dom0_busy)
+  truncate -s 0 "$DISK"
+  rm -f "$DISK"
+  # terse v3: 6/47 read/write KiB, 8/49 IOPS, 9/50 runtime (ms), 88/89 usr/sys CPU (%), 90 context switches
+  awk -F';' -v hz="$HZ" -v bskib="$bskib" -v t0="$t0" -v t1="$t1" -v head="peer=raw job=$J round=$R" '
+    NF >= 90 {
+      ios = ($6 + $47) / bskib; rt = $9; if ($50 + 0 > rt + 0) rt = $50
+      usr = $88; sys = $89; sub(/%/, "", usr); sub(/%/, "", sys)
+      ms = (usr + sys) * rt / 100; ums = usr * rt / 100; dom0 = (t1 - t0) * 1000 / hz
+      if (ios + 0 == 0) { print "cpu-per-io: " head " status=fail why=no-io"; done = 1; exit }
+      printf "cpu-per-io: %s status=ok read_iops=%s write_iops=%s ios=%d runtime_ms=%d backend_cpu_ms=%d us_per_io=%.1f user_us_per_io=%.1f dom0_busy_ms=%d dom0_us_per_io=%.1f switches_per_io=%.3f tasks=1\n",
+        head, $8, $49, ios, rt, ms, ms * 1000 / ios, ums * 1000 / ios, dom0, dom0 * 1000 / ios, $90 / ios
+      done = 1
+    }
+    END { if (!done) print "cpu-per-io: " head " status=fail why=no-terse-line" }' <<<"$terse"
+}
+
 # run PEER JOB ROUND
 run() {
+  [ "$1" = raw ] && { blkback unload; run_raw "$2" "$3"; return; }
   local P=$1 J=$2 R=$3 N="cpu-$1-$2-$3" L SPEC DISK DID="" rw mix bs qd bskib a="" b="" t0=0 t1=0 terse st=ok why=""
   read -r rw mix bs qd bskib <<<"$(job "$J")" || { note "unknown job $J"; return; }
   note "=== $N"
@@ -217,10 +258,10 @@ run() {
   terse=$(console "$N" | grep -a '^3;fio-' | tail -n 1)
   # the backend's CPU: per pid, the ticks at FIO-RC minus those at FIO-START (0 if it was not there)
   awk -v hz="$HZ" -v bskib="$bskib" -v t0="$t0" -v t1="$t1" -v head="peer=$P job=$J round=$R" -v domid="$DID" -v terse="$terse" '
-    FNR == NR { if (NF == 3) { su[$1] = $2; ss[$1] = $3 } next }
-    NF == 3 {
+    FNR == NR { if (NF == 4) { su[$1] = $2; ss[$1] = $3; sc[$1] = $4 } next }
+    NF == 4 {
       du = $2 - su[$1]; d = du + $3 - ss[$1]
-      ticks += d; uticks += du; tasks++; who = who " " $1 ":" d
+      ticks += d; uticks += du; switches += $4 - sc[$1]; tasks++; who = who " " $1 ":" d
     }
     END {
       n = split(terse, f, ";")
@@ -230,10 +271,10 @@ run() {
       rt = f[9]; if (f[50] + 0 > rt + 0) rt = f[50]
       # (no unparenthesized ">" in a printf: awk reads it as a redirection)
       ums = uticks * 1000 / hz
-      per = 0; uper = 0; dper = 0
-      if (ios + 0 != 0) { per = ms * 1000 / ios; uper = ums * 1000 / ios; dper = dom0 * 1000 / ios }
-      printf "cpu-per-io: %s status=ok read_iops=%s write_iops=%s ios=%d runtime_ms=%d backend_cpu_ms=%d us_per_io=%.1f user_us_per_io=%.1f dom0_busy_ms=%d dom0_us_per_io=%.1f tasks=%d\n",
-        head, f[8], f[49], ios, rt, ms, per, uper, dom0, dper, tasks
+      per = 0; uper = 0; dper = 0; sper = 0
+      if (ios + 0 != 0) { per = ms * 1000 / ios; uper = ums * 1000 / ios; dper = dom0 * 1000 / ios; sper = switches / ios }
+      printf "cpu-per-io: %s status=ok read_iops=%s write_iops=%s ios=%d runtime_ms=%d backend_cpu_ms=%d us_per_io=%.1f user_us_per_io=%.1f dom0_busy_ms=%d dom0_us_per_io=%.1f switches_per_io=%.3f tasks=%d\n",
+        head, f[8], f[49], ios, rt, ms, per, uper, dom0, dper, sper, tasks
       print "cpu-note: " head " domid=" domid " ticks per pid:" who
     }' <(echo "$a") <(echo "$b")
 }

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkback-bench lab-cpu-table`: the backend's CPU time per I/O in the real Xen lab, kernel blkback vs QEMU qdisk
 //! vs `blkbackd xen`, from the `cpu-per-io:` lines of `benches/lab/cpu-per-io.sh` (one per peer, job and round),
-//! as Markdown: per job and peer the median IOPS and CPU µs per I/O, then blkbackd's ratios to both peers against
-//! the targets of issue 14 (CPU per I/O ≤ 0.5× qdisk's and ≤ 1.0× kernel blkback's, IOPS ≥ 1.0× both).
+//! as Markdown: per job and peer the median IOPS, CPU µs per I/O and context switches per I/O, then blkbackd's
+//! ratios to both peers against the targets of issue 14 (CPU per I/O ≤ 0.5× qdisk's and ≤ 1.0× kernel blkback's,
+//! IOPS ≥ 1.0× both), and its CPU per I/O against the `raw` run's (fio in dom0 on the same kind of loop device, no
+//! guest: the floor of a userspace backend's I/O path there).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,6 +37,8 @@ struct Run {
     user_us_per_io: Option<f64>,
     /// All of dom0's busy CPU time per I/O in the same window (µs), if given.
     dom0_us_per_io: Option<f64>,
+    /// The backend's context switches per I/O, if given.
+    switches_per_io: Option<f64>,
 }
 
 /// A `cpu-per-io:` line's `key=value` fields; `None` for another line.
@@ -73,6 +77,7 @@ fn parse(text: &str) -> (Vec<Run>, Vec<String>) {
             us_per_io,
             user_us_per_io: number("user_us_per_io"),
             dom0_us_per_io: number("dom0_us_per_io"),
+            switches_per_io: number("switches_per_io"),
         });
     }
     (runs, failed)
@@ -87,13 +92,15 @@ fn median(values: &mut [f64]) -> Option<f64> {
     Some(if values.len().is_multiple_of(2) { f64::midpoint(values[mid - 1], values[mid]) } else { values[mid] })
 }
 
-/// Median IOPS, µs per I/O (all, in user space) and dom0 µs per I/O of one peer on one job.
+/// Median IOPS, µs per I/O (all, in user space), dom0 µs per I/O and context switches per I/O of one peer on one
+/// job.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Medians {
     iops: f64,
     us_per_io: f64,
     user_us_per_io: Option<f64>,
     dom0_us_per_io: Option<f64>,
+    switches_per_io: Option<f64>,
 }
 
 fn medians(runs: &[&Run]) -> Option<Medians> {
@@ -101,15 +108,22 @@ fn medians(runs: &[&Run]) -> Option<Medians> {
     let mut cpu: Vec<f64> = runs.iter().map(|r| r.us_per_io).collect();
     let mut user: Vec<f64> = runs.iter().filter_map(|r| r.user_us_per_io).collect();
     let mut dom0: Vec<f64> = runs.iter().filter_map(|r| r.dom0_us_per_io).collect();
+    let mut switches: Vec<f64> = runs.iter().filter_map(|r| r.switches_per_io).collect();
     Some(Medians {
         iops: median(&mut iops)?,
         us_per_io: median(&mut cpu)?,
         user_us_per_io: median(&mut user),
         dom0_us_per_io: median(&mut dom0),
+        switches_per_io: median(&mut switches),
     })
 }
 
-const PEERS: [(&str, &str); 3] = [("kernel", "kernel blkback"), ("qdisk", "QEMU qdisk"), ("blkbackd", "blkbackd xen")];
+const PEERS: [(&str, &str); 4] = [
+    ("kernel", "kernel blkback"),
+    ("qdisk", "QEMU qdisk"),
+    ("blkbackd", "blkbackd xen"),
+    ("raw", "raw io_uring in dom0 (fio, no guest)"),
+];
 
 fn job_label(job: &str) -> String {
     match job {
@@ -129,9 +143,10 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
     }
     let mut out = String::from(
         "| fio job (domU) | backend | runs | read+write IOPS per run | median IOPS | backend CPU µs/I/O per run | \
-         median µs/I/O | of it in user space (median) | dom0 busy µs/I/O (median) |\n|---|---|---|---|---|---|---|---|---|\n",
+         median µs/I/O | of it in user space (median) | context switches per I/O (median) | dom0 busy µs/I/O (median) \
+         |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    // The three peers first, then any other (e.g. `blkbackd-before`, an older build side by side).
+    // The four peers first, then any other (e.g. `blkbackd-before`, an older build side by side).
     let mut peers: Vec<(&str, &str)> = PEERS.to_vec();
     for run in runs {
         if !peers.iter().any(|(p, _)| *p == run.peer) {
@@ -150,7 +165,7 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
             };
             writeln!(
                 out,
-                "| {} | {label} | {} | {} | {:.0} | {} | {:.1} | {} | {} |",
+                "| {} | {label} | {} | {} | {:.0} | {} | {:.1} | {} | {} | {} |",
                 job_label(job),
                 these.len(),
                 per_run(|r| r.iops, 0),
@@ -158,34 +173,38 @@ fn render(runs: &[Run], failed: &[String]) -> Result<String> {
                 per_run(|r| r.us_per_io, 1),
                 m.us_per_io,
                 m.user_us_per_io.map_or("—".to_string(), |v| format!("{v:.1}")),
+                m.switches_per_io.map_or("—".to_string(), |v| format!("{v:.3}")),
                 m.dom0_us_per_io.map_or("—".to_string(), |v| format!("{v:.0}")),
             )?;
         }
     }
     out.push_str(
         "\n| fio job (domU) | blkbackd/qdisk CPU per I/O (target ≤ 0.5) | blkbackd/kernel CPU per I/O (target ≤ 1.0) | \
-         blkbackd/qdisk IOPS (target ≥ 1.0) | blkbackd/kernel IOPS (target ≥ 1.0) |\n|---|---|---|---|---|\n",
+         blkbackd/qdisk IOPS (target ≥ 1.0) | blkbackd/kernel IOPS (target ≥ 1.0) | blkbackd/raw CPU per I/O (no \
+         target: raw is the floor) |\n|---|---|---|---|---|---|\n",
     );
     for job in &jobs {
         let Some(m) = by_job.get(job) else { continue };
-        let ratio = |peer: &str, cpu: bool, target: f64| -> String {
+        let ratio = |peer: &str, cpu: bool, target: Option<f64>| -> String {
             let (Some(ours), Some(theirs)) = (m.get("blkbackd"), m.get(peer)) else { return "—".to_string() };
             let (a, b) = if cpu { (ours.us_per_io, theirs.us_per_io) } else { (ours.iops, theirs.iops) };
             if b <= 0.0 {
                 return "—".to_string();
             }
             let r = a / b;
+            let Some(target) = target else { return format!("{r:.2}") };
             let met = if cpu { r <= target } else { r >= target };
             format!("{r:.2} ({})", if met { "met" } else { "missed" })
         };
         writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             job_label(job),
-            ratio("qdisk", true, 0.5),
-            ratio("kernel", true, 1.0),
-            ratio("qdisk", false, 1.0),
-            ratio("kernel", false, 1.0),
+            ratio("qdisk", true, Some(0.5)),
+            ratio("kernel", true, Some(1.0)),
+            ratio("qdisk", false, Some(1.0)),
+            ratio("kernel", false, Some(1.0)),
+            ratio("raw", true, None),
         )?;
     }
     if !failed.is_empty() {
@@ -222,19 +241,20 @@ cpu-note: [631.07] dom0 6.1.0-57-amd64, 2 vCPUs, CLK_TCK=100; rounds=2
 cpu-per-io: peer=kernel job=4k round=1 status=ok read_iops=400 write_iops=410 ios=12150 runtime_ms=15000 backend_cpu_ms=600 us_per_io=49.4 dom0_busy_ms=9000 dom0_us_per_io=740.7 tasks=1
 cpu-note: peer=kernel job=4k round=1 domid=1 ticks per pid: 321:60
 cpu-per-io: peer=qdisk job=4k round=1 status=ok read_iops=300 write_iops=300 ios=9000 runtime_ms=15000 backend_cpu_ms=1800 us_per_io=200.0 dom0_busy_ms=9000 dom0_us_per_io=1000.0 tasks=1
-cpu-per-io: peer=blkbackd job=4k round=1 status=ok read_iops=420 write_iops=420 ios=12600 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=79.4 user_us_per_io=20.0 tasks=2
+cpu-per-io: peer=blkbackd job=4k round=1 status=ok read_iops=420 write_iops=420 ios=12600 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=79.4 user_us_per_io=20.0 switches_per_io=0.150 tasks=2
 cpu-per-io: peer=blkbackd job=4k round=2 status=ok read_iops=440 write_iops=440 ios=13200 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=75.8 user_us_per_io=30.0 tasks=2
 cpu-per-io: peer=blkbackd job=4k round=3 status=ok read_iops=400 write_iops=400 ios=12000 runtime_ms=15000 backend_cpu_ms=1000 us_per_io=83.3 user_us_per_io=10.0 tasks=2
 cpu-per-io: peer=kernel job=1m round=1 status=ok read_iops=20 write_iops=20 ios=600 runtime_ms=15000 backend_cpu_ms=60 us_per_io=100.0 tasks=1
 cpu-per-io: peer=blkbackd job=1m round=1 status=ok read_iops=10 write_iops=10 ios=300 runtime_ms=15000 backend_cpu_ms=60 us_per_io=200.0 tasks=2
 cpu-per-io: peer=qdisk job=1m round=1 status=fail why=no-fio-start
+cpu-per-io: peer=raw job=4k round=1 status=ok read_iops=2000 write_iops=2000 ios=60000 runtime_ms=15000 backend_cpu_ms=2382 us_per_io=39.7 user_us_per_io=15.0 dom0_busy_ms=15000 dom0_us_per_io=250.0 switches_per_io=0.050 tasks=1
 cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops=5 ios=150 runtime_ms=15000 backend_cpu_ms=60 us_per_io=400.0 tasks=2
 ";
 
     #[test]
     fn parses_the_runs_and_the_failures() {
         let (runs, failed) = parse(OUTPUT);
-        assert_eq!(runs.len(), 8);
+        assert_eq!(runs.len(), 9);
         assert_eq!(
             runs[0],
             Run {
@@ -244,11 +264,13 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
                 iops: 810.0,
                 us_per_io: 49.4,
                 user_us_per_io: None,
-                dom0_us_per_io: Some(740.7)
+                dom0_us_per_io: Some(740.7),
+                switches_per_io: None,
             }
         );
         assert_eq!(runs[2].dom0_us_per_io, None);
         assert_eq!(runs[2].user_us_per_io, Some(20.0));
+        assert_eq!(runs[2].switches_per_io, Some(0.15));
         assert_eq!(failed, vec!["qdisk 1m round 1: no-fio-start".to_string()]);
     }
 
@@ -259,22 +281,30 @@ cpu-per-io: peer=blkbackd-before job=1m round=1 status=ok read_iops=5 write_iops
         // blkbackd 4k: median of 840, 880, 800 IOPS, of 79.4, 75.8, 83.3 µs and of 20, 30, 10 µs in user space
         assert!(
             table.contains(
-                "| randrw 50/50 4k QD16 | blkbackd xen | 3 | 840, 880, 800 | 840 | 79.4, 75.8, 83.3 | 79.4 | 20.0 | — |"
+                "| randrw 50/50 4k QD16 | blkbackd xen | 3 | 840, 880, 800 | 840 | 79.4, 75.8, 83.3 | 79.4 | 20.0 | 0.150 | — |"
             ),
             "{table}"
         );
         // CPU: 79.4 / 200 = 0.40 of qdisk's (met), 79.4 / 49.4 = 1.61 of the kernel's (missed);
-        // IOPS: 840 / 600 = 1.40, 840 / 810 = 1.04
+        // IOPS: 840 / 600 = 1.40, 840 / 810 = 1.04; CPU 79.4 / 39.7 = 2.00 of raw's (no target)
         assert!(
-            table.contains("| randrw 50/50 4k QD16 | 0.40 (met) | 1.61 (missed) | 1.40 (met) | 1.04 (met) |"),
+            table.contains("| randrw 50/50 4k QD16 | 0.40 (met) | 1.61 (missed) | 1.40 (met) | 1.04 (met) | 2.00 |"),
             "{table}"
         );
-        // no qdisk run at 1 MiB: its ratios are left blank
-        assert!(table.contains("| randrw 50/50 1M QD4 | — | 2.00 (missed) | — | 0.50 (missed) |"), "{table}");
+        // raw gets its row, its IOPS not compared with a guest's
+        assert!(
+            table.contains(
+                "| randrw 50/50 4k QD16 | raw io_uring in dom0 (fio, no guest) | 1 | 4000 | 4000 | 39.7 | 39.7 | 15.0 | \
+                 0.050 | 250 |"
+            ),
+            "{table}"
+        );
+        // no qdisk or raw run at 1 MiB: their ratios are left blank
+        assert!(table.contains("| randrw 50/50 1M QD4 | — | 2.00 (missed) | — | 0.50 (missed) | — |"), "{table}");
         assert!(table.contains("Failed runs (left out): qdisk 1m round 1: no-fio-start."), "{table}");
         // another peer gets its own row, after the three
         assert!(
-            table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — | — |"),
+            table.contains("| randrw 50/50 1M QD4 | blkbackd-before | 1 | 10 | 10 | 400.0 | 400.0 | — | — | — |"),
             "{table}"
         );
     }

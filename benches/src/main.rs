@@ -17,6 +17,7 @@ mod micro;
 mod proc_usage;
 mod scaling;
 mod servers;
+mod syscall_cost;
 mod xen_emulated;
 mod xen_scaling;
 
@@ -51,6 +52,8 @@ enum Command {
     LabTable(lab::LabTableArgs),
     /// The real Xen lab's backend CPU per I/O (benches/lab/cpu-per-io.sh: kernel blkback, qdisk, blkbackd).
     LabCpuTable(lab_cpu::LabCpuTableArgs),
+    /// CPU per system call and per wake-up of a sleeping thread on this machine (for the real lab's dom0).
+    SyscallCost(syscall_cost::SyscallCostArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,6 +150,10 @@ fn main() -> Result<()> {
         }
         Command::LabCpuTable(args) => {
             println!("{}", lab_cpu::run(&args)?);
+            Ok(())
+        }
+        Command::SyscallCost(args) => {
+            println!("{}", syscall_cost::run(&args)?);
             Ok(())
         }
         Command::MicroTable(args) => {
