@@ -16,6 +16,7 @@ pub mod emulated;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod frontend;
 pub mod grant_memory;
+pub mod keyed_map;
 pub mod separation;
 pub mod services;
 pub mod xen;

@@ -7,12 +7,14 @@
 //! a remote domain ([`EmulatedEventChannel::alloc_unbound`]); the backend binds to it with
 //! [`EventChannel::bind_interdomain`]. Closing one end leaves the other end unbound, as Xen does.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::keyed_map::KeyedMap;
 use crate::services::{DomId, EventChannel, EventChannelOpener, EvtchnPort, XenError};
 
 /// Ports one domain may have open (Xen's 2-level ABI limit on 64-bit guests is 4096).
@@ -42,9 +44,9 @@ struct Handle {
 
 #[derive(Debug, Default)]
 struct SwitchState {
-    ports: HashMap<(DomId, EvtchnPort), Port>,
-    next_port: HashMap<DomId, EvtchnPort>,
-    handles: HashMap<u64, Handle>,
+    ports: KeyedMap<(DomId, EvtchnPort), Port>,
+    next_port: KeyedMap<DomId, EvtchnPort>,
+    handles: KeyedMap<u64, Handle>,
     next_handle: u64,
 }
 

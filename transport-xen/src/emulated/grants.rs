@@ -9,7 +9,6 @@
 //! per op. A granted page stays granted while mapped (`end_access` fails with `EBUSY`, as Xen refuses to revoke
 //! a grant in use). The host counts live mappings, map calls and copy calls for leak and batching tests.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -18,6 +17,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::keyed_map::KeyedMap;
 use crate::services::{
     gntst, CopySide, DomId, GrantCopyOp, GrantMapping, GrantRef, GrantTable, MapAccess, XenError, XEN_PAGE_SIZE,
 };
@@ -43,7 +43,7 @@ struct DomainGrants {
     /// The guest's own mapping of its memory (kept alive here for grant copy).
     memory: Arc<GuestMemoryMmap>,
     pages: usize,
-    entries: HashMap<GrantRef, GrantEntry>,
+    entries: KeyedMap<GrantRef, GrantEntry>,
     next_ref: GrantRef,
 }
 
@@ -57,7 +57,7 @@ impl DomainGrants {
 /// The host side of every domain's grant table; shared by the guests' handles and the grantees' tables.
 #[derive(Debug, Default)]
 pub struct GrantHost {
-    domains: Mutex<HashMap<DomId, DomainGrants>>,
+    domains: Mutex<KeyedMap<DomId, DomainGrants>>,
     live_mappings: AtomicUsize,
     map_calls: AtomicU64,
     /// `mmap` system calls made by map calls (a reservation and one per run of consecutive pages).
@@ -71,7 +71,7 @@ fn err(what: String, errno: i32) -> XenError {
 }
 
 impl GrantHost {
-    fn lock(&self) -> MutexGuard<'_, HashMap<DomId, DomainGrants>> {
+    fn lock(&self) -> MutexGuard<'_, KeyedMap<DomId, DomainGrants>> {
         self.domains.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -87,7 +87,7 @@ impl GrantHost {
         if d.contains_key(&domid) {
             return Err(err(format!("grants: domain {domid} exists"), libc::EEXIST));
         }
-        d.insert(domid, DomainGrants { memfd, memory, pages, entries: HashMap::new(), next_ref: FIRST_GRANT_REF });
+        d.insert(domid, DomainGrants { memfd, memory, pages, entries: KeyedMap::default(), next_ref: FIRST_GRANT_REF });
         Ok(())
     }
 

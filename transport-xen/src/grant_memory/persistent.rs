@@ -7,9 +7,9 @@
 //! holds it (requests hold an `Rc` of every group they use), so the number of cached grants never exceeds the
 //! bound and nothing in use is ever unmapped.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
+use crate::keyed_map::{KeyedMap, KeyedState};
 use crate::services::{GrantMapping, GrantRef, XEN_PAGE_SIZE};
 
 /// Persistent grants kept per ring (Linux blkback's `xen_blkif_max_pgrants` default).
@@ -31,11 +31,11 @@ struct Group<M> {
 
 /// The cache of one ring.
 ///
-/// The grant refs (the frontend's choice) are looked up in a hash map with the standard library's keyed hash; the
+/// The grant refs (the frontend's choice) are looked up in a [`KeyedMap`] (the standard library's keyed hash); the
 /// groups (our own numbering) sit in a slab indexed by the entries, so a hit costs one hash look-up, not two.
 #[derive(Debug)]
 pub struct PersistentGrants<M> {
-    entries: HashMap<GrantRef, Entry>,
+    entries: KeyedMap<GrantRef, Entry>,
     /// The groups by index; a freed index (in `free_groups`) is reused. At most one group per cached grant.
     groups: Vec<Option<Group<M>>>,
     free_groups: Vec<usize>,
@@ -48,7 +48,7 @@ impl<M: GrantMapping> PersistentGrants<M> {
     /// An empty cache holding at most `limit` grants.
     pub fn new(limit: usize) -> Self {
         PersistentGrants {
-            entries: HashMap::with_capacity(limit.min(MAX_PERSISTENT_GRANTS)),
+            entries: KeyedMap::with_capacity_and_hasher(limit.min(MAX_PERSISTENT_GRANTS), KeyedState::default()),
             groups: Vec::new(),
             free_groups: Vec::new(),
             limit,
