@@ -92,9 +92,7 @@ pub fn run(args: &LabTableArgs) -> Result<String> {
         )?;
     }
     if let Some(path) = &args.markdown {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        writeln!(f, "{out}")?;
+        crate::append_markdown(path, &out)?;
     }
     Ok(out)
 }

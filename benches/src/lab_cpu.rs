@@ -221,13 +221,7 @@ pub fn run(args: &LabCpuTableArgs) -> Result<String> {
     let (runs, failed) = parse(&text);
     let out = render(&runs, &failed).with_context(|| format!("in {}", args.input.display()))?;
     if let Some(path) = &args.markdown {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{out}").with_context(|| format!("writing {}", path.display()))?;
+        crate::append_markdown(path, &out)?;
     }
     Ok(out)
 }

@@ -134,6 +134,16 @@ pub(crate) struct Row {
     pub(crate) errors: u64,
 }
 
+/// Append a Markdown `text` (and a newline) to the file at `path`, made if missing: every table's `--markdown`.
+pub(crate) fn append_markdown(path: &std::path::Path, text: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{text}").with_context(|| format!("appending to {}", path.display()))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -211,8 +221,7 @@ fn memory(args: MemoryArgs) -> Result<()> {
     }
     println!("{table}");
     if let Some(path) = args.markdown {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        writeln!(f, "{table}")?;
+        append_markdown(&path, &table)?;
     }
     Ok(())
 }
@@ -288,8 +297,7 @@ fn vhost_user(args: VhostUserArgs) -> Result<()> {
     }
     println!("{table}");
     if let Some(path) = args.markdown {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        writeln!(f, "{table}")?;
+        append_markdown(&path, &table)?;
     }
     Ok(())
 }

@@ -46,9 +46,7 @@ pub fn run(args: &MicroTableArgs) -> Result<String> {
     results.sort_by_key(|r| r.written);
     let table = render(&results);
     if let Some(path) = &args.markdown {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        writeln!(f, "{table}").with_context(|| format!("appending to {}", path.display()))?;
+        crate::append_markdown(path, &table)?;
     }
     Ok(table)
 }

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 
 /// Options of the measurement.
 #[derive(clap::Args, Debug)]
@@ -166,13 +166,7 @@ pub fn run(args: &SyscallCostArgs) -> Result<String> {
         writeln!(out, "| {} | {:.2} | {:.2} | {} |", r.what, r.cpu_us, r.wall_us, r.count)?;
     }
     if let Some(path) = &args.markdown {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{out}").with_context(|| format!("writing {}", path.display()))?;
+        crate::append_markdown(path, &out)?;
     }
     Ok(out)
 }

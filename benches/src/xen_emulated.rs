@@ -241,7 +241,7 @@ pub fn run(args: &XenEmulatedArgs) -> Result<String> {
         out.push_str(&crate::xen_scaling::run(s, &disk, bytes, args.seconds, args.rounds, args.ring_order)?);
     }
     if let Some(path) = &args.markdown {
-        append(path, &out)?;
+        crate::append_markdown(path, &out)?;
     }
     Ok(out)
 }
@@ -548,13 +548,6 @@ fn parse_fio_json(text: &str, read: bool) -> Result<Sample> {
         backend: Usage { cpu: elapsed.mul_f64(cpu_share.max(0.0)), wakeups: 0 },
         guest: None,
     })
-}
-
-/// Append `text` to the Markdown file at `path`.
-fn append(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "{text}").with_context(|| format!("appending to {}", path.display()))
 }
 
 struct Remove(PathBuf);
