@@ -14,12 +14,12 @@ MIN_RATE="${FUZZ_MIN_RATE:-5000}"
 
 # Targets that fuzz with a build without AddressSanitizer (`cargo fuzz build -s none`, into target/plain/), and
 # whose corpus, the committed inputs and every input the run added, is then run through the AddressSanitizer build
-# (`asan_recheck`), as AFL++ advises for a slow target: one sanitizer build checks what the fast build found. For
-# a target whose AddressSanitizer build stays below MIN_RATE whatever its harness does: `blkif_dataplane` runs
-# about 1900 to 2800 executions per CPU-second with AddressSanitizer and 6800 to 7000 without (2 cores, 2026-12-06;
-# fuzz/README.md). Its assertions (the target's invariants) hold in both builds; what the plain build misses is a
-# memory error that does not crash, on an input that found nothing new. FUZZ_PLAIN_TARGETS= (empty) fuzzes every
-# target with AddressSanitizer.
+# (`asan_recheck`): a sanitizer build checks what the fast build found, as AFL++'s guide splits campaigns on many
+# cores. For a target whose AddressSanitizer build stays below MIN_RATE whatever its harness does:
+# `blkif_dataplane` runs about 1900 to 2800 executions per CPU-second with AddressSanitizer and 6800 to 7000
+# without (2 cores, 2026-12-06; fuzz/README.md). Its assertions (the target's invariants) hold in both builds; what
+# the plain build misses is a memory error that does not crash, on an input that found nothing new.
+# FUZZ_PLAIN_TARGETS= (empty) fuzzes every target with AddressSanitizer.
 PLAIN_TARGETS="${FUZZ_PLAIN_TARGETS-blkif_dataplane}"
 
 # is_plain <target>: whether the target fuzzes with the plain build.
