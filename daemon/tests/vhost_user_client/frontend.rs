@@ -119,14 +119,22 @@ impl LogClient {
     }
 
     /// Start migration logging the way QEMU does: `SET_LOG_BASE` with the log memfd, `SET_FEATURES` with
-    /// `VHOST_F_LOG_ALL`, and `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`.
+    /// `VHOST_F_LOG_ALL`, and `SET_VRING_ADDR` with `VHOST_VRING_F_LOG`, each of the last two waited for (QEMU waits
+    /// for the back-end to have processed them before it goes on: with `REPLY_ACK`, or else with a `GET_FEATURES`
+    /// round trip, as here). Without that wait the next request raced with `SET_VRING_ADDR` (about one run in 40):
+    /// vhost-user-backend 0.24 reads the used index from guest memory and sets the queue's next used index from it
+    /// in two steps, so a completion between them was undone (the next used index went back by one) and the next
+    /// request's answer rewrote the same used index: the client waited for it forever.
     pub fn enable_logging(&mut self) -> io::Result<()> {
         let region =
             VhostUserDirtyLogRegion { mmap_size: LOG_BYTES as u64, mmap_offset: 0, mmap_handle: self.log.fd() };
         self.frontend.set_log_base(0, Some(region)).map_err(io::Error::other)?;
         self.acked |= VhostUserVirtioFeatures::LOG_ALL.bits();
         self.frontend.set_features(self.acked).map_err(io::Error::other)?;
-        self.frontend.set_vring_addr(0, &self.vring_config(true)).map_err(io::Error::other)
+        self.frontend.get_features().map_err(io::Error::other)?;
+        self.frontend.set_vring_addr(0, &self.vring_config(true)).map_err(io::Error::other)?;
+        self.frontend.get_features().map_err(io::Error::other)?;
+        Ok(())
     }
 
     /// The guest pages whose bit is set in the log.
